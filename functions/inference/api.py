@@ -1,0 +1,29 @@
+"""Lambda handler: every Open Inference Protocol route for the model(s) this function serves.
+
+A thin adapter: powertools decorators for logs (with the request id), metrics (cold
+start) and traces; the route table and the data plane live in the tierserve core.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from tierserve.config import Settings
+from tierserve.dataplane import DataPlane
+from tierserve.rest import build_resolver
+from tierserve.sessions import ModelRegistry
+from tierserve.telemetry import logger, metrics, tracer
+
+registry = ModelRegistry(Settings.from_env())
+app = build_resolver(DataPlane(registry))
+registry.preload()
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics(capture_cold_start_metric=True)
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return app.resolve(event, context)

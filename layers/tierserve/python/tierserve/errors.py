@@ -1,0 +1,78 @@
+"""Typed errors and the one table that maps them to HTTP status codes.
+
+Every failure a client can see is one of these. Handlers never invent status codes:
+they call :func:`to_http` on whatever reached them.
+
+    TierserveError (500)
+    ├── BadRequest (400)            the request is malformed or does not fit the signature
+    ├── ModelNotFound (404)         unknown model or version
+    ├── PayloadTooLarge (413)       request body over the configured limit
+    ├── ModelUnavailable (503)      the artifact cannot be fetched, verified or loaded
+    │   └── ArtifactRejected (503)  digest mismatch, decompression bomb, corrupt archive
+    ├── UpstreamUnavailable (503)   S3, SageMaker or another dependency refused or failed
+    └── UpstreamTimeout (504)       a dependency did not answer in time
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+
+class TierserveError(Exception):
+    """Base class: a message safe to show a client, and its HTTP status."""
+
+    status_code: int = HTTPStatus.INTERNAL_SERVER_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(TierserveError):
+    status_code = HTTPStatus.BAD_REQUEST
+
+
+class ModelNotFound(TierserveError):
+    status_code = HTTPStatus.NOT_FOUND
+
+
+class PayloadTooLarge(TierserveError):
+    status_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class ModelUnavailable(TierserveError):
+    status_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class ArtifactRejected(ModelUnavailable):
+    """The stored artifact is corrupt or hostile; it is never cached."""
+
+
+class UpstreamUnavailable(TierserveError):
+    status_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class UpstreamTimeout(TierserveError):
+    status_code = HTTPStatus.GATEWAY_TIMEOUT
+
+
+INTERNAL_ERROR_MESSAGE = (
+    "internal error while serving the request; it has been logged with the request id. "
+    "Retry, and report the request id if it persists"
+)
+
+
+def to_http(error: BaseException) -> tuple[int, dict[str, str]]:
+    """Map any exception to an OIP error body: ``(status, {"error": message})``.
+
+    Typed errors keep their message; anything else becomes a 500 that leaks no internals.
+    """
+    if isinstance(error, TierserveError):
+        return int(error.status_code), {"error": error.message}
+    return int(HTTPStatus.INTERNAL_SERVER_ERROR), {"error": INTERNAL_ERROR_MESSAGE}
+
+
+def is_retryable(error: BaseException) -> bool:
+    """True for faults that may pass (a dependency down or slow), false for bad input
+    and for artifacts that will never load."""
+    return isinstance(error, (UpstreamUnavailable, UpstreamTimeout))

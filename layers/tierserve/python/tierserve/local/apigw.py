@@ -1,0 +1,96 @@
+"""API Gateway REST proxy events and Lambda contexts, built the way AWS builds them.
+
+The local API and the tests hand these to the real handler, so what runs locally is what
+runs behind API Gateway. Bodies of a binary media type arrive base64-encoded, as they do
+when the REST API lists ``application/octet-stream`` in its binary media types.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+BINARY_MEDIA_TYPES = ("application/octet-stream",)
+
+
+def proxy_event(
+    method: str,
+    url: str,
+    headers: Mapping[str, str] | None = None,
+    body: bytes = b"",
+    *,
+    stage: str = "local",
+    source_ip: str = "127.0.0.1",
+) -> dict[str, Any]:
+    """A REST API (v1) Lambda proxy event for one HTTP request."""
+    parts = urlsplit(url)
+    headers = dict(headers or {})
+    content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+    binary = content_type.split(";")[0].strip() in BINARY_MEDIA_TYPES
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()} or None
+    request_id = str(uuid.uuid4())
+    return {
+        "resource": "/{proxy+}",
+        "path": parts.path,
+        "httpMethod": method.upper(),
+        "headers": headers or None,
+        "multiValueHeaders": {k: [v] for k, v in headers.items()} or None,
+        "queryStringParameters": query,
+        "multiValueQueryStringParameters": {k: [v] for k, v in (query or {}).items()} or None,
+        "pathParameters": {"proxy": parts.path.lstrip("/")},
+        "stageVariables": None,
+        "requestContext": {
+            "resourcePath": "/{proxy+}",
+            "httpMethod": method.upper(),
+            "path": f"/{stage}{parts.path}",
+            "stage": stage,
+            "requestId": request_id,
+            "extendedRequestId": request_id,
+            "requestTimeEpoch": int(time.time() * 1000),
+            "protocol": "HTTP/1.1",
+            "identity": {"sourceIp": source_ip, "userAgent": headers.get("User-Agent", "")},
+            "accountId": "000000000000",
+            "apiId": "local",
+        },
+        "body": (base64.b64encode(body).decode() if binary else body.decode("utf-8", "replace")) if body else None,
+        "isBase64Encoded": bool(body) and binary,
+    }
+
+
+def proxy_response_body(response: Mapping[str, Any]) -> bytes:
+    """The body bytes of a Lambda proxy response."""
+    body = response.get("body") or ""
+    return base64.b64decode(body) if response.get("isBase64Encoded") else body.encode()
+
+
+def proxy_response_headers(response: Mapping[str, Any]) -> dict[str, str]:
+    headers = dict(response.get("headers") or {})
+    for name, values in (response.get("multiValueHeaders") or {}).items():
+        headers[name] = ", ".join(values)
+    return headers
+
+
+@dataclass
+class LocalLambdaContext:
+    """What Lambda passes as ``context``; powertools reads these attributes."""
+
+    function_name: str = "tierserve-local"
+    memory_limit_in_mb: int = 2048
+    timeout_ms: int = 29_000
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    function_version: str = "$LATEST"
+    log_group_name: str = "/aws/lambda/tierserve-local"
+    log_stream_name: str = "local"
+    _started: float = field(default_factory=time.monotonic)
+
+    @property
+    def invoked_function_arn(self) -> str:
+        return f"arn:aws:lambda:us-east-1:000000000000:function:{self.function_name}"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, self.timeout_ms - int((time.monotonic() - self._started) * 1000))

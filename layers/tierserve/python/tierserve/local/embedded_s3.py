@@ -1,0 +1,56 @@
+"""An S3 on 127.0.0.1 for the local API and the tests: moto's server, real HTTP.
+
+boto3 clients find it through ``AWS_ENDPOINT_URL_S3``, so the code under test is the code
+that runs in Lambda; nothing is patched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+LOCAL_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "tierserve-local",
+    "AWS_SECRET_ACCESS_KEY": "tierserve-local",  # noqa: S105 - moto accepts any key
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+class EmbeddedS3:
+    """Start with ``start()``, stop with ``stop()``; ``env`` points boto3 at it."""
+
+    def __init__(self, port: int = 0) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.endpoint = ""
+
+    def start(self) -> EmbeddedS3:
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    @property
+    def env(self) -> Mapping[str, str]:
+        return {**LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_ENDPOINT_URL_SQS": self.endpoint}
+
+    def apply_env(self) -> None:
+        """Point this process's boto3 clients at the embedded S3 (and never at AWS)."""
+        os.environ.update(self.env)
+
+    def client(self, service: str = "s3") -> object:
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.endpoint, **_client_credentials())
+
+
+def _client_credentials() -> dict[str, str]:
+    return {
+        "aws_access_key_id": LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        "region_name": LOCAL_CREDENTIALS["AWS_DEFAULT_REGION"],
+    }

@@ -1,0 +1,140 @@
+"""``tierserve local``: build sample models, package them, put them into an embedded S3,
+and serve the Open Inference Protocol on 127.0.0.1 through the real Lambda handler.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB, Catalog, tier_for
+from tierserve.config import (
+    CACHE_DIR_ENV,
+    MODEL_BUCKET_ENV,
+    MODEL_PREFIX_ENV,
+    MODELS_ENV,
+    PRELOAD_ENV,
+)
+from tierserve.local import samples
+from tierserve.local.embedded_s3 import EmbeddedS3
+from tierserve.local.server import LocalApi
+from tierserve.packaging import PackagedModel, package_model, upload
+
+REPO_ROOT = Path(__file__).resolve().parents[5]
+HANDLER_DIR = REPO_ROOT / "functions" / "inference"
+LOCAL_BUCKET = "tierserve-models"
+MODEL_PREFIX = "models"
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    version: str
+    build: Callable[[Path], Path]
+    tier: str | None = None
+    description: str = ""
+
+
+SAMPLES: tuple[Sample, ...] = (
+    Sample("iris", "1", samples.iris_classifier, description="scikit-learn logistic regression (skl2onnx)"),
+    Sample("mlp", "1", samples.mlp, description="4-layer perceptron, about 10 MB"),
+    Sample("convnet", "1", samples.convnet, description="convolutional image classifier, 1x3x224x224 input"),
+)
+
+
+def say(step: str) -> None:
+    print(f"tierserve local: {step}", file=sys.stderr, flush=True)
+
+
+def package_samples(work_dir: Path, chosen: Sequence[Sample] = SAMPLES) -> list[PackagedModel]:
+    """Build and package each sample once; later runs reuse what is on disk."""
+    packaged = []
+    for index, sample in enumerate(chosen, 1):
+        out_dir = work_dir / "packages" / sample.name / sample.version
+        source = work_dir / "samples" / f"{sample.name}.onnx"
+        say(f"[{index}/{len(chosen)}] {sample.name}: {sample.description}")
+        if not source.exists():
+            sample.build(source)
+        packaged.append(package_model(source, name=sample.name, version=sample.version, out_dir=out_dir, tier=sample.tier))
+    return packaged
+
+
+def lambda_max_model_mb(cdk_json: Path = REPO_ROOT / "cdk.json") -> float:
+    """The tier threshold from cdk.json's context: the local API and the CDK app read one value."""
+    try:
+        return float(json.loads(cdk_json.read_text())["context"].get("lambda_max_model_mb", DEFAULT_LAMBDA_MAX_MODEL_MB))
+    except (OSError, KeyError, ValueError):
+        return DEFAULT_LAMBDA_MAX_MODEL_MB
+
+
+def load_handler(environ: dict[str, str]) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
+    """Import (or re-import) the Lambda API handler with ``environ`` applied, as Lambda's init would."""
+    os.environ.update(environ)
+    if str(HANDLER_DIR) not in sys.path:
+        sys.path.insert(0, str(HANDLER_DIR))
+    module = importlib.reload(sys.modules["api"]) if "api" in sys.modules else importlib.import_module("api")
+    return module.handler
+
+
+@dataclass
+class LocalStack:
+    """Everything ``tierserve local`` runs; ``stop()`` ends it all."""
+
+    s3: EmbeddedS3
+    api: LocalApi
+    catalog: Catalog
+
+    def stop(self) -> None:
+        self.api.stop()
+        self.s3.stop()
+
+
+def start(work_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, s3_port: int = 0) -> LocalStack:
+    """Package the samples, start the embedded S3 and the local API; returns once serving."""
+    work_dir = work_dir.resolve()
+    packaged = package_samples(work_dir)
+    say("starting the embedded S3 on 127.0.0.1")
+    s3 = EmbeddedS3(port=s3_port).start()
+    s3.apply_env()
+    client = s3.client()
+    client.create_bucket(Bucket=LOCAL_BUCKET)
+    catalog = Catalog(())
+    for item in packaged:
+        upload(item, client, LOCAL_BUCKET, MODEL_PREFIX)
+        catalog = catalog.with_entry(item.manifest)
+    catalog.save(work_dir / "catalog.json")
+    threshold = lambda_max_model_mb()
+    lambda_models = [e for e in catalog.entries if tier_for(e.manifest, threshold) == "lambda"]
+    handler = load_handler(
+        {
+            MODEL_BUCKET_ENV: LOCAL_BUCKET,
+            MODEL_PREFIX_ENV: MODEL_PREFIX,
+            MODELS_ENV: ",".join(f"{e.name}@{e.version}" for e in lambda_models),
+            PRELOAD_ENV: "*",
+            CACHE_DIR_ENV: str(work_dir / "cache"),
+            "POWERTOOLS_METRICS_DISABLED": "true",
+        }
+    )
+    api = LocalApi(handler, host=host, port=port).start()
+    return LocalStack(s3, api, catalog)
+
+
+def describe(stack: LocalStack) -> str:
+    url = stack.api.url
+    lines = [f"serving the Open Inference Protocol on {url} (Ctrl-C stops)", "models:"]
+    for entry in stack.catalog.entries:
+        tier = tier_for(entry.manifest, lambda_max_model_mb())
+        lines.append(f"  {entry.name}@{entry.version}  tier={tier}  {entry.manifest.model.bytes / 1e6:.1f} MB")
+    lines += [
+        "try:",
+        f"  curl -s {url}/v2/models/iris",
+        f"  curl -s -X POST {url}/v2/models/iris/infer -H 'Content-Type: application/json' \\",
+        '    -d \'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}\'',
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,507 @@
+"""The Open Inference Protocol (KServe v2 REST): requests into arrays, arrays into responses.
+
+Wire types stay apart from compute: this module knows JSON, the binary tensor data
+extension and datatypes; it never runs a model. A request is validated against the
+model's signature (names, datatypes, shapes, sizes, finiteness) before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tierserve import __version__
+from tierserve.catalog import Manifest, TensorSpec
+from tierserve.errors import BadRequest, PayloadTooLarge
+
+HEADER_LENGTH = "inference-header-content-length"
+JSON_CONTENT_TYPE = "application/json"
+BINARY_CONTENT_TYPE = "application/octet-stream"
+EXTENSIONS = ("binary_tensor_data",)
+
+# v2 datatype -> numpy dtype (little-endian on the wire). Data, not branches.
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype("bool"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype("object"),
+}
+UNSUPPORTED_DATATYPES = {"BF16": "BF16 tensors cannot be passed to onnxruntime from Python; send FP32"}
+
+ONNX_TO_DATATYPE: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+    "tensor(bfloat16)": "BF16",
+}
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The v2 datatype of a numpy array (object and string arrays are BYTES)."""
+    if array.dtype.kind in "OUS":
+        return "BYTES"
+    for name, dtype in DATATYPES.items():
+        if dtype.kind == array.dtype.kind and dtype.itemsize == array.dtype.itemsize:
+            return name
+    raise BadRequest(f"numpy dtype {array.dtype} has no v2 datatype")
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass
+class InferenceRequest:
+    """A validated request: arrays keyed by input name, and what to send back."""
+
+    inputs: dict[str, np.ndarray]
+    id: str | None = None
+    outputs: tuple[RequestedOutput, ...] | None = None
+    binary_outputs: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def output_names(self) -> list[str] | None:
+        return None if self.outputs is None else [o.name for o in self.outputs]
+
+
+@dataclass(frozen=True)
+class EncodedResponse:
+    body: bytes
+    headers: dict[str, str]
+
+
+def header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """Case-insensitive header lookup (API Gateway, http.server and clients disagree on case)."""
+    if not headers:
+        return None
+    wanted = name.lower()
+    return next((v for k, v in headers.items() if k.lower() == wanted), None)
+
+
+# ---------------------------------------------------------------- requests
+
+
+def parse_infer_request(
+    body: bytes,
+    headers: Mapping[str, str] | None,
+    manifest: Manifest,
+    *,
+    max_bytes: int,
+) -> InferenceRequest:
+    """Parse a v2 infer request (JSON or binary extension) and validate it against ``manifest``.
+
+    Raises:
+        PayloadTooLarge: the body is over ``max_bytes``.
+        BadRequest: anything malformed or not fitting the model's signature; the message
+            names the problem and the fix.
+    """
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(
+            f"request body is {len(body):,} bytes, over the limit of {max_bytes:,}: "
+            "split the batch into smaller requests"
+        )
+    document, binary = _split_body(body, header(headers, HEADER_LENGTH))
+    raw_inputs = document.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadRequest('request needs a non-empty "inputs" list of tensors: {"inputs": [{"name": ...}]}')
+    specs = {spec.name: spec for spec in manifest.inputs}
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for raw in raw_inputs:
+        name, array, offset = _decode_input(raw, specs, binary, offset, manifest.allow_non_finite)
+        if name in inputs:
+            raise BadRequest(f"input {name!r} appears twice: send each input once")
+        inputs[name] = array
+    if offset != len(binary):
+        raise BadRequest(
+            f"binary section has {len(binary) - offset} bytes that no input claims: "
+            "check each input's binary_data_size"
+        )
+    missing = [n for n in specs if n not in inputs]
+    if missing:
+        raise BadRequest(f"missing input(s) {missing}: the model needs {list(specs)}")
+    _check_batch_dims_agree(inputs, manifest.inputs)
+    parameters = document.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest('"parameters" must be an object')
+    return InferenceRequest(
+        inputs=inputs,
+        id=_request_id(document.get("id")),
+        outputs=_requested_outputs(document.get("outputs"), manifest.outputs),
+        binary_outputs=bool(parameters.get("binary_data_output", False)),
+        parameters=parameters,
+    )
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    json_length = len(body)
+    if header_length is not None:
+        try:
+            json_length = int(header_length)
+        except ValueError:
+            raise BadRequest(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+        if not 0 < json_length <= len(body):
+            raise BadRequest(
+                f"Inference-Header-Content-Length {json_length} does not fit a body of {len(body)} bytes: "
+                "it must be the byte length of the JSON part"
+            )
+    if not body:
+        raise BadRequest('request body is empty: send a v2 infer request, e.g. {"inputs": [...]}')
+    try:
+        document = json.loads(body[:json_length])
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadRequest(
+            f"request body is not valid JSON ({error}); for binary tensors set Inference-Header-Content-Length"
+        ) from None
+    if not isinstance(document, dict):
+        raise BadRequest("request body must be a JSON object with an \"inputs\" list")
+    return document, body[json_length:]
+
+
+def _request_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest('"id" must be a string')
+    return value
+
+
+def _decode_input(
+    raw: Any,
+    specs: Mapping[str, TensorSpec],
+    binary: bytes,
+    offset: int,
+    allow_non_finite: bool,
+) -> tuple[str, np.ndarray, int]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise BadRequest('each input must be an object with "name", "shape", "datatype" and "data"')
+    name = raw["name"]
+    spec = specs.get(name)
+    if spec is None:
+        raise BadRequest(f"unknown input {name!r}: the model's inputs are {list(specs)}")
+    shape = _shape(raw.get("shape"), name)
+    datatype = _datatype(raw.get("datatype"), name, spec)
+    _check_shape(shape, spec)
+    parameters = raw.get("parameters") or {}
+    binary_size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if binary_size is not None:
+        if not isinstance(binary_size, int) or binary_size < 0 or offset + binary_size > len(binary):
+            raise BadRequest(
+                f"input {name!r}: binary_data_size {binary_size!r} runs past the end of the binary section"
+            )
+        array = decode_binary(binary[offset : offset + binary_size], datatype, shape, name)
+        offset += binary_size
+    elif "data" in raw:
+        array = decode_json(raw["data"], datatype, shape, name)
+    else:
+        raise BadRequest(f'input {name!r} has neither "data" nor a binary_data_size parameter')
+    if not allow_non_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise BadRequest(
+            f"input {name!r} contains NaN or infinity; send finite values (this model does not accept them)"
+        )
+    return name, array, offset
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        raise BadRequest(f'input {name!r}: "shape" must be a list of integers, e.g. [1, 4]')
+    if any(d < 0 for d in value):
+        raise BadRequest(f"input {name!r}: shape {value} has a negative dimension")
+    if any(d == 0 for d in value):
+        raise BadRequest(f"input {name!r}: shape {value} is empty (a zero dimension); send at least one row")
+    return tuple(value)
+
+
+def _datatype(value: Any, name: str, spec: TensorSpec) -> str:
+    if value in UNSUPPORTED_DATATYPES:
+        raise BadRequest(f"input {name!r}: {UNSUPPORTED_DATATYPES[value]}")
+    if value not in DATATYPES:
+        raise BadRequest(f"input {name!r}: datatype {value!r} is not a v2 datatype; use one of {list(DATATYPES)}")
+    if value != spec.datatype:
+        raise BadRequest(f"input {name!r} has datatype {value} but the model expects {spec.datatype}")
+    return value
+
+
+def _check_shape(shape: tuple[int, ...], spec: TensorSpec) -> None:
+    if len(shape) != len(spec.shape):
+        raise BadRequest(
+            f"input {spec.name!r} has shape {list(shape)} but the model expects rank {len(spec.shape)} "
+            f"{list(spec.shape)} (-1 is any size)"
+        )
+    for got, want in zip(shape, spec.shape, strict=True):
+        if want >= 0 and got != want:
+            raise BadRequest(
+                f"input {spec.name!r} has shape {list(shape)} but the model expects {list(spec.shape)} "
+                "(-1 is any size)"
+            )
+
+
+def _check_batch_dims_agree(inputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> None:
+    batch_sizes = {
+        name: inputs[spec.name].shape[0]
+        for spec in specs
+        if (name := spec.name) in inputs and spec.shape and spec.shape[0] < 0
+    }
+    if len(set(batch_sizes.values())) > 1:
+        raise BadRequest(f"inputs disagree on the batch size (first dimension): {batch_sizes}")
+
+
+def decode_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """Turn JSON ``data`` (flat row-major or nested) into an array of ``shape``."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        flat = _flatten_bytes(data, name)
+    else:
+        try:
+            flat = np.asarray(data).reshape(-1) if isinstance(data, list) else np.asarray([data])
+        except ValueError:
+            raise BadRequest(f"input {name!r}: nested data is ragged; every row needs the same length") from None
+        flat = _coerce(flat, datatype, name)
+    if len(flat) != count:
+        raise BadRequest(
+            f"input {name!r} has {len(flat)} values but shape {list(shape)} needs {count}: "
+            "fix the shape or the data"
+        )
+    return flat.reshape(shape)
+
+
+def _flatten_bytes(data: Any, name: str) -> np.ndarray:
+    items: list[Any] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, str):
+            items.append(item)
+        else:
+            raise BadRequest(f"input {name!r} is BYTES: its data must be strings, got {type(item).__name__}")
+    return np.array(items, dtype=object)
+
+
+def _coerce(values: np.ndarray, datatype: str, name: str) -> np.ndarray:
+    dtype = DATATYPES[datatype]
+    kind = values.dtype.kind
+    if kind not in "biuf":
+        raise BadRequest(f"input {name!r} is {datatype}: its data must be numbers, not {_json_kind(values)}")
+    if dtype.kind == "b":
+        if kind != "b":
+            raise BadRequest(f"input {name!r} is BOOL: send true/false")
+        return values
+    if dtype.kind in "iu":
+        if kind == "f":
+            raise BadRequest(f"input {name!r} is {datatype}: send whole numbers, not decimals")
+        info = np.iinfo(dtype)
+        if values.size and (values.min() < info.min or values.max() > info.max):
+            raise BadRequest(f"input {name!r} has values outside the {datatype} range [{info.min}, {info.max}]")
+    return values.astype(dtype, copy=False)
+
+
+def _json_kind(values: np.ndarray) -> str:
+    return "strings" if values.dtype.kind in "US" else "mixed or null values"
+
+
+def decode_binary(raw: bytes, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """Turn a tensor's bytes from the binary extension into an array of ``shape``."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        items = _unpack_bytes(raw, name)
+        if len(items) != count:
+            raise BadRequest(f"input {name!r} has {len(items)} BYTES elements but shape {list(shape)} needs {count}")
+        return np.array(items, dtype=object).reshape(shape)
+    dtype = DATATYPES[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise BadRequest(
+            f"input {name!r}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes "
+            f"but binary_data_size is {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _unpack_bytes(raw: bytes, name: str) -> list[bytes]:
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise BadRequest(f"input {name!r}: BYTES element length prefix is cut off")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise BadRequest(f"input {name!r}: BYTES element of {length} bytes runs past the tensor")
+        items.append(raw[offset : offset + length])
+        offset += length
+    return items
+
+
+def _requested_outputs(value: Any, specs: Sequence[TensorSpec]) -> tuple[RequestedOutput, ...] | None:
+    if value is None:
+        return None
+    known = [spec.name for spec in specs]
+    if not isinstance(value, list):
+        raise BadRequest('"outputs" must be a list like [{"name": "probabilities"}]')
+    requested = []
+    for raw in value:
+        if not isinstance(raw, dict) or raw.get("name") not in known:
+            raise BadRequest(f"unknown output {raw!r}: the model's outputs are {known}")
+        parameters = raw.get("parameters") or {}
+        requested.append(RequestedOutput(raw["name"], bool(parameters.get("binary_data", False))))
+    return tuple(requested)
+
+
+# ---------------------------------------------------------------- responses
+
+
+def encode_infer_response(
+    request: InferenceRequest,
+    outputs: Mapping[str, np.ndarray],
+    *,
+    model_name: str,
+    model_version: str,
+) -> EncodedResponse:
+    """Encode outputs as JSON, or with the binary extension for outputs that ask for it."""
+    wanted = request.outputs or tuple(RequestedOutput(n, request.binary_outputs) for n in outputs)
+    tensors, chunks = [], []
+    for requested in wanted:
+        array = np.asarray(outputs[requested.name])
+        tensor: dict[str, Any] = {
+            "name": requested.name,
+            "datatype": datatype_of(array),
+            "shape": list(array.shape),
+        }
+        if requested.binary or request.binary_outputs:
+            chunk = encode_binary(array)
+            tensor["parameters"] = {"binary_data_size": len(chunk)}
+            chunks.append(chunk)
+        else:
+            tensor["data"] = _json_data(array)
+        tensors.append(tensor)
+    document: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": tensors}
+    if request.id is not None:
+        document["id"] = request.id
+    head = json.dumps(document, separators=(",", ":")).encode()
+    if not chunks:
+        return EncodedResponse(head, {"Content-Type": JSON_CONTENT_TYPE})
+    return EncodedResponse(
+        head + b"".join(chunks),
+        {"Content-Type": BINARY_CONTENT_TYPE, "Inference-Header-Content-Length": str(len(head))},
+    )
+
+
+def _json_data(array: np.ndarray) -> list[Any]:
+    flat = array.reshape(-1)
+    if flat.dtype.kind in "OS":
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        return [v if math.isfinite(v) else None for v in flat.tolist()]
+    return flat.tolist()
+
+
+def encode_binary(array: np.ndarray) -> bytes:
+    """One tensor as the binary extension sends it: raw little-endian, BYTES length-prefixed."""
+    if datatype_of(array) == "BYTES":
+        parts = []
+        for value in array.reshape(-1):
+            data = value if isinstance(value, bytes) else str(value).encode()
+            parts.append(struct.pack("<I", len(data)) + data)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def decode_infer_response(body: bytes, headers: Mapping[str, str] | None) -> dict[str, np.ndarray]:
+    """Client side: outputs of a v2 response (JSON or binary) as arrays keyed by name."""
+    document, binary = _split_body(body, header(headers, HEADER_LENGTH))
+    arrays, offset = {}, 0
+    for tensor in document.get("outputs", []):
+        shape = tuple(tensor["shape"])
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            arrays[tensor["name"]] = decode_binary(binary[offset : offset + size], tensor["datatype"], shape, "")
+            offset += size
+        elif tensor["datatype"] == "BYTES":
+            arrays[tensor["name"]] = np.array(tensor["data"], dtype=object).reshape(shape)
+        else:
+            data = [math.nan if v is None else v for v in tensor["data"]]
+            arrays[tensor["name"]] = np.asarray(data, dtype=DATATYPES[tensor["datatype"]]).reshape(shape)
+    return arrays
+
+
+def encode_infer_request(
+    inputs: Mapping[str, np.ndarray],
+    *,
+    binary: bool = False,
+    binary_outputs: bool = False,
+    request_id: str | None = None,
+    outputs: Sequence[str] | None = None,
+) -> EncodedResponse:
+    """Client side: build a v2 infer request body (and headers) from arrays."""
+    tensors, chunks = [], []
+    for name, array in inputs.items():
+        array = np.asarray(array)
+        tensor: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype_of(array)}
+        if binary:
+            chunk = encode_binary(array)
+            tensor["parameters"] = {"binary_data_size": len(chunk)}
+            chunks.append(chunk)
+        else:
+            tensor["data"] = _json_data(array)
+        tensors.append(tensor)
+    document: dict[str, Any] = {"inputs": tensors}
+    if request_id is not None:
+        document["id"] = request_id
+    if outputs is not None:
+        document["outputs"] = [{"name": n, "parameters": {"binary_data": binary_outputs}} for n in outputs]
+    if binary_outputs:
+        document["parameters"] = {"binary_data_output": True}
+    head = json.dumps(document, separators=(",", ":")).encode()
+    if not chunks:
+        return EncodedResponse(head, {"Content-Type": JSON_CONTENT_TYPE})
+    return EncodedResponse(
+        head + b"".join(chunks),
+        {"Content-Type": BINARY_CONTENT_TYPE, "Inference-Header-Content-Length": str(len(head))},
+    )
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def server_metadata() -> dict[str, Any]:
+    return {"name": "tierserve", "version": __version__, "extensions": list(EXTENSIONS)}
+
+
+def model_metadata(manifest: Manifest, *, platform: str = "onnxruntime_onnx", **parameters: Any) -> dict[str, Any]:
+    """The OIP model metadata document, from the manifest (no model load needed)."""
+    document: dict[str, Any] = {
+        "name": manifest.name,
+        "versions": [manifest.version],
+        "platform": platform,
+        "inputs": [spec.to_dict() for spec in manifest.inputs],
+        "outputs": [spec.to_dict() for spec in manifest.outputs],
+    }
+    document["parameters"] = {"quantization": manifest.quantization, "format": manifest.format, **parameters}
+    return document

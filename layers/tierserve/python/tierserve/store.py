@@ -1,0 +1,401 @@
+"""Fetch model artifacts: stream from S3 or a local folder, decompress while downloading,
+verify both sha256 digests, bound decompression, and keep a verified copy under /tmp.
+
+The cache is keyed by the decompressed model's sha256, written atomically (a partial
+file, then a rename) and bounded in total size (least recently used files go first).
+Nothing that failed a check is ever cached.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+from urllib.parse import urlparse
+
+import zstandard
+
+from tierserve.catalog import Manifest, ManifestError, manifest_key
+from tierserve.config import MB, Settings
+from tierserve.errors import ArtifactRejected, ModelUnavailable, UpstreamTimeout, UpstreamUnavailable
+
+CHUNK_BYTES = 1 * MB
+PREFETCH_CHUNKS = 16
+MAX_MANIFEST_BYTES = 1 * MB
+
+
+class Source(Protocol):
+    """Where artifacts live: ``read`` small objects, ``open`` large ones as a stream."""
+
+    def describe(self, key: str) -> str: ...
+
+    def read(self, key: str, max_bytes: int) -> bytes: ...
+
+    def open(self, key: str) -> IO[bytes]: ...
+
+
+class S3Source:
+    """Objects under ``s3://bucket/prefix``; botocore errors become typed tierserve errors."""
+
+    def __init__(self, bucket: str, prefix: str, client_factory: Callable[[], Any]) -> None:
+        self.bucket, self.prefix, self._client_factory = bucket, prefix.strip("/"), client_factory
+
+    def describe(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def read(self, key: str, max_bytes: int) -> bytes:
+        with self.open(key) as body:
+            data = body.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ArtifactRejected(f"{self.describe(key)} is over {max_bytes} bytes: it is not a manifest")
+        return data
+
+    def open(self, key: str) -> IO[bytes]:
+        try:
+            return self._client_factory().get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        except Exception as error:  # botocore's tree is wide; translate it in one place
+            raise s3_error(error, self.describe(key)) from error
+
+
+class FileSource:
+    """Files under a local folder (``file://``), for the local API and tests."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def describe(self, key: str) -> str:
+        return (self.root / key).as_uri()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise ArtifactRejected(f"artifact key {key!r} leaves the model folder")
+        return path
+
+    def read(self, key: str, max_bytes: int) -> bytes:
+        with self.open(key) as handle:
+            data = handle.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ArtifactRejected(f"{self.describe(key)} is over {max_bytes} bytes: it is not a manifest")
+        return data
+
+    def open(self, key: str) -> IO[bytes]:
+        try:
+            return self._path(key).open("rb")
+        except FileNotFoundError:
+            raise ModelUnavailable(
+                f"{self.describe(key)} does not exist: package and upload the model first "
+                "(tierserve package MODEL.onnx --name N --version V --upload ...)"
+            ) from None
+
+
+def s3_error(error: Exception, where: str) -> Exception:
+    """Translate a botocore error into the tierserve error a client should see."""
+    code = getattr(error, "response", {}).get("Error", {}).get("Code", "")
+    if code in {"NoSuchKey", "404", "NotFound"}:
+        return ModelUnavailable(
+            f"{where} does not exist: upload the model (tierserve package ... --upload) "
+            "or fix the deployed version"
+        )
+    if code in {"AccessDenied", "403", "AllAccessDisabled"}:
+        return ModelUnavailable(f"access to {where} is denied: the function's role must allow s3:GetObject there")
+    if code == "NoSuchBucket":
+        return ModelUnavailable(f"the bucket of {where} does not exist: check TIERSERVE_MODEL_BUCKET")
+    name = type(error).__name__
+    if "Timeout" in name:
+        return UpstreamTimeout(f"S3 did not answer in time while reading {where}; retry")
+    return UpstreamUnavailable(f"S3 is unavailable while reading {where} ({code or name}); retry shortly")
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    """A verified, decompressed model on local disk, and what fetching it cost."""
+
+    path: Path
+    cache_hit: bool
+    fetch_ms: float = 0.0
+    decompress_ms: float = 0.0
+
+
+class ArtifactStore:
+    """Reads manifests and artifacts from one source and caches verified models on disk."""
+
+    def __init__(self, source: Source, cache_dir: Path, cache_max_bytes: int) -> None:
+        self.source = source
+        self.cache_dir = cache_dir
+        self.cache_max_bytes = cache_max_bytes
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client_factory: Callable[[], Any] | None = None) -> ArtifactStore:
+        if settings.model_root:
+            source = source_for_uri(settings.model_root, client_factory)
+        elif settings.model_bucket:
+            source = S3Source(settings.model_bucket, settings.model_prefix, client_factory or default_s3_client)
+        else:
+            raise ModelUnavailable(
+                "no model location is configured: set TIERSERVE_MODEL_BUCKET (or TIERSERVE_MODEL_ROOT)"
+            )
+        return cls(source, settings.cache_dir, settings.cache_max_mb * MB)
+
+    def read_manifest(self, name: str, version: str) -> Manifest:
+        key = manifest_key("", name, version)
+        raw = self.source.read(key, MAX_MANIFEST_BYTES)
+        try:
+            manifest = Manifest.from_dict(json.loads(raw))
+        except (ValueError, ManifestError) as error:
+            raise ArtifactRejected(f"{self.source.describe(key)} is not a valid manifest: {error}") from None
+        if (manifest.name, manifest.version) != (name, version):
+            raise ArtifactRejected(
+                f"{self.source.describe(key)} describes {manifest.name}@{manifest.version}, not {name}@{version}"
+            )
+        return manifest
+
+    def fetch(self, manifest: Manifest) -> FetchedModel:
+        """Return a verified local copy of the model, downloading it if the cache lacks it.
+
+        Raises:
+            ArtifactRejected: digest or size mismatch, decompression past the declared size,
+                or a corrupt compressed stream. Nothing is cached.
+            ModelUnavailable / UpstreamUnavailable: the artifact cannot be read.
+        """
+        cached = self.cache_path(manifest)
+        if cached.exists() and cached.stat().st_size == manifest.model.bytes:
+            os.utime(cached)
+            return FetchedModel(cached, cache_hit=True)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = self.cache_dir / f".{manifest.model.sha256}.{uuid.uuid4().hex}.partial"
+        key = f"{manifest.key_prefix}/{manifest.artifact}"
+        try:
+            fetch_ms, decompress_ms = self._download_verified(key, manifest, partial)
+            os.replace(partial, cached)
+        finally:
+            partial.unlink(missing_ok=True)
+        self._evict(keep=cached)
+        return FetchedModel(cached, cache_hit=False, fetch_ms=fetch_ms, decompress_ms=decompress_ms)
+
+    def cache_path(self, manifest: Manifest) -> Path:
+        # Only the digest (64 hex, validated) names the file: nothing from a request or manifest
+        # path ever reaches the filesystem.
+        return self.cache_dir / f"{manifest.model.sha256}.{manifest.format}"
+
+    def _download_verified(self, key: str, manifest: Manifest, destination: Path) -> tuple[float, float]:
+        where = self.source.describe(key)
+        body = self.source.open(key)
+        reader = _PrefetchingReader(body, where)
+        stored_hash = _HashingReader(reader)
+        model_hash = hashlib.sha256()
+        written = 0
+        start = time.perf_counter()
+        try:
+            with _decompressing(stored_hash, manifest.compression) as stream, destination.open("wb") as out:
+                while chunk := stream.read(CHUNK_BYTES):
+                    written += len(chunk)
+                    if written > manifest.model.bytes:
+                        raise ArtifactRejected(
+                            f"{where} decompresses past its declared {manifest.model.bytes:,} bytes: refused "
+                            "(a corrupt or hostile artifact); re-package the model"
+                        )
+                    model_hash.update(chunk)
+                    out.write(chunk)
+                stored_hash.drain()
+        except (zstandard.ZstdError, zlib.error, OSError, EOFError) as error:
+            if isinstance(error, FileNotFoundError | PermissionError):
+                raise
+            raise ArtifactRejected(f"{where} is not a valid {manifest.compression} stream ({error}); re-package it") from None
+        finally:
+            reader.close()
+        total_ms = (time.perf_counter() - start) * 1000
+        _verify(where, "stored", stored_hash.digest(), stored_hash.count, manifest.stored.sha256, manifest.stored.bytes)
+        _verify(where, "decompressed", model_hash.hexdigest(), written, manifest.model.sha256, manifest.model.bytes)
+        fetch_ms = reader.wait_ms
+        return fetch_ms, total_ms - fetch_ms
+
+    def _evict(self, keep: Path) -> None:
+        files = sorted(
+            (p for p in self.cache_dir.glob("*.*") if p.suffix in (".onnx", ".ort") and p != keep),
+            key=lambda p: p.stat().st_mtime,
+        )
+        total = keep.stat().st_size + sum(p.stat().st_size for p in files)
+        for path in files:
+            if total <= self.cache_max_bytes:
+                break
+            total -= path.stat().st_size
+            path.unlink(missing_ok=True)
+
+
+def _verify(where: str, form: str, digest: str, size: int, want_digest: str, want_size: int) -> None:
+    if size != want_size or digest != want_digest:
+        raise ArtifactRejected(
+            f"{where}: the {form} bytes do not match the manifest (sha256 {digest[:12]}…, {size:,} bytes; "
+            f"expected {want_digest[:12]}…, {want_size:,}): refused; re-upload the artifact with its manifest"
+        )
+
+
+class _PrefetchingReader:
+    """Reads the network stream on a background thread so download and decompression overlap.
+
+    Memory stays bounded: at most PREFETCH_CHUNKS chunks wait in the queue.
+    """
+
+    def __init__(self, body: IO[bytes], where: str) -> None:
+        self._body, self._where = body, where
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=PREFETCH_CHUNKS)
+        self._chunk, self._position = b"", 0
+        self._done = False
+        self._stop = threading.Event()
+        self.wait_ms = 0.0
+        self._thread = threading.Thread(target=self._pump, name="tierserve-prefetch", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self._body.read(CHUNK_BYTES)
+                self._put(chunk or None)
+                if not chunk:
+                    return
+        except Exception as error:
+            self._put(error)
+
+    def _put(self, item: bytes | BaseException | None) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes from the current chunk (short reads are allowed for streams)."""
+        if size < 0:
+            return b"".join(iter(lambda: self.read(CHUNK_BYTES), b""))
+        if self._position >= len(self._chunk):
+            if self._done or not self._next_chunk():
+                return b""
+        data = self._chunk[self._position : self._position + size]
+        self._position += len(data)
+        return data
+
+    def _next_chunk(self) -> bool:
+        start = time.perf_counter()
+        item = self._queue.get()
+        self.wait_ms += (time.perf_counter() - start) * 1000
+        if item is None:
+            self._done = True
+            return False
+        if isinstance(item, BaseException):
+            raise s3_error(item, self._where)
+        self._chunk, self._position = item, 0
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self._body.close()
+        except Exception:  # noqa: S110 - closing a broken stream must not hide the first error
+            pass
+
+
+class _HashingReader:
+    """Counts and hashes the stored (compressed) bytes as the decompressor pulls them."""
+
+    def __init__(self, inner: _PrefetchingReader) -> None:
+        self._inner = inner
+        self._hash = hashlib.sha256()
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self._hash.update(data)
+        self.count += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        """Hash whatever trails the compressed stream, so the stored digest covers every byte."""
+        while self.read(CHUNK_BYTES):
+            pass
+
+    def digest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class _decompressing:  # noqa: N801 - used like a function in a with-statement
+    def __init__(self, raw: _HashingReader, compression: str) -> None:
+        self._raw, self._compression = raw, compression
+        self._stream: Any = None
+
+    def __enter__(self) -> Any:
+        if self._compression == "zstd":
+            self._stream = zstandard.ZstdDecompressor().stream_reader(self._raw, read_across_frames=True)
+        elif self._compression == "gzip":
+            self._stream = gzip.GzipFile(fileobj=self._raw, mode="rb")  # type: ignore[arg-type]
+        else:
+            self._stream = self._raw
+        return self._stream
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stream is not self._raw:
+            self._stream.close()
+
+
+def source_for_uri(uri: str, client_factory: Callable[[], Any] | None = None) -> Source:
+    """A source for ``s3://bucket/prefix`` or ``file:///folder``."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        return S3Source(parsed.netloc, parsed.path, client_factory or default_s3_client)
+    if parsed.scheme == "file":
+        return FileSource(Path(parsed.path))
+    raise ModelUnavailable(f"model location {uri!r} must start with s3:// or file://")
+
+
+_s3_client: Any = None
+_s3_lock = threading.Lock()
+
+
+def default_s3_client() -> Any:
+    """One S3 client per process, created on first use (so moto can start before it exists).
+
+    Honours AWS_ENDPOINT_URL_S3, which is how the local API points it at its embedded S3.
+    """
+    global _s3_client
+    with _s3_lock:
+        if _s3_client is None:
+            import boto3
+            from botocore.config import Config
+
+            _s3_client = boto3.client(
+                "s3",
+                config=Config(
+                    retries={"mode": "standard", "max_attempts": 3},
+                    connect_timeout=3,
+                    read_timeout=10,
+                    max_pool_connections=16,
+                ),
+            )
+        return _s3_client
+
+
+def clear_clients() -> None:
+    """Forget the process's S3 client (tests call this between moto set-ups)."""
+    global _s3_client
+    with _s3_lock:
+        _s3_client = None
+
