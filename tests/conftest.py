@@ -21,12 +21,11 @@ os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")
 os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
+from support.common import BUCKET  # noqa: E402
 from tierserve import store  # noqa: E402
 from tierserve.local import samples  # noqa: E402
 from tierserve.local.embedded_s3 import EmbeddedS3  # noqa: E402
 from tierserve.packaging import PackagedModel, package_model, upload  # noqa: E402
-
-from support.common import BUCKET  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -85,4 +84,3 @@ def uploaded_iris(s3: object, iris_package: PackagedModel) -> PackagedModel:
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
-

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-from support.common import count_s3_calls, load_event
 
+from support.common import count_s3_calls, load_event
 from tierserve import store
 from tierserve.local import samples
 from tierserve.protocol import decode_infer_response
@@ -123,7 +123,9 @@ def test_wrong_method_is_a_json_error(invoke):
 def test_sample_rows_classify_like_scikit_learn(invoke):
     rows = samples.iris_rows()
     event = load_event("infer-version")
-    event["body"] = json.dumps({"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32", "data": rows.tolist()}]})
+    event["body"] = json.dumps(
+        {"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32", "data": rows.tolist()}]}
+    )
     status, result, body = invoke(event)
     assert status == 200
     labels = decode_infer_response(body, result["headers"])["label"]

@@ -47,5 +47,3 @@ def make_invoke(monkeypatch: pytest.MonkeyPatch, cache_dir: Path, models: str = 
         return result["statusCode"], result, proxy_response_body(result)
 
     return invoke
-
-

@@ -77,7 +77,7 @@ class FlakyProxy:
                 self.wfile.write(payload)
                 connection.close()
 
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay  # noqa: N815
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay
 
             def log_message(self, *args: object) -> None:
                 pass

@@ -170,12 +170,16 @@ class Catalog:
                 manifest.name,
                 manifest.version,
             ):
-                raise ManifestError(f"catalog entry {raw.get('name')} disagrees with its manifest's name/version")
+                raise ManifestError(
+                    f"catalog entry {raw.get('name')} disagrees with its manifest's name/version"
+                )
             entries.append(CatalogEntry(manifest.name, manifest.version, manifest))
         names = [e.name for e in entries]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ManifestError(f"catalog lists {duplicates} more than once: keep one deployed version per model")
+            raise ManifestError(
+                f"catalog lists {duplicates} more than once: keep one deployed version per model"
+            )
         return cls(tuple(entries))
 
     @classmethod
@@ -205,9 +209,11 @@ class Catalog:
     def with_entry(self, manifest: Manifest) -> Catalog:
         """A catalog where ``manifest`` replaces any entry of the same model name."""
         kept = [e for e in self.entries if e.name != manifest.name]
-        return Catalog(tuple(kept) + (CatalogEntry(manifest.name, manifest.version, manifest),))
+        return Catalog((*kept, CatalogEntry(manifest.name, manifest.version, manifest)))
 
-    def by_tier(self, tier: Tier, lambda_max_model_mb: float = DEFAULT_LAMBDA_MAX_MODEL_MB) -> list[CatalogEntry]:
+    def by_tier(
+        self, tier: Tier, lambda_max_model_mb: float = DEFAULT_LAMBDA_MAX_MODEL_MB
+    ) -> list[CatalogEntry]:
         return [e for e in self.entries if tier_for(e.manifest, lambda_max_model_mb) == tier]
 
     def __iter__(self) -> Iterable[CatalogEntry]:  # type: ignore[override]

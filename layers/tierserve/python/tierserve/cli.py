@@ -40,9 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
             "  curl -s localhost:3000/v2/models/iris"
         ),
     )
-    local.add_argument("--port", type=int, default=int(os.environ.get("PORT", "3000")), help="default $PORT or 3000")
+    local.add_argument(
+        "--port", type=int, default=int(os.environ.get("PORT", "3000")), help="default $PORT or 3000"
+    )
     local.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    local.add_argument("--work-dir", type=Path, default=Path(".tierserve"), help="models, cache, catalog (default .tierserve)")
+    local.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(".tierserve"),
+        help="models, cache, catalog (default .tierserve)",
+    )
     local.set_defaults(run=run_local)
     return parser
 
@@ -53,7 +60,10 @@ def run_local(args: argparse.Namespace) -> int:
     try:
         stack = start(args.work_dir, host=args.host, port=args.port)
     except OSError as error:
-        print(f"tierserve local: cannot listen on {args.host}:{args.port} ({error.strerror}); pick --port", file=sys.stderr)
+        print(
+            f"tierserve local: cannot listen on {args.host}:{args.port} ({error.strerror}); pick --port",
+            file=sys.stderr,
+        )
         return 1
     print(describe(stack), flush=True)
     try:

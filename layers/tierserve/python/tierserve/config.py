@@ -105,4 +105,3 @@ def threads_for_memory(memory_mb: int) -> int:
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
-

@@ -77,7 +77,9 @@ class DataPlane:
     ) -> HttpResponse:
         ref = self.registry.resolve(model, version)
         manifest = self.registry.manifest(ref)
-        request = parse_infer_request(body, headers, manifest, max_bytes=self.registry.settings.max_request_bytes)
+        request = parse_infer_request(
+            body, headers, manifest, max_bytes=self.registry.settings.max_request_bytes
+        )
         loaded = self.registry.get(ref)
         with stopwatch() as elapsed:
             outputs = loaded.predict(request.inputs, request.output_names())
@@ -85,7 +87,9 @@ class DataPlane:
         encoded = encode_infer_response(request, outputs, model_name=ref.name, model_version=ref.version)
         return HttpResponse(200, encoded.body, encoded.headers)
 
-    def call(self, endpoint: str, params: Mapping[str, str], body: bytes, headers: Mapping[str, str]) -> HttpResponse:
+    def call(
+        self, endpoint: str, params: Mapping[str, str], body: bytes, headers: Mapping[str, str]
+    ) -> HttpResponse:
         """Run one route's operation; any error becomes its OIP error response."""
         try:
             if endpoint == "infer":

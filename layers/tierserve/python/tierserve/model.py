@@ -49,7 +49,9 @@ def session_options(manifest: Manifest, threads: int) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # A model packaged with offline optimization needs none at load: skip it for a faster cold start.
     options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if manifest.optimized else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if manifest.optimized
+        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     )
     options.log_severity_level = 3
     if manifest.format == "ort":

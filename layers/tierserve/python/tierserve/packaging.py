@@ -132,7 +132,11 @@ def upload(
     Uses boto3's managed transfer (multipart for large artifacts). ``progress`` receives byte
     counts as they are sent.
     """
-    base = f"{prefix.strip('/')}/{packaged.manifest.key_prefix}" if prefix.strip("/") else packaged.manifest.key_prefix
+    base = (
+        f"{prefix.strip('/')}/{packaged.manifest.key_prefix}"
+        if prefix.strip("/")
+        else packaged.manifest.key_prefix
+    )
     manifest_key = f"{base}/{MANIFEST_NAME}"
     existing = _existing_manifest(client, bucket, manifest_key)
     if existing is not None and existing.stored.sha256 == packaged.manifest.stored.sha256:

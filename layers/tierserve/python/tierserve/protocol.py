@@ -147,7 +147,6 @@ def parse_infer_request(
     missing = [n for n in specs if n not in inputs]
     if missing:
         raise BadRequest(f"missing input(s) {missing}: the model needs {list(specs)}")
-    _check_batch_dims_agree(inputs, manifest.inputs)
     parameters = document.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadRequest('"parameters" must be an object')
@@ -166,7 +165,9 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
         try:
             json_length = int(header_length)
         except ValueError:
-            raise BadRequest(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+            raise BadRequest(
+                f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
+            ) from None
         if not 0 < json_length <= len(body):
             raise BadRequest(
                 f"Inference-Header-Content-Length {json_length} does not fit a body of {len(body)} bytes: "
@@ -181,7 +182,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
             f"request body is not valid JSON ({error}); for binary tensors set Inference-Header-Content-Length"
         ) from None
     if not isinstance(document, dict):
-        raise BadRequest("request body must be a JSON object with an \"inputs\" list")
+        raise BadRequest('request body must be a JSON object with an "inputs" list')
     return document, body[json_length:]
 
 
@@ -243,7 +244,9 @@ def _datatype(value: Any, name: str, spec: TensorSpec) -> str:
     if value in UNSUPPORTED_DATATYPES:
         raise BadRequest(f"input {name!r}: {UNSUPPORTED_DATATYPES[value]}")
     if value not in DATATYPES:
-        raise BadRequest(f"input {name!r}: datatype {value!r} is not a v2 datatype; use one of {list(DATATYPES)}")
+        raise BadRequest(
+            f"input {name!r}: datatype {value!r} is not a v2 datatype; use one of {list(DATATYPES)}"
+        )
     if value != spec.datatype:
         raise BadRequest(f"input {name!r} has datatype {value} but the model expects {spec.datatype}")
     return value
@@ -263,16 +266,6 @@ def _check_shape(shape: tuple[int, ...], spec: TensorSpec) -> None:
             )
 
 
-def _check_batch_dims_agree(inputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> None:
-    batch_sizes = {
-        name: inputs[spec.name].shape[0]
-        for spec in specs
-        if (name := spec.name) in inputs and spec.shape and spec.shape[0] < 0
-    }
-    if len(set(batch_sizes.values())) > 1:
-        raise BadRequest(f"inputs disagree on the batch size (first dimension): {batch_sizes}")
-
-
 def decode_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
     """Turn JSON ``data`` (flat row-major or nested) into an array of ``shape``."""
     count = math.prod(shape)
@@ -282,7 +275,9 @@ def decode_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> 
         try:
             flat = np.asarray(data).reshape(-1) if isinstance(data, list) else np.asarray([data])
         except ValueError:
-            raise BadRequest(f"input {name!r}: nested data is ragged; every row needs the same length") from None
+            raise BadRequest(
+                f"input {name!r}: nested data is ragged; every row needs the same length"
+            ) from None
         flat = _coerce(flat, datatype, name)
     if len(flat) != count:
         raise BadRequest(
@@ -320,7 +315,9 @@ def _coerce(values: np.ndarray, datatype: str, name: str) -> np.ndarray:
             raise BadRequest(f"input {name!r} is {datatype}: send whole numbers, not decimals")
         info = np.iinfo(dtype)
         if values.size and (values.min() < info.min or values.max() > info.max):
-            raise BadRequest(f"input {name!r} has values outside the {datatype} range [{info.min}, {info.max}]")
+            raise BadRequest(
+                f"input {name!r} has values outside the {datatype} range [{info.min}, {info.max}]"
+            )
     return values.astype(dtype, copy=False)
 
 
@@ -334,7 +331,9 @@ def decode_binary(raw: bytes, datatype: str, shape: tuple[int, ...], name: str) 
     if datatype == "BYTES":
         items = _unpack_bytes(raw, name)
         if len(items) != count:
-            raise BadRequest(f"input {name!r} has {len(items)} BYTES elements but shape {list(shape)} needs {count}")
+            raise BadRequest(
+                f"input {name!r} has {len(items)} BYTES elements but shape {list(shape)} needs {count}"
+            )
         return np.array(items, dtype=object).reshape(shape)
     dtype = DATATYPES[datatype]
     if len(raw) != count * dtype.itemsize:
@@ -441,7 +440,9 @@ def decode_infer_response(body: bytes, headers: Mapping[str, str] | None) -> dic
         shape = tuple(tensor["shape"])
         size = (tensor.get("parameters") or {}).get("binary_data_size")
         if size is not None:
-            arrays[tensor["name"]] = decode_binary(binary[offset : offset + size], tensor["datatype"], shape, "")
+            arrays[tensor["name"]] = decode_binary(
+                binary[offset : offset + size], tensor["datatype"], shape, ""
+            )
             offset += size
         elif tensor["datatype"] == "BYTES":
             arrays[tensor["name"]] = np.array(tensor["data"], dtype=object).reshape(shape)
@@ -494,7 +495,9 @@ def server_metadata() -> dict[str, Any]:
     return {"name": "tierserve", "version": __version__, "extensions": list(EXTENSIONS)}
 
 
-def model_metadata(manifest: Manifest, *, platform: str = "onnxruntime_onnx", **parameters: Any) -> dict[str, Any]:
+def model_metadata(
+    manifest: Manifest, *, platform: str = "onnxruntime_onnx", **parameters: Any
+) -> dict[str, Any]:
     """The OIP model metadata document, from the manifest (no model load needed)."""
     document: dict[str, Any] = {
         "name": manifest.name,

@@ -25,7 +25,9 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("POST", "/v2/models/<model>/infer", "infer"),
     ("POST", "/v2/models/<model>/versions/<version>/infer", "infer"),
 )
-ROUTE_HELP = "routes: GET /v2, /v2/health/{live,ready}, /v2/models/{model}[/versions/{v}][/ready]; POST .../infer"
+ROUTE_HELP = (
+    "routes: GET /v2, /v2/health/{live,ready}, /v2/models/{model}[/versions/{v}][/ready]; POST .../infer"
+)
 
 
 def _compile(rule: str) -> re.Pattern[str]:
@@ -45,11 +47,15 @@ def match(method: str, path: str) -> tuple[str, dict[str, str]] | HttpResponse:
                 return endpoint, found.groupdict()
             allowed.append(route_method)
     if allowed:
-        return HttpResponse.json({"error": f"{method} is not allowed on {path}; use {', '.join(allowed)}"}, 405)
+        return HttpResponse.json(
+            {"error": f"{method} is not allowed on {path}; use {', '.join(allowed)}"}, 405
+        )
     return HttpResponse.json({"error": f"no route for {method} {path}; {ROUTE_HELP}"}, 404)
 
 
-def dispatch(dataplane: DataPlane, method: str, path: str, headers: Mapping[str, str], body: bytes) -> HttpResponse:
+def dispatch(
+    dataplane: DataPlane, method: str, path: str, headers: Mapping[str, str], body: bytes
+) -> HttpResponse:
     """Serve one plain-HTTP request through the route table."""
     routed = match(method, path)
     if isinstance(routed, HttpResponse):
@@ -85,6 +91,8 @@ def build_resolver(dataplane: DataPlane) -> Any:
     @app.not_found
     def not_found(_error: Exception) -> Response:
         event = app.current_event
-        return to_powertools(HttpResponse.json({"error": f"no route for {event.http_method} {event.path}; {ROUTE_HELP}"}, 404))
+        return to_powertools(
+            HttpResponse.json({"error": f"no route for {event.http_method} {event.path}; {ROUTE_HELP}"}, 404)
+        )
 
     return app

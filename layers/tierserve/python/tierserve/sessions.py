@@ -115,7 +115,9 @@ class ModelRegistry:
         self._make_room(manifest)
         fetched = self.store.fetch(manifest)
         with stopwatch() as session_ms:
-            session = create_session(fetched.path, manifest, threads=self.settings.threads, providers=self.providers)
+            session = create_session(
+                fetched.path, manifest, threads=self.settings.threads, providers=self.providers
+            )
         timings = LoadTimings(fetched.fetch_ms, fetched.decompress_ms, session_ms[0], fetched.cache_hit)
         model = OnnxModel(manifest, session, timings)
         with self._lock:
@@ -147,7 +149,9 @@ class ModelRegistry:
         with self._lock:
             while self._models and self._used_bytes() + needed > budget:
                 evicted_key, _ = self._models.popitem(last=False)
-                logger.info("model evicted to stay within the memory budget", extra={"model": evicted_key[:2]})
+                logger.info(
+                    "model evicted to stay within the memory budget", extra={"model": evicted_key[:2]}
+                )
 
     def _used_bytes(self) -> int:
         return sum(model_cost_bytes(m.manifest) for m in self._models.values())
@@ -160,7 +164,9 @@ class ModelRegistry:
                 try:
                     self.get(ref)
                 except Exception:
-                    logger.exception("preload failed; the first request will retry", extra={"model": str(ref)})
+                    logger.exception(
+                        "preload failed; the first request will retry", extra={"model": str(ref)}
+                    )
 
     def clear(self) -> None:
         with self._lock:
@@ -168,4 +174,3 @@ class ModelRegistry:
             self._manifests.clear()
             self._load_locks.clear()
             self._store = None
-

@@ -8,6 +8,7 @@ Nothing that failed a check is ever cached.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -111,7 +112,9 @@ def s3_error(error: Exception, where: str) -> Exception:
             "or fix the deployed version"
         )
     if code in {"AccessDenied", "403", "AllAccessDisabled"}:
-        return ModelUnavailable(f"access to {where} is denied: the function's role must allow s3:GetObject there")
+        return ModelUnavailable(
+            f"access to {where} is denied: the function's role must allow s3:GetObject there"
+        )
     if code == "NoSuchBucket":
         return ModelUnavailable(f"the bucket of {where} does not exist: check TIERSERVE_MODEL_BUCKET")
     name = type(error).__name__
@@ -139,11 +142,15 @@ class ArtifactStore:
         self.cache_max_bytes = cache_max_bytes
 
     @classmethod
-    def from_settings(cls, settings: Settings, client_factory: Callable[[], Any] | None = None) -> ArtifactStore:
+    def from_settings(
+        cls, settings: Settings, client_factory: Callable[[], Any] | None = None
+    ) -> ArtifactStore:
         if settings.model_root:
             source = source_for_uri(settings.model_root, client_factory)
         elif settings.model_bucket:
-            source = S3Source(settings.model_bucket, settings.model_prefix, client_factory or default_s3_client)
+            source = S3Source(
+                settings.model_bucket, settings.model_prefix, client_factory or default_s3_client
+            )
         else:
             raise ModelUnavailable(
                 "no model location is configured: set TIERSERVE_MODEL_BUCKET (or TIERSERVE_MODEL_ROOT)"
@@ -214,12 +221,28 @@ class ArtifactStore:
         except (zstandard.ZstdError, zlib.error, OSError, EOFError) as error:
             if isinstance(error, FileNotFoundError | PermissionError):
                 raise
-            raise ArtifactRejected(f"{where} is not a valid {manifest.compression} stream ({error}); re-package it") from None
+            raise ArtifactRejected(
+                f"{where} is not a valid {manifest.compression} stream ({error}); re-package it"
+            ) from None
         finally:
             reader.close()
         total_ms = (time.perf_counter() - start) * 1000
-        _verify(where, "stored", stored_hash.digest(), stored_hash.count, manifest.stored.sha256, manifest.stored.bytes)
-        _verify(where, "decompressed", model_hash.hexdigest(), written, manifest.model.sha256, manifest.model.bytes)
+        _verify(
+            where,
+            "stored",
+            stored_hash.digest(),
+            stored_hash.count,
+            manifest.stored.sha256,
+            manifest.stored.bytes,
+        )
+        _verify(
+            where,
+            "decompressed",
+            model_hash.hexdigest(),
+            written,
+            manifest.model.sha256,
+            manifest.model.bytes,
+        )
         fetch_ms = reader.wait_ms
         return fetch_ms, total_ms - fetch_ms
 
@@ -282,9 +305,8 @@ class _PrefetchingReader:
         """Up to ``size`` bytes from the current chunk (short reads are allowed for streams)."""
         if size < 0:
             return b"".join(iter(lambda: self.read(CHUNK_BYTES), b""))
-        if self._position >= len(self._chunk):
-            if self._done or not self._next_chunk():
-                return b""
+        if self._position >= len(self._chunk) and (self._done or not self._next_chunk()):
+            return b""
         data = self._chunk[self._position : self._position + size]
         self._position += len(data)
         return data
@@ -303,10 +325,8 @@ class _PrefetchingReader:
 
     def close(self) -> None:
         self._stop.set()
-        try:
+        with contextlib.suppress(Exception):  # closing a broken stream must not hide the first error
             self._body.close()
-        except Exception:  # noqa: S110 - closing a broken stream must not hide the first error
-            pass
 
 
 class _HashingReader:
@@ -337,7 +357,7 @@ class _HashingReader:
         return self._hash.hexdigest()
 
 
-class _decompressing:  # noqa: N801 - used like a function in a with-statement
+class _decompressing:
     def __init__(self, raw: _HashingReader, compression: str) -> None:
         self._raw, self._compression = raw, compression
         self._stream: Any = None
@@ -398,4 +418,3 @@ def clear_clients() -> None:
     global _s3_client
     with _s3_lock:
         _s3_client = None
-

@@ -57,7 +57,9 @@ def proxy_event(
             "accountId": "000000000000",
             "apiId": "local",
         },
-        "body": (base64.b64encode(body).decode() if binary else body.decode("utf-8", "replace")) if body else None,
+        "body": (base64.b64encode(body).decode() if binary else body.decode("utf-8", "replace"))
+        if body
+        else None,
         "isBase64Encoded": bool(body) and binary,
     }
 

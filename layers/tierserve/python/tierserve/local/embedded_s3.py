@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 LOCAL_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "tierserve-local",
-    "AWS_SECRET_ACCESS_KEY": "tierserve-local",  # noqa: S105 - moto accepts any key
+    "AWS_SECRET_ACCESS_KEY": "tierserve-local",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 
@@ -36,7 +36,11 @@ class EmbeddedS3:
 
     @property
     def env(self) -> Mapping[str, str]:
-        return {**LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_ENDPOINT_URL_SQS": self.endpoint}
+        return {
+            **LOCAL_CREDENTIALS,
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_ENDPOINT_URL_SQS": self.endpoint,
+        }
 
     def apply_env(self) -> None:
         """Point this process's boto3 clients at the embedded S3 (and never at AWS)."""

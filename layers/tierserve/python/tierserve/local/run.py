@@ -61,14 +61,20 @@ def package_samples(work_dir: Path, chosen: Sequence[Sample] = SAMPLES) -> list[
         say(f"[{index}/{len(chosen)}] {sample.name}: {sample.description}")
         if not source.exists():
             sample.build(source)
-        packaged.append(package_model(source, name=sample.name, version=sample.version, out_dir=out_dir, tier=sample.tier))
+        packaged.append(
+            package_model(source, name=sample.name, version=sample.version, out_dir=out_dir, tier=sample.tier)
+        )
     return packaged
 
 
 def lambda_max_model_mb(cdk_json: Path = REPO_ROOT / "cdk.json") -> float:
     """The tier threshold from cdk.json's context: the local API and the CDK app read one value."""
     try:
-        return float(json.loads(cdk_json.read_text())["context"].get("lambda_max_model_mb", DEFAULT_LAMBDA_MAX_MODEL_MB))
+        return float(
+            json.loads(cdk_json.read_text())["context"].get(
+                "lambda_max_model_mb", DEFAULT_LAMBDA_MAX_MODEL_MB
+            )
+        )
     except (OSError, KeyError, ValueError):
         return DEFAULT_LAMBDA_MAX_MODEL_MB
 
@@ -130,7 +136,9 @@ def describe(stack: LocalStack) -> str:
     lines = [f"serving the Open Inference Protocol on {url} (Ctrl-C stops)", "models:"]
     for entry in stack.catalog.entries:
         tier = tier_for(entry.manifest, lambda_max_model_mb())
-        lines.append(f"  {entry.name}@{entry.version}  tier={tier}  {entry.manifest.model.bytes / 1e6:.1f} MB")
+        lines.append(
+            f"  {entry.name}@{entry.version}  tier={tier}  {entry.manifest.model.bytes / 1e6:.1f} MB"
+        )
     lines += [
         "try:",
         f"  curl -s {url}/v2/models/iris",

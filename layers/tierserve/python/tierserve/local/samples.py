@@ -30,7 +30,11 @@ def iris_classifier(path: Path) -> Path:
         target_opset=17,
         final_types=None,
     )
-    _rename_io(onnx_model, inputs={"X": "input"}, outputs={"output_label": "label", "output_probability": "probabilities"})
+    _rename_io(
+        onnx_model,
+        inputs={"X": "input"},
+        outputs={"output_label": "label", "output_probability": "probabilities"},
+    )
     return _save(onnx_model, path)
 
 
@@ -41,7 +45,9 @@ def iris_rows() -> np.ndarray:
     return load_iris(return_X_y=True)[0].astype(np.float32)
 
 
-def mlp(path: Path, *, features: int = 256, hidden: int = 1024, layers: int = 4, classes: int = 10, seed: int = 0) -> Path:
+def mlp(
+    path: Path, *, features: int = 256, hidden: int = 1024, layers: int = 4, classes: int = 10, seed: int = 0
+) -> Path:
     """A multilayer perceptron (Gemm + Relu, softmax head) with seeded random weights.
 
     Size grows with ``hidden`` and ``layers``: hidden=2048, layers=6 is about 100 MB.
@@ -56,7 +62,10 @@ def mlp(path: Path, *, features: int = 256, hidden: int = 1024, layers: int = 4,
         out_width = classes if index == layers - 1 else hidden
         weight = (rng.standard_normal((width, out_width)) / np.sqrt(width)).astype(np.float32)
         bias = np.zeros(out_width, dtype=np.float32)
-        initializers += [numpy_helper.from_array(weight, f"w{index}"), numpy_helper.from_array(bias, f"b{index}")]
+        initializers += [
+            numpy_helper.from_array(weight, f"w{index}"),
+            numpy_helper.from_array(bias, f"b{index}"),
+        ]
         nodes.append(helper.make_node("Gemm", [current, f"w{index}", f"b{index}"], [f"gemm{index}"]))
         current = f"gemm{index}"
         if index < layers - 1:
@@ -85,16 +94,20 @@ def convnet(path: Path, *, channels: int = 32, classes: int = 1000, seed: int = 
     nodes, initializers = [], []
     current, in_channels = "image", 3
     for index, out_channels in enumerate((channels, channels * 2, channels * 4)):
-        weight = (rng.standard_normal((out_channels, in_channels, 3, 3)) * np.sqrt(2 / (in_channels * 9))).astype(
-            np.float32
-        )
+        weight = (
+            rng.standard_normal((out_channels, in_channels, 3, 3)) * np.sqrt(2 / (in_channels * 9))
+        ).astype(np.float32)
         initializers += [
             numpy_helper.from_array(weight, f"conv{index}_w"),
             numpy_helper.from_array(np.zeros(out_channels, np.float32), f"conv{index}_b"),
         ]
         nodes += [
             helper.make_node(
-                "Conv", [current, f"conv{index}_w", f"conv{index}_b"], [f"conv{index}"], strides=[2, 2], pads=[1, 1, 1, 1]
+                "Conv",
+                [current, f"conv{index}_w", f"conv{index}_b"],
+                [f"conv{index}"],
+                strides=[2, 2],
+                pads=[1, 1, 1, 1],
             ),
             helper.make_node("Relu", [f"conv{index}"], [f"relu{index}"]),
         ]

@@ -48,7 +48,9 @@ class LocalApi:
         return f"http://{host}:{port}"
 
     def start(self) -> LocalApi:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="tierserve-local-api", daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, name="tierserve-local-api", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -59,7 +61,9 @@ class LocalApi:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def respond(self, method: str, url: str, headers: Mapping[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+    def respond(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
         upstream = self._upstream_for(url)
         if upstream is not None:
             return forward(upstream, method, url, headers, body)
@@ -76,19 +80,35 @@ class LocalApi:
         return None
 
 
-def forward(base_url: str, method: str, url: str, headers: Mapping[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+def forward(
+    base_url: str, method: str, url: str, headers: Mapping[str, str], body: bytes
+) -> tuple[int, dict[str, str], bytes]:
     """Send one request to an upstream OIP server; its failures become OIP errors."""
-    keep = {k: v for k, v in headers.items() if k.lower() in {"content-type", "inference-header-content-length"}}
-    request = urllib.request.Request(base_url.rstrip("/") + url, data=body or None, method=method, headers=keep)
+    keep = {
+        k: v for k, v in headers.items() if k.lower() in {"content-type", "inference-header-content-length"}
+    }
+    if not base_url.startswith(("http://127.", "http://localhost")):
+        raise ValueError(f"upstream {base_url!r} must be a loopback http URL")
+    request = urllib.request.Request(  # noqa: S310 - checked above: a loopback http URL
+        base_url.rstrip("/") + url, data=body or None, method=method, headers=keep
+    )
     try:
-        with urllib.request.urlopen(request, timeout=UPSTREAM_TIMEOUT_S) as response:  # noqa: S310 - loopback URL we started
+        with urllib.request.urlopen(request, timeout=UPSTREAM_TIMEOUT_S) as response:  # noqa: S310
             return response.status, dict(response.headers.items()), response.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers.items()), error.read()
     except TimeoutError:
-        return 504, {"Content-Type": "application/json"}, b'{"error": "the GPU tier did not answer in time; retry"}'
+        return (
+            504,
+            {"Content-Type": "application/json"},
+            b'{"error": "the GPU tier did not answer in time; retry"}',
+        )
     except OSError:
-        return 503, {"Content-Type": "application/json"}, b'{"error": "the GPU tier is unavailable; retry shortly"}'
+        return (
+            503,
+            {"Content-Type": "application/json"},
+            b'{"error": "the GPU tier is unavailable; retry shortly"}',
+        )
 
 
 def _request_handler(api: LocalApi) -> type[BaseHTTPRequestHandler]:
@@ -103,10 +123,16 @@ def _request_handler(api: LocalApi) -> type[BaseHTTPRequestHandler]:
                 return
             body = self.rfile.read(length) if length else b""
             try:
-                status, headers, payload = api.respond(self.command, self.path, dict(self.headers.items()), body)
+                status, headers, payload = api.respond(
+                    self.command, self.path, dict(self.headers.items()), body
+                )
             except Exception:
                 logger.exception("local API failed to serve a request")
-                status, headers, payload = 500, {"Content-Type": "application/json"}, b'{"error": "internal error"}'
+                status, headers, payload = (
+                    500,
+                    {"Content-Type": "application/json"},
+                    b'{"error": "internal error"}',
+                )
             self._send(status, headers, payload)
 
         def _send(self, status: int, headers: Mapping[str, str], payload: bytes) -> None:
@@ -119,9 +145,9 @@ def _request_handler(api: LocalApi) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(payload)
 
-        do_GET = do_POST = do_PUT = do_DELETE = _serve  # noqa: N815
+        do_GET = do_POST = do_PUT = do_DELETE = _serve
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: Any) -> None:
             logger.debug("local API request", extra={"line": format % args})
 
     return Handler
