@@ -1,0 +1,154 @@
+"""ModelStore: the S3 bucket that holds every model version, and its access-log bucket.
+
+Layout (DESIGN.md): ``s3://{bucket}/{prefix}/{name}/{version}/`` holds the compressed model
+and ``manifest.json``. Functions read only their own model's prefix
+(:meth:`ModelStore.grant_read_model`).
+
+Encryption is SSE-S3 (S3-managed keys), deliberately not KMS: models are not secrets here,
+access is already narrowed per model prefix by IAM and TLS-only by bucket policy, and SSE-S3
+keeps cold starts off KMS (no ``kms:Decrypt`` per fetch, no KMS request quota or cost, no
+key policy to share with a SageMaker role later). S3 server access logging also only
+delivers to SSE-S3 buckets. Pass to KMS with a bucket key if models become confidential.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import CfnOutput, Duration, Fn, RemovalPolicy, Stack
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_s3 as s3
+from constructs import Construct, IConstruct
+
+from infra.nag import acknowledge, wildcard_resource_finding
+from tierserve.catalog import NAME_PATTERN
+from tierserve.config import DEFAULT_MODEL_PREFIX
+
+
+class ModelStore(Construct):
+    """A private, versioned, TLS-only, retained bucket for model artifacts.
+
+    Attributes: ``bucket``, ``access_log_bucket``, ``model_prefix``.
+
+    Example::
+
+        store = ModelStore(stack, "ModelStore")
+        store.grant_read_model(function, "iris")   # s3:GetObject on models/iris/* only
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        model_prefix: str = DEFAULT_MODEL_PREFIX,
+        access_log_bucket: s3.IBucket | None = None,
+        removal_policy: RemovalPolicy = RemovalPolicy.RETAIN,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.model_prefix = model_prefix.strip("/")
+        self.access_log_bucket = access_log_bucket or self._access_log_bucket(removal_policy)
+        self.bucket = s3.Bucket(
+            self,
+            "Bucket",
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
+            enforce_ssl=True,
+            minimum_tls_version=1.2,
+            versioned=True,
+            server_access_logs_bucket=self.access_log_bucket,
+            server_access_logs_prefix="model-bucket/",
+            lifecycle_rules=[s3.LifecycleRule(abort_incomplete_multipart_upload_after=Duration.days(7))],
+            removal_policy=removal_policy,
+        )
+        self._export_name: str | None = None
+
+    def _access_log_bucket(self, removal_policy: RemovalPolicy) -> s3.Bucket:
+        bucket = s3.Bucket(
+            self,
+            "AccessLogs",
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
+            enforce_ssl=True,
+            minimum_tls_version=1.2,
+            removal_policy=removal_policy,
+        )
+        acknowledge(
+            bucket,
+            "AwsSolutions-S1",
+            "This bucket is the server access log target of the model bucket; logging its own "
+            "access would log the log deliveries themselves, without end.",
+        )
+        return bucket
+
+    @property
+    def export_name(self) -> str:
+        """The CloudFormation export other stacks import the bucket name by (created on first use).
+
+        A named export rather than CDK's automatic one: a stable contract ops scripts and
+        later stacks can import, and a readable ARN in IAM policies and their cdk-nag findings.
+        """
+        if self._export_name is None:
+            self._export_name = f"{Stack.of(self).stack_name}-{self.node.id}-BucketName"
+            CfnOutput(
+                self,
+                "BucketNameExport",
+                value=self.bucket.bucket_name,
+                export_name=self._export_name,
+                description="Model bucket name, imported by the serving stack",
+            )
+        return self._export_name
+
+    def bucket_for(self, consumer: IConstruct) -> s3.IBucket:
+        """The bucket as ``consumer``'s stack sees it: itself in its own stack, else imported by
+        :attr:`export_name` (the consuming stack then deploys after this one)."""
+        stack = Stack.of(consumer)
+        if stack.node.path == Stack.of(self).node.path:
+            return self.bucket
+        import_id = f"{self.node.id}Bucket"
+        existing = stack.node.try_find_child(import_id)
+        if existing is not None:
+            return existing  # type: ignore[return-value]
+        stack.add_stack_dependency(Stack.of(self), "imports the model bucket name")
+        return s3.Bucket.from_bucket_name(stack, import_id, Fn.import_value(self.export_name))
+
+    def grant_read_model(self, grantee: iam.IGrantable, name: str) -> iam.Grant:
+        """Let ``grantee`` read ``{prefix}/{name}/*`` and nothing else in the bucket."""
+        consumer = grantee if isinstance(grantee, Construct) else grantee.grant_principal
+        return grant_model_read(self.bucket_for(consumer), grantee, name, prefix=self.model_prefix)
+
+
+def model_objects_pattern(name: str, *, prefix: str = DEFAULT_MODEL_PREFIX) -> str:
+    """The object keys of every version of model ``name``: ``{prefix}/{name}/*``."""
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"model name {name!r} must be lowercase letters, digits and dashes")
+    return f"{prefix.strip('/')}/{name}/*" if prefix.strip("/") else f"{name}/*"
+
+
+def grant_model_read(
+    bucket: s3.IBucket, grantee: iam.IGrantable, name: str, *, prefix: str = DEFAULT_MODEL_PREFIX
+) -> iam.Grant:
+    """Grant ``s3:GetObject`` on model ``name``'s keys, and ``s3:ListBucket`` limited to them.
+
+    Listing under the prefix lets a missing version answer NoSuchKey (a 404 for the client)
+    instead of AccessDenied. Acknowledges the one wildcard this needs (object keys under the
+    model's prefix) on the grantee's principal, so cdk-nag sees the reason next to the grant.
+    """
+    pattern = model_objects_pattern(name, prefix=prefix)
+    objects_arn = bucket.arn_for_objects(pattern)
+    grant = iam.Grant.add_to_principal(grantee=grantee, actions=["s3:GetObject"], resource_arns=[objects_arn])
+    iam.Grant.add_to_principal(
+        grantee=grantee,
+        actions=["s3:ListBucket"],
+        resource_arns=[bucket.bucket_arn],
+        conditions={"StringLike": {"s3:prefix": [pattern]}},
+    )
+    principal = grantee.grant_principal
+    if isinstance(principal, Construct):
+        acknowledge(
+            principal,
+            wildcard_resource_finding(principal, objects_arn),
+            f"Reads every object of model '{name}' only ({pattern}): versions are immutable "
+            "and new versions add keys, so the object keys cannot be listed ahead of time.",
+        )
+    return grant

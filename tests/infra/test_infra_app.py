@@ -1,0 +1,226 @@
+"""The real app: both stacks from a catalog, cdk-nag clean, per-model grants, deterministic."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aws_cdk as cdk
+import pytest
+from aws_cdk import aws_s3 as s3
+
+from infra.config import InfraConfig
+from infra.nag import acknowledge, add_aws_solutions_checks
+from infra.stacks import SERVING_STACK, STORAGE_STACK, build_stacks
+from tierserve.catalog import lambda_memory_mb
+from tierserve.config import MODEL_BUCKET_ENV, MODELS_ENV
+
+LAMBDA_MODELS = ("iris", "resnet-50")
+GPU_MODELS = ("big-llm", "tiny-on-gpu")
+
+
+def synth_app(make_app, catalog, *, validate: bool, nag: bool, **context: Any):
+    app = make_app(validate=validate, **context)
+    build_stacks(app, config=InfraConfig.from_context(app.node.try_get_context), catalog=catalog)
+    if nag:
+        add_aws_solutions_checks(app)
+    return app.synth()
+
+
+@pytest.fixture(scope="module")
+def assembly(make_app, catalog):
+    """The app exactly as `cdk synth` builds it: cdk-nag and CloudFormation validation on.
+
+    A cdk-nag error (or warning) fails this synth with the report in the exception.
+    """
+    return synth_app(make_app, catalog, validate=True, nag=True)
+
+
+@pytest.fixture(scope="module")
+def serving(assembly) -> dict[str, Any]:
+    return assembly.get_stack_by_name(SERVING_STACK).template
+
+
+@pytest.fixture(scope="module")
+def storage(assembly) -> dict[str, Any]:
+    return assembly.get_stack_by_name(STORAGE_STACK).template
+
+
+def of_type(template: dict[str, Any], resource_type: str) -> dict[str, dict[str, Any]]:
+    return {k: r for k, r in template["Resources"].items() if r["Type"] == resource_type}
+
+
+def functions_by_model(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    functions = of_type(template, "AWS::Lambda::Function")
+    return {
+        f["Properties"]["Environment"]["Variables"][MODELS_ENV].split("@")[0]: f for f in functions.values()
+    }
+
+
+def test_cdk_nag_reports_nothing_unacknowledged(assembly):
+    report = json.loads((Path(assembly.directory) / "validation-report.json").read_text())
+    by_plugin = {p["pluginName"]: p for p in report["pluginReports"]}
+    nag = by_plugin.get("AwsSolutions")
+    assert nag is None or (nag["conclusion"] == "success" and nag["violations"] == [])
+    annotations = by_plugin.get("Construct Annotations", {"violations": []})["violations"]
+    assert [a for a in annotations if a["severity"] == "error"] == []
+    # The one expected warning: GPU-tier models have no deployable tier yet.
+    assert [a["ruleName"] for a in annotations] == ["Annotation::tierserve:gpuTierNotDeployed"]
+
+
+def test_the_nag_harness_fails_on_a_violation(make_app):
+    """Guards the test above: an unacknowledged finding must fail synth here too."""
+    app = make_app()
+    s3.Bucket(cdk.Stack(app, "Careless"), "Bucket")
+    add_aws_solutions_checks(app)
+    with pytest.raises(Exception, match="AwsSolutions-S10"):
+        app.synth()
+
+
+def test_acknowledgments_need_a_real_reason(make_app):
+    with pytest.raises(ValueError, match="real reason"):
+        acknowledge(cdk.Stack(make_app(), "Lazy"), "AwsSolutions-S1", "not needed")
+
+
+def test_one_function_per_lambda_tier_model_and_none_for_gpu_models(serving, catalog):
+    functions = functions_by_model(serving)
+    assert sorted(functions) == sorted(LAMBDA_MODELS)
+    for name, function in functions.items():
+        manifest = catalog.get(name).manifest
+        props = function["Properties"]
+        assert props["MemorySize"] == lambda_memory_mb(manifest)
+        assert props["Environment"]["Variables"][MODELS_ENV] == f"{manifest.name}@{manifest.version}"
+    memory = {functions[name]["Properties"]["MemorySize"] for name in LAMBDA_MODELS}
+    assert len(memory) == 2, "the fixture's two models are sized apart"
+    assert not set(GPU_MODELS) & set(functions)
+
+
+def policy_statements_of(template: dict[str, Any], function: dict[str, Any]) -> list[dict[str, Any]]:
+    role_id = function["Properties"]["Role"]["Fn::GetAtt"][0]
+    statements = []
+    for policy in of_type(template, "AWS::IAM::Policy").values():
+        if {"Ref": role_id} in policy["Properties"]["Roles"]:
+            statements += policy["Properties"]["PolicyDocument"]["Statement"]
+    return statements
+
+
+def test_each_function_reads_only_its_own_model_prefix(serving):
+    for name, function in functions_by_model(serving).items():
+        statements = policy_statements_of(serving, function)
+        s3 = [s for s in statements if any(a.startswith("s3:") for a in _actions(s))]
+        assert {a for s in s3 for a in _actions(s)} == {"s3:GetObject", "s3:ListBucket"}
+        (get,) = [s for s in s3 if "s3:GetObject" in _actions(s)]
+        resource = json.dumps(get["Resource"])
+        assert resource.endswith(f'"/models/{name}/*"]]}}'), resource
+        assert get["Resource"] != "*"
+        others = [other for other in LAMBDA_MODELS if other != name]
+        assert not any(f"/models/{other}/" in json.dumps(s3) for other in others)
+        (listing,) = [s for s in s3 if "s3:ListBucket" in _actions(s)]
+        assert listing["Condition"] == {"StringLike": {"s3:prefix": [f"models/{name}/*"]}}
+
+
+def _actions(statement: dict[str, Any]) -> list[str]:
+    action = statement["Action"]
+    return [action] if isinstance(action, str) else action
+
+
+def test_no_role_uses_a_managed_policy(serving, storage):
+    for template in (serving, storage):
+        for role in of_type(template, "AWS::IAM::Role").values():
+            assert "ManagedPolicyArns" not in role["Properties"]
+
+
+def test_serving_imports_the_bucket_that_storage_exports(serving, storage, assembly):
+    exports = [o["Export"]["Name"] for o in storage["Outputs"].values() if "Export" in o]
+    assert exports == [f"{STORAGE_STACK}-ModelStore-BucketName"]
+    for function in functions_by_model(serving).values():
+        bucket = function["Properties"]["Environment"]["Variables"][MODEL_BUCKET_ENV]
+        assert bucket == {"Fn::ImportValue": exports[0]}
+    serving_artifact = assembly.get_stack_by_name(SERVING_STACK)
+    assert STORAGE_STACK in [d.id for d in serving_artifact.dependencies]
+
+
+def test_outputs_for_ops(serving, storage):
+    assert "ApiUrl" in serving["Outputs"]
+    assert "ModelBucketName" in storage["Outputs"]
+    assert len(serving["Outputs"]) == 1, "one URL output, not CDK's hashed duplicate"
+
+
+def test_synth_is_deterministic(assembly, make_app, catalog):
+    again = synth_app(make_app, catalog, validate=False, nag=True)
+    for name in (STORAGE_STACK, SERVING_STACK):
+        one, two = assembly.get_stack_by_name(name).template, again.get_stack_by_name(name).template
+        changed = sorted(
+            k
+            for k in set(one["Resources"]) | set(two["Resources"])
+            if one["Resources"].get(k) != two["Resources"].get(k)
+        )
+        # (an image asset hash changes if layers/ or functions/inference/ is edited mid-run)
+        assert one == two, f"{name}: resources differ between two synths: {changed}"
+
+
+def test_api_key_mode_passes_cdk_nag(make_app, catalog):
+    assembly = synth_app(make_app, catalog, validate=False, nag=True, auth="api_key")
+    template = assembly.get_stack_by_name(SERVING_STACK).template
+    assert len(of_type(template, "AWS::ApiGateway::ApiKey")) == 1
+    assert "ApiKeyId" in template["Outputs"]
+
+
+def test_no_auth_mode_passes_cdk_nag_with_reasons(make_app, catalog):
+    assembly = synth_app(make_app, catalog, validate=False, nag=True, auth="none")
+    methods = of_type(assembly.get_stack_by_name(SERVING_STACK).template, "AWS::ApiGateway::Method")
+    assert {m["Properties"]["AuthorizationType"] for m in methods.values()} == {"NONE"}
+
+
+@pytest.fixture(scope="module")
+def app_main(repo_root):
+    return runpy.run_path(str(repo_root / "app.py"), run_name="tierserve_app")["main"]
+
+
+def test_app_without_a_catalog_deploys_storage_and_health_routes(app_main, make_app, tmp_path, capsys):
+    app = app_main(make_app(catalog=str(tmp_path / "missing.json")))
+    assert "no catalog at" in capsys.readouterr().err
+    assembly = app.synth()
+    serving = assembly.get_stack_by_name(SERVING_STACK).template
+    assert of_type(serving, "AWS::Lambda::Function") == {}
+    parts = {r["Properties"]["PathPart"] for r in of_type(serving, "AWS::ApiGateway::Resource").values()}
+    assert parts == {"v2", "health", "live", "ready", "models", "{model}", "{proxy+}"}
+    templates = [
+        m["Properties"]["Integration"]["IntegrationResponses"][0]["ResponseTemplates"]["application/json"]
+        for m in of_type(serving, "AWS::ApiGateway::Method").values()
+    ]
+    assert sum("no models are deployed yet" in t for t in templates) == 2
+    assert of_type(assembly.get_stack_by_name(STORAGE_STACK).template, "AWS::S3::Bucket")
+
+
+def test_app_stops_on_bad_context_naming_the_key(app_main, make_app):
+    with pytest.raises(SystemExit) as raised:
+        app_main(make_app(auth="cognito"))
+    assert "'auth'" in str(raised.value.code) and "'cognito'" in str(raised.value.code)
+
+
+@pytest.mark.slow
+def test_app_py_runs_as_the_cdk_cli_runs_it(repo_root, cdk_context, tmp_path):
+    """`python3 app.py` with the CLI's environment: context from CDK_CONTEXT_JSON, no catalog."""
+    context = {**cdk_context, "catalog": str(tmp_path / "none.json")}
+    env = {
+        **os.environ,
+        "CDK_CONTEXT_JSON": json.dumps(context),
+        "CDK_OUTDIR": str(tmp_path / "cdk.out"),
+        "CDK_VALIDATION": "false",  # CloudFormation validation runs in the `assembly` fixture
+        "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20",
+    }
+    done = subprocess.run(
+        [sys.executable, "app.py"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no catalog at" in done.stderr
+    assert {p.name for p in (tmp_path / "cdk.out").glob("*.template.json")} == {
+        f"{STORAGE_STACK}.template.json",
+        f"{SERVING_STACK}.template.json",
+    }

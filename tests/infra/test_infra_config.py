@@ -1,0 +1,100 @@
+"""InfraConfig: cdk.json context parsed, validated, and explained when wrong."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from infra.config import ConfigError, InfraConfig
+from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB
+
+
+def from_mapping(context: dict) -> InfraConfig:
+    return InfraConfig.from_context(context.get)
+
+
+def test_cdk_json_repeats_every_default(cdk_context):
+    """Ops read defaults in cdk.json; code holds them too. They must not drift apart."""
+    assert from_mapping({}) == InfraConfig()
+    assert {key: cdk_context[key] for key in InfraConfig().to_context()} == InfraConfig().to_context()
+
+
+def test_documented_defaults():
+    config = InfraConfig()
+    assert config.catalog == "catalog.json"
+    assert config.lambda_max_model_mb == DEFAULT_LAMBDA_MAX_MODEL_MB == 512
+    assert config.auth == "iam"
+    assert (config.throttle_rate_limit, config.throttle_burst_limit) == (50, 100)
+    assert config.lambda_timeout_seconds == 29
+    assert config.lambda_ephemeral_storage_mb == 2048
+    assert config.log_retention_days == 30
+    assert config.preload is True
+
+
+def test_command_line_strings_are_parsed():
+    """`cdk synth -c key=value` passes strings."""
+    config = from_mapping(
+        {
+            "lambda_max_model_mb": "1024",
+            "throttle_rate_limit": "12.5",
+            "preload": "false",
+            "auth": "api_key",
+            "log_level": "debug",
+            "log_retention_days": "90",
+        }
+    )
+    assert config.lambda_max_model_mb == 1024
+    assert config.throttle_rate_limit == 12.5
+    assert config.preload is False
+    assert config.auth == "api_key"
+    assert config.log_level == "DEBUG"
+    assert config.log_retention_days == 90
+
+
+def test_bad_auth_names_the_key_the_value_and_the_choices():
+    with pytest.raises(ConfigError) as raised:
+        from_mapping({"auth": "oauth"})
+    message = str(raised.value)
+    assert "'auth'" in message and "'oauth'" in message
+    assert "'iam'" in message and "'api_key'" in message and "'none'" in message
+    assert "-c auth=iam" in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("lambda_max_model_mb", "big"),
+        ("lambda_max_model_mb", 0),
+        ("lambda_max_model_mb", True),
+        ("throttle_burst_limit", 1.5),
+        ("lambda_timeout_seconds", 901),
+        ("lambda_ephemeral_storage_mb", 256),
+        ("log_retention_days", 31),
+        ("preload", "maybe"),
+        ("lambda_architecture", "riscv"),
+        ("catalog", ""),
+    ],
+)
+def test_every_bad_value_is_an_error_naming_its_key(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        from_mapping({key: value})
+
+
+def test_catalog_path_is_relative_to_the_app_not_the_working_directory(tmp_path):
+    assert InfraConfig().catalog_path(Path("/repo")) == Path("/repo/catalog.json")
+    absolute = tmp_path / "elsewhere.json"
+    assert InfraConfig(catalog=str(absolute)).catalog_path(Path("/repo")) == absolute
+
+
+def test_cdk_json_runs_the_python_app():
+    cdk_json = json.loads((Path(__file__).resolve().parents[2] / "cdk.json").read_text())
+    assert cdk_json["app"] == "python3 app.py"
+
+
+def test_every_accepted_retention_maps_to_a_cdk_value():
+    from infra.config import LOG_RETENTION_DAYS
+    from infra.stacks import RETENTION
+
+    assert set(RETENTION) == set(LOG_RETENTION_DAYS)
