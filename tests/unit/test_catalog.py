@@ -85,7 +85,25 @@ def test_lambda_memory_grows_with_the_model_and_is_clamped():
     assert lambda_memory_mb(sized(1)) == 1024
     assert lambda_memory_mb(sized(400)) == 1536
     assert lambda_memory_mb(sized(400)) % 64 == 0
-    assert lambda_memory_mb(sized(5000)) == 10240
+    assert lambda_memory_mb(sized(3800)) == 10048
+    with pytest.raises(ManifestError, match="over Lambda's 10,240 MB"):
+        lambda_memory_mb(sized(5000, tier="lambda"))
+
+
+@pytest.mark.parametrize(
+    "catalog",
+    [{"models": {"iris": {}}}, {"models": [{"name": "iris"}]}, []],
+    ids=["models-not-a-list", "entry-without-manifest", "not-an-object"],
+)
+def test_malformed_catalogs_are_manifest_errors(catalog):
+    with pytest.raises(ManifestError, match="a catalog is"):
+        Catalog.from_dict(catalog)
+
+
+def test_string_sizes_are_parsed_and_garbage_is_a_manifest_error():
+    assert Manifest.from_dict(raw_manifest(stored={"sha256": "a" * 64, "bytes": "10"})).stored.bytes == 10
+    with pytest.raises(ManifestError):
+        Manifest.from_dict(raw_manifest(stored={"sha256": "a" * 64, "bytes": "ten"}))
 
 
 def test_catalog_rejects_duplicates_and_mismatched_entries():

@@ -59,6 +59,10 @@ class Digest:
     sha256: str
     bytes: int
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Digest:
+        return cls(str(data["sha256"]), int(data["bytes"]))
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -90,8 +94,8 @@ class Manifest:
                 format=str(data.get("format", "onnx")),
                 compression=str(data.get("compression", "zstd")),
                 artifact=str(data["artifact"]),
-                stored=Digest(**data["stored"]),
-                model=Digest(**data["model"]),
+                stored=Digest.from_dict(data["stored"]),
+                model=Digest.from_dict(data["model"]),
                 inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
                 outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
                 quantization=str(data.get("quantization", "none")),
@@ -163,8 +167,11 @@ class Catalog:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Catalog:
+        models = data.get("models", []) if isinstance(data, Mapping) else None
+        if not isinstance(models, list) or not all(isinstance(m, Mapping) and "manifest" in m for m in models):
+            raise ManifestError('a catalog is {"models": [{"name", "version", "manifest": {...}}, ...]}')
         entries = []
-        for raw in data.get("models", []):
+        for raw in models:
             manifest = Manifest.from_dict(raw["manifest"])
             if (raw.get("name", manifest.name), str(raw.get("version", manifest.version))) != (
                 manifest.name,
@@ -238,7 +245,12 @@ def lambda_memory_mb(manifest: Manifest) -> int:
     model_mb = manifest.model.bytes / MB
     wanted = 512 + 2.5 * model_mb
     rounded = int(math.ceil(wanted / 64) * 64)
-    return max(LAMBDA_MIN_MEMORY_MB, min(LAMBDA_MAX_MEMORY_MB, rounded))
+    if rounded > LAMBDA_MAX_MEMORY_MB:
+        raise ManifestError(
+            f"{manifest.name}@{manifest.version} ({model_mb:,.0f} MB) needs about {rounded:,} MB, over Lambda's "
+            f"{LAMBDA_MAX_MEMORY_MB:,} MB: drop its tier override so it goes to the GPU endpoint, or quantize it"
+        )
+    return max(LAMBDA_MIN_MEMORY_MB, rounded)
 
 
 def manifest_key(prefix: str, name: str, version: str) -> str:
