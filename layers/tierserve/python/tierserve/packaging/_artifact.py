@@ -1,0 +1,288 @@
+"""The stored form of a model: a compressed artifact, its manifest, and the zstd level rule.
+
+    package_model(model.onnx, name=..., version=..., out_dir=...) -> PackagedModel
+    choose_zstd_level(model.onnx, budget_s=20) -> LevelChoice
+
+A package directory is written next to its destination and renamed into place, so a reader
+never finds a half-written package.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from tierserve.catalog import COMPRESSIONS, MANIFEST_NAME, Digest, Manifest, TensorSpec
+from tierserve.protocol import ONNX_TO_DATATYPE
+
+DEFAULT_ZSTD_LEVEL = 10
+# Levels tried by the measurement. Levels above 19 ("ultra") need windows of up to 128 MB
+# to decompress, which a Lambda function pays for in memory at every cold start.
+ZSTD_CANDIDATE_LEVELS = (3, 9, 15, 19)
+DEFAULT_COMPRESS_BUDGET_S = 20.0
+# A higher level must save at least this fraction of the best size to be worth its time.
+ZSTD_WORTHWHILE_GAIN = 0.01
+SAMPLE_BYTES = 8 * 1024 * 1024
+SAMPLE_BLOCK = 1024 * 1024
+GZIP_LEVEL = 9
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A package on disk: ``artifact`` and the manifest that describes it."""
+
+    manifest: Manifest
+    artifact: Path
+
+    @property
+    def manifest_json(self) -> str:
+        return self.manifest.to_json()
+
+    @property
+    def directory(self) -> Path:
+        return self.artifact.parent
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """The zstd level picked by :func:`choose_zstd_level` and the trials behind it."""
+
+    level: int
+    trials: tuple[dict[str, float], ...] = field(default_factory=tuple)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def signature_of(model_path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Inputs and outputs of a model as onnxruntime sees them (symbolic dims become -1)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    return _specs(session.get_inputs()), _specs(session.get_outputs())
+
+
+def _specs(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
+    return tuple(
+        TensorSpec(
+            arg.name,
+            ONNX_TO_DATATYPE.get(arg.type, arg.type),
+            tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or [])),
+        )
+        for arg in args
+    )
+
+
+def compress_file(source: Path, destination: Path, compression: str, level: int = DEFAULT_ZSTD_LEVEL) -> None:
+    """Compress ``source`` into ``destination`` as a stream (memory stays flat)."""
+    with Path(source).open("rb") as reader, Path(destination).open("wb") as writer:
+        if compression == "zstd":
+            zstandard.ZstdCompressor(level=level, threads=-1).copy_stream(reader, writer)
+        elif compression == "gzip":
+            with gzip.GzipFile(fileobj=writer, mode="wb", compresslevel=min(level, 9), mtime=0) as gz:
+                while chunk := reader.read(1 << 20):
+                    gz.write(chunk)
+        else:
+            while chunk := reader.read(1 << 20):
+                writer.write(chunk)
+
+
+def choose_zstd_level(
+    path: Path,
+    budget_s: float = DEFAULT_COMPRESS_BUDGET_S,
+    levels: Sequence[int] = ZSTD_CANDIDATE_LEVELS,
+) -> LevelChoice:
+    """Pick a zstd level by measurement.
+
+    The rule: compress a sample of the model (all of it up to 8 MiB, else eight 1 MiB blocks
+    spread over the file) at each candidate level; estimate each level's time for the whole
+    file; drop levels estimated over ``budget_s``; of the rest take the smallest output, but
+    prefer a lower level whose output is within 1% of it (decompression, which every cold
+    start pays, is equally fast at every level; compression time is only worth a real gain).
+    When even the lowest level is over the budget, the lowest level is used.
+    """
+    size = Path(path).stat().st_size
+    sample = _sample(Path(path), size)
+    trials = []
+    for level in sorted(levels):
+        start = time.perf_counter()
+        compressed = zstandard.ZstdCompressor(level=level, threads=-1).compress(sample)
+        seconds = time.perf_counter() - start
+        trials.append(
+            {
+                "level": level,
+                "ratio": round(len(compressed) / max(len(sample), 1), 4),
+                "estimated_s": round(seconds * size / max(len(sample), 1), 3),
+            }
+        )
+    within = [t for t in trials if t["estimated_s"] <= budget_s] or trials[:1]
+    best = min(t["ratio"] for t in within)
+    chosen = next(t for t in within if t["ratio"] <= best * (1 + ZSTD_WORTHWHILE_GAIN))
+    return LevelChoice(int(chosen["level"]), tuple(trials))
+
+
+def _sample(path: Path, size: int) -> bytes:
+    with path.open("rb") as handle:
+        if size <= SAMPLE_BYTES:
+            return handle.read()
+        blocks = SAMPLE_BYTES // SAMPLE_BLOCK
+        step = (size - SAMPLE_BLOCK) // (blocks - 1)
+        parts = []
+        for index in range(blocks):
+            handle.seek(index * step)
+            parts.append(handle.read(SAMPLE_BLOCK))
+        return b"".join(parts)
+
+
+def write_package(
+    model_path: Path,
+    directory: Path,
+    *,
+    name: str,
+    version: str,
+    compression: str = "zstd",
+    level: int = DEFAULT_ZSTD_LEVEL,
+    tier: str | None = None,
+    quantization: str = "none",
+    optimized: bool = False,
+    accuracy: Mapping[str, Any] | None = None,
+    allow_non_finite: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> PackagedModel:
+    """Compress ``model_path`` into ``directory`` and describe it; the manifest is not written.
+
+    Callers write ``manifest.json`` themselves once they have measured what goes into it
+    (see :func:`write_manifest`).
+    """
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression {compression!r} must be one of {sorted(COMPRESSIONS)}")
+    model_path = Path(model_path)
+    model_format = "ort" if model_path.suffix == ".ort" else "onnx"
+    inputs, outputs = signature_of(model_path)
+    directory.mkdir(parents=True, exist_ok=True)
+    artifact = directory / f"model.{model_format}{COMPRESSIONS[compression]}"
+    compress_file(model_path, artifact, compression, level)
+    manifest = Manifest(
+        name=name,
+        version=version,
+        format=model_format,
+        compression=compression,
+        artifact=artifact.name,
+        stored=Digest(sha256_file(artifact), artifact.stat().st_size),
+        model=Digest(sha256_file(model_path), model_path.stat().st_size),
+        inputs=inputs,
+        outputs=outputs,
+        quantization=quantization,
+        optimized=optimized,
+        accuracy=dict(accuracy) if accuracy is not None else None,
+        tier=tier,  # type: ignore[arg-type]
+        allow_non_finite=allow_non_finite,
+        extra=dict(extra or {}),
+    )
+    manifest.validate()
+    return PackagedModel(manifest, artifact)
+
+
+def write_manifest(packaged: PackagedModel) -> None:
+    (packaged.directory / MANIFEST_NAME).write_text(packaged.manifest_json)
+
+
+def package_model(
+    model_path: Path,
+    *,
+    name: str,
+    version: str,
+    out_dir: Path,
+    compression: str = "zstd",
+    level: int = DEFAULT_ZSTD_LEVEL,
+    tier: str | None = None,
+    quantization: str = "none",
+    optimized: bool = False,
+    accuracy: dict[str, Any] | None = None,
+    allow_non_finite: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> PackagedModel:
+    """Compress a model and describe it in a manifest: ``out_dir/{artifact, manifest.json}``.
+
+    The package is written into a sibling folder and renamed into place, so ``out_dir``
+    holds either the previous complete package or the new one, never a mix.
+    """
+    out_dir = Path(out_dir)
+    staging = staging_dir_for(out_dir)
+    try:
+        packaged = write_package(
+            model_path,
+            staging,
+            name=name,
+            version=version,
+            compression=compression,
+            level=level,
+            tier=tier,
+            quantization=quantization,
+            optimized=optimized,
+            accuracy=accuracy,
+            allow_non_finite=allow_non_finite,
+            extra=extra,
+        )
+        write_manifest(packaged)
+        install_dir(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return PackagedModel(packaged.manifest, out_dir / packaged.artifact.name)
+
+
+def staging_dir_for(out_dir: Path) -> Path:
+    """A fresh folder beside ``out_dir`` (same filesystem, so the final rename is atomic)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}.partial"
+    staging.mkdir()
+    return staging
+
+
+def install_dir(staging: Path, out_dir: Path) -> None:
+    """Rename ``staging`` to ``out_dir``, replacing a previous package there."""
+    if out_dir.exists():
+        retired = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}.old"
+        os.replace(out_dir, retired)
+        os.replace(staging, out_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
+
+
+def read_package(directory: Path) -> PackagedModel:
+    """A package written by :func:`package_model` (or ``tierserve package``), checked on disk.
+
+    Raises:
+        FileNotFoundError: no manifest or artifact there.
+        ManifestError: the manifest does not parse.
+        ValueError: the artifact's size or sha256 differs from the manifest.
+    """
+    import json
+
+    directory = Path(directory)
+    manifest = Manifest.from_dict(json.loads((directory / MANIFEST_NAME).read_text()))
+    artifact = directory / manifest.artifact
+    if not artifact.is_file():
+        raise FileNotFoundError(f"{artifact} is missing")
+    if artifact.stat().st_size != manifest.stored.bytes or sha256_file(artifact) != manifest.stored.sha256:
+        raise ValueError(f"{artifact} does not match its manifest (size or sha256)")
+    return PackagedModel(manifest, artifact)

@@ -1,0 +1,407 @@
+"""`tierserve package | upload | catalog` against the embedded S3 (moto on 127.0.0.1), and
+the packaged model served by the core: what ops run, end to end, with its failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from support.common import BUCKET, REPO_ROOT, count_s3_calls
+from tierserve import store
+from tierserve.catalog import Catalog, Digest
+from tierserve.cli import main
+from tierserve.config import ModelRef, Settings
+from tierserve.packaging import (
+    BucketForbidden,
+    BucketNotFound,
+    PackagedModel,
+    VersionConflict,
+    generate_inputs,
+    read_package,
+    upload_package,
+)
+from tierserve.packaging import transfer_config as make_transfer_config
+from tierserve.sessions import ModelRegistry
+from tierserve.store import ArtifactStore, S3Source
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_error_line(err: str) -> str:
+    """Our error: one line, the last of ours on stderr (progress lines may come before it).
+
+    The embedded S3 runs in this process and may log to stderr too: only lines that start
+    with ``tierserve`` are ours. The subprocess test checks the whole stream.
+    """
+    ours = [line for line in err.splitlines() if line.startswith("tierserve ")]
+    errors = [line for line in ours if ": error: " in line]
+    assert len(errors) == 1 and ours[-1] == errors[0], err
+    return errors[0]
+
+
+@pytest.fixture
+def packaged_mlp(mlp_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    out = tmp_path / "pkg" / "mlp" / "1"
+    code, stdout, _ = cli(
+        capsys, "package", mlp_onnx, "--name", "mlp", "--version", "1", "--quantization", "int8", "--out", out
+    )
+    assert code == 0 and "stored / original" in stdout
+    return out
+
+
+def test_package_upload_register_and_serve(s3, mlp_onnx, tmp_path, cache_dir, capsys):
+    catalog_path = tmp_path / "catalog.json"
+    out = tmp_path / "pkg"
+    code, stdout, stderr = cli(
+        capsys,
+        "package",
+        mlp_onnx,
+        "--name",
+        "mlp",
+        "--version",
+        "1",
+        "--quantization",
+        "int8",
+        "--out",
+        out,
+        "--upload",
+        f"s3://{BUCKET}/models",
+        "--catalog",
+        catalog_path,
+    )
+    assert code == 0, stderr
+    assert "uploaded: s3://test-models/models/mlp/1/manifest.json" in stdout
+    assert f"registered: mlp@1 (tier lambda) in {catalog_path}" in stdout
+    assert "upload mlp@1 [" in stderr  # the progress bar's final line
+
+    entry = Catalog.load(catalog_path).get("mlp")
+    assert entry is not None and entry.manifest.quantization == "int8-dynamic"
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"])
+    assert keys == ["models/mlp/1/manifest.json", "models/mlp/1/model.onnx.zst"]
+
+    # Served by the core from S3: predictions within the tolerance the package measured.
+    registry = ModelRegistry(
+        Settings(model_bucket=BUCKET, models=(ModelRef("mlp", "1"),), cache_dir=cache_dir)
+    )
+    model = registry.get(ModelRef("mlp", "1"))
+    assert model.manifest == entry.manifest
+    rows = generate_inputs(entry.manifest.inputs, rows=256)["input"]
+    original = ort.InferenceSession(str(mlp_onnx), providers=["CPUExecutionProvider"])
+    expected = np.concatenate([original.run(None, {"input": row[None]})[0] for row in rows])
+    served = np.concatenate([model.predict({"input": row[None]})["probabilities"] for row in rows])
+    accuracy = entry.manifest.accuracy
+    assert np.abs(expected - served).max() <= accuracy["max_abs_diff"] * (1 + 1e-5)
+    assert np.mean(expected.argmax(1) == served.argmax(1)) >= accuracy["top1"] - 1e-6  # stored to 6 digits
+
+    code, stdout, _ = cli(capsys, "catalog", "list", "--catalog", catalog_path)
+    assert code == 0 and "mlp" in stdout and "int8-dynamic" in stdout and "lambda" in stdout
+    code, stdout, _ = cli(capsys, "catalog", "show", "mlp", "--catalog", catalog_path)
+    shown = json.loads(stdout)
+    assert code == 0 and shown["tier"] == "lambda" and shown["manifest"]["name"] == "mlp"
+    code, stdout, _ = cli(
+        capsys, "catalog", "validate", "--catalog", catalog_path, "--check-s3", f"s3://{BUCKET}/models"
+    )
+    assert code == 0 and "ok   mlp@1  tier lambda (in S3)" in stdout
+
+    s3.delete_object(Bucket=BUCKET, Key="models/mlp/1/model.onnx.zst")
+    code, stdout, _ = cli(
+        capsys, "catalog", "validate", "--catalog", catalog_path, "--check-s3", f"s3://{BUCKET}/models"
+    )
+    assert code == 1 and "FAIL mlp@1: s3://test-models/models/mlp/1/model.onnx.zst is missing" in stdout
+
+
+def test_reupload_of_the_same_digest_is_a_no_op(s3, embedded_s3, packaged_mlp, capsys, tmp_path):
+    catalog = tmp_path / "catalog.json"
+    code, stdout, _ = cli(capsys, "upload", packaged_mlp, f"s3://{BUCKET}/models", "--catalog", catalog)
+    assert code == 0 and "uploaded:" in stdout
+
+    client = embedded_s3.client()
+    calls = count_s3_calls(client)
+    result = upload_package(read_package(packaged_mlp), client, BUCKET, "models")
+    assert result.uploaded is False
+    assert "PutObject" not in calls and "CreateMultipartUpload" not in calls and calls == ["GetObject"]
+
+    code, stdout, _ = cli(capsys, "upload", packaged_mlp, f"s3://{BUCKET}/models", "--catalog", catalog)
+    assert code == 0 and "already there" in stdout and "nothing sent" in stdout
+    assert len(Catalog.load(catalog).entries) == 1
+
+
+def test_an_artifact_left_by_a_stopped_upload_is_not_sent_again(s3, embedded_s3, packaged_mlp):
+    packaged = read_package(packaged_mlp)
+    s3.upload_file(
+        str(packaged.artifact),
+        BUCKET,
+        "models/mlp/1/model.onnx.zst",
+        ExtraArgs={"Metadata": {"sha256": packaged.manifest.stored.sha256}},
+    )
+    client = embedded_s3.client()
+    calls = count_s3_calls(client)
+    result = upload_package(packaged, client, BUCKET, "models")
+    assert result.uploaded and not result.artifact_sent
+    assert calls == ["GetObject", "HeadObject", "PutObject"]  # the manifest only
+
+
+def test_large_artifacts_go_multipart_and_verify_on_fetch(s3, embedded_s3, tmp_path, packaged_mlp, cache_dir):
+    """A 12 MiB artifact with a 5 MiB threshold: three parts, and the loader verifies the digest."""
+    small = read_package(packaged_mlp)
+    artifact = tmp_path / "big" / "model.onnx"
+    artifact.parent.mkdir()
+    artifact.write_bytes(np.random.default_rng(0).bytes(12 * 1024 * 1024))
+    from tierserve.packaging import sha256_file
+
+    digest = Digest(sha256_file(artifact), artifact.stat().st_size)
+    from dataclasses import replace
+
+    manifest = replace(
+        small.manifest, name="big", compression="none", artifact="model.onnx", stored=digest, model=digest
+    )
+    client = embedded_s3.client()
+    calls = count_s3_calls(client)
+    upload_package(
+        PackagedModel(manifest, artifact),
+        client,
+        BUCKET,
+        "models",
+        config=make_transfer_config(threshold_mib=5, chunk_mib=5),
+    )
+    assert calls.count("UploadPart") == 3 and calls[-1] == "PutObject"
+    store.clear_clients()
+    fetched = ArtifactStore(S3Source(BUCKET, "models", store.default_s3_client), cache_dir, 1 << 30).fetch(
+        manifest
+    )
+    assert fetched.path.stat().st_size == digest.bytes
+
+
+def test_a_version_holding_another_model_is_refused(
+    s3, embedded_s3, packaged_mlp, iris_package, capsys, tmp_path
+):
+    code, _, _ = cli(capsys, "upload", packaged_mlp, f"s3://{BUCKET}/models", "--no-register")
+    assert code == 0
+    other = read_package(iris_package.artifact.parent)
+    from dataclasses import replace
+
+    clash = PackagedModel(replace(other.manifest, name="mlp"), other.artifact)
+    with pytest.raises(VersionConflict, match="versions are immutable, package it as a new --version"):
+        upload_package(clash, embedded_s3.client(), BUCKET, "models")
+
+
+def test_a_racing_upload_cannot_overwrite_a_version(s3, embedded_s3, packaged_mlp, monkeypatch):
+    from tierserve.packaging import _upload
+
+    upload_package(read_package(packaged_mlp), embedded_s3.client(), BUCKET, "models")
+    monkeypatch.setattr(_upload, "_existing_manifest", lambda *_: None)  # as if it landed after our check
+    with pytest.raises(VersionConflict, match=r"another upload wrote .* while this one ran"):
+        upload_package(read_package(packaged_mlp), embedded_s3.client(), BUCKET, "models")
+
+
+def test_a_missing_bucket_fails_in_one_line(s3, packaged_mlp, capsys):
+    code, _, err = cli(capsys, "upload", packaged_mlp, "s3://no-such-bucket/models", "--no-register")
+    assert code == 1
+    line = one_error_line(err)
+    assert line.startswith(
+        "tierserve upload: error: bucket no-such-bucket does not exist: deploy the model store"
+    )
+    with pytest.raises(BucketNotFound):
+        upload_package(read_package(packaged_mlp), s3, "no-such-bucket", "models")
+
+
+def test_package_then_failed_upload_keeps_the_package_and_says_how_to_retry(s3, mlp_onnx, tmp_path, capsys):
+    out = tmp_path / "pkg"
+    code, _, err = cli(
+        capsys, "package", mlp_onnx, "--name", "mlp", "--version", "1", "--out", out,
+        "--upload", "s3://no-such-bucket/models", "--no-register",
+    )  # fmt: skip
+    assert code == 1
+    assert f"(the package is kept: tierserve upload {out} s3://no-such-bucket/models)" in one_error_line(err)
+    assert (out / "manifest.json").exists()
+
+
+def test_a_broken_catalog_stops_the_upload_before_anything_is_sent(s3, packaged_mlp, tmp_path, capsys):
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text("{not json")
+    code, _, err = cli(capsys, "upload", packaged_mlp, f"s3://{BUCKET}/models", "--catalog", catalog)
+    assert code == 1 and "is not usable" in one_error_line(err)
+    assert s3.list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0
+
+
+def test_a_forbidden_bucket_fails_in_one_line_and_writes_nothing(s3, packaged_mlp, capsys, tmp_path):
+    s3.create_bucket(Bucket="locked")
+    deny = {
+        "Effect": "Deny",
+        "Principal": "*",
+        "Action": "s3:*",
+        "Resource": ["arn:aws:s3:::locked", "arn:aws:s3:::locked/*"],
+    }
+    s3.put_bucket_policy(Bucket="locked", Policy=json.dumps({"Version": "2012-10-17", "Statement": [deny]}))
+    catalog = tmp_path / "catalog.json"
+    code, _, err = cli(capsys, "upload", packaged_mlp, "s3://locked/models", "--catalog", catalog)
+    assert code == 1
+    line = one_error_line(err)
+    assert "access to s3://locked/models is denied" in line and "s3:PutObject" in line
+    assert not catalog.exists()
+    with pytest.raises(BucketForbidden):
+        upload_package(read_package(packaged_mlp), s3, "locked", "models")
+
+
+def test_an_unreachable_endpoint_fails_in_one_line(s3, packaged_mlp, capsys, monkeypatch):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    code, _, err = cli(capsys, "upload", packaged_mlp, f"s3://{BUCKET}/models", "--no-register")
+    assert code == 1
+    assert "cannot reach S3 for s3://test-models/models" in one_error_line(err)
+
+
+def test_invalid_model_fails_in_one_line_and_leaves_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a model")
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "package", bad, "--name", "bad", "--version", "1", "--out", out)
+    assert code == 1
+    assert "bad.onnx" in one_error_line(err) and "export it again" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_quantization_and_budget_failures_exit_non_zero(iris_onnx, mlp_onnx, tmp_path, capsys):
+    code, _, err = cli(
+        capsys,
+        "package",
+        iris_onnx,
+        "--name",
+        "iris",
+        "--version",
+        "1",
+        "--quantization",
+        "int8",
+        "--out",
+        tmp_path / "a",
+    )
+    assert code == 1 and "--quantization none" in one_error_line(err)
+    code, _, err = cli(
+        capsys,
+        "package",
+        mlp_onnx,
+        "--name",
+        "mlp",
+        "--version",
+        "1",
+        "--quantization",
+        "int8",
+        "--min-top1",
+        "1.0",
+        "--min-cosine",
+        "1.0",
+        "--max-abs-diff",
+        "1e-9",
+        "--out",
+        tmp_path / "b",
+    )
+    assert code == 1 and "outside the accuracy budget" in one_error_line(err) and "--force" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cdk_json_names_the_catalog_and_the_tier_threshold(s3, mlp_onnx, tmp_path, capsys, monkeypatch):
+    project = tmp_path / "project"
+    (project / "deploy").mkdir(parents=True)
+    context = {"catalog": "deploy/models.json", "lambda_max_model_mb": 0.001}
+    (project / "cdk.json").write_text(json.dumps({"app": "python3 app.py", "context": context}))
+    monkeypatch.chdir(project / "deploy")
+    code, stdout, err = cli(
+        capsys, "package", mlp_onnx, "--name", "mlp", "--version", "2", "--upload", f"s3://{BUCKET}"
+    )
+    assert code == 0, err
+    assert "tier gpu (by size)" in stdout and "not optimized offline" in stdout
+    assert (project / "deploy" / ".tierserve" / "packages" / "mlp" / "2" / "manifest.json").exists()
+    entry = Catalog.load(project / "deploy" / "models.json").get("mlp")
+    assert entry is not None and entry.manifest.optimized is False
+    assert s3.head_object(Bucket=BUCKET, Key="models/mlp/2/manifest.json")["ContentLength"] > 0
+    code, stdout, _ = cli(capsys, "catalog", "validate")
+    assert code == 0 and "ok   mlp@2  tier gpu" in stdout
+
+
+def test_registration_without_a_catalog_is_refused_before_anything_is_built(
+    mlp_onnx, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(
+        capsys, "package", mlp_onnx, "--name", "mlp", "--version", "1", "--upload", "s3://b/models"
+    )
+    assert code == 1 and "no cdk.json" in one_error_line(err) and "--catalog PATH" in err
+    assert not (tmp_path / ".tierserve").exists()
+
+
+def test_the_console_entry_point_exits_non_zero_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00" * 8)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "layers" / "tierserve" / "python")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tierserve.cli",
+            "package",
+            str(bad),
+            "--name",
+            "bad",
+            "--version",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert one_error_line(result.stderr).startswith("tierserve package: error: ")
+    usage = subprocess.run(
+        [sys.executable, "-m", "tierserve.cli", "package", str(bad), "--name", "Not_Valid", "--version", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert usage.returncode == 2 and "use lowercase letters" in usage.stderr
+
+
+def test_catalog_validate_reports_every_bad_entry(iris_package, tmp_path, capsys):
+    good = iris_package.manifest.to_dict()
+    bad_digest = {**good, "name": "broken", "stored": {"sha256": "nope", "bytes": 1}}
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {"name": "iris", "version": "1", "manifest": good},
+                    {"name": "broken", "version": "1", "manifest": bad_digest},
+                    {"name": "iris", "version": "2", "manifest": good},
+                ]
+            }
+        )
+    )
+    code, stdout, err = cli(capsys, "catalog", "validate", "--catalog", catalog)
+    assert code == 1
+    assert "ok   iris@1  tier lambda" in stdout
+    assert "FAIL broken@1: manifest for broken@1: stored and model digests need a 64-hex sha256" in stdout
+    assert "FAIL iris@2: the entry says iris@2 but its manifest describes iris@1" in stdout
+    assert "iris is listed more than once" in stdout
+    assert "1 of 3 entries valid" in err
+    code, stdout, _ = cli(capsys, "catalog", "validate", "--catalog", tmp_path / "absent.json")
+    assert code == 0 and "no models" in stdout
