@@ -3,6 +3,9 @@
 Examples:
     tierserve local                      # sample models, embedded S3, OIP on 127.0.0.1:3000
     tierserve local --port 8000
+    tierserve local put rows.jsonl --model iris   # S3-triggered inference on the running stack
+    tierserve package model.onnx --name iris --version 1 --quantization int8 --upload s3://BUCKET/models
+    tierserve catalog validate
 """
 
 from __future__ import annotations
@@ -51,6 +54,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="models, cache, catalog (default .tierserve)",
     )
     local.set_defaults(run=run_local)
+    local_commands = local.add_subparsers(dest="local_command", metavar="SUBCOMMAND")
+    put = local_commands.add_parser(
+        "put",
+        help="put a file under inputs/ of the running local stack and print its result",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Puts FILE at s3://tierserve-data/inputs/MODEL/PATH of the embedded S3 that a running\n"
+            "`tierserve local` started; S3 notifies SQS, the worker handler serves it, and this prints\n"
+            "outputs/MODEL/PATH.json (exit 0) or errors/MODEL/PATH.json (exit 1). Formats: .json (a v2\n"
+            "infer request), .npy (one tensor), .jsonl (one row per line). See docs/s3-inference.md."
+        ),
+        epilog=(
+            "examples:\n"
+            "  printf '[5.1,3.5,1.4,0.2]\\n[6.7,3.0,5.2,2.3]\\n' > rows.jsonl\n"
+            "  tierserve local put rows.jsonl --model iris\n"
+            "  tierserve local put batch.npy --model iris --path 2026/batch.npy"
+        ),
+    )
+    put.add_argument("file", type=Path, help="the input file (.json, .npy or .jsonl)")
+    put.add_argument("--model", required=True, help="the model that serves it, e.g. iris")
+    put.add_argument("--path", help="its path under inputs/MODEL/ (default: the file's name)")
+    put.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for the result (default 60)"
+    )
+    put.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
+    put.set_defaults(run=run_local_put)
+    from tierserve.packaging.commands import add_commands
+
+    add_commands(commands)  # package, upload, catalog
     return parser
 
 
@@ -73,6 +105,29 @@ def run_local(args: argparse.Namespace) -> int:
     finally:
         stack.stop()
     return 0
+
+
+def run_local_put(args: argparse.Namespace) -> int:
+    import json
+
+    from tierserve.local.pipeline import LocalPipelineNotRunning, put_and_wait
+
+    if not args.file.is_file():
+        print(f"tierserve local put: no file {args.file}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        status, document, where = put_and_wait(
+            args.work_dir, args.file, model=args.model, path=args.path, timeout_s=args.timeout
+        )
+    except LocalPipelineNotRunning as error:
+        print(f"tierserve local put: {error}", file=sys.stderr)
+        return 1
+    if document is None:
+        print(f"tierserve local put: no result at {where} after {args.timeout:g} s", file=sys.stderr)
+        return 1
+    print(f"{where}:", file=sys.stderr)
+    print(json.dumps(document, indent=2))
+    return 0 if status == "output" else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

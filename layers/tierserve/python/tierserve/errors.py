@@ -10,6 +10,7 @@ they call :func:`to_http` on whatever reached them.
     ├── ModelUnavailable (503)      the artifact cannot be fetched, verified or loaded
     │   └── ArtifactRejected (503)  digest mismatch, decompression bomb, corrupt archive
     ├── UpstreamUnavailable (503)   S3, SageMaker or another dependency refused or failed
+    ├── Overloaded (503)            the server's queue for a model is full; retry with backoff
     └── UpstreamTimeout (504)       a dependency did not answer in time
 """
 
@@ -56,6 +57,12 @@ class UpstreamTimeout(TierserveError):
     status_code = HTTPStatus.GATEWAY_TIMEOUT
 
 
+class Overloaded(TierserveError):
+    """Too many requests wait for one model (the GPU server's bounded batching queue)."""
+
+    status_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+
 INTERNAL_ERROR_MESSAGE = (
     "internal error while serving the request; it has been logged with the request id. "
     "Retry, and report the request id if it persists"
@@ -75,4 +82,4 @@ def to_http(error: BaseException) -> tuple[int, dict[str, str]]:
 def is_retryable(error: BaseException) -> bool:
     """True for faults that may pass (a dependency down or slow), false for bad input
     and for artifacts that will never load."""
-    return isinstance(error, (UpstreamUnavailable, UpstreamTimeout))
+    return isinstance(error, (UpstreamUnavailable, UpstreamTimeout, Overloaded))

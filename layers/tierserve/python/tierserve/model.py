@@ -6,7 +6,7 @@ seen from the worker) is another implementation, never a branch inside a handler
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +19,10 @@ from tierserve.errors import BadRequest, ModelUnavailable
 from tierserve.protocol import model_metadata
 
 CPU_PROVIDERS = ("CPUExecutionProvider",)
+
+# An execution provider as onnxruntime takes it: a name, or (name, options) as the GPU server
+# passes TensorRT and CUDA (tierserve.providers).
+ProviderSpec = str | tuple[str, dict[str, Any]]
 
 
 class Model(Protocol):
@@ -60,19 +64,19 @@ def session_options(manifest: Manifest, threads: int) -> ort.SessionOptions:
 
 
 def create_session(
-    path: Path, manifest: Manifest, *, threads: int, providers: Sequence[str] = CPU_PROVIDERS
+    path: Path, manifest: Manifest, *, threads: int, providers: Sequence[ProviderSpec] = CPU_PROVIDERS
 ) -> ort.InferenceSession:
     """Open an onnxruntime session for a verified model file.
 
-    ORT-format models are read into one buffer that the session uses in place
-    (``use_ort_model_bytes_directly``): no second copy of the weights.
+    ORT-format models are read by onnxruntime into one buffer that the session keeps and
+    uses for its initializers (``use_ort_model_bytes_for_initializers``): no second copy of
+    the weights. The path, never Python bytes: pybind copies bytes into a temporary that is
+    gone once the call returns, and initializers pointing into it read freed memory.
     """
     options = session_options(manifest, threads)
     try:
         if manifest.format == "ort":
-            options.add_session_config_entry("session.use_ort_model_bytes_directly", "1")
             options.add_session_config_entry("session.use_ort_model_bytes_for_initializers", "1")
-            return ort.InferenceSession(path.read_bytes(), options, providers=list(providers))
         return ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... family
         raise ModelUnavailable(
@@ -107,3 +111,8 @@ class OnnxModel:
             first_line = str(error).splitlines()[0][:300]
             raise BadRequest(f"the model rejected the input: {first_line}") from None
         return dict(zip(names, results, strict=True))
+
+
+# How a registry turns a new session into the model it serves: ``OnnxModel`` by default; the
+# GPU server adds IO binding and dynamic batching (tierserve.providers, tierserve.batching).
+ModelFactory = Callable[[Manifest, ort.InferenceSession, LoadTimings], Model]

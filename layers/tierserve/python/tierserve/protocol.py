@@ -144,9 +144,7 @@ def parse_infer_request(
             f"binary section has {len(binary) - offset} bytes that no input claims: "
             "check each input's binary_data_size"
         )
-    missing = [n for n in specs if n not in inputs]
-    if missing:
-        raise BadRequest(f"missing input(s) {missing}: the model needs {list(specs)}")
+    _check_complete(inputs, specs)
     parameters = document.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadRequest('"parameters" must be an object')
@@ -204,9 +202,7 @@ def _decode_input(
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
         raise BadRequest('each input must be an object with "name", "shape", "datatype" and "data"')
     name = raw["name"]
-    spec = specs.get(name)
-    if spec is None:
-        raise BadRequest(f"unknown input {name!r}: the model's inputs are {list(specs)}")
+    spec = _spec_for(name, specs)
     shape = _shape(raw.get("shape"), name)
     datatype = _datatype(raw.get("datatype"), name, spec)
     _check_shape(shape, spec)
@@ -223,11 +219,51 @@ def _decode_input(
         array = decode_json(raw["data"], datatype, shape, name)
     else:
         raise BadRequest(f'input {name!r} has neither "data" nor a binary_data_size parameter')
+    _check_finite(array, name, allow_non_finite)
+    return name, array, offset
+
+
+def request_from_arrays(
+    inputs: Mapping[str, np.ndarray], manifest: Manifest, *, request_id: str | None = None
+) -> InferenceRequest:
+    """Validate arrays decoded elsewhere (an ``.npy`` file, rows of a ``.jsonl`` file) against
+    ``manifest`` with the same checks :func:`parse_infer_request` applies: input names,
+    datatype, rank and fixed dimensions, no empty dimension, finiteness.
+
+    Raises:
+        BadRequest: the arrays do not fit the model's signature; the message says how.
+    """
+    specs = {spec.name: spec for spec in manifest.inputs}
+    checked: dict[str, np.ndarray] = {}
+    for name, value in inputs.items():
+        spec = _spec_for(name, specs)
+        array = np.asarray(value)
+        _check_shape(_shape(list(array.shape), name), spec)
+        _datatype(datatype_of(array), name, spec)
+        _check_finite(array, name, manifest.allow_non_finite)
+        checked[name] = array
+    _check_complete(checked, specs)
+    return InferenceRequest(inputs=checked, id=request_id)
+
+
+def _spec_for(name: str, specs: Mapping[str, TensorSpec]) -> TensorSpec:
+    spec = specs.get(name)
+    if spec is None:
+        raise BadRequest(f"unknown input {name!r}: the model's inputs are {list(specs)}")
+    return spec
+
+
+def _check_complete(inputs: Mapping[str, np.ndarray], specs: Mapping[str, TensorSpec]) -> None:
+    missing = [n for n in specs if n not in inputs]
+    if missing:
+        raise BadRequest(f"missing input(s) {missing}: the model needs {list(specs)}")
+
+
+def _check_finite(array: np.ndarray, name: str, allow_non_finite: bool) -> None:
     if not allow_non_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
         raise BadRequest(
             f"input {name!r} contains NaN or infinity; send finite values (this model does not accept them)"
         )
-    return name, array, offset
 
 
 def _shape(value: Any, name: str) -> tuple[int, ...]:

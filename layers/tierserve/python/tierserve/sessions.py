@@ -14,7 +14,15 @@ from collections.abc import Callable, Sequence
 from tierserve.catalog import Manifest
 from tierserve.config import MB, ModelRef, Settings
 from tierserve.errors import ModelNotFound, ModelUnavailable
-from tierserve.model import CPU_PROVIDERS, LoadTimings, Model, OnnxModel, create_session
+from tierserve.model import (
+    CPU_PROVIDERS,
+    LoadTimings,
+    Model,
+    ModelFactory,
+    OnnxModel,
+    ProviderSpec,
+    create_session,
+)
 from tierserve.store import ArtifactStore
 from tierserve.telemetry import (
     CACHE_HIT,
@@ -44,10 +52,12 @@ class ModelRegistry:
         self,
         settings: Settings,
         store_factory: Callable[[], ArtifactStore] | None = None,
-        providers: Sequence[str] = CPU_PROVIDERS,
+        providers: Sequence[ProviderSpec] = CPU_PROVIDERS,
+        model_factory: ModelFactory = OnnxModel,
     ) -> None:
         self.settings = settings
         self.providers = tuple(providers)
+        self._model_factory = model_factory
         self._store_factory = store_factory or (lambda: ArtifactStore.from_settings(settings))
         self._store: ArtifactStore | None = None
         self._manifests: dict[ModelRef, Manifest] = {}
@@ -119,7 +129,7 @@ class ModelRegistry:
                 fetched.path, manifest, threads=self.settings.threads, providers=self.providers
             )
         timings = LoadTimings(fetched.fetch_ms, fetched.decompress_ms, session_ms[0], fetched.cache_hit)
-        model = OnnxModel(manifest, session, timings)
+        model = self._model_factory(manifest, session, timings)
         with self._lock:
             self._models[manifest.cache_key] = model
         record_ms(MODEL_FETCH_MS, timings.fetch_ms)
@@ -133,7 +143,7 @@ class ModelRegistry:
                 "decompress_ms": round(timings.decompress_ms, 1),
                 "session_ms": round(timings.session_ms, 1),
                 "disk_cache_hit": timings.cache_hit,
-                "providers": list(model.providers),
+                "providers": session.get_providers(),
             },
         )
         return model

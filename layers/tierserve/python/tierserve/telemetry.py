@@ -6,6 +6,7 @@ API log the same structured fields and emit the same metric names.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,14 +28,37 @@ MODEL_SESSION_MS = "ModelSessionMs"
 INFERENCE_MS = "InferenceMs"
 CACHE_HIT = "ModelCacheHit"
 CACHE_MISS = "ModelCacheMiss"
+# The S3 pipeline: one per input, by how it ended (retries are counted by SQS itself).
+PIPELINE_OUTPUT = "PipelineOutput"
+PIPELINE_ERROR = "PipelineError"
+PIPELINE_SKIPPED = "PipelineSkipped"
+PIPELINE_ROWS = "PipelineRows"
+# The GPU server's dynamic batching: rows per model run, and requests refused by a full queue.
+BATCH_ROWS = "BatchRows"
+QUEUE_FULL = "QueueFull"
+
+
+# Powertools' metric set is a plain dict that flushes itself at 100 values: fine for one Lambda
+# invocation at a time, not for the GPU server's request threads, so every access holds this lock.
+_metrics_lock = threading.Lock()
 
 
 def record_ms(name: str, milliseconds: float) -> None:
-    metrics.add_metric(name=name, unit=MetricUnit.Milliseconds, value=round(milliseconds, 3))
+    with _metrics_lock:
+        metrics.add_metric(name=name, unit=MetricUnit.Milliseconds, value=round(milliseconds, 3))
 
 
 def record_count(name: str, count: int = 1) -> None:
-    metrics.add_metric(name=name, unit=MetricUnit.Count, value=count)
+    with _metrics_lock:
+        metrics.add_metric(name=name, unit=MetricUnit.Count, value=count)
+
+
+def flush_metrics() -> None:
+    """Publish what has accumulated (long-running servers call this periodically and on exit;
+    Lambda handlers flush through ``@metrics.log_metrics``)."""
+    with _metrics_lock:
+        if metrics.metric_set:
+            metrics.flush_metrics()
 
 
 @contextmanager

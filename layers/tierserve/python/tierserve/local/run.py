@@ -9,7 +9,8 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,12 @@ from tierserve.config import (
     MODEL_PREFIX_ENV,
     MODELS_ENV,
     PRELOAD_ENV,
+    ModelRef,
 )
 from tierserve.local import samples
 from tierserve.local.embedded_s3 import EmbeddedS3
+from tierserve.local.gpu import GpuServerProcess, start_gpu_servers
+from tierserve.local.pipeline import DATA_BUCKET, LocalPipeline, start_local_pipeline
 from tierserve.local.server import LocalApi
 from tierserve.packaging import PackagedModel, package_model, upload
 
@@ -45,6 +49,13 @@ SAMPLES: tuple[Sample, ...] = (
     Sample("iris", "1", samples.iris_classifier, description="scikit-learn logistic regression (skl2onnx)"),
     Sample("mlp", "1", samples.mlp, description="4-layer perceptron, about 10 MB"),
     Sample("convnet", "1", samples.convnet, description="convolutional image classifier, 1x3x224x224 input"),
+    Sample(
+        "convnet-xl",
+        "1",
+        partial(samples.convnet, channels=64),
+        tier="gpu",
+        description="wider convnet on the GPU tier (a local GPU server process here, CPU provider)",
+    ),
 )
 
 
@@ -79,13 +90,18 @@ def lambda_max_model_mb(cdk_json: Path = REPO_ROOT / "cdk.json") -> float:
         return DEFAULT_LAMBDA_MAX_MODEL_MB
 
 
-def load_handler(environ: dict[str, str]) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
-    """Import (or re-import) the Lambda API handler with ``environ`` applied, as Lambda's init would."""
+def load_handler(
+    environ: dict[str, str], module: str = "api"
+) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
+    """Import (or re-import) a Lambda handler of functions/inference (``api``, or the S3
+    ``worker``) with ``environ`` applied, as Lambda's init would."""
     os.environ.update(environ)
     if str(HANDLER_DIR) not in sys.path:
         sys.path.insert(0, str(HANDLER_DIR))
-    module = importlib.reload(sys.modules["api"]) if "api" in sys.modules else importlib.import_module("api")
-    return module.handler
+    loaded = (
+        importlib.reload(sys.modules[module]) if module in sys.modules else importlib.import_module(module)
+    )
+    return loaded.handler
 
 
 @dataclass
@@ -95,16 +111,30 @@ class LocalStack:
     s3: EmbeddedS3
     api: LocalApi
     catalog: Catalog
+    pipeline: LocalPipeline | None = None
+    gpu_servers: list[GpuServerProcess] = field(default_factory=list)
 
     def stop(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.stop()
         self.api.stop()
+        for server in self.gpu_servers:
+            server.stop()
         self.s3.stop()
 
 
-def start(work_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, s3_port: int = 0) -> LocalStack:
-    """Package the samples, start the embedded S3 and the local API; returns once serving."""
+def start(
+    work_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 3000,
+    s3_port: int = 0,
+    chosen: Sequence[Sample] = SAMPLES,
+) -> LocalStack:
+    """Package the samples, start the embedded S3, a GPU server process per gpu-tier model and
+    the local API (which forwards those models to their server); returns once serving."""
     work_dir = work_dir.resolve()
-    packaged = package_samples(work_dir)
+    packaged = package_samples(work_dir, chosen)
     say("starting the embedded S3 on 127.0.0.1")
     s3 = EmbeddedS3(port=s3_port).start()
     s3.apply_env()
@@ -127,8 +157,24 @@ def start(work_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, s3_port:
             "POWERTOOLS_METRICS_DISABLED": "true",
         }
     )
-    api = LocalApi(handler, host=host, port=port).start()
-    return LocalStack(s3, api, catalog)
+    api = LocalApi(handler, host=host, port=port)  # binds now: a busy port fails before processes start
+    gpu_models = [
+        ModelRef(e.name, e.version) for e in catalog.entries if tier_for(e.manifest, threshold) == "gpu"
+    ]
+    if gpu_models:
+        say(f"starting a GPU server process per gpu-tier model: {', '.join(map(str, gpu_models))}")
+    gpu_env = {
+        MODEL_BUCKET_ENV: LOCAL_BUCKET,
+        MODEL_PREFIX_ENV: MODEL_PREFIX,
+        CACHE_DIR_ENV: str(work_dir / "cache-gpu"),
+        "POWERTOOLS_METRICS_DISABLED": "true",
+    }
+    gpu_servers = start_gpu_servers(gpu_models, gpu_env, log_dir=work_dir / "logs")
+    api.upstreams.update({server.ref.name: server.url for server in gpu_servers})
+    api.start()
+    say(f"S3-triggered inference: s3://{DATA_BUCKET}/inputs/ -> SQS -> the worker handler")
+    pipeline = start_local_pipeline(s3, load_handler({}, module="worker"), state_dir=work_dir)
+    return LocalStack(s3, api, catalog, pipeline, gpu_servers)
 
 
 def describe(stack: LocalStack) -> str:
@@ -140,9 +186,19 @@ def describe(stack: LocalStack) -> str:
             f"  {entry.name}@{entry.version}  tier={tier}  {entry.manifest.model.bytes / 1e6:.1f} MB"
         )
     lines += [
+        f"  {s.ref} is forwarded to its GPU server process at {s.url} (log: {s.log_path})"
+        for s in stack.gpu_servers
+    ]
+    lines += [
         "try:",
         f"  curl -s {url}/v2/models/iris",
         f"  curl -s -X POST {url}/v2/models/iris/infer -H 'Content-Type: application/json' \\",
         '    -d \'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}\'',
     ]
+    if stack.pipeline is not None:
+        lines += [
+            f"S3-triggered inference (s3://{stack.pipeline.bucket}: inputs/ -> outputs/ or errors/):",
+            "  printf '[5.1,3.5,1.4,0.2]\\n[6.7,3.0,5.2,2.3]\\n' > rows.jsonl",
+            "  tierserve local put rows.jsonl --model iris",
+        ]
     return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""The GPU tier on a developer machine: the GPU server (``functions/gpu_server/serve``) as a
+local process on 127.0.0.1, one per gpu-tier model, on whatever providers this machine has
+(CPU without a GPU). The local API forwards that model's routes to it, as API Gateway
+forwards them to the SageMaker endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from tierserve.config import MODELS_ENV, ModelRef
+
+REPO_ROOT = Path(__file__).resolve().parents[5]
+SERVE = REPO_ROOT / "functions" / "gpu_server" / "serve"
+CORE_PATH = REPO_ROOT / "layers" / "tierserve" / "python"
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 15.0
+
+
+@dataclass
+class GpuServerProcess:
+    """One running ``serve`` process; ``url`` is its base URL, ``log_path`` its output."""
+
+    ref: ModelRef
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    @classmethod
+    def start(
+        cls,
+        ref: ModelRef,
+        environ: Mapping[str, str],
+        *,
+        log_dir: Path,
+        timeout: float = START_TIMEOUT_S,
+    ) -> GpuServerProcess:
+        """Start ``serve`` for ``ref`` on a free loopback port and return once ``/ping`` says
+        200 (the model is loaded and warmed).
+
+        Raises:
+            RuntimeError: the process exited or was not ready within ``timeout``; the message
+                names its log.
+        """
+        port = free_port()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"gpu-server-{ref.name}.log"
+        env = {
+            **os.environ,
+            **environ,
+            MODELS_ENV: str(ref),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(CORE_PATH), os.environ.get("PYTHONPATH")])),
+        }
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, str(SERVE), "--host", "127.0.0.1", "--port", str(port)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        server = cls(ref, process, f"http://127.0.0.1:{port}", log_path)
+        try:
+            server.wait_ready(timeout)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the GPU server for {self.ref} exited with status {self.process.returncode}; "
+                    f"see {self.log_path}"
+                )
+            if self.ping():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"the GPU server for {self.ref} was not ready after {timeout:.0f} s; see {self.log_path}"
+        )
+
+    def ping(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:  # noqa: S310 - loopback
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM (the server drains and exits 0), then SIGKILL after ``timeout``."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (the server binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_gpu_servers(
+    refs: list[ModelRef], environ: Mapping[str, str], *, log_dir: Path
+) -> list[GpuServerProcess]:
+    """One ready GPU server per model, started in turn; on a failure the started ones stop."""
+    servers: list[GpuServerProcess] = []
+    try:
+        for ref in refs:
+            servers.append(GpuServerProcess.start(ref, environ, log_dir=log_dir))
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers

@@ -1,0 +1,250 @@
+"""The GPU server over real HTTP on 127.0.0.1 (in-process, CPU provider): the same answers as
+the Lambda tier, /invocations as SageMaker calls it, dynamic batching under concurrency,
+isolation of bad requests, FP16 end to end, and /ping held at 503 until the model is ready."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from support.common import BUCKET, load_event, make_invoke
+from support.flaky import FlakyProxy
+from support.gpu import InProcessServer, fp16_model, gather_model, load, package, request
+from tierserve import store
+from tierserve.hosting import CUSTOM_ATTRIBUTES
+from tierserve.protocol import decode_infer_response, encode_infer_request
+
+
+@pytest.fixture
+def start_server() -> Iterator:
+    started: list[InProcessServer] = []
+
+    def start(environ, **overrides) -> InProcessServer:
+        server = InProcessServer({"POWERTOOLS_METRICS_DISABLED": "true", **environ}, **overrides)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def model_dir_env(packaged, cache_dir: Path) -> dict[str, str]:
+    return {"TIERSERVE_MODEL_DIR": str(packaged.artifact.parent), "TIERSERVE_CACHE_DIR": str(cache_dir)}
+
+
+def wait_ready(server: InProcessServer, timeout: float = 30) -> None:
+    assert server.host.wait_ready(timeout), server.host.respond("GET", "/ping", {}, b"").body
+
+
+def event_request(name: str) -> tuple[bytes, dict[str, str]]:
+    event = load_event(name)
+    body = base64.b64decode(event["body"]) if event.get("isBase64Encoded") else event["body"].encode()
+    return body, dict(event["headers"])
+
+
+def assert_same_response(lambda_result, gpu_result) -> None:
+    (status_a, headers_a, body_a), (status_b, headers_b, body_b) = lambda_result, gpu_result
+    assert status_a == status_b == 200, (body_a, body_b)
+    length = "Inference-Header-Content-Length"
+    head_a = json.loads(body_a[: int(headers_a.get(length, len(body_a)))])
+    head_b = json.loads(body_b[: int(headers_b.get(length, len(body_b)))])
+    strip = lambda doc: [{k: v for k, v in o.items() if k != "data"} for o in doc["outputs"]]  # noqa: E731
+    assert {k: v for k, v in head_a.items() if k != "outputs"} == {
+        k: v for k, v in head_b.items() if k != "outputs"
+    }
+    assert strip(head_a) == strip(head_b)
+    outputs_a = decode_infer_response(body_a, headers_a)
+    outputs_b = decode_infer_response(body_b, headers_b)
+    assert outputs_a.keys() == outputs_b.keys()
+    for name in outputs_a:
+        np.testing.assert_allclose(outputs_a[name], outputs_b[name], rtol=1e-6)
+
+
+@pytest.mark.parametrize("event", ["infer-json", "infer-binary"])
+def test_both_tiers_answer_the_same_request_the_same_way(
+    event, s3, uploaded_iris, cache_dir, tmp_path, monkeypatch, start_server
+):
+    invoke = make_invoke(monkeypatch, cache_dir)
+    status, result, body = invoke(load_event(event))
+    lambda_result = (status, result["headers"], body)
+    server = start_server(
+        {"TIERSERVE_MODEL_BUCKET": BUCKET, "TIERSERVE_MODELS": "iris@1", "TIERSERVE_CACHE_DIR": str(tmp_path)}
+    )
+    wait_ready(server)
+    payload, headers = event_request(event)
+    assert_same_response(
+        lambda_result, request(server.port, "POST", "/v2/models/iris/infer", payload, headers)
+    )
+    # As SageMaker hands it over: /invocations, the header length as a custom attribute.
+    length = headers.pop("Inference-Header-Content-Length", None)
+    if length is not None:
+        headers[CUSTOM_ATTRIBUTES] = f"trace=abc; inference-header-content-length={length}"
+    status, reply_headers, reply = request(server.port, "POST", "/invocations", payload, headers)
+    if length is not None:  # and the binary response says its header length the same way
+        attribute = reply_headers[CUSTOM_ATTRIBUTES]
+        assert (
+            attribute == f"inference-header-content-length={reply_headers['Inference-Header-Content-Length']}"
+        )
+    assert_same_response(lambda_result, (status, reply_headers, reply))
+
+
+def test_metadata_reports_execution_providers_and_batching(iris_package, cache_dir, start_server):
+    server = start_server(model_dir_env(iris_package, cache_dir))
+    wait_ready(server)
+    status, _, body = request(server.port, "GET", "/v2/models/iris")
+    assert status == 200, body
+    parameters = json.loads(body)["parameters"]
+    assert parameters["execution_providers"] == ["CPUExecutionProvider"]
+    assert parameters["dynamic_batching"] == {"max_batch_size": 32, "max_queue_delay_ms": 5.0}
+    assert request(server.port, "GET", "/v2/health/ready")[0] == 200
+    assert json.loads(request(server.port, "GET", "/ping")[2]) == {"status": "ready", "models": ["iris@1"]}
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_result(mlp_onnx, tmp_path, start_server):
+    packaged = package(mlp_onnx, "mlp", tmp_path / "pkg")
+    server = start_server(
+        {**model_dir_env(packaged, tmp_path / "cache"), "TIERSERVE_MAX_QUEUE_DELAY_MS": "20"}
+    )
+    wait_ready(server)
+    reference = load(packaged, mlp_onnx)
+    rng = np.random.default_rng(11)
+    inputs = [rng.standard_normal((1 + i % 4, 16)).astype(np.float32) for i in range(32)]
+    barrier = threading.Barrier(len(inputs))
+
+    def call(index: int) -> tuple[int, dict[str, np.ndarray]]:
+        encoded = encode_infer_request(
+            {"input": inputs[index]}, binary=index % 2 == 0, binary_outputs=index % 2 == 0
+        )
+        barrier.wait()
+        status, headers, body = request(
+            server.port, "POST", "/v2/models/mlp/infer", encoded.body, encoded.headers
+        )
+        return status, decode_infer_response(body, headers) if status == 200 else body
+
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        results = list(pool.map(call, range(len(inputs))))
+    for x, (status, outputs) in zip(inputs, results, strict=True):
+        assert status == 200, outputs
+        np.testing.assert_allclose(
+            outputs["probabilities"], reference.predict({"input": x})["probabilities"], rtol=1e-5, atol=1e-6
+        )
+    stats = server.model("mlp").stats_snapshot()
+    assert stats["merged_runs"] >= 1 and stats["largest_run_requests"] > 1, stats
+
+
+def test_a_bad_request_among_good_ones_fails_alone(tmp_path, start_server):
+    source = gather_model(tmp_path / "gather.onnx")
+    packaged = package(source, "gather", tmp_path / "pkg")
+    # A long queue delay so the concurrent requests surely share a run.
+    server = start_server(
+        {**model_dir_env(packaged, tmp_path / "cache"), "TIERSERVE_MAX_QUEUE_DELAY_MS": "300"}
+    )
+    wait_ready(server)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    good = [{"x": x + k, "i": np.array([[k % 4], [3]], dtype=np.int64)} for k in range(6)]
+    bodies = [encode_infer_request(r).body for r in good]
+    bodies += [
+        b'{"inputs": [',  # malformed JSON: refused before the queue
+        encode_infer_request({"x": x, "i": np.ones((3, 1), dtype=np.int64)}).body,  # rows disagree
+        encode_infer_request({"x": x, "i": np.array([[1], [9]], dtype=np.int64)}).body,  # fails in the model
+    ]
+    barrier = threading.Barrier(len(bodies))
+
+    def call(body: bytes) -> tuple[int, bytes]:
+        barrier.wait()
+        status, _, reply = request(server.port, "POST", "/v2/models/gather/infer", body)
+        return status, reply
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(call, bodies))
+    for case, (status, reply) in zip(good, results[:6], strict=True):
+        assert status == 200, reply
+        expected = np.take_along_axis(case["x"], case["i"], axis=1)
+        np.testing.assert_array_equal(decode_infer_response(reply, None)["y"], expected)
+    assert results[6][0] == 400 and "not valid JSON" in json.loads(results[6][1])["error"]
+    # Rows that disagree pass validation (dynamic dimensions) and run alone: the model refuses them.
+    assert results[7][0] == 400 and "the model rejected the input" in json.loads(results[7][1])["error"]
+    assert results[8][0] == 500  # onnxruntime's own failure: logged, no internals leaked
+    stats = server.model("gather").stats_snapshot()
+    assert stats["merged_runs"] >= 1 and stats["split_retries"] >= 1, stats
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_fp16_models_work_end_to_end(binary, tmp_path, start_server):
+    source = fp16_model(tmp_path / "half.onnx")
+    packaged = package(source, "half", tmp_path / "pkg")
+    server = start_server(model_dir_env(packaged, tmp_path / "cache"))
+    wait_ready(server)
+    x = np.random.default_rng(5).standard_normal((3, 8)).astype(np.float16)
+    encoded = encode_infer_request({"x": x}, binary=binary, binary_outputs=binary)
+    status, headers, body = request(server.port, "POST", "/invocations", encoded.body, encoded.headers)
+    assert status == 200, body
+    head = json.loads(body[: int(headers.get("Inference-Header-Content-Length", len(body)))])
+    assert head["outputs"][0]["datatype"] == "FP16"
+    y = decode_infer_response(body, headers)["y"]
+    assert y.dtype == np.float16
+    np.testing.assert_allclose(y, load(packaged, source).predict({"x": x})["y"], rtol=1e-3)
+    assert json.loads(request(server.port, "GET", "/v2/models/half")[2])["inputs"][0]["datatype"] == "FP16"
+
+
+def test_ping_is_503_until_the_model_is_loaded_and_warmed(
+    embedded_s3, s3, uploaded_iris, tmp_path, monkeypatch, start_server
+):
+    proxy = FlakyProxy(embedded_s3.endpoint)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+        store.clear_clients()
+        proxy.down = True  # S3 answers SlowDown: loading fails and is retried
+        server = start_server(
+            {
+                "TIERSERVE_MODEL_BUCKET": BUCKET,
+                "TIERSERVE_MODELS": "iris@1",
+                "TIERSERVE_CACHE_DIR": str(tmp_path),
+            }
+        )
+        deadline = time.monotonic() + 30
+        while proxy.requests < 6 and time.monotonic() < deadline:  # two load attempts at least
+            time.sleep(0.05)
+        status, _, body = request(server.port, "GET", "/ping")
+        assert status == 503 and "not ready" in json.loads(body)["error"], body
+        assert request(server.port, "GET", "/v2/health/ready")[0] == 503
+        assert request(server.port, "GET", "/v2/health/live")[0] == 200
+        proxy.down = False
+        wait_ready(server)
+        assert request(server.port, "GET", "/ping")[0] == 200
+    finally:
+        proxy.stop()
+
+
+def test_64_concurrent_keep_alive_connections_are_all_served(iris_package, cache_dir, start_server):
+    server = start_server(model_dir_env(iris_package, cache_dir))
+    wait_ready(server)
+    encoded = encode_infer_request({"input": np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)})
+    barrier = threading.Barrier(64)
+
+    def client(_: int) -> list[int]:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        barrier.wait()
+        statuses = []
+        for _ in range(5):
+            connection.request("POST", "/v2/models/iris/infer", body=encoded.body, headers=encoded.headers)
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+        connection.close()
+        return statuses
+
+    with ThreadPoolExecutor(64) as pool:
+        statuses = [s for per_client in pool.map(client, range(64)) for s in per_client]
+    assert statuses == [200] * 320
+    assert server.model("iris").stats_snapshot()["merged_runs"] >= 1

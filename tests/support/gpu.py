@@ -1,0 +1,131 @@
+"""Helpers for the GPU server's tests: small models with the traits batching must respect,
+a loaded model without a server, the server in-process on a loopback port, and a client."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tierserve.hosting import ModelHost, ServerSettings, build_registry
+from tierserve.model import LoadTimings, OnnxModel, create_session
+from tierserve.packaging import PackagedModel, package_model
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SERVE = REPO_ROOT / "functions" / "gpu_server" / "serve"
+
+
+def _save(graph: Any, path: Path) -> Path:
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def gather_model(path: Path) -> Path:
+    """``y[r] = x[r, i[r]]``: an index out of [0, 4) passes validation (any INT64 does) and
+    makes onnxruntime fail at run time. Inputs ``x`` FP32 [-1, 4], ``i`` INT64 [-1, 1]."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("GatherElements", ["x", "i"], ["y"], axis=1)],
+        "gather",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("i", TensorProto.INT64, ["batch", 1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+    )
+    return _save(graph, path)
+
+
+def row_sum_model(path: Path) -> Path:
+    """``y = sum(x, axis=1)`` for ``x`` FP32 [-1, -1]: requests may differ in their second
+    dimension, so only same-width requests may share a run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)],
+        "row_sum",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "width"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")],
+    )
+    return _save(graph, path)
+
+
+def fp16_model(path: Path) -> Path:
+    """A half-precision classifier end to end: ``x`` FP16 [-1, 8] -> ``y`` FP16 [-1, 4]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(1).standard_normal((8, 4)).astype(np.float16)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Softmax", ["r"], ["y"], axis=1),
+        ],
+        "fp16",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", 4])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return _save(graph, path)
+
+
+def package(path: Path, name: str, out_dir: Path) -> PackagedModel:
+    return package_model(path, name=name, version="1", out_dir=out_dir)
+
+
+def load(packaged: PackagedModel, source: Path, threads: int = 2) -> OnnxModel:
+    """A plain onnxruntime model for ``packaged`` (its source file), no registry, no server."""
+    session = create_session(source, packaged.manifest, threads=threads)
+    return OnnxModel(packaged.manifest, session, LoadTimings(0, 0, 0, False))
+
+
+class InProcessServer:
+    """The GPU server's HTTP layer and host in this process, on 127.0.0.1, until ``stop()``."""
+
+    def __init__(self, environ: Mapping[str, str], **overrides: Any) -> None:
+        from server import DrainingHTTPServer, make_handler, run
+
+        settings = ServerSettings.from_env(environ, **overrides)
+        self.host = ModelHost(build_registry(settings, environ), settings, retry_s=(0.2, 0.5))
+        self.httpd = DrainingHTTPServer(("127.0.0.1", 0), make_handler(self.host))
+        self.host.start()
+        self._thread = threading.Thread(target=run, args=(self.httpd, self.host), daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def stop(self) -> None:
+        from server import stop
+
+        stop(self.httpd)
+        self._thread.join(30)
+
+    def model(self, name: str) -> Any:
+        return self.host.registry.loaded(self.host.registry.resolve(name))
+
+
+def request(
+    port: int, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request on a fresh connection: ``(status, headers, body)``."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(method, path, body=body or None, headers=dict(headers or {}))
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
