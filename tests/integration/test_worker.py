@@ -1,0 +1,646 @@
+"""The S3 worker end to end: SQS events in (built from events/sqs-s3-put.json, or sent by
+moto's own S3 -> SQS notifications), the real handler, real onnxruntime, results in S3.
+
+Every test ends with the pipeline's promise checked on the bucket listing: each input has
+exactly one result (an output or an error) unless it was dead-lettered, every result answers
+an input, and nothing is ever written under inputs/."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from collections.abc import Callable
+from urllib.parse import quote_plus, unquote_plus
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_iris
+
+from support.common import BUCKET, count_s3_calls, load_event
+from support.flaky import FlakyProxy
+from support.sagemaker import SageMakerDouble, model_error, service_error
+from tierserve import remote, store
+from tierserve.config import (
+    CACHE_DIR_ENV,
+    DATA_BUCKET_ENV,
+    GPU_ENDPOINTS_ENV,
+    MAX_INPUT_MB_ENV,
+    MAX_JSONL_MB_ENV,
+    MAX_ROWS_ENV,
+    MODEL_BUCKET_ENV,
+    MODELS_ENV,
+    PRELOAD_ENV,
+    ROW_BATCH_SIZE_ENV,
+)
+from tierserve.local import samples
+from tierserve.local.apigw import LocalLambdaContext
+from tierserve.local.pipeline import QueuePoller, create_resources
+from tierserve.local.run import load_handler
+
+DATA = "test-data"
+ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]  # a setosa (0) and a virginica (2)
+PIPELINE_ENV = (
+    DATA_BUCKET_ENV,
+    GPU_ENDPOINTS_ENV,
+    ROW_BATCH_SIZE_ENV,
+    MAX_INPUT_MB_ENV,
+    MAX_ROWS_ENV,
+    MAX_JSONL_MB_ENV,
+)
+
+
+def infer_request(rows=ROWS, **extra) -> bytes:
+    shape = [len(rows), len(rows[0])]
+    return json.dumps(
+        {"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": rows}], **extra}
+    ).encode()
+
+
+def npy(array: np.ndarray, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, **kwargs)
+    return buffer.getvalue()
+
+
+def jsonl(rows) -> bytes:
+    return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+
+
+class Worker:
+    """The worker handler as Lambda runs it, and S3 events for objects the test puts."""
+
+    def __init__(self, s3, handler: Callable) -> None:
+        self.s3, self.handler = s3, handler
+        self.module = sys.modules["worker"]
+        self._ids = 0
+
+    def put(self, key: str, body: bytes, bucket: str = DATA, **event_fields) -> str:
+        """Put an object and return the S3 notification body S3 would send for it."""
+        put = self.s3.put_object(Bucket=bucket, Key=key, Body=body)
+        return self.message(key, bucket=bucket, etag=put["ETag"].strip('"'), size=len(body), **event_fields)
+
+    def message(self, key: str, *, bucket: str = DATA, **object_fields) -> str:
+        body = json.loads(load_event("sqs-s3-put")["Records"][0]["body"])
+        record = body["Records"][0]
+        record["s3"]["bucket"] = {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"}
+        names = {"etag": "eTag", "version_id": "versionId"}  # as S3 spells them
+        item = {"key": quote_plus(key)}
+        item.update({names.get(k, k): v for k, v in object_fields.items() if v is not None})
+        record["s3"]["object"] = item
+        return json.dumps(body)
+
+    def deliver(self, *bodies: str) -> list[int]:
+        """Invoke the handler with one SQS batch; the indexes of the messages it reported failed."""
+        template = load_event("sqs-s3-put")["Records"][0]
+        records = []
+        for body in bodies:
+            self._ids += 1
+            records.append({**template, "messageId": f"message-{self._ids}", "body": body})
+        response = self.handler({"Records": records}, LocalLambdaContext())
+        failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
+        return [i for i, record in enumerate(records) if record["messageId"] in failed]
+
+    def read(self, key: str, bucket: str = DATA) -> dict:
+        return json.loads(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def keys(s3, bucket: str = DATA) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+def assert_one_result_per_input(s3, bucket: str = DATA, *, dead_lettered=(), extra_prefixes=()) -> None:
+    listed = keys(s3, bucket)
+    inputs = [k for k in listed if k.startswith("inputs/")]
+    results = {k for k in listed if k.startswith(("outputs/", "errors/"))}
+    assert not [
+        k for k in listed if k not in inputs and k not in results and not k.startswith(extra_prefixes)
+    ]
+    for key in inputs:
+        answers = {f"{kind}/{key.removeprefix('inputs/')}.json" for kind in ("outputs", "errors")} & results
+        expected = 0 if key in dead_lettered else 1
+        assert len(answers) == expected, (key, answers)
+    answered = {f"inputs/{k.split('/', 1)[1].removesuffix('.json')}" for k in results}
+    assert answered <= set(inputs), answered - set(inputs)
+
+
+@pytest.fixture
+def data_bucket(s3) -> str:
+    s3.create_bucket(Bucket=DATA)
+    return DATA
+
+
+@pytest.fixture
+def make_worker(s3, uploaded_iris, data_bucket, cache_dir, monkeypatch) -> Callable[..., Worker]:
+    def make(**env: str) -> Worker:
+        monkeypatch.setenv(MODEL_BUCKET_ENV, BUCKET)
+        monkeypatch.setenv(MODELS_ENV, "iris@1")
+        monkeypatch.setenv(CACHE_DIR_ENV, str(cache_dir))
+        monkeypatch.delenv(PRELOAD_ENV, raising=False)
+        for name in PIPELINE_ENV:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        store.clear_clients()
+        remote.clear_clients()
+        return Worker(s3, load_handler({}, module="worker"))
+
+    return make
+
+
+@pytest.fixture
+def worker(make_worker) -> Worker:
+    return make_worker()
+
+
+# ---------------------------------------------------------------- every format
+
+
+def test_a_json_request_file_gets_its_oip_output(worker):
+    message = worker.put(
+        "inputs/iris/req.json", infer_request(id="req-7", parameters={"binary_data_output": True})
+    )
+    assert worker.deliver(message) == []
+    document = worker.read("outputs/iris/req.json.json")
+    assert (document["model_name"], document["model_version"], document["id"]) == ("iris", "1", "req-7")
+    outputs = {o["name"]: o for o in document["outputs"]}
+    assert outputs["label"]["data"] == [0, 2]  # JSON outputs even when the request asked for binary
+    assert outputs["probabilities"]["shape"] == [2, 3]
+    head = worker.s3.head_object(Bucket=DATA, Key="inputs/iris/req.json")
+    assert document["parameters"] == {
+        "input_bucket": DATA,
+        "input_key": "inputs/iris/req.json",
+        "input_etag": head["ETag"].strip('"'),
+        "input_format": "json",
+    }
+    result = worker.s3.head_object(Bucket=DATA, Key="outputs/iris/req.json.json")
+    assert result["ContentType"] == "application/json"
+    assert result["Metadata"]["tierserve-model"] == "iris@1"
+    assert result["Metadata"]["tierserve-input-etag"] == head["ETag"].strip('"')
+    assert "tierserve-processed-at" in result["Metadata"]
+    assert_one_result_per_input(worker.s3)
+
+
+def test_an_npy_tensor_gets_the_same_outputs_as_json(worker):
+    assert worker.deliver(worker.put("inputs/iris/a.json", infer_request())) == []
+    assert worker.deliver(worker.put("inputs/iris/a.npy", npy(np.asarray(ROWS, np.float32)))) == []
+    from_json = worker.read("outputs/iris/a.json.json")["outputs"]
+    from_npy = worker.read("outputs/iris/a.npy.json")["outputs"]
+    assert from_npy == from_json
+    assert worker.read("outputs/iris/a.npy.json")["parameters"]["input_format"] == "npy"
+    assert_one_result_per_input(worker.s3)
+
+
+def test_jsonl_rows_run_in_several_batches_and_join_in_order(make_worker):
+    worker = make_worker(**{ROW_BATCH_SIZE_ENV: "16"})
+    rows = samples.iris_rows()
+    objects = [{"input": row} for row in rows[:75].tolist()] + rows[75:].tolist()  # both row forms
+    calls = []
+    model_predict = worker.module.pipeline._run
+
+    def counting_run(ref, manifest, batches, names):
+        def counted():
+            for batch in batches:
+                calls.append(batch[1])
+                yield batch
+
+        return model_predict(ref, manifest, counted(), names)
+
+    worker.module.pipeline._run = counting_run
+    assert worker.deliver(worker.put("inputs/iris/all.jsonl", jsonl(objects))) == []
+    document = worker.read("outputs/iris/all.jsonl.json")
+    assert calls == [16] * 9 + [6]
+    assert document["parameters"]["rows"] == 150
+    labels = {o["name"]: o for o in document["outputs"]}["label"]
+    assert labels["shape"] == [150]
+    assert (np.asarray(labels["data"]) == load_iris(return_X_y=True)[1]).mean() > 0.95
+    # the same rows as one .json request give the same numbers
+    assert worker.deliver(worker.put("inputs/iris/all.json", infer_request(rows.tolist()))) == []
+    assert worker.read("outputs/iris/all.json.json")["outputs"] == document["outputs"]
+    assert_one_result_per_input(worker.s3)
+
+
+def test_keys_with_spaces_and_unicode_arrive_url_encoded(worker):
+    key = "inputs/iris/my data/rows é 1.jsonl"
+    assert worker.deliver(worker.put(key, jsonl(ROWS))) == []
+    assert worker.read("outputs/iris/my data/rows é 1.jsonl.json")["parameters"]["input_key"] == key
+    assert_one_result_per_input(worker.s3)
+
+
+# ---------------------------------------------------------------- inputs that cannot be served
+
+
+@pytest.mark.parametrize(
+    ("key", "body", "env", "status", "fragment"),
+    [
+        ("inputs/iris/bad.json", b"{not json", {}, 400, "not valid JSON"),
+        ("inputs/iris/shape.json", infer_request([[1, 2, 3]]), {}, 400, "expects [-1, 4]"),
+        ("inputs/iris/table.csv", b"1,2,3,4\n", {}, 400, "no supported extension"),
+        (
+            "inputs/iris/obj.npy",
+            npy(np.array([{"x": 1}], dtype=object), allow_pickle=True),
+            {},
+            400,
+            "pickled",
+        ),
+        ("inputs/iris/rows.jsonl", b"[1,2,3,4]\n[1,2]\n", {}, 400, "lines 1-2"),
+        ("inputs/resnet/x.json", infer_request(), {}, 404, "'resnet' is not served here"),
+        ("inputs/iris/big.json", infer_request(), {MAX_INPUT_MB_ENV: "0.0001"}, 413, MAX_INPUT_MB_ENV),
+        (
+            "inputs/iris/big.npy",
+            npy(np.zeros((50, 4), np.float32)),
+            {MAX_INPUT_MB_ENV: "0.0001"},
+            413,
+            "limit",
+        ),
+        ("inputs/iris/many.jsonl", jsonl(ROWS * 3), {MAX_ROWS_ENV: "5"}, 413, "more than 5 rows"),
+        ("inputs/iris/huge.jsonl", jsonl(ROWS * 50), {MAX_JSONL_MB_ENV: "0.001"}, 413, MAX_JSONL_MB_ENV),
+    ],
+    ids=[
+        "json",
+        "shape",
+        "extension",
+        "pickle",
+        "jsonl-row",
+        "unknown-model",
+        "json-size",
+        "npy-size",
+        "rows",
+        "jsonl-size",
+    ],
+)
+def test_an_input_that_cannot_be_served_leaves_its_reason_and_is_not_retried(
+    make_worker, key, body, env, status, fragment
+):
+    worker = make_worker(**env)
+    assert worker.deliver(worker.put(key, body)) == []
+    error_key = "errors/" + key.removeprefix("inputs/") + ".json"
+    document = worker.read(error_key)
+    assert document["status"] == status
+    assert fragment in document["error"]
+    assert document["model_name"] == key.split("/")[1]
+    assert document["parameters"]["input_key"] == key
+    assert not [k for k in keys(worker.s3) if k.startswith("outputs/")]
+    assert_one_result_per_input(worker.s3)
+
+
+def test_test_events_and_keys_outside_inputs_write_nothing(worker):
+    test_event = load_event("sqs-s3-test-event")["Records"][0]["body"]
+    elsewhere = worker.put("uploads/iris/x.json", infer_request())
+    folder = worker.message("inputs/iris/", size=0)
+    assert worker.deliver(test_event, elsewhere, folder) == []
+    assert keys(worker.s3) == ["uploads/iris/x.json"]
+
+
+def test_a_poison_message_is_failed_alone_and_writes_nothing(worker):
+    good = worker.put("inputs/iris/good.json", infer_request())
+    sneaky = worker.put("inputs/iris/../escape.json", infer_request())
+    assert worker.deliver("this is not an S3 event", good, sneaky, '{"Records": []}') == [0, 2, 3]
+    assert keys(worker.s3) == [
+        "inputs/iris/../escape.json",
+        "inputs/iris/good.json",
+        "outputs/iris/good.json.json",
+    ]
+    assert_one_result_per_input(worker.s3, dead_lettered={"inputs/iris/../escape.json"})
+
+
+def test_when_every_message_fails_each_is_reported_not_raised(worker):
+    assert worker.deliver("garbage", "more garbage") == [0, 1]
+    assert keys(worker.s3) == []
+
+
+# ---------------------------------------------------------------- transient faults
+
+
+@pytest.fixture
+def flaky(s3, embedded_s3, monkeypatch):
+    proxy = FlakyProxy(embedded_s3.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)  # only the worker's clients go through it
+    store.clear_clients()
+    yield proxy
+    proxy.stop()
+
+
+def test_s3_down_is_a_batch_item_failure_then_redelivery_succeeds(flaky, worker):
+    message = worker.put("inputs/iris/x.jsonl", jsonl(ROWS))
+    flaky.down = True
+    assert worker.deliver(message) == [0]
+    assert keys(worker.s3) == ["inputs/iris/x.jsonl"]
+    flaky.down = False
+    assert worker.deliver(message) == []
+    assert worker.read("outputs/iris/x.jsonl.json")["parameters"]["rows"] == 2
+    assert_one_result_per_input(worker.s3)
+
+
+def test_a_few_failing_s3_requests_are_retried_by_the_next_delivery(flaky, worker):
+    message = worker.put("inputs/iris/x.json", infer_request())
+    assert worker.deliver(message) == []  # warm the model: the faults below hit the data path
+    worker.s3.delete_object(Bucket=DATA, Key="outputs/iris/x.json.json")
+    flaky.fail_next = 4  # more than botocore's own attempts for one call
+    assert worker.deliver(message) == [0]
+    assert worker.deliver(message) == []
+    assert_one_result_per_input(worker.s3)
+
+
+# ---------------------------------------------------------------- idempotency and ordering
+
+
+def test_duplicate_deliveries_leave_one_output_and_skip_the_work(worker):
+    message = worker.put("inputs/iris/x.json", infer_request())
+    assert worker.deliver(message, message) == []
+    first = worker.s3.get_object(Bucket=DATA, Key="outputs/iris/x.json.json")["Body"].read()
+    calls = count_s3_calls(store.default_s3_client())
+    assert worker.deliver(message) == []
+    assert calls == ["HeadObject", "HeadObject"]  # seen as a duplicate: no GetObject, no PutObject
+    assert worker.s3.get_object(Bucket=DATA, Key="outputs/iris/x.json.json")["Body"].read() == first
+    assert_one_result_per_input(worker.s3)
+
+
+def test_the_same_input_processed_again_writes_the_same_bytes(make_worker):
+    worker = make_worker()
+    message = worker.put("inputs/iris/x.jsonl", jsonl(ROWS * 20))
+    assert worker.deliver(message) == []
+    first = worker.s3.get_object(Bucket=DATA, Key="outputs/iris/x.jsonl.json")["Body"].read()
+    worker.s3.delete_object(Bucket=DATA, Key="outputs/iris/x.jsonl.json")
+    cold = make_worker(**{ROW_BATCH_SIZE_ENV: "7"})  # a new environment, other batch boundaries
+    assert cold.deliver(message) == []
+    assert cold.s3.get_object(Bucket=DATA, Key="outputs/iris/x.jsonl.json")["Body"].read() == first
+
+
+def test_a_crash_after_the_output_is_written_is_redelivered_to_the_same_single_output(worker, monkeypatch):
+    message = worker.put("inputs/iris/x.json", infer_request())
+    pipeline = worker.module.pipeline
+    finished = pipeline._finished
+
+    def crash_once(*args):
+        monkeypatch.setattr(pipeline, "_finished", finished)
+        raise RuntimeError("the execution environment died before acknowledging")
+
+    monkeypatch.setattr(pipeline, "_finished", crash_once)
+    assert worker.deliver(message) == [0]
+    written = worker.s3.get_object(Bucket=DATA, Key="outputs/iris/x.json.json")["Body"].read()
+    assert worker.deliver(message) == []
+    assert worker.s3.get_object(Bucket=DATA, Key="outputs/iris/x.json.json")["Body"].read() == written
+    assert keys(worker.s3) == ["inputs/iris/x.json", "outputs/iris/x.json.json"]
+
+
+@pytest.fixture
+def versioned(s3, data_bucket):
+    s3.put_bucket_versioning(Bucket=DATA, VersioningConfiguration={"Status": "Enabled"})
+
+
+def put_version(worker, key: str, body: bytes, sequencer: str) -> tuple[str, str]:
+    put = worker.s3.put_object(Bucket=DATA, Key=key, Body=body)
+    message = worker.message(
+        key, etag=put["ETag"].strip('"'), size=len(body), version_id=put["VersionId"], sequencer=sequencer
+    )
+    return message, put["VersionId"]
+
+
+def test_an_older_event_redelivered_late_never_overwrites_a_newer_result(versioned, worker):
+    old, old_version = put_version(
+        worker, "inputs/iris/x.json", infer_request(ROWS[:1]), "0055AED6DCD90281E5"
+    )
+    new, new_version = put_version(worker, "inputs/iris/x.json", infer_request(ROWS), "0055AED6DCD90281E6")
+    assert worker.deliver(new) == []
+    assert worker.deliver(old) == []  # out of order: acknowledged, and skipped
+    document = worker.read("outputs/iris/x.json.json")
+    assert document["parameters"]["input_version_id"] == new_version != old_version
+    assert {o["name"]: o for o in document["outputs"]}["label"]["data"] == [0, 2]
+    result = worker.s3.head_object(Bucket=DATA, Key="outputs/iris/x.json.json")
+    assert result["Metadata"]["tierserve-sequencer"] == "0055AED6DCD90281E6"
+
+
+def test_events_in_order_replace_the_result_with_the_newer_one(versioned, worker):
+    old, _ = put_version(worker, "inputs/iris/x.json", infer_request(ROWS[:1]), "0A")
+    new, new_version = put_version(worker, "inputs/iris/x.json", infer_request(ROWS), "0B")
+    assert worker.deliver(old) == []
+    assert worker.deliver(new) == []
+    assert worker.read("outputs/iris/x.json.json")["parameters"]["input_version_id"] == new_version
+
+
+def test_in_an_unversioned_bucket_an_overwritten_inputs_old_event_is_skipped(worker):
+    old = worker.put("inputs/iris/x.json", infer_request(ROWS[:1]))
+    new = worker.put("inputs/iris/x.json", infer_request(ROWS))
+    assert worker.deliver(old) == []  # the object's ETag no longer matches: its own event follows
+    assert keys(worker.s3) == ["inputs/iris/x.json"]
+    assert worker.deliver(new) == []
+    assert {o["name"]: o for o in worker.read("outputs/iris/x.json.json")["outputs"]}["label"]["data"] == [
+        0,
+        2,
+    ]
+
+
+def test_a_deleted_input_is_skipped(worker):
+    message = worker.put("inputs/iris/x.json", infer_request())
+    worker.s3.delete_object(Bucket=DATA, Key="inputs/iris/x.json")
+    assert worker.deliver(message) == []
+    assert keys(worker.s3) == []
+
+
+def test_a_fixed_input_replaces_its_error_and_a_broken_one_its_output(worker):
+    assert worker.deliver(worker.put("inputs/iris/x.json", b"{broken")) == []
+    assert keys(worker.s3) == ["errors/iris/x.json.json", "inputs/iris/x.json"]
+    assert worker.deliver(worker.put("inputs/iris/x.json", infer_request())) == []
+    assert keys(worker.s3) == ["inputs/iris/x.json", "outputs/iris/x.json.json"]
+    assert worker.deliver(worker.put("inputs/iris/x.json", b"{broken again")) == []
+    assert keys(worker.s3) == ["errors/iris/x.json.json", "inputs/iris/x.json"]
+
+
+# ---------------------------------------------------------------- buckets
+
+
+def test_inputs_in_the_model_bucket_work_and_leave_models_alone(worker):
+    before = keys(worker.s3, BUCKET)
+    assert worker.deliver(worker.put("inputs/iris/x.json", infer_request(), bucket=BUCKET)) == []
+    assert keys(worker.s3, BUCKET) == sorted([*before, "inputs/iris/x.json", "outputs/iris/x.json.json"])
+    assert_one_result_per_input(worker.s3, BUCKET, extra_prefixes=("models/",))
+
+
+def test_results_can_go_to_a_separate_data_bucket(s3, make_worker):
+    s3.create_bucket(Bucket="test-results")
+    worker = make_worker(**{DATA_BUCKET_ENV: "test-results"})
+    assert worker.deliver(worker.put("inputs/iris/x.json", infer_request())) == []
+    assert keys(s3, "test-results") == ["outputs/iris/x.json.json"]
+    assert keys(s3) == ["inputs/iris/x.json"]
+
+
+# ---------------------------------------------------------------- the GPU tier
+
+
+@pytest.fixture
+def gpu(make_worker, iris_onnx, iris_package, monkeypatch):
+    import onnxruntime as ort
+
+    from tierserve.model import LoadTimings, OnnxModel
+
+    session = ort.InferenceSession(str(iris_onnx), providers=["CPUExecutionProvider"])
+    double = SageMakerDouble(
+        lambda endpoint: OnnxModel(iris_package.manifest, session, LoadTimings(0, 0, 0, False))
+    )
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", double.url)
+    worker = make_worker(**{GPU_ENDPOINTS_ENV: "iris=iris-gpu", ROW_BATCH_SIZE_ENV: "2"})
+    yield worker, double
+    double.stop()
+
+
+def test_a_gpu_tier_model_is_served_through_its_sagemaker_endpoint(gpu):
+    worker, double = gpu
+    assert worker.deliver(worker.put("inputs/iris/x.jsonl", jsonl(ROWS * 2 + ROWS[:1]))) == []
+    labels = {o["name"]: o for o in worker.read("outputs/iris/x.jsonl.json")["outputs"]}["label"]
+    assert labels["data"] == [0, 2, 0, 2, 0]
+    assert [call["endpoint"] for call in double.calls] == ["iris-gpu"] * 3
+    registry = worker.module.pipeline.registry
+    assert registry.loaded(registry.resolve("iris")) is None  # never loaded into the worker
+    assert_one_result_per_input(worker.s3)
+
+
+def test_a_gpu_endpoint_that_is_down_is_retried_and_one_that_refuses_is_an_error(gpu):
+    worker, double = gpu
+    message = worker.put("inputs/iris/x.json", infer_request())
+    double.fail_with = service_error(503, "ServiceUnavailable")
+    assert worker.deliver(message) == [0]
+    assert keys(worker.s3) == ["inputs/iris/x.json"]
+    double.fail_with = model_error(400, "the GPU server does not like this input")
+    assert worker.deliver(message) == []
+    assert "does not like" in worker.read("errors/iris/x.json.json")["error"]
+    assert_one_result_per_input(worker.s3)
+
+
+# ---------------------------------------------------------------- S3 -> SQS -> worker, for real
+
+
+@pytest.fixture
+def notified(s3, embedded_s3, data_bucket, worker):
+    """moto's S3 notifies its SQS (redrive: 2 receives, then the DLQ); a poller plays Lambda."""
+    sqs = embedded_s3.client("sqs")
+    queues = create_resources(s3, sqs, bucket=DATA, max_receive_count=2, visibility_timeout_s=1)
+    attempts: list[str] = []
+
+    def handler(event, context):
+        attempts.extend(record["body"] for record in event["Records"])
+        return worker.handler(event, context)
+
+    return QueuePoller(sqs, queues, handler, wait_s=0), sqs, queues, attempts
+
+
+def poll_until(poller: QueuePoller, done: Callable[[], bool], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if poller.poll_once().received == 0:
+            if done():
+                return
+            time.sleep(0.1)
+    raise AssertionError("the pipeline did not settle in time")
+
+
+def queue_depth(sqs, url: str) -> int:
+    attributes = sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    )["Attributes"]
+    return sum(int(v) for v in attributes.values())
+
+
+def test_files_put_into_s3_are_served_through_real_notifications(s3, notified):
+    poller, sqs, queues, attempts = notified
+    files = {
+        "inputs/iris/req.json": infer_request(),
+        "inputs/iris/t.npy": npy(np.asarray(ROWS, np.float32)),
+        "inputs/iris/batch 1.jsonl": jsonl(ROWS * 40),
+        "inputs/iris/broken.json": b"{",
+    }
+    for key, body in files.items():
+        s3.put_object(Bucket=DATA, Key=key, Body=body)
+    poll_until(poller, lambda: queue_depth(sqs, queues.url) == 0)
+    assert any('"s3:TestEvent"' in body for body in attempts)  # S3 says hello first
+    assert queue_depth(sqs, queues.dlq_url) == 0
+    assert worker_outputs(s3) == ["batch 1.jsonl", "req.json", "t.npy"]
+    assert keys(s3) == sorted(
+        [*files, *[f"outputs/iris/{n}.json" for n in worker_outputs(s3)], "errors/iris/broken.json.json"]
+    )
+    assert_one_result_per_input(s3)
+
+
+def worker_outputs(s3) -> list[str]:
+    return sorted(
+        k.removeprefix("outputs/iris/").removesuffix(".json") for k in keys(s3) if k.startswith("outputs/")
+    )
+
+
+def test_transient_failures_end_in_the_dlq_only_after_max_receive_count(s3, notified, flaky):
+    poller, sqs, queues, attempts = notified
+    poll_until(poller, lambda: queue_depth(sqs, queues.url) == 0)  # the test event
+    attempts.clear()
+    flaky.down = True
+    s3.put_object(Bucket=DATA, Key="inputs/iris/x.json", Body=infer_request())
+    poll_until(
+        poller, lambda: queue_depth(sqs, queues.dlq_url) == 1 and queue_depth(sqs, queues.url) == 0, 60
+    )
+    assert len(attempts) == 2  # received and failed maxReceiveCount times, then dead-lettered
+    [dead] = sqs.receive_message(QueueUrl=queues.dlq_url)["Messages"]
+    assert unquote_plus(json.loads(dead["Body"])["Records"][0]["s3"]["object"]["key"]) == "inputs/iris/x.json"
+    assert keys(s3) == ["inputs/iris/x.json"]  # nothing written, nothing lost: the DLQ holds it
+    assert_one_result_per_input(s3, dead_lettered={"inputs/iris/x.json"})
+    # redriven once S3 is back, it is served
+    flaky.down = False
+    sqs.send_message(QueueUrl=queues.url, MessageBody=dead["Body"])
+    sqs.delete_message(QueueUrl=queues.dlq_url, ReceiptHandle=dead["ReceiptHandle"])
+    poll_until(poller, lambda: queue_depth(sqs, queues.url) == 0)
+    assert_one_result_per_input(s3)
+
+
+def test_a_fault_that_passes_before_max_receive_count_is_served_without_the_dlq(s3, notified, flaky):
+    poller, sqs, queues, attempts = notified
+    poll_until(poller, lambda: queue_depth(sqs, queues.url) == 0)
+    attempts.clear()
+    s3.put_object(Bucket=DATA, Key="inputs/iris/x.jsonl", Body=jsonl(ROWS))
+    flaky.fail_next = 4
+    poll_until(poller, lambda: queue_depth(sqs, queues.url) == 0)
+    assert len(attempts) == 2  # failed once, served on redelivery
+    assert queue_depth(sqs, queues.dlq_url) == 0
+    assert_one_result_per_input(s3)
+
+
+# ---------------------------------------------------------------- tierserve local put
+
+
+def printed_document(out: str) -> dict:
+    """The indented JSON document `local put` prints (the worker's metric lines come first)."""
+    return json.loads(out[out.index("{\n") :])
+
+
+def test_tierserve_local_put_prints_the_output_or_the_error(embedded_s3, worker, tmp_path, capsys):
+    from tierserve import cli
+    from tierserve.local.pipeline import start_local_pipeline
+
+    local = start_local_pipeline(embedded_s3, worker.handler, state_dir=tmp_path)
+    try:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_bytes(jsonl(ROWS))
+        put = ["local", "put", str(rows), "--model", "iris", "--work-dir", str(tmp_path), "--timeout", "30"]
+        assert cli.main(put) == 0
+        document = printed_document(capsys.readouterr().out)
+        assert {o["name"]: o for o in document["outputs"]}["label"]["data"] == [0, 2]
+        assert document["parameters"]["input_key"] == "inputs/iris/rows.jsonl"
+        broken = tmp_path / "broken.json"
+        broken.write_bytes(b"{")
+        assert cli.main([*put[:2], str(broken), *put[3:], "--path", "2026/broken.json"]) == 1
+        assert (
+            json.loads(capsys.readouterr().out)["parameters"]["input_key"] == "inputs/iris/2026/broken.json"
+        )
+    finally:
+        local.stop()
+    assert_one_result_per_input(worker.s3, "tierserve-data")
+
+
+def test_tierserve_local_put_without_a_running_stack_says_so(tmp_path, capsys):
+    from tierserve import cli
+
+    (tmp_path / "x.json").write_bytes(infer_request())
+    assert (
+        cli.main(["local", "put", str(tmp_path / "x.json"), "--model", "iris", "--work-dir", str(tmp_path)])
+        == 1
+    )
+    assert "start `tierserve local` first" in capsys.readouterr().err
