@@ -169,3 +169,28 @@ def test_file_source_never_leaves_its_folder(root):
 def test_unknown_scheme_is_explained():
     with pytest.raises(ModelUnavailable, match="s3:// or file://"):
         source_for_uri("http://example.com/models")
+
+
+def test_stored_bytes_past_the_declared_size_are_refused_while_downloading(store, root):
+    manifest = publish(root)
+    short = dataclasses.replace(manifest, stored=Digest(manifest.stored.sha256, manifest.stored.bytes - 1))
+    with pytest.raises(ArtifactRejected, match="longer than its declared"):
+        store.fetch(short)
+    assert cached_files(store) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full to simulate a full disk")
+def test_a_full_cache_disk_is_a_clear_503_and_nothing_is_cached(store, root, monkeypatch):
+    import uuid
+
+    from tierserve import store as store_module
+
+    manifest = publish(root)
+    fixed = uuid.UUID(int=0)
+    monkeypatch.setattr(store_module.uuid, "uuid4", lambda: fixed)
+    store.cache_dir.mkdir(parents=True)
+    (store.cache_dir / f".{manifest.model.sha256}.{fixed.hex}.partial").symlink_to("/dev/full")
+    with pytest.raises(ModelUnavailable, match="cannot write the model cache") as raised:
+        store.fetch(manifest)
+    assert not isinstance(raised.value, ArtifactRejected)  # the artifact is fine; the disk is not
+    assert cached_files(store) == []

@@ -168,7 +168,9 @@ class Catalog:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Catalog:
         models = data.get("models", []) if isinstance(data, Mapping) else None
-        if not isinstance(models, list) or not all(isinstance(m, Mapping) and "manifest" in m for m in models):
+        if not isinstance(models, list) or not all(
+            isinstance(m, Mapping) and "manifest" in m for m in models
+        ):
             raise ManifestError('a catalog is {"models": [{"name", "version", "manifest": {...}}, ...]}')
         entries = []
         for raw in models:

@@ -32,6 +32,7 @@ from tierserve.errors import ArtifactRejected, ModelUnavailable, UpstreamTimeout
 
 CHUNK_BYTES = 1 * MB
 PREFETCH_CHUNKS = 16
+WRITE_BUFFERS = 4
 MAX_MANIFEST_BYTES = 1 * MB
 
 
@@ -199,50 +200,45 @@ class ArtifactStore:
         return self.cache_dir / f"{manifest.model.sha256}.{manifest.format}"
 
     def _download_verified(self, key: str, manifest: Manifest, destination: Path) -> tuple[float, float]:
+        """Stream ``key`` into ``destination``: three stages overlap, each on its own thread.
+
+        The prefetch thread reads the network and hashes the stored bytes; this thread
+        decompresses into reusable buffers; the writer thread hashes the decompressed bytes
+        and writes them. hashlib, zstandard and file writes release the GIL, so on more than
+        one core the stages run in parallel and the download hides most of the work.
+        """
         where = self.source.describe(key)
-        body = self.source.open(key)
-        reader = _PrefetchingReader(body, where)
-        stored_hash = _HashingReader(reader)
-        model_hash = hashlib.sha256()
-        written = 0
         start = time.perf_counter()
+        reader = _PrefetchingReader(self.source.open(key), where, max_bytes=manifest.stored.bytes)
+        written = 0
         try:
-            with _decompressing(stored_hash, manifest.compression) as stream, destination.open("wb") as out:
-                while chunk := stream.read(CHUNK_BYTES):
-                    written += len(chunk)
+            with (
+                _decompressing(reader, manifest.compression) as stream,
+                _HashingWriter(destination) as out,
+            ):
+                while count := stream.readinto(buffer := out.free_buffer()):
+                    written += count
                     if written > manifest.model.bytes:
                         raise ArtifactRejected(
                             f"{where} decompresses past its declared {manifest.model.bytes:,} bytes: refused "
                             "(a corrupt or hostile artifact); re-package the model"
                         )
-                    model_hash.update(chunk)
-                    out.write(chunk)
-                stored_hash.drain()
-        except (zstandard.ZstdError, zlib.error, OSError, EOFError) as error:
-            if isinstance(error, FileNotFoundError | PermissionError):
-                raise
+                    out.submit(buffer, count)
+                reader.drain()
+        except (zstandard.ZstdError, zlib.error, EOFError, gzip.BadGzipFile) as error:
             raise ArtifactRejected(
                 f"{where} is not a valid {manifest.compression} stream ({error}); re-package it"
+            ) from None
+        except OSError as error:  # the cache file: /tmp full or not writable
+            raise ModelUnavailable(
+                f"cannot write the model cache in {self.cache_dir} ({error.strerror or error}): give the "
+                "function more ephemeral storage or lower TIERSERVE_CACHE_MAX_MB"
             ) from None
         finally:
             reader.close()
         total_ms = (time.perf_counter() - start) * 1000
-        _verify(
-            where,
-            "stored",
-            stored_hash.digest(),
-            stored_hash.count,
-            manifest.stored.sha256,
-            manifest.stored.bytes,
-        )
-        _verify(
-            where,
-            "decompressed",
-            model_hash.hexdigest(),
-            written,
-            manifest.model.sha256,
-            manifest.model.bytes,
-        )
+        _verify(where, "stored", reader.digest(), reader.count, manifest.stored.sha256, manifest.stored.bytes)
+        _verify(where, "decompressed", out.digest(), written, manifest.model.sha256, manifest.model.bytes)
         fetch_ms = reader.wait_ms
         return fetch_ms, total_ms - fetch_ms
 
@@ -268,17 +264,21 @@ def _verify(where: str, form: str, digest: str, size: int, want_digest: str, wan
 
 
 class _PrefetchingReader:
-    """Reads the network stream on a background thread so download and decompression overlap.
+    """Reads the stored stream on a background thread, so download and decompression overlap.
 
+    The thread also counts and hashes the stored bytes as they arrive (every byte, including
+    any that trail the compressed stream) and stops at the first byte past ``max_bytes``.
     Memory stays bounded: at most PREFETCH_CHUNKS chunks wait in the queue.
     """
 
-    def __init__(self, body: IO[bytes], where: str) -> None:
-        self._body, self._where = body, where
+    def __init__(self, body: IO[bytes], where: str, max_bytes: int) -> None:
+        self._body, self._where, self._max_bytes = body, where, max_bytes
         self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=PREFETCH_CHUNKS)
         self._chunk, self._position = b"", 0
         self._done = False
         self._stop = threading.Event()
+        self._hash = hashlib.sha256()
+        self.count = 0
         self.wait_ms = 0.0
         self._thread = threading.Thread(target=self._pump, name="tierserve-prefetch", daemon=True)
         self._thread.start()
@@ -287,6 +287,14 @@ class _PrefetchingReader:
         try:
             while not self._stop.is_set():
                 chunk = self._body.read(CHUNK_BYTES)
+                if chunk:
+                    self.count += len(chunk)
+                    if self.count > self._max_bytes:
+                        raise ArtifactRejected(
+                            f"{self._where} is longer than its declared {self._max_bytes:,} bytes: refused; "
+                            "re-upload the artifact with its manifest"
+                        )
+                    self._hash.update(chunk)
                 self._put(chunk or None)
                 if not chunk:
                     return
@@ -302,14 +310,25 @@ class _PrefetchingReader:
                 continue
 
     def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes from the current chunk (short reads are allowed for streams)."""
+        """Up to ``size`` bytes from the current chunk (short reads are allowed for streams).
+
+        A whole chunk is handed over as it is, without a copy.
+        """
         if size < 0:
             return b"".join(iter(lambda: self.read(CHUNK_BYTES), b""))
         if self._position >= len(self._chunk) and (self._done or not self._next_chunk()):
             return b""
+        if self._position == 0 and size >= len(self._chunk):
+            self._position = len(self._chunk)
+            return self._chunk
         data = self._chunk[self._position : self._position + size]
         self._position += len(data)
         return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
     def _next_chunk(self) -> bool:
         start = time.perf_counter()
@@ -318,10 +337,21 @@ class _PrefetchingReader:
         if item is None:
             self._done = True
             return False
+        if isinstance(item, ArtifactRejected):
+            raise item
         if isinstance(item, BaseException):
             raise s3_error(item, self._where)
         self._chunk, self._position = item, 0
         return True
+
+    def drain(self) -> None:
+        """Read to the end, so the stored digest covers whatever trails the compressed stream."""
+        while self.read(CHUNK_BYTES):
+            pass
+
+    def digest(self) -> str:
+        """The stored bytes' sha256; complete once :meth:`drain` has returned."""
+        return self._hash.hexdigest()
 
     def close(self) -> None:
         self._stop.set()
@@ -329,42 +359,74 @@ class _PrefetchingReader:
             self._body.close()
 
 
-class _HashingReader:
-    """Counts and hashes the stored (compressed) bytes as the decompressor pulls them."""
+class _HashingWriter:
+    """Hashes and writes decompressed buffers on a background thread.
 
-    def __init__(self, inner: _PrefetchingReader) -> None:
-        self._inner = inner
+    Buffers go round a small ring: the decompressor fills a free one while the thread hashes
+    and writes the last, so memory stays at WRITE_BUFFERS x CHUNK_BYTES. A write error (a full
+    disk) is raised on the next call, or when the block ends.
+    """
+
+    def __init__(self, destination: Path) -> None:
+        self._destination = destination
         self._hash = hashlib.sha256()
-        self.count = 0
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        self._full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        for _ in range(WRITE_BUFFERS):
+            self._free.put(bytearray(CHUNK_BYTES))
 
-    def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(size)
-        self._hash.update(data)
-        self.count += len(data)
-        return data
+    def __enter__(self) -> _HashingWriter:
+        self._file = self._destination.open("wb")
+        self._thread = threading.Thread(target=self._drain, name="tierserve-writer", daemon=True)
+        self._thread.start()
+        return self
 
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+    def _drain(self) -> None:
+        while (item := self._full.get()) is not None:
+            buffer, count = item
+            if self._error is None:
+                try:
+                    with memoryview(buffer)[:count] as view:
+                        self._hash.update(view)
+                        self._file.write(view)
+                except BaseException as error:
+                    self._error = error
+            self._free.put(buffer)
 
-    def drain(self) -> None:
-        """Hash whatever trails the compressed stream, so the stored digest covers every byte."""
-        while self.read(CHUNK_BYTES):
-            pass
+    def free_buffer(self) -> bytearray:
+        self._raise_error()
+        return self._free.get()
+
+    def submit(self, buffer: bytearray, count: int) -> None:
+        self._full.put((buffer, count))
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._full.put(None)
+        self._thread.join()
+        self._file.close()
+        if exc_type is None:
+            self._raise_error()
 
     def digest(self) -> str:
         return self._hash.hexdigest()
 
 
 class _decompressing:
-    def __init__(self, raw: _HashingReader, compression: str) -> None:
+    def __init__(self, raw: _PrefetchingReader, compression: str) -> None:
         self._raw, self._compression = raw, compression
         self._stream: Any = None
 
     def __enter__(self) -> Any:
         if self._compression == "zstd":
-            self._stream = zstandard.ZstdDecompressor().stream_reader(self._raw, read_across_frames=True)
+            # Whole prefetched chunks in (no slicing copies); the output goes straight into our buffers.
+            self._stream = zstandard.ZstdDecompressor().stream_reader(
+                self._raw, read_size=CHUNK_BYTES, read_across_frames=True
+            )
         elif self._compression == "gzip":
             self._stream = gzip.GzipFile(fileobj=self._raw, mode="rb")  # type: ignore[arg-type]
         else:
