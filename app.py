@@ -27,7 +27,7 @@ def main(app: cdk.App | None = None) -> cdk.App:
         if not catalog_path.exists():
             print(
                 f"tierserve: no catalog at {catalog_path}: synthesizing the storage stack and an API "
-                "with health routes only. Package models (tierserve package) to fill it.",
+                "with health routes only (no S3 pipeline). Package models (tierserve package) to fill it.",
                 file=sys.stderr,
             )
         catalog = Catalog.load(catalog_path)

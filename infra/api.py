@@ -3,7 +3,9 @@
 Routes (all under the stage URL):
 
     GET  /v2, /v2/health/live, /v2/health/ready        mock integrations (no function runs)
-    ANY  /v2/models/{name}[/...]                        the model's tier (Lambda proxy today)
+    ANY  /v2/models/{name}[/...]                        Lambda tier: the model's function (proxy)
+    GET  /v2/models/{name}[/versions/{v}][/ready]       GPU tier: mocks built from the manifest
+    POST /v2/models/{name}[/versions/{v}]/infer         GPU tier: SageMaker runtime InvokeEndpoint
     ANY  /v2/models/{model}[/...]  (unknown models)     mock 404 naming the deployed models
 
 Each deployed model gets a static ``{name}`` resource with a ``{proxy+}`` child, so the
@@ -18,17 +20,28 @@ request and a request for a path that does not exist are the same gateway respon
 both causes, rather than a 404 that would send a caller with a missing signature hunting for
 a typo. With ``api_key`` or ``none`` it can only mean an unknown path and becomes a 404.
 
-Tiers plug in per model: :meth:`InferenceApi.add_lambda_model` today; the GPU tier adds an
-``add_sagemaker_model`` that builds a SageMaker runtime integration and calls
-:meth:`InferenceApi.add_model`.
+Tiers plug in per model: :meth:`InferenceApi.add_lambda_model` (one Lambda proxy for every
+route of the model) and :meth:`InferenceApi.add_sagemaker_model` (no function at all: metadata
+and readiness are mocks rendered at synth from the manifest, and ``infer`` is an AWS service
+integration that calls SageMaker runtime ``InvokeEndpoint`` with a role that may call only
+that endpoint). Only the deployed version has routes; any other path under a GPU model is a
+mock 404 naming the version it serves.
+
+The binary tensor extension through SageMaker: ``InvokeEndpoint`` hands the container only
+the body, ``Content-Type``, ``Accept`` and ``X-Amzn-SageMaker-Custom-Attributes``, and API
+Gateway can only copy a header into another (a mapping template would need a text body,
+which a binary request is not). So the caller's ``Inference-Header-Content-Length`` is copied
+as it is into the custom attributes, and the container's custom attributes back into
+``Inference-Header-Content-Length`` (see docs/architecture.md, "GPU tier infrastructure").
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import jsii
-from aws_cdk import Annotations, ArnFormat, IResolvable, IResolveContext, RemovalPolicy, Token
+from aws_cdk import Annotations, ArnFormat, Duration, IResolvable, IResolveContext, RemovalPolicy, Token
 from aws_cdk import aws_apigateway as apigw
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
@@ -38,6 +51,8 @@ from constructs import Construct
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, AuthMode
 from infra.nag import acknowledge, wildcard_resource_finding
 from tierserve import __version__
+from tierserve.catalog import Manifest
+from tierserve.protocol import HEADER_LENGTH, model_metadata
 
 BINARY_MEDIA_TYPES = ["application/octet-stream"]
 SERVER_METADATA = {"name": "tierserve", "version": __version__, "extensions": ["binary_tensor_data"]}
@@ -50,9 +65,57 @@ MOCK_CONTENT_TYPES = ("application/json", "application/octet-stream")
 ERROR_TEMPLATE = '{"error": $context.error.messageString}'
 MAX_LISTED_MODELS = 20  # in the unknown-model 404; keeps the message readable
 
+# The GPU tier's SageMaker runtime integration.
+SAGEMAKER_RUNTIME_SERVICE = "runtime.sagemaker"
+SAGEMAKER_CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+HEADER_LENGTH_HEADER = "-".join(part.capitalize() for part in HEADER_LENGTH.split("-"))
+SAGEMAKER_REQUEST_HEADERS = (HEADER_LENGTH_HEADER, "Content-Type", "Accept")
+# Selection patterns match the HTTP status InvokeEndpoint answers (disjoint, so the order of
+# the integration responses does not matter). ModelError (424) carries the container's own
+# status and message; 413 is SageMaker's payload limit; every other 4xx/5xx is SageMaker
+# refusing or failing (throttling, endpoint not InService, access) and retryable for a caller.
+MODEL_ERROR_PATTERN = "424"
+PAYLOAD_TOO_LARGE_PATTERN = "413"
+UPSTREAM_ERROR_PATTERN = r"4(0\d|1[0-24-9]|2[0-35-9]|[3-9]\d)|5\d{2}"
+SAGEMAKER_ERROR_STATUSES = ("400", "413", "503", "504")
+
 
 def _error_body(message: str) -> str:
     return json.dumps({"error": message})
+
+
+def _vtl_safe_json(document: Any) -> str:
+    """``document`` as JSON that a mapping template outputs as it is: ``$`` and ``#`` (VTL's
+    references and directives) can only occur inside JSON strings, where their unicode
+    escapes mean the same to every JSON reader."""
+    return json.dumps(document).replace("$", "\\u0024").replace("#", "\\u0023")
+
+
+def _model_error_template(name: str) -> str:
+    """Integration response template for SageMaker's ModelError (424): the container answered
+    an error, whose status and body SageMaker passes as OriginalStatusCode and OriginalMessage.
+
+    The container's 4xx answers reach the caller as 400 with the container's own OIP body
+    (413 stays 413); its timeouts (408, 504) become 504, and 429 or 5xx become 503 with a
+    message of ours (a 5xx body may carry internals).
+    """
+    timeout = _error_body(f"model {name} timed out on its GPU endpoint; retry, or send a smaller batch")
+    refused = _error_body(f"model {name} refused the request")
+    failed = _error_body(f"the GPU server of model {name} failed or is busy; retry shortly")
+    return "\n".join(
+        [
+            "#set($status = $input.path('$.OriginalStatusCode'))",
+            "#set($message = \"$!input.path('$.OriginalMessage')\")",
+            '#if("$!status" == "")#set($status = 502)#end',
+            "#if($status == 413)#set($context.responseOverride.status = 413)",
+            "#elseif($status == 408 || $status == 504)#set($context.responseOverride.status = 504)",
+            "#elseif($status == 429 || $status >= 500)#set($context.responseOverride.status = 503)#end",
+            "#if($status == 408 || $status == 504)" + timeout,
+            "#elseif($status == 429 || $status >= 500)" + failed,
+            "#elseif($message.startsWith('{\"error\"'))$message",
+            "#else" + refused + "#end",
+        ]
+    )
 
 
 @jsii.implements(IResolvable)
@@ -179,17 +242,157 @@ class InferenceApi(Construct):
     def add_model(self, name: str, integration: apigw.Integration) -> apigw.Resource:
         """Route model ``name`` to ``integration``: GET on ``/v2/models/{name}``, ANY below it.
 
-        The building block for every tier; returns the model's resource. Raises ValueError
-        for a model that already has routes.
+        The building block for a tier whose backend answers every route; returns the model's
+        resource. Raises ValueError for a model that already has routes.
         """
-        if name in self._models:
-            raise ValueError(f"model {name!r} already has routes in this API")
-        resource = self._models_root.add_resource(name)
+        resource = self._model_resource(name)
         self._method(resource, "GET", integration)
         proxy = resource.add_resource("{proxy+}")
         self._method(proxy, "ANY", integration, request_parameters={"method.request.path.proxy": True})
+        return resource
+
+    def add_sagemaker_model(
+        self, name: str, *, manifest: Manifest, endpoint_name: str, endpoint_arn: str
+    ) -> apigw.Resource:
+        """Route GPU-tier model ``name`` to its SageMaker endpoint.
+
+        ``GET /v2/models/{name}[/versions/{version}]`` and ``.../ready`` are mocks rendered
+        from ``manifest`` (the endpoint is InService before the API deploys, as the endpoint
+        ARN token orders them); ``POST .../infer`` calls ``InvokeEndpoint`` on
+        ``endpoint_name`` with a role that may call only ``endpoint_arn``; anything else under
+        the model is a 404 naming the served version. Raises ValueError for a model that
+        already has routes.
+        """
+        if manifest.name != name:
+            raise ValueError(f"manifest {manifest.name!r} is not model {name!r}")
+        resource = self._model_resource(name)
+        scope = Construct(self._sagemaker_models_scope(), name)
+        role = iam.Role(
+            scope,
+            "InvokeRole",
+            assumed_by=iam.ServicePrincipal("apigateway.amazonaws.com"),
+            description=f"API Gateway: invoke the GPU endpoint of model {name}, nothing else",
+            inline_policies={
+                "InvokeEndpoint": iam.PolicyDocument(
+                    statements=[
+                        iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"], resources=[endpoint_arn])
+                    ]
+                )
+            },
+        )
+        infer = self._sagemaker_integration(name, endpoint_name=endpoint_name, role=role)
+        metadata = _vtl_safe_json(model_metadata(manifest))
+        ready = _vtl_safe_json({"name": name, "version": manifest.version, "ready": True})
+        not_found = _vtl_safe_json(
+            {
+                "error": f"model '{name}' has no such route or version here: it serves version "
+                f"{manifest.version}; {ROUTE_HELP}"
+            }
+        )
+        version = resource.add_resource("versions").add_resource(manifest.version)
+        for base in (resource, version):
+            self._mock(base, "GET", 200, metadata)
+            self._mock(base.add_resource("ready"), "GET", 200, ready)
+            self._sagemaker_method(base.add_resource("infer"), infer)
+        self._mock(resource.add_resource("{proxy+}"), "ANY", 404, not_found)
+        return resource
+
+    def _model_resource(self, name: str) -> apigw.Resource:
+        if name in self._models:
+            raise ValueError(f"model {name!r} already has routes in this API")
+        resource = self._models_root.add_resource(name)
         self._models[name] = resource
         return resource
+
+    def _sagemaker_models_scope(self) -> Construct:
+        existing = self.node.try_find_child("SageMakerModels")
+        return existing if isinstance(existing, Construct) else Construct(self, "SageMakerModels")
+
+    def _sagemaker_integration(
+        self, name: str, *, endpoint_name: str, role: iam.IRole
+    ) -> apigw.AwsIntegration:
+        """``InvokeEndpoint`` with the body passed through (binary stays binary: no template),
+        the headers SageMaker forwards, and SageMaker's errors rewritten into OIP errors."""
+        json_content = {"method.response.header.Content-Type": "'application/json'"}
+        return apigw.AwsIntegration(
+            service=SAGEMAKER_RUNTIME_SERVICE,
+            path=f"endpoints/{endpoint_name}/invocations",
+            integration_http_method="POST",
+            options=apigw.IntegrationOptions(
+                credentials_role=role,
+                passthrough_behavior=apigw.PassthroughBehavior.WHEN_NO_TEMPLATES,
+                timeout=Duration.seconds(API_GATEWAY_TIMEOUT_SECONDS),
+                request_parameters={
+                    f"integration.request.header.{SAGEMAKER_CUSTOM_ATTRIBUTES}": (
+                        f"method.request.header.{HEADER_LENGTH_HEADER}"
+                    ),
+                    "integration.request.header.Content-Type": "method.request.header.Content-Type",
+                    "integration.request.header.Accept": "method.request.header.Accept",
+                },
+                integration_responses=[
+                    apigw.IntegrationResponse(
+                        status_code="200",
+                        response_parameters={
+                            "method.response.header.Content-Type": "integration.response.header.Content-Type",
+                            f"method.response.header.{HEADER_LENGTH_HEADER}": (
+                                f"integration.response.header.{SAGEMAKER_CUSTOM_ATTRIBUTES}"
+                            ),
+                        },
+                    ),
+                    apigw.IntegrationResponse(
+                        selection_pattern=MODEL_ERROR_PATTERN,
+                        status_code="400",
+                        response_parameters=json_content,
+                        response_templates={"application/json": _model_error_template(name)},
+                    ),
+                    apigw.IntegrationResponse(
+                        selection_pattern=PAYLOAD_TOO_LARGE_PATTERN,
+                        status_code="413",
+                        response_parameters=json_content,
+                        response_templates={
+                            "application/json": _error_body(
+                                f"the request for model {name} is over SageMaker's payload limit for one "
+                                "invocation (6 MB): send fewer rows per request"
+                            )
+                        },
+                    ),
+                    apigw.IntegrationResponse(
+                        selection_pattern=UPSTREAM_ERROR_PATTERN,
+                        status_code="503",
+                        response_parameters=json_content,
+                        response_templates={
+                            "application/json": _error_body(
+                                f"the GPU endpoint of model {name} is unavailable or busy; retry shortly"
+                            )
+                        },
+                    ),
+                ],
+            ),
+        )
+
+    def _sagemaker_method(self, resource: apigw.IResource, integration: apigw.Integration) -> apigw.Method:
+        header = "method.response.header.Content-Type"
+        responses = [
+            apigw.MethodResponse(
+                status_code="200",
+                response_parameters={header: True, f"method.response.header.{HEADER_LENGTH_HEADER}": True},
+            ),
+            *(
+                apigw.MethodResponse(
+                    status_code=status,
+                    response_parameters={header: True},
+                    response_models={"application/json": apigw.Model.EMPTY_MODEL},
+                )
+                for status in SAGEMAKER_ERROR_STATUSES
+            ),
+        ]
+        return self._method(
+            resource,
+            "POST",
+            integration,
+            method_responses=responses,
+            request_parameters={f"method.request.header.{h}": False for h in SAGEMAKER_REQUEST_HEADERS},
+        )
 
     # ---- construction -------------------------------------------------------------------
 

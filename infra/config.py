@@ -12,12 +12,14 @@ and the key in ``cdk.json``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB, LAMBDA_MAX_MEMORY_MB
+from tierserve.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
 
 AuthMode = Literal["iam", "api_key", "none"]
 Architecture = Literal["x86_64", "arm64"]
@@ -33,6 +35,15 @@ API_GATEWAY_TIMEOUT_SECONDS = 29
 LAMBDA_MAX_TIMEOUT_SECONDS = 900
 LAMBDA_MIN_EPHEMERAL_MB = 512
 LAMBDA_MAX_EPHEMERAL_MB = 10240
+# SageMaker hosting instance types look like ml.<family>.<size>, e.g. ml.g5.xlarge.
+INSTANCE_TYPE_PATTERN = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9-]+$")
+GPU_MAX_INSTANCES = 100
+# SQS: a batch larger than 10 needs a batching window.
+SQS_MAX_BATCH_WITHOUT_WINDOW = 10
+SQS_MAX_BATCH_SIZE = 10_000
+SQS_MAX_BATCHING_WINDOW_SECONDS = 300
+LAMBDA_MAX_RESERVED_CONCURRENCY = 1_000
+EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
 class ConfigError(ValueError):
@@ -58,6 +69,44 @@ class InfraConfig:
     log_level: str = "INFO"
     preload: bool = True
     api_cloudwatch_role: bool = True
+    # GPU tier (infra/gpu_tier.py): one SageMaker endpoint per heavy model.
+    gpu_instance_type: str = "ml.g5.xlarge"
+    gpu_initial_instance_count: int = 1
+    gpu_min_instances: int = 1
+    gpu_max_instances: int = 4
+    gpu_invocations_per_instance: float = 200
+    gpu_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    gpu_max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS
+    # S3-triggered pipeline (infra/pipeline.py).
+    pipeline_worker_timeout_seconds: int = 120
+    pipeline_max_receive_count: int = 5
+    pipeline_batch_size: int = 10
+    pipeline_batching_window_seconds: int = 5
+    pipeline_reserved_concurrency: int = 0
+    alarm_email: str = ""
+
+    def __post_init__(self) -> None:
+        """Checks that involve more than one key (each key alone is checked by its parser)."""
+        if not self.gpu_min_instances <= self.gpu_max_instances:
+            raise ConfigError(
+                f"cdk.json context 'gpu_min_instances' ({self.gpu_min_instances}) is over "
+                f"'gpu_max_instances' ({self.gpu_max_instances}); raise the maximum or lower the minimum"
+            )
+        if not self.gpu_min_instances <= self.gpu_initial_instance_count <= self.gpu_max_instances:
+            raise ConfigError(
+                f"cdk.json context 'gpu_initial_instance_count' ({self.gpu_initial_instance_count}) must be "
+                f"from 'gpu_min_instances' ({self.gpu_min_instances}) to 'gpu_max_instances' "
+                f"({self.gpu_max_instances}), or autoscaling would change it right after deployment"
+            )
+        if (
+            self.pipeline_batch_size > SQS_MAX_BATCH_WITHOUT_WINDOW
+            and self.pipeline_batching_window_seconds < 1
+        ):
+            raise ConfigError(
+                f"cdk.json context 'pipeline_batch_size' ({self.pipeline_batch_size}) is over "
+                f"{SQS_MAX_BATCH_WITHOUT_WINDOW}, which SQS allows only with a batching window: set "
+                "'pipeline_batching_window_seconds' to 1 or more, or the batch size to 10 or less"
+            )
 
     @classmethod
     def from_context(cls, get: Callable[[str], Any]) -> InfraConfig:
@@ -85,7 +134,7 @@ class InfraConfig:
 
 def _problem(key: str, raw: Any, wanted: str) -> ConfigError:
     default = _DEFAULTS[key]
-    example = str(default).lower() if isinstance(default, bool) else default
+    example = str(default).lower() if isinstance(default, bool) else (default if default != "" else '""')
     return ConfigError(
         f"cdk.json context {key!r} is {raw!r}; it must be {wanted}. "
         f"Fix it in cdk.json or on the command line, e.g. `cdk synth -c {key}={example}` (the default)"
@@ -151,6 +200,20 @@ def _text(key: str, raw: Any) -> str:
     return raw.strip()
 
 
+def _instance_type(key: str, raw: Any) -> str:
+    value = str(raw).strip()
+    if isinstance(raw, bool) or not INSTANCE_TYPE_PATTERN.match(value):
+        raise _problem(key, raw, "a SageMaker hosting instance type such as ml.g5.xlarge or ml.g6.2xlarge")
+    return value
+
+
+def _email(key: str, raw: Any) -> str:
+    value = "" if raw is None else str(raw).strip()
+    if isinstance(raw, bool) or (value and not EMAIL_PATTERN.match(value)):
+        raise _problem(key, raw, 'an e-mail address for alarm notifications, or "" for none')
+    return value
+
+
 _DEFAULTS: dict[str, Any] = {field.name: field.default for field in fields(InfraConfig)}
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "catalog": _text,
@@ -165,4 +228,17 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "log_level": _choice(LOG_LEVELS, upper=True),
     "preload": _boolean,
     "api_cloudwatch_role": _boolean,
+    "gpu_instance_type": _instance_type,
+    "gpu_initial_instance_count": _integer(1, GPU_MAX_INSTANCES),
+    "gpu_min_instances": _integer(1, GPU_MAX_INSTANCES),
+    "gpu_max_instances": _integer(1, GPU_MAX_INSTANCES),
+    "gpu_invocations_per_instance": _real(1, 100_000),
+    "gpu_max_batch_size": _integer(1, 4096),
+    "gpu_max_queue_delay_ms": _real(0, 10_000),
+    "pipeline_worker_timeout_seconds": _integer(1, LAMBDA_MAX_TIMEOUT_SECONDS),
+    "pipeline_max_receive_count": _integer(1, 1000),
+    "pipeline_batch_size": _integer(1, SQS_MAX_BATCH_SIZE),
+    "pipeline_batching_window_seconds": _integer(0, SQS_MAX_BATCHING_WINDOW_SECONDS),
+    "pipeline_reserved_concurrency": _integer(0, LAMBDA_MAX_RESERVED_CONCURRENCY),
+    "alarm_email": _email,
 }

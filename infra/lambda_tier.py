@@ -51,22 +51,31 @@ LOG_LEVEL_ENV = "POWERTOOLS_LOG_LEVEL"
 TMP_HEADROOM_MB = 512
 
 
-def image_context_patterns(root: Path = REPO_ROOT) -> list[str]:
-    """The .dockerignore patterns that narrow the build context to what the image copies."""
-    lines = (root / INFERENCE_DOCKERIGNORE).read_text().splitlines()
+def dockerignore_patterns(path: Path) -> list[str]:
+    """The patterns of a .dockerignore file, without comments and blank lines."""
+    lines = path.read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def inference_image(*, architecture: lambda_.Architecture, root: Path = REPO_ROOT) -> lambda_.DockerImageCode:
-    """The inference image, built from the repository root with a narrowed context.
+def image_context_patterns(root: Path = REPO_ROOT) -> list[str]:
+    """The .dockerignore patterns that narrow the build context to what the image copies."""
+    return dockerignore_patterns(root / INFERENCE_DOCKERIGNORE)
+
+
+def inference_image(
+    *, architecture: lambda_.Architecture, root: Path = REPO_ROOT, handler: str = INFERENCE_HANDLER
+) -> lambda_.DockerImageCode:
+    """The inference image, built from the repository root with a narrowed context, running
+    ``handler`` (the API's by default; the S3 worker passes its own).
 
     The same directory, file and options give the same asset hash, so every function that
-    uses this code shares one image in ECR.
+    uses this code shares one image in ECR; the handler is the function's image command, not
+    part of the image.
     """
     return lambda_.DockerImageCode.from_image_asset(
         str(root),
         file=INFERENCE_DOCKERFILE,
-        cmd=[INFERENCE_HANDLER],
+        cmd=[handler],
         platform=ecr_assets.Platform.custom(architecture.docker_platform),
         exclude=image_context_patterns(root),
         ignore_mode=IgnoreMode.DOCKER,

@@ -1,8 +1,9 @@
 """ModelStore: the S3 bucket that holds every model version, and its access-log bucket.
 
 Layout (DESIGN.md): ``s3://{bucket}/{prefix}/{name}/{version}/`` holds the compressed model
-and ``manifest.json``. Functions read only their own model's prefix
-(:meth:`ModelStore.grant_read_model`).
+and ``manifest.json``. Functions and endpoints read only their own model's prefix
+(:meth:`ModelStore.grant_read_model`). Other stacks import the bucket by a named export
+(:class:`SharedBucketStore`, which the pipeline's data bucket uses too).
 
 Encryption is SSE-S3 (S3-managed keys), deliberately not KMS: models are not secrets here,
 access is already narrowed per model prefix by IAM and TLS-only by bucket policy, and SSE-S3
@@ -23,7 +24,51 @@ from tierserve.catalog import NAME_PATTERN
 from tierserve.config import DEFAULT_MODEL_PREFIX
 
 
-class ModelStore(Construct):
+class SharedBucketStore(Construct):
+    """A construct owning one ``bucket`` that constructs in other stacks use.
+
+    Subclasses set ``self.bucket``; other stacks get it through :meth:`bucket_for`, which
+    imports it by a named CloudFormation export instead of CDK's automatic, hash-named one:
+    a stable contract ops scripts and later stacks can import, and readable ARNs in IAM
+    policies and their cdk-nag findings.
+    """
+
+    bucket: s3.Bucket
+
+    def __init__(self, scope: Construct, construct_id: str) -> None:
+        super().__init__(scope, construct_id)
+        self._export_name: str | None = None
+
+    @property
+    def export_name(self) -> str:
+        """The export other stacks import the bucket name by (created on first use):
+        ``{stack}-{construct id}-BucketName``."""
+        if self._export_name is None:
+            self._export_name = f"{Stack.of(self).stack_name}-{self.node.id}-BucketName"
+            CfnOutput(
+                self,
+                "BucketNameExport",
+                value=self.bucket.bucket_name,
+                export_name=self._export_name,
+                description=f"{self.node.id} bucket name, imported by the stacks that use it",
+            )
+        return self._export_name
+
+    def bucket_for(self, consumer: IConstruct) -> s3.IBucket:
+        """The bucket as ``consumer``'s stack sees it: itself in its own stack, else imported by
+        :attr:`export_name` (the consuming stack then deploys after this one)."""
+        stack = Stack.of(consumer)
+        if stack.node.path == Stack.of(self).node.path:
+            return self.bucket
+        import_id = f"{self.node.id}Bucket"
+        existing = stack.node.try_find_child(import_id)
+        if existing is not None:
+            return existing  # type: ignore[return-value]
+        stack.add_stack_dependency(Stack.of(self), f"imports the {self.node.id} bucket name")
+        return s3.Bucket.from_bucket_name(stack, import_id, Fn.import_value(self.export_name))
+
+
+class ModelStore(SharedBucketStore):
     """A private, versioned, TLS-only, retained bucket for model artifacts.
 
     Attributes: ``bucket``, ``access_log_bucket``, ``model_prefix``.
@@ -60,7 +105,6 @@ class ModelStore(Construct):
             lifecycle_rules=[s3.LifecycleRule(abort_incomplete_multipart_upload_after=Duration.days(7))],
             removal_policy=removal_policy,
         )
-        self._export_name: str | None = None
 
     def _access_log_bucket(self, removal_policy: RemovalPolicy) -> s3.Bucket:
         bucket = s3.Bucket(
@@ -76,41 +120,10 @@ class ModelStore(Construct):
         acknowledge(
             bucket,
             "AwsSolutions-S1",
-            "This bucket is the server access log target of the model bucket; logging its own "
-            "access would log the log deliveries themselves, without end.",
+            "This bucket is the server access log target of the model and data buckets; logging its "
+            "own access would log the log deliveries themselves, without end.",
         )
         return bucket
-
-    @property
-    def export_name(self) -> str:
-        """The CloudFormation export other stacks import the bucket name by (created on first use).
-
-        A named export rather than CDK's automatic one: a stable contract ops scripts and
-        later stacks can import, and a readable ARN in IAM policies and their cdk-nag findings.
-        """
-        if self._export_name is None:
-            self._export_name = f"{Stack.of(self).stack_name}-{self.node.id}-BucketName"
-            CfnOutput(
-                self,
-                "BucketNameExport",
-                value=self.bucket.bucket_name,
-                export_name=self._export_name,
-                description="Model bucket name, imported by the serving stack",
-            )
-        return self._export_name
-
-    def bucket_for(self, consumer: IConstruct) -> s3.IBucket:
-        """The bucket as ``consumer``'s stack sees it: itself in its own stack, else imported by
-        :attr:`export_name` (the consuming stack then deploys after this one)."""
-        stack = Stack.of(consumer)
-        if stack.node.path == Stack.of(self).node.path:
-            return self.bucket
-        import_id = f"{self.node.id}Bucket"
-        existing = stack.node.try_find_child(import_id)
-        if existing is not None:
-            return existing  # type: ignore[return-value]
-        stack.add_stack_dependency(Stack.of(self), "imports the model bucket name")
-        return s3.Bucket.from_bucket_name(stack, import_id, Fn.import_value(self.export_name))
 
     def grant_read_model(self, grantee: iam.IGrantable, name: str) -> iam.Grant:
         """Let ``grantee`` read ``{prefix}/{name}/*`` and nothing else in the bucket."""

@@ -1,8 +1,11 @@
-"""The two stacks, composed from the constructs, and the grants between them.
+"""The stacks, composed from the constructs, and the grants between them.
 
-``TierserveStorage`` holds the model bucket and deploys first, so ops can upload models
-before anything serves them. ``TierserveServing`` holds a function per Lambda-tier model and
-the API; it imports the bucket by its export and reads only each model's own prefix.
+``TierserveStorage`` holds the model and data buckets and deploys first, so ops can upload
+models before anything serves them; both buckets are retained. ``TierserveServing`` holds a
+function per Lambda-tier model, a SageMaker endpoint per GPU-tier model, and the API; it
+imports the model bucket by its export and reads only each model's own prefix.
+``TierservePipeline`` (only when the catalog has models) holds the S3-triggered pipeline's
+queue, worker and alarm; it deploys after the serving stack, whose GPU endpoints it calls.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from constructs import Construct
 
 from infra.api import InferenceApi
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, InfraConfig
+from infra.gpu_tier import GpuModelEndpoint, gpu_server_image, gpu_volume_key, needs_volume_key
 from infra.lambda_tier import LambdaModelFunction, inference_image
 from infra.model_store import ModelStore
+from infra.pipeline import WORKER_HANDLER, DataStore, InferencePipeline
 from tierserve.catalog import Catalog
 
 STORAGE_STACK = "TierserveStorage"
 SERVING_STACK = "TierserveServing"
+PIPELINE_STACK = "TierservePipeline"
 TAGS = {"project": "tierserve"}
 
 ARCHITECTURES = {"x86_64": lambda_.Architecture.X86_64, "arm64": lambda_.Architecture.ARM_64}
@@ -52,25 +58,40 @@ RETENTION = {
 
 
 class StorageStack(Stack):
-    """The model bucket and its access-log bucket. Attribute: ``model_store``."""
+    """The model bucket, the data bucket, and their access-log bucket.
+
+    Attributes: ``model_store``, ``data_store``.
+    """
 
     def __init__(self, scope: Construct, construct_id: str, **kwargs: object) -> None:
         super().__init__(
-            scope, construct_id, description="tierserve: model artifacts (S3)", tags=TAGS, **kwargs
+            scope,
+            construct_id,
+            description="tierserve: model artifacts and pipeline data (S3)",
+            tags=TAGS,
+            **kwargs,
         )
         self.model_store = ModelStore(self, "ModelStore")
+        self.data_store = DataStore(self, "DataStore", access_log_bucket=self.model_store.access_log_bucket)
         CfnOutput(
             self,
             "ModelBucketName",
             value=self.model_store.bucket.bucket_name,
             description=f"Upload models to s3://<bucket>/{self.model_store.model_prefix}/<name>/<version>/",
         )
+        CfnOutput(
+            self,
+            "DataBucketName",
+            value=self.data_store.bucket.bucket_name,
+            description="Put inputs under s3://<bucket>/inputs/<model>/; results appear under outputs/ and errors/",
+        )
 
 
 class ServingStack(Stack):
-    """A function per Lambda-tier model in ``catalog`` and the API that routes to them.
+    """A function per Lambda-tier model, an endpoint per GPU-tier model, and the API.
 
-    Attributes: ``api``, ``lambda_models`` (model name -> :class:`LambdaModelFunction`).
+    Attributes: ``api``, ``lambda_models`` (model name -> :class:`LambdaModelFunction`),
+    ``gpu_models`` (model name -> :class:`GpuModelEndpoint`).
     """
 
     def __init__(
@@ -84,7 +105,11 @@ class ServingStack(Stack):
         **kwargs: object,
     ) -> None:
         super().__init__(
-            scope, construct_id, description="tierserve: inference API and functions", tags=TAGS, **kwargs
+            scope,
+            construct_id,
+            description="tierserve: inference API, functions and GPU endpoints",
+            tags=TAGS,
+            **kwargs,
         )
         self.api = InferenceApi(
             self,
@@ -96,31 +121,10 @@ class ServingStack(Stack):
             manage_cloudwatch_role=config.api_cloudwatch_role,
         )
         self.lambda_models: dict[str, LambdaModelFunction] = {}
-        entries = catalog.by_tier("lambda", config.lambda_max_model_mb)
-        if entries:
-            architecture = ARCHITECTURES[config.lambda_architecture]
-            code = inference_image(architecture=architecture)
-            bucket = model_store.bucket_for(self)
-            functions = Construct(self, "LambdaModels")
-            for entry in entries:
-                model = LambdaModelFunction(
-                    functions,
-                    entry.name,
-                    manifest=entry.manifest,
-                    code=code,
-                    architecture=architecture,
-                    model_bucket_name=bucket.bucket_name,
-                    model_prefix=model_store.model_prefix,
-                    timeout=Duration.seconds(config.lambda_timeout_seconds),
-                    ephemeral_storage_mb=config.lambda_ephemeral_storage_mb,
-                    log_retention=RETENTION[config.log_retention_days],
-                    log_level=config.log_level,
-                    preload=config.preload,
-                )
-                model_store.grant_read_model(model.function, entry.name)
-                self.api.add_lambda_model(entry.name, model.function)
-                self.lambda_models[entry.name] = model
-        self._warn(config, catalog)
+        self.gpu_models: dict[str, GpuModelEndpoint] = {}
+        self._add_lambda_models(config, catalog, model_store)
+        self._add_gpu_models(config, catalog, model_store)
+        self._warn(config)
 
         CfnOutput(
             self, "ApiUrl", value=self.api.url, description="Open Inference Protocol base URL (append v2/...)"
@@ -133,15 +137,72 @@ class ServingStack(Stack):
                 description="aws apigateway get-api-key --include-value --api-key <this id>",
             )
 
-    def _warn(self, config: InfraConfig, catalog: Catalog) -> None:
-        heavy = [entry.name for entry in catalog.by_tier("gpu", config.lambda_max_model_mb)]
-        if heavy:
-            Annotations.of(self).add_warning_v2(
-                "tierserve:gpuTierNotDeployed",
-                f"models {', '.join(heavy)} are GPU-tier (over lambda_max_model_mb="
-                f"{config.lambda_max_model_mb} MB, or a manifest override) and this app does not deploy "
-                "the GPU tier yet: they get no route, and the API answers 404 for them",
+    def _add_lambda_models(self, config: InfraConfig, catalog: Catalog, model_store: ModelStore) -> None:
+        entries = catalog.by_tier("lambda", config.lambda_max_model_mb)
+        if not entries:
+            return
+        architecture = ARCHITECTURES[config.lambda_architecture]
+        code = inference_image(architecture=architecture)
+        bucket = model_store.bucket_for(self)
+        functions = Construct(self, "LambdaModels")
+        for entry in entries:
+            model = LambdaModelFunction(
+                functions,
+                entry.name,
+                manifest=entry.manifest,
+                code=code,
+                architecture=architecture,
+                model_bucket_name=bucket.bucket_name,
+                model_prefix=model_store.model_prefix,
+                timeout=Duration.seconds(config.lambda_timeout_seconds),
+                ephemeral_storage_mb=config.lambda_ephemeral_storage_mb,
+                log_retention=RETENTION[config.log_retention_days],
+                log_level=config.log_level,
+                preload=config.preload,
             )
+            model_store.grant_read_model(model.function, entry.name)
+            self.api.add_lambda_model(entry.name, model.function)
+            self.lambda_models[entry.name] = model
+
+    def _add_gpu_models(self, config: InfraConfig, catalog: Catalog, model_store: ModelStore) -> None:
+        entries = catalog.by_tier("gpu", config.lambda_max_model_mb)
+        if not entries:
+            return
+        image = gpu_server_image(self)
+        # Instance types with local NVMe storage (the default g5 included) are encrypted by the
+        # instance's hardware, and SageMaker refuses a KMS key for them: no key then.
+        volume_key = gpu_volume_key(self) if needs_volume_key(config.gpu_instance_type) else None
+        bucket = model_store.bucket_for(self)
+        endpoints = Construct(self, "GpuModels")
+        for entry in entries:
+            model = GpuModelEndpoint(
+                endpoints,
+                entry.name,
+                manifest=entry.manifest,
+                image=image,
+                model_bucket_name=bucket.bucket_name,
+                model_prefix=model_store.model_prefix,
+                instance_type=config.gpu_instance_type,
+                initial_instance_count=config.gpu_initial_instance_count,
+                min_instances=config.gpu_min_instances,
+                max_instances=config.gpu_max_instances,
+                invocations_per_instance=config.gpu_invocations_per_instance,
+                max_batch_size=config.gpu_max_batch_size,
+                max_queue_delay_ms=config.gpu_max_queue_delay_ms,
+                volume_key=volume_key,
+                log_retention=RETENTION[config.log_retention_days],
+                log_level=config.log_level,
+            )
+            model_store.grant_read_model(model.role, entry.name)
+            self.api.add_sagemaker_model(
+                entry.name,
+                manifest=entry.manifest,
+                endpoint_name=model.endpoint.attr_endpoint_name,
+                endpoint_arn=model.endpoint_arn,
+            )
+            self.gpu_models[entry.name] = model
+
+    def _warn(self, config: InfraConfig) -> None:
         if config.lambda_timeout_seconds > API_GATEWAY_TIMEOUT_SECONDS:
             Annotations.of(self).add_warning_v2(
                 "tierserve:timeoutOverApiLimit",
@@ -150,16 +211,86 @@ class ServingStack(Stack):
             )
 
 
+class PipelineStack(Stack):
+    """S3-triggered inference on the data bucket for every model in the catalog.
+
+    Lambda-tier models run in the worker; GPU-tier models on the endpoints ``gpu_endpoints``
+    names (model name -> endpoint name, from the serving stack). Attribute: ``pipeline``.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: InfraConfig,
+        catalog: Catalog,
+        model_store: ModelStore,
+        data_store: DataStore,
+        gpu_endpoints: dict[str, str],
+        **kwargs: object,
+    ) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            description="tierserve: S3-triggered inference (SQS, worker)",
+            tags=TAGS,
+            **kwargs,
+        )
+        architecture = ARCHITECTURES[config.lambda_architecture]
+        self.pipeline = InferencePipeline(
+            self,
+            "Pipeline",
+            data_bucket=data_store.bucket_for(self),
+            models=[entry.manifest for entry in catalog],
+            gpu_endpoints=gpu_endpoints,
+            code=inference_image(architecture=architecture, handler=WORKER_HANDLER),
+            architecture=architecture,
+            model_bucket_name=model_store.bucket_for(self).bucket_name,
+            model_prefix=model_store.model_prefix,
+            worker_timeout=Duration.seconds(config.pipeline_worker_timeout_seconds),
+            max_receive_count=config.pipeline_max_receive_count,
+            batch_size=config.pipeline_batch_size,
+            batching_window=Duration.seconds(config.pipeline_batching_window_seconds),
+            reserved_concurrency=config.pipeline_reserved_concurrency or None,
+            ephemeral_storage_mb=config.lambda_ephemeral_storage_mb,
+            log_retention=RETENTION[config.log_retention_days],
+            log_level=config.log_level,
+            alarm_email=config.alarm_email or None,
+        )
+        for entry in catalog:
+            model_store.grant_read_model(self.pipeline.worker, entry.name)
+        CfnOutput(
+            self,
+            "DeadLetterQueueUrl",
+            value=self.pipeline.dead_letter_queue.queue_url,
+            description="Inputs that failed every delivery; redrive with aws sqs start-message-move-task",
+        )
+
+
 @dataclass(frozen=True)
 class TierserveStacks:
     storage: StorageStack
     serving: ServingStack
+    pipeline: PipelineStack | None
 
 
 def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> TierserveStacks:
-    """Both stacks in ``app``; the serving stack reads the storage stack's bucket."""
+    """Every stack in ``app``; the pipeline only when the catalog has a model to serve."""
     storage = StorageStack(app, STORAGE_STACK)
     serving = ServingStack(
         app, SERVING_STACK, config=config, catalog=catalog, model_store=storage.model_store
     )
-    return TierserveStacks(storage=storage, serving=serving)
+    pipeline = None
+    if catalog.entries:
+        pipeline = PipelineStack(
+            app,
+            PIPELINE_STACK,
+            config=config,
+            catalog=catalog,
+            model_store=storage.model_store,
+            data_store=storage.data_store,
+            gpu_endpoints={name: model.endpoint_name for name, model in serving.gpu_models.items()},
+        )
+        pipeline.add_stack_dependency(serving, "invokes the GPU endpoints the serving stack creates")
+    return TierserveStacks(storage=storage, serving=serving, pipeline=pipeline)

@@ -75,6 +75,20 @@ def test_bad_auth_names_the_key_the_value_and_the_choices():
         ("preload", "maybe"),
         ("lambda_architecture", "riscv"),
         ("catalog", ""),
+        ("gpu_instance_type", "g5.xlarge"),
+        ("gpu_instance_type", "ml.g5"),
+        ("gpu_initial_instance_count", 0),
+        ("gpu_max_instances", 101),
+        ("gpu_invocations_per_instance", 0),
+        ("gpu_max_batch_size", 0),
+        ("gpu_max_queue_delay_ms", -1),
+        ("pipeline_worker_timeout_seconds", 901),
+        ("pipeline_max_receive_count", 0),
+        ("pipeline_batch_size", 10_001),
+        ("pipeline_batching_window_seconds", 301),
+        ("pipeline_reserved_concurrency", -1),
+        ("alarm_email", "ops"),
+        ("alarm_email", True),
     ],
 )
 def test_every_bad_value_is_an_error_naming_its_key(key, value):
@@ -98,3 +112,61 @@ def test_every_accepted_retention_maps_to_a_cdk_value():
     from infra.stacks import RETENTION
 
     assert set(RETENTION) == set(LOG_RETENTION_DAYS)
+
+
+def test_gpu_and_pipeline_defaults():
+    config = InfraConfig()
+    assert config.gpu_instance_type == "ml.g5.xlarge"
+    assert (config.gpu_initial_instance_count, config.gpu_min_instances, config.gpu_max_instances) == (
+        1,
+        1,
+        4,
+    )
+    assert config.gpu_invocations_per_instance == 200
+    assert (config.pipeline_max_receive_count, config.pipeline_worker_timeout_seconds) == (5, 120)
+    assert (config.pipeline_batch_size, config.pipeline_batching_window_seconds) == (10, 5)
+    assert config.pipeline_reserved_concurrency == 0 and config.alarm_email == ""
+
+
+def test_gpu_and_pipeline_values_from_the_command_line():
+    config = from_mapping(
+        {
+            "gpu_instance_type": " ml.g6.2xlarge ",
+            "gpu_max_instances": "8",
+            "gpu_invocations_per_instance": "75.5",
+            "gpu_max_queue_delay_ms": "0",
+            "pipeline_batch_size": "500",
+            "pipeline_batching_window_seconds": "20",
+            "pipeline_reserved_concurrency": "50",
+            "alarm_email": "ops@example.com",
+        }
+    )
+    assert config.gpu_instance_type == "ml.g6.2xlarge"
+    assert config.gpu_max_instances == 8
+    assert config.gpu_invocations_per_instance == 75.5
+    assert config.gpu_max_queue_delay_ms == 0
+    assert (config.pipeline_batch_size, config.pipeline_batching_window_seconds) == (500, 20)
+    assert config.pipeline_reserved_concurrency == 50
+    assert config.alarm_email == "ops@example.com"
+
+
+@pytest.mark.parametrize(
+    ("context", "names"),
+    [
+        ({"gpu_min_instances": 3, "gpu_max_instances": 2}, ("'gpu_min_instances'", "'gpu_max_instances'")),
+        ({"gpu_initial_instance_count": 5}, ("'gpu_initial_instance_count'", "'gpu_max_instances'")),
+        (
+            {"pipeline_batch_size": 11, "pipeline_batching_window_seconds": 0},
+            ("'pipeline_batch_size'", "'pipeline_batching_window_seconds'"),
+        ),
+    ],
+)
+def test_keys_that_must_agree_are_checked_together(context, names):
+    with pytest.raises(ConfigError) as raised:
+        from_mapping(context)
+    assert all(name in str(raised.value) for name in names)
+
+
+def test_an_empty_alarm_email_is_the_example_in_the_message():
+    with pytest.raises(ConfigError, match='-c alarm_email=""'):
+        from_mapping({"alarm_email": "not-an-address"})

@@ -96,6 +96,11 @@ def test_both_tiers_answer_the_same_request_the_same_way(
             attribute == f"inference-header-content-length={reply_headers['Inference-Header-Content-Length']}"
         )
     assert_same_response(lambda_result, (status, reply_headers, reply))
+    if length is not None:  # as API Gateway's service integration sends it: a bare number, answered in kind
+        headers[CUSTOM_ATTRIBUTES] = length
+        status, reply_headers, reply = request(server.port, "POST", "/invocations", payload, headers)
+        assert reply_headers[CUSTOM_ATTRIBUTES] == reply_headers["Inference-Header-Content-Length"]
+        assert_same_response(lambda_result, (status, reply_headers, reply))
 
 
 def test_metadata_reports_execution_providers_and_batching(iris_package, cache_dir, start_server):

@@ -124,3 +124,13 @@ def threads_for_memory(memory_mb: int) -> int:
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# The S3 pipeline's key layout: inputs/{model}/{path} -> outputs/ or errors/ (never under inputs/).
+INPUT_PREFIX = "inputs"
+OUTPUT_PREFIX = "outputs"
+ERROR_PREFIX = "errors"
+
+# Dynamic batching defaults of the GPU server; cdk.json's gpu_max_* context starts from these.
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_QUEUE_DELAY_MS = 5.0

@@ -445,10 +445,11 @@ class ModelHost:
         length = header(response.headers, HEADER_LENGTH)
         if length is None:
             return response
+        # Answer in the caller's form: API Gateway maps a bare number back into the header.
+        bare = (header(headers, CUSTOM_ATTRIBUTES) or "").strip().isdigit()
+        attribute = length if bare else f"{HEADER_LENGTH}={length}"
         return HttpResponse(
-            response.status,
-            response.body,
-            {**response.headers, CUSTOM_ATTRIBUTES: f"{HEADER_LENGTH}={length}"},
+            response.status, response.body, {**response.headers, CUSTOM_ATTRIBUTES: attribute}
         )
 
     def _target(self, name: str | None) -> ModelRef:

@@ -43,11 +43,14 @@ import numpy as np
 from tierserve.catalog import Manifest
 from tierserve.config import (
     DATA_BUCKET_ENV,
+    ERROR_PREFIX,
     GPU_ENDPOINTS_ENV,
+    INPUT_PREFIX,
     MAX_INPUT_MB_ENV,
     MAX_JSONL_MB_ENV,
     MAX_ROWS_ENV,
     MB,
+    OUTPUT_PREFIX,
     ROW_BATCH_SIZE_ENV,
     WORKER_CONCURRENCY_ENV,
     ModelRef,
@@ -87,9 +90,6 @@ from tierserve.telemetry import (
     tracer,
 )
 
-INPUT_PREFIX = "inputs"
-OUTPUT_PREFIX = "outputs"
-ERROR_PREFIX = "errors"
 RESULT_SUFFIX = ".json"
 FORMATS = (".json", ".jsonl", ".npy")
 TEST_EVENT = "s3:TestEvent"

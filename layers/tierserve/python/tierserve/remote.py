@@ -151,7 +151,13 @@ class SageMakerModel:
 
 
 def parse_custom_attributes(value: str | None) -> dict[str, str]:
-    """``"a=1, b=2"`` (or ``;``-separated) as a dict; parts without ``=`` are ignored."""
+    """``"a=1, b=2"`` (or ``;``-separated) as a dict; parts without ``=`` are ignored.
+
+    A bare integer is the binary header's length: API Gateway can copy the client's
+    ``Inference-Header-Content-Length`` into the custom attributes but cannot prefix it.
+    """
+    if (value or "").strip().isdigit():
+        return {HEADER_LENGTH: value.strip()}  # type: ignore[union-attr]
     pairs: dict[str, str] = {}
     for part in (value or "").replace(";", ",").split(","):
         name, sep, item = part.partition("=")
