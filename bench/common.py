@@ -16,8 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +39,9 @@ def now_ms() -> float:
     return time.perf_counter() * 1000
 
 
-@contextmanager
-def timer() -> Iterator[list[float]]:
-    """``with timer() as t: ...`` then ``t[0]`` is the elapsed milliseconds."""
-    elapsed = [0.0]
-    start = time.perf_counter()
-    try:
-        yield elapsed
-    finally:
-        elapsed[0] = (time.perf_counter() - start) * 1000
+from tierserve.telemetry import stopwatch  # noqa: E402 - after the path set-up above
+
+timer = stopwatch  # one stopwatch for the product and its benchmarks
 
 
 def repeat(fn: Callable[[], Any], iterations: int, *, warmup: int = 0) -> list[float]:

@@ -14,6 +14,8 @@ delivers to SSE-S3 buckets. Pass to KMS with a bucket key if models become confi
 
 from __future__ import annotations
 
+from typing import Any
+
 from aws_cdk import CfnOutput, Duration, Fn, RemovalPolicy, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
@@ -68,6 +70,23 @@ class SharedBucketStore(Construct):
         return s3.Bucket.from_bucket_name(stack, import_id, Fn.import_value(self.export_name))
 
 
+def private_bucket(
+    scope: Construct, construct_id: str, *, removal_policy: RemovalPolicy, **extra: Any
+) -> s3.Bucket:
+    """A bucket with tierserve's baseline: SSE-S3, no public access, owner-enforced, TLS 1.2+ only."""
+    return s3.Bucket(
+        scope,
+        construct_id,
+        encryption=s3.BucketEncryption.S3_MANAGED,
+        block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+        object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
+        enforce_ssl=True,
+        minimum_tls_version=1.2,
+        removal_policy=removal_policy,
+        **extra,
+    )
+
+
 class ModelStore(SharedBucketStore):
     """A private, versioned, TLS-only, retained bucket for model artifacts.
 
@@ -91,32 +110,18 @@ class ModelStore(SharedBucketStore):
         super().__init__(scope, construct_id)
         self.model_prefix = model_prefix.strip("/")
         self.access_log_bucket = access_log_bucket or self._access_log_bucket(removal_policy)
-        self.bucket = s3.Bucket(
+        self.bucket = private_bucket(
             self,
             "Bucket",
-            encryption=s3.BucketEncryption.S3_MANAGED,
-            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
-            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
-            enforce_ssl=True,
-            minimum_tls_version=1.2,
+            removal_policy=removal_policy,
             versioned=True,
             server_access_logs_bucket=self.access_log_bucket,
             server_access_logs_prefix="model-bucket/",
             lifecycle_rules=[s3.LifecycleRule(abort_incomplete_multipart_upload_after=Duration.days(7))],
-            removal_policy=removal_policy,
         )
 
     def _access_log_bucket(self, removal_policy: RemovalPolicy) -> s3.Bucket:
-        bucket = s3.Bucket(
-            self,
-            "AccessLogs",
-            encryption=s3.BucketEncryption.S3_MANAGED,
-            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
-            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
-            enforce_ssl=True,
-            minimum_tls_version=1.2,
-            removal_policy=removal_policy,
-        )
+        bucket = private_bucket(self, "AccessLogs", removal_policy=removal_policy)
         acknowledge(
             bucket,
             "AwsSolutions-S1",

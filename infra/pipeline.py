@@ -44,7 +44,7 @@ from infra.lambda_tier import (
     SERVICE_NAME,
     TMP_HEADROOM_MB,
 )
-from infra.model_store import SharedBucketStore
+from infra.model_store import SharedBucketStore, private_bucket
 from infra.nag import acknowledge, wildcard_resource_finding
 from tierserve.catalog import LAMBDA_MIN_MEMORY_MB, Manifest, lambda_memory_mb
 from tierserve.config import (
@@ -68,9 +68,9 @@ DLQ_RETENTION = Duration.days(14)  # SQS's longest: time to find the cause and r
 QUEUE_RETENTION = Duration.days(4)
 ACCESS_LOG_PREFIX = "data-bucket/"
 NONCURRENT_VERSION_EXPIRY = Duration.days(30)
-MIN_EVENT_SOURCE_CONCURRENCY = 2
+MIN_EVENT_SOURCE_CONCURRENCY = 2  # the event source mapping's MaximumConcurrency starts at 2
 NOTIFICATIONS_HANDLER_ID = "BucketNotificationsHandler"  # CDK's singleton in each stack
-BASIC_EXECUTION_POLICY = "arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"  # the event source mapping's MaximumConcurrency starts at 2
+BASIC_EXECUTION_POLICY = "arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
 
 
 class DataStore(SharedBucketStore):
@@ -89,14 +89,10 @@ class DataStore(SharedBucketStore):
         removal_policy: RemovalPolicy = RemovalPolicy.RETAIN,
     ) -> None:
         super().__init__(scope, construct_id)
-        self.bucket = s3.Bucket(
+        self.bucket = private_bucket(
             self,
             "Bucket",
-            encryption=s3.BucketEncryption.S3_MANAGED,
-            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
-            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
-            enforce_ssl=True,
-            minimum_tls_version=1.2,
+            removal_policy=removal_policy,
             versioned=True,
             server_access_logs_bucket=access_log_bucket,
             server_access_logs_prefix=ACCESS_LOG_PREFIX,
@@ -106,7 +102,6 @@ class DataStore(SharedBucketStore):
                     noncurrent_version_expiration=NONCURRENT_VERSION_EXPIRY,
                 )
             ],
-            removal_policy=removal_policy,
         )
 
 

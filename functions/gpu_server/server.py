@@ -28,9 +28,9 @@ from types import FrameType
 from typing import Any
 
 from tierserve.hosting import ModelHost, ServerSettings, build_host
+from tierserve.httpserver import OipRequestHandler
 from tierserve.telemetry import logger
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
 IDLE_TIMEOUT_S = 120  # a keep-alive connection with no request for this long is closed
 LISTEN_BACKLOG = 1024
 EXIT_CONFIG = 2
@@ -103,13 +103,9 @@ def _stop_reading(connection: socket.socket) -> None:
 
 
 def make_handler(host: ModelHost) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class Handler(OipRequestHandler):
         server_version = "tierserve-gpu"
         timeout = IDLE_TIMEOUT_S
-        # Headers and body go out in two writes: with Nagle's algorithm on, the second waits for
-        # the client's delayed ACK (40 ms on Linux) on every keep-alive request.
-        disable_nagle_algorithm = True
         server: DrainingHTTPServer
 
         def parse_request(self) -> bool:
@@ -123,42 +119,16 @@ def make_handler(host: ModelHost) -> type[BaseHTTPRequestHandler]:
                 if self.server.request_finished(self.connection):
                     self.close_connection = True
 
-        def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                self.close_connection = True  # the body stays unread
-                self._send(413, {"Content-Type": "application/json"}, b'{"error": "request body over 64 MB"}')
-                return
-            body = self.rfile.read(length) if length else b""
-            try:
-                response = host.respond(self.command, self.path, dict(self.headers.items()), body)
-                status, headers, payload = response.status, response.headers, response.body
-            except Exception:
-                logger.exception("GPU server failed to serve a request")
-                status, headers, payload = (
-                    500,
-                    {"Content-Type": "application/json"},
-                    b'{"error": "internal error"}',
-                )
-            self._send(status, headers, payload)
+        def respond(
+            self, method: str, path: str, headers: dict[str, str], body: bytes
+        ) -> tuple[int, Mapping[str, str], bytes]:
+            response = host.respond(method, path, headers, body)
+            return response.status, response.headers, response.body
 
-        def _send(self, status: int, headers: Mapping[str, str], payload: bytes) -> None:
+        def send_payload(self, status: int, headers: Mapping[str, str], payload: bytes) -> None:
             if self.server.draining:
                 self.close_connection = True
-            self.send_response(status)
-            for name, value in headers.items():
-                if name.lower() not in {"content-length", "transfer-encoding", "connection"}:
-                    self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(payload)
-
-        do_GET = do_POST = do_PUT = do_DELETE = _serve
-
-        def log_message(self, format: str, *args: Any) -> None:
-            logger.debug("GPU server request", extra={"line": format % args})
+            super().send_payload(status, headers, payload)
 
     return Handler
 

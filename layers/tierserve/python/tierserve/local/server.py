@@ -14,11 +14,10 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tierserve.httpserver import OipRequestHandler
 from tierserve.local.apigw import LocalLambdaContext, proxy_event, proxy_response_body, proxy_response_headers
-from tierserve.telemetry import logger
 
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
-MAX_BODY_BYTES = 64 * 1024 * 1024
 UPSTREAM_TIMEOUT_S = 60
 
 
@@ -112,44 +111,12 @@ def forward(
 
 
 def _request_handler(api: LocalApi) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class Handler(OipRequestHandler):
         server_version = "tierserve-local"
-        # Keep-alive responses are written in two parts; without this Nagle holds the second ~40 ms.
-        disable_nagle_algorithm = True
 
-        def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                self._send(413, {"Content-Type": "application/json"}, b'{"error": "request body over 64 MB"}')
-                return
-            body = self.rfile.read(length) if length else b""
-            try:
-                status, headers, payload = api.respond(
-                    self.command, self.path, dict(self.headers.items()), body
-                )
-            except Exception:
-                logger.exception("local API failed to serve a request")
-                status, headers, payload = (
-                    500,
-                    {"Content-Type": "application/json"},
-                    b'{"error": "internal error"}',
-                )
-            self._send(status, headers, payload)
-
-        def _send(self, status: int, headers: Mapping[str, str], payload: bytes) -> None:
-            self.send_response(status)
-            skip = {"content-length", "transfer-encoding", "connection"}
-            for name, value in headers.items():
-                if name.lower() not in skip:
-                    self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        do_GET = do_POST = do_PUT = do_DELETE = _serve
-
-        def log_message(self, format: str, *args: Any) -> None:
-            logger.debug("local API request", extra={"line": format % args})
+        def respond(
+            self, method: str, path: str, headers: dict[str, str], body: bytes
+        ) -> tuple[int, Mapping[str, str], bytes]:
+            return api.respond(method, path, headers, body)
 
     return Handler
