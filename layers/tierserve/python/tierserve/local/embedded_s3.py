@@ -6,6 +6,7 @@ that runs in Lambda; nothing is patched.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 
@@ -26,6 +27,8 @@ class EmbeddedS3:
         self.endpoint = ""
 
     def start(self) -> EmbeddedS3:
+        # moto's server logs every request through werkzeug; the local API's output is for people.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
