@@ -32,8 +32,9 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: $(STAMP) ## lint, then the whole test suite (unit, integration, infra)
+test: $(STAMP) ## lint and format check, then the whole test suite (unit, integration, infra)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 check: test ## what CI runs

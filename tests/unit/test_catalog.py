@@ -53,6 +53,8 @@ def test_round_trip_through_json():
         ({"format": "pt"}, "format"),
         ({"compression": "lz4"}, "compression"),
         ({"artifact": "../../etc/passwd"}, "plain file name"),
+        ({"artifact": ""}, "plain file name"),
+        ({"artifact": "..\\model.onnx"}, "plain file name"),
         ({"stored": {"sha256": "xyz", "bytes": 1}}, "sha256"),
         ({"tier": "fpga"}, "tier"),
         ({"inputs": []}, "at least one input"),

@@ -120,7 +120,12 @@ class Manifest:
             problems.append(f"format {self.format!r} must be one of {sorted(FORMATS)}")
         if self.compression not in COMPRESSIONS:
             problems.append(f"compression {self.compression!r} must be one of {sorted(COMPRESSIONS)}")
-        if "/" in self.artifact or self.artifact.startswith("."):
+        if (
+            not self.artifact
+            or "/" in self.artifact
+            or "\\" in self.artifact
+            or self.artifact.startswith(".")
+        ):
             problems.append(f"artifact {self.artifact!r} must be a plain file name next to the manifest")
         for digest in (self.stored, self.model):
             if not re.fullmatch(r"[0-9a-f]{64}", digest.sha256) or digest.bytes <= 0:

@@ -1,12 +1,4 @@
-"""The ``tierserve`` command line.
-
-Examples:
-    tierserve local                      # sample models, embedded S3, OIP on 127.0.0.1:3000
-    tierserve local --port 8000
-    tierserve local put rows.jsonl --model iris   # S3-triggered inference on the running stack
-    tierserve package model.onnx --name iris --version 1 --quantization int8 --upload s3://BUCKET/models
-    tierserve catalog validate
-"""
+"""The ``tierserve`` command line (``EXAMPLES`` is its --help epilog)."""
 
 from __future__ import annotations
 
@@ -16,6 +8,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+EXAMPLES = """\
+A model goes from an ONNX file to a served API in three steps:
+  1. try it locally    tierserve local            (then: curl localhost:3000/v2/models/iris)
+  2. package it        tierserve package model.onnx --name NAME --version V --quantization int8
+  3. upload, deploy    ... --upload s3://BUCKET/models, then: npx cdk deploy --all
+
+examples:
+    tierserve local                      # sample models, embedded S3, OIP on 127.0.0.1:3000
+    tierserve local --port 8000
+    tierserve local put rows.jsonl --model iris   # S3-triggered inference on the running stack
+    tierserve package model.onnx --name iris --version 1 --quantization int8 --upload s3://BUCKET/models
+    tierserve catalog validate
+
+`tierserve COMMAND --help` explains each command, with examples.
+"""
+
 EXIT_USAGE = 2
 
 
@@ -24,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tierserve",
         description="Serve ONNX models on AWS: package them, run them locally, deploy them with CDK.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
+        epilog=EXAMPLES,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     local = commands.add_parser(
@@ -32,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the local API on sample models (no Docker, no AWS account)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Builds sample models (a scikit-learn classifier, a perceptron, a convnet), packages them\n"
-            "(zstd + manifest), puts them into an embedded S3 on 127.0.0.1 and serves the Open Inference\n"
-            "Protocol by handing API Gateway proxy events to the real Lambda handler."
+            "Builds sample models (a scikit-learn classifier, a perceptron, a convnet on the Lambda tier,\n"
+            "and convnet-xl on the GPU tier), packages them (zstd + manifest), puts them into an embedded\n"
+            "S3 on 127.0.0.1 and serves the Open Inference Protocol by handing API Gateway proxy events\n"
+            "to the real Lambda handler; gpu-tier models are forwarded to the GPU server running as a\n"
+            "local process (CPU). An embedded queue runs S3-triggered inference: see `local put`."
         ),
         epilog=(
             "examples:\n"

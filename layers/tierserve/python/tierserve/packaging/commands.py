@@ -72,7 +72,12 @@ def add_commands(commands: Any) -> None:
         epilog=PACKAGE_EXAMPLES,
         formatter_class=formatter,
     )
-    package.add_argument("model", type=Path, metavar="MODEL.onnx")
+    package.add_argument(
+        "model",
+        type=Path,
+        metavar="MODEL.onnx",
+        help="the trained model (external data beside it is allowed)",
+    )
     package.add_argument(
         "--name", required=True, type=_name, help="model name: lowercase letters, digits, dashes"
     )
@@ -114,7 +119,12 @@ def add_commands(commands: Any) -> None:
         action="store_false",
         help="skip offline graph optimization (done by default for the lambda tier)",
     )
-    shaping.add_argument("--compression", choices=("zstd", "gzip", "none"), default="zstd")
+    shaping.add_argument(
+        "--compression",
+        choices=("zstd", "gzip", "none"),
+        default="zstd",
+        help="zstd (default; its level is chosen by measurement), gzip, or none",
+    )
     shaping.add_argument(
         "--zstd-level", type=int, choices=range(1, 23), metavar="1-22", help="default: measured"
     )
@@ -172,10 +182,31 @@ def add_commands(commands: Any) -> None:
         formatter_class=formatter,
     )
     actions = catalog.add_subparsers(dest="catalog_command", metavar="ACTION", required=True)
-    listing = actions.add_parser("list", help="one line per model: version, tier, sizes, quantization")
-    show = actions.add_parser("show", help="one model's manifest, tier and Lambda memory")
+    listing = actions.add_parser(
+        "list",
+        help="one line per model: version, tier, sizes, quantization",
+        description="One line per catalog entry: the tier comes from the tier rule (cdk.json's lambda_max_model_mb).",
+        epilog="example:\n  tierserve catalog list\n  tierserve catalog list --catalog other.json",
+        formatter_class=formatter,
+    )
+    show = actions.add_parser(
+        "show",
+        help="one model's manifest, tier and Lambda memory",
+        description="The manifest of one entry, its tier and the Lambda memory the CDK app gives it.",
+        epilog="example:\n  tierserve catalog show iris",
+        formatter_class=formatter,
+    )
     show.add_argument("model_name", metavar="NAME")
-    validate = actions.add_parser("validate", help="check every entry; exit 1 on any problem")
+    validate = actions.add_parser(
+        "validate",
+        help="check every entry; exit 1 on any problem",
+        description=(
+            "Checks that every manifest parses, its digests are present and its tier is decided;\n"
+            "with --check-s3 also that each manifest and artifact is in S3 with the declared size."
+        ),
+        epilog="examples:\n  tierserve catalog validate\n  tierserve catalog validate --check-s3 s3://BUCKET/models",
+        formatter_class=formatter,
+    )
     validate.add_argument(
         "--check-s3", metavar="s3://BUCKET/PREFIX", help="also check that each manifest and artifact is in S3"
     )
