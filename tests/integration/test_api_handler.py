@@ -4,13 +4,18 @@ fetched from the embedded S3, OIP responses out."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
-from support.common import count_s3_calls, load_event
+from support.common import BUCKET, count_s3_calls, load_event, make_invoke
+from support.gpu import gather_model, package
 from tierserve import store
+from tierserve.config import MB
+from tierserve.dataplane import PROXY_ENVELOPE_BYTES
 from tierserve.local import samples
+from tierserve.packaging import upload
 from tierserve.protocol import decode_infer_response
 
 
@@ -132,3 +137,72 @@ def test_sample_rows_classify_like_scikit_learn(invoke):
     from sklearn.datasets import load_iris
 
     assert (labels == load_iris(return_X_y=True)[1]).mean() > 0.95
+
+
+def _infer_event(rows: np.ndarray, **document: object) -> dict:
+    event = load_event("infer-version")
+    event["body"] = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": list(rows.shape), "datatype": "FP32", "data": rows.tolist()}
+            ],
+            **document,
+        }
+    )
+    return event
+
+
+def test_a_response_over_the_limit_is_a_413_that_says_how_to_shrink_it(
+    s3, uploaded_iris, cache_dir, monkeypatch
+):
+    rows = np.tile(samples.iris_rows(), (4, 1))  # 600 rows: a JSON response of about 40 KB
+    monkeypatch.setenv("TIERSERVE_MAX_RESPONSE_MB", str(20_000 / MB))
+    invoke = make_invoke(monkeypatch, cache_dir)
+    status, _, body = invoke(_infer_event(rows))
+    assert status == 413, body[:300]
+    message = json.loads(body)["error"]
+    assert "the response would be" in message and "over the limit of 20,000" in message
+    assert "binary_data_output" in message and "fewer rows" in message
+    # The binary response the message suggests fits.
+    status, result, body = invoke(_infer_event(rows, parameters={"binary_data_output": True}))
+    assert status == 200, body[:300]
+    assert decode_infer_response(body, result["headers"])["label"].shape == (600,)
+
+
+def test_a_binary_response_is_measured_as_lambda_sends_it_base64_encoded(
+    s3, uploaded_iris, cache_dir, monkeypatch
+):
+    event = _infer_event(samples.iris_rows(), parameters={"binary_data_output": True})
+    status, _, body = make_invoke(monkeypatch, cache_dir)(event)
+    assert status == 200
+    base64_size = 4 * math.ceil(len(body) / 3) + PROXY_ENVELOPE_BYTES
+    # A limit the raw body fits under, but not its base64 form.
+    monkeypatch.setenv("TIERSERVE_MAX_RESPONSE_MB", str((len(body) + base64_size) / 2 / MB))
+    status, _, reply = make_invoke(monkeypatch, cache_dir)(event)
+    assert status == 413, reply[:300]
+    assert f"the response would be {base64_size:,} bytes" in json.loads(reply)["error"]
+    assert "binary_data_output" not in json.loads(reply)["error"]  # already binary: not suggested
+
+
+def test_an_input_the_model_fails_on_is_a_400_through_the_handler(s3, cache_dir, tmp_path, monkeypatch):
+    # y[r] = x[r, i[r]]: any INT64 index passes validation; one out of [0, 4) fails in the model.
+    upload(package(gather_model(tmp_path / "gather.onnx"), "gather", tmp_path / "pkg"), s3, BUCKET, "models")
+    invoke = make_invoke(monkeypatch, cache_dir, models="gather@1")
+
+    def infer(indices: list[list[int]]) -> tuple[int, bytes]:
+        event = load_event("infer-version")
+        event["path"] = "/v2/models/gather/infer"
+        x = {"name": "x", "shape": [2, 4], "datatype": "FP32", "data": list(range(8))}
+        i = {"name": "i", "shape": [2, 1], "datatype": "INT64", "data": indices}
+        event["body"] = json.dumps({"inputs": [x, i]})
+        status, _, body = invoke(event)
+        return status, body
+
+    status, body = infer([[1], [9]])
+    assert status == 400, body
+    error = json.loads(body)["error"]
+    assert error.startswith("the model failed on this input: GatherElements node")
+    assert "Out of range value in index tensor" in error and "onnxruntime_src" not in error
+    status, body = infer([[1], [3]])
+    assert status == 200, body
+    assert json.loads(body)["outputs"][0]["data"] == [1.0, 7.0]

@@ -244,3 +244,126 @@ def test_non_finite_outputs_become_null_in_json():
         request, {"y": np.array([np.nan, 1.0], np.float32)}, model_name="m", model_version="1"
     )
     assert json.loads(response.body)["outputs"][0]["data"] == [None, 1.0]
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"1" + b"]" * depth
+
+
+@pytest.mark.parametrize("depth", [100_000, 900, 3], ids=["past-json", "past-numpy", "past-rank"])
+def test_deeply_nested_data_is_a_bad_request(depth):
+    raw = b'{"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": ' + nested(depth) + b"}]}"
+    with pytest.raises(BadRequest, match="nested too deeply"):
+        parse(raw)
+
+
+def test_deeply_nested_bytes_data_is_a_bad_request():
+    spec = manifest(TensorSpec("text", "BYTES", (-1,)))
+    data = b"[" * 500 + b'"a"' + b"]" * 500
+    raw = b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ' + data + b"}]}"
+    with pytest.raises(BadRequest, match="nested too deeply"):
+        parse(raw, spec)
+
+
+def test_deeply_nested_parameters_are_a_bad_request():
+    raw = body(x_input())[:-1] + b', "parameters": {"p": ' + nested(100_000) + b"}}"
+    with pytest.raises(BadRequest, match="nested too deeply"):
+        parse(raw)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"outputs": [{"name": "label", "parameters": [1]}]}, '"parameters" must be an object'),
+        ({"outputs": [{"name": "label", "parameters": {"binary_data": "yes"}}]}, "true or false"),
+        ({"outputs": [{"name": "label", "parameters": {"binary_data": 1}}]}, "true or false"),
+        ({"outputs": [{"name": "label"}, {"name": "label"}]}, "asked for twice"),
+        ({"parameters": {"binary_data_output": "no"}}, "true or false"),
+        ({"parameters": {"binary_data_output": 0}}, "true or false"),
+    ],
+)
+def test_output_options_must_be_well_typed(extra, fragment):
+    with pytest.raises(BadRequest, match=fragment):
+        parse(body(x_input(), **extra))
+
+
+def test_binary_flags_that_are_real_booleans_are_honoured():
+    request = parse(
+        body(
+            x_input(),
+            outputs=[{"name": "label", "parameters": {"binary_data": False}}],
+            parameters={"binary_data_output": False},
+        )
+    )
+    assert request.binary_outputs is False and request.outputs[0].binary is False
+
+
+@pytest.mark.parametrize(
+    "data",
+    [[True, 1, 1, 1, 1, 1, 1, 1], [[1, 1, 1, 1], [1, 1, 1.5, False]], [True] * 8],
+    ids=["mixed-int", "nested-mixed-float", "all-bool"],
+)
+def test_json_booleans_are_refused_for_numeric_inputs(data):
+    with pytest.raises(BadRequest, match=r"true/false.*only for BOOL"):
+        parse(body(x_input(data=data)))
+
+
+def test_input_parameters_must_be_an_object():
+    with pytest.raises(BadRequest, match='"parameters" must be an object'):
+        parse(body(x_input(parameters=[1])))
+
+
+def test_binary_data_size_must_be_a_number_not_a_boolean():
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": True}}
+            ]
+        }
+    ).encode()
+    spec = manifest(TensorSpec("x", "FP32", (-1,)))
+    with pytest.raises(BadRequest, match="binary_data_size must be"):
+        parse(head + b"\0\0\0\0", spec, {"Inference-Header-Content-Length": str(len(head))})
+
+
+@pytest.mark.parametrize(
+    ("datatype", "value"), [("FP32", 1e39), ("FP32", -1e39), ("FP16", 70000), ("FP16", 1e6)]
+)
+def test_finite_values_too_large_for_the_datatype_are_out_of_range(datatype, value):
+    spec = manifest(TensorSpec("t", datatype, (1,)), allow_non_finite=True)
+    with pytest.raises(BadRequest) as caught:
+        parse(body({"name": "t", "shape": [1], "datatype": datatype, "data": [value]}), spec)
+    assert f"outside the {datatype} range" in caught.value.message
+    assert "NaN" not in caught.value.message
+
+
+def test_largest_finite_fp32_is_accepted():
+    largest = float(np.finfo(np.float32).max)
+    assert parse(body(x_input(data=[largest] * 8))).inputs["x"].max() == np.float32(largest)
+
+
+HUGE = "n" * 5_000_000
+LONG_ECHOES = [
+    body(x_input(name=HUGE)),
+    body(x_input(shape=[1] * 1_500_000)),
+    body(x_input(shape=[2, 4, *(["x"] * 100_000)])),
+    body(x_input(shape=[-1] * 100_000)),
+    body(x_input(datatype=HUGE)),
+    body(x_input(datatype=[HUGE])),
+    body(x_input(), outputs=[{"name": HUGE}]),
+    body(x_input(), outputs=[[HUGE] * 10]),
+    body(x_input(), outputs=[json.loads(nested(900))]),
+    body(x_input(), outputs=[{"name": "y"}, {"name": "y", "x": HUGE}]),
+]
+
+
+@pytest.mark.parametrize("raw", LONG_ECHOES, ids=range(len(LONG_ECHOES)))
+def test_errors_echo_client_values_bounded(raw):
+    with pytest.raises(BadRequest) as caught:
+        parse_infer_request(raw, None, IRIS, max_bytes=len(raw))
+    assert len(caught.value.message) < 400, caught.value.message[:400]
+
+
+def test_an_integer_too_long_for_python_is_a_bad_request():
+    with pytest.raises(BadRequest, match="too many digits"):
+        parse(body(x_input())[:-1] + b', "extra": ' + b"1" * 5000 + b"}")

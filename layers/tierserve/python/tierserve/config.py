@@ -22,6 +22,7 @@ THREADS_ENV = "TIERSERVE_THREADS"
 CACHE_DIR_ENV = "TIERSERVE_CACHE_DIR"
 CACHE_MAX_MB_ENV = "TIERSERVE_CACHE_MAX_MB"
 MAX_REQUEST_MB_ENV = "TIERSERVE_MAX_REQUEST_MB"
+MAX_RESPONSE_MB_ENV = "TIERSERVE_MAX_RESPONSE_MB"
 LAMBDA_MEMORY_ENV = "AWS_LAMBDA_FUNCTION_MEMORY_SIZE"
 # The S3-triggered pipeline (tierserve/pipeline.py, read by its PipelineSettings).
 DATA_BUCKET_ENV = "TIERSERVE_DATA_BUCKET"
@@ -50,6 +51,8 @@ DEFAULT_MODEL_PREFIX = "models"
 DEFAULT_CACHE_DIR = "/tmp/tierserve"
 DEFAULT_CACHE_MAX_MB = 1024
 DEFAULT_MAX_REQUEST_MB = 6.0
+# Lambda's synchronous response limit; API Gateway turns a larger one into a bare 502.
+DEFAULT_MAX_RESPONSE_MB = 6.0
 # What a function keeps for the runtime, numpy and request buffers, beyond the models.
 RESERVED_MEMORY_MB = 384
 
@@ -88,6 +91,7 @@ class Settings:
     cache_dir: Path = field(default_factory=lambda: Path(DEFAULT_CACHE_DIR))
     cache_max_mb: int = DEFAULT_CACHE_MAX_MB
     max_request_bytes: int = int(DEFAULT_MAX_REQUEST_MB * MB)
+    max_response_bytes: int = int(DEFAULT_MAX_RESPONSE_MB * MB)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -106,6 +110,7 @@ class Settings:
             cache_dir=Path(env.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR),
             cache_max_mb=int(env.get(CACHE_MAX_MB_ENV) or DEFAULT_CACHE_MAX_MB),
             max_request_bytes=int(float(env.get(MAX_REQUEST_MB_ENV) or DEFAULT_MAX_REQUEST_MB) * MB),
+            max_response_bytes=int(float(env.get(MAX_RESPONSE_MB_ENV) or DEFAULT_MAX_RESPONSE_MB) * MB),
         )
         return replace(settings, **overrides) if overrides else settings
 

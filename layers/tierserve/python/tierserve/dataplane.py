@@ -7,13 +7,17 @@ Lambda's API handler, the GPU server and the local API are thin adapters over on
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tierserve.errors import to_http
+from tierserve.config import MAX_RESPONSE_MB_ENV
+from tierserve.errors import PayloadTooLarge, to_http
 from tierserve.protocol import (
     JSON_CONTENT_TYPE,
+    EncodedResponse,
+    InferenceRequest,
     encode_infer_response,
     model_metadata,
     parse_infer_request,
@@ -21,6 +25,9 @@ from tierserve.protocol import (
 )
 from tierserve.sessions import ModelRegistry
 from tierserve.telemetry import INFERENCE_MS, logger, record_ms, stopwatch, tracer
+
+# What Lambda's proxy integration wraps around a body (status, headers, the JSON envelope).
+PROXY_ENVELOPE_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,38 @@ class HttpResponse:
         elif status > 500:
             logger.warning("request failed", extra={"status": status, "error": document["error"]})
         return cls.json(document, status)
+
+
+def sent_size(encoded: EncodedResponse) -> int:
+    """The bytes ``encoded`` takes in a Lambda proxy response: a binary body is base64-encoded
+    (4 bytes per 3), a JSON body is a string in the envelope (each quote and backslash escaped)."""
+    body = encoded.body
+    if encoded.headers.get("Content-Type") == JSON_CONTENT_TYPE:
+        size = len(body) + body.count(b'"') + body.count(b"\\")
+    else:
+        size = 4 * math.ceil(len(body) / 3)
+    return size + PROXY_ENVELOPE_BYTES
+
+
+def check_response_size(encoded: EncodedResponse, request: InferenceRequest, max_bytes: int) -> None:
+    """Refuse a response over ``max_bytes`` as sent, with what the client can change; past
+    Lambda's limit API Gateway would answer a bare 502 instead.
+
+    Raises:
+        PayloadTooLarge: the response is over the limit.
+    """
+    size = sent_size(encoded)
+    if size <= max_bytes:
+        return
+    all_binary = request.binary_outputs or (
+        request.outputs is not None and all(o.binary for o in request.outputs)
+    )
+    fixes = [] if all_binary else ['ask for binary outputs ("parameters": {"binary_data_output": true})']
+    fixes += ['ask for fewer outputs ("outputs": [{"name": ...}])', "send fewer rows per request"]
+    raise PayloadTooLarge(
+        f"the response would be {size:,} bytes, over the limit of {max_bytes:,} ({MAX_RESPONSE_MB_ENV}): "
+        + ", ".join(fixes)
+    )
 
 
 class DataPlane:
@@ -85,6 +124,7 @@ class DataPlane:
             outputs = loaded.predict(request.inputs, request.output_names())
         record_ms(INFERENCE_MS, elapsed[0])
         encoded = encode_infer_response(request, outputs, model_name=ref.name, model_version=ref.version)
+        check_response_size(encoded, request, self.registry.settings.max_response_bytes)
         return HttpResponse(200, encoded.body, encoded.headers)
 
     def call(

@@ -6,7 +6,9 @@ seen from the worker) is another implementation, never a branch inside a handler
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +21,18 @@ from tierserve.errors import BadRequest, ModelUnavailable
 from tierserve.protocol import model_metadata
 
 CPU_PROVIDERS = ("CPUExecutionProvider",)
+RUN_ERROR_LIMIT = 300  # characters of onnxruntime's message a client sees
+
+# "... while running GatherElements node. Name:'g' Status Message: <what went wrong>"
+_NODE_FAILURE = re.compile(r"while running (\w+) node\. Name:'([^']*)' Status Message: (.*)", re.DOTALL)
+# Faults of the machine, not of the input: a GPU, its libraries, memory. They stay 500s.
+_DEVICE_FAULT = re.compile(
+    r"cuda|cudnn|cublas|curand|cufft|tensorrt|nvinfer|\bgpu\b|out of memory|alloc", re.IGNORECASE
+)
+# "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : " (session.run), "Error in execution: " (IO binding)
+_ORT_PREFIX = re.compile(r"^(?:\[ONNXRuntimeError\] : \d+ : \w+ : |Error in execution: )")
+# "/onnxruntime_src/onnxruntime/core/providers/cpu/tensor/gather_elements.cc:150 "
+_SOURCE_LOCATION = re.compile(r"^\S+\.(?:cc|cpp|cu|h):\d+ ")
 
 # An execution provider as onnxruntime takes it: a name, or (name, options) as the GPU server
 # passes TensorRT and CUDA (tierserve.providers).
@@ -105,12 +119,76 @@ class OnnxModel:
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         names = list(output_names) if output_names else self._output_names
-        try:
+        with run_errors_translated():
             results = self.session.run(names, dict(inputs))
-        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ValueError) as error:
-            first_line = str(error).splitlines()[0][:300]
-            raise BadRequest(f"the model rejected the input: {first_line}") from None
         return dict(zip(names, results, strict=True))
+
+
+@contextmanager
+def run_errors_translated() -> Iterator[None]:
+    """Around a model run: a failure the input caused becomes its :class:`BadRequest`
+    (:func:`translate_run_error`); any other propagates as it is."""
+    try:
+        yield
+    except Exception as error:
+        client_error = translate_run_error(error)
+        if client_error is None:
+            raise
+        raise client_error from None
+
+
+def translate_run_error(error: BaseException) -> BadRequest | None:
+    """The client's error for an onnxruntime failure while running a model, or None when the
+    failure is the server's (a GPU, its libraries, memory, anything unrecognised): the caller
+    re-raises those, and they become a 500 that is logged and leaks nothing.
+
+    - ``InvalidArgument`` and ``ValueError`` (a wrong name, type or shape):
+      "the model rejected the input: ...";
+    - a failure that names the node it happened in (``Fail``, ``RuntimeException``, or the
+      ``RuntimeError`` of IO binding), e.g. an out-of-range ``GatherElements`` index:
+      "the model failed on this input: ...".
+
+    Both quote onnxruntime's message without its source locations, first line only, bounded.
+    """
+    message = str(error)
+    if isinstance(error, ort.capi.onnxruntime_pybind11_state.InvalidArgument | ValueError):
+        return BadRequest(f"the model rejected the input: {_run_error_detail(message)}")
+    if _DEVICE_FAULT.search(message):
+        return None
+    if _NODE_FAILURE.search(message):
+        return BadRequest(
+            f"the model failed on this input: {_run_error_detail(message)}; "
+            "check the values are in the range the model expects (indices, sizes)"
+        )
+    return None
+
+
+def _run_error_detail(message: str) -> str:
+    found = _NODE_FAILURE.search(message)
+    if found is None:
+        detail = _ORT_PREFIX.sub("", message.strip())
+    else:
+        op, name, status = found.groups()
+        where = f"{op} node {name!r}" if name else f"{op} node"
+        detail = f"{where}: {_without_source_location(status.strip())}"
+    first_line = detail.splitlines()[0] if detail else "no detail"
+    return first_line if len(first_line) <= RUN_ERROR_LIMIT else first_line[: RUN_ERROR_LIMIT - 3] + "..."
+
+
+def _without_source_location(status: str) -> str:
+    """``status`` without the ``file.cc:123 <C++ signature>`` prefix an ``ORT_ENFORCE`` adds."""
+    found = _SOURCE_LOCATION.match(status)
+    if found is None:
+        return status
+    rest, depth, bracketed = status[found.end() :], 0, False
+    for index, char in enumerate(rest):
+        if char in "([":
+            depth, bracketed = depth + 1, True
+        elif char in ")]":
+            depth -= 1
+        elif char == " " and depth == 0 and bracketed and not rest.startswith(("[with", "const"), index + 1):
+            return rest[index + 1 :]
+    return rest
 
 
 # How a registry turns a new session into the model it serves: ``OnnxModel`` by default; the

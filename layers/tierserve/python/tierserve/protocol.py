@@ -7,8 +7,10 @@ model's signature (names, datatypes, shapes, sizes, finiteness) before anything 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import reprlib
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +61,21 @@ ONNX_TO_DATATYPE: dict[str, str] = {
     "tensor(string)": "BYTES",
     "tensor(bfloat16)": "BF16",
 }
+
+
+# How much of a client's value an error message quotes: enough to recognise it, never the
+# whole of a 5 MB name or a million-entry shape.
+ECHO_LIMIT = 80
+_ECHO = reprlib.Repr()
+_ECHO.maxlevel, _ECHO.maxstring, _ECHO.maxother, _ECHO.maxlong = 3, ECHO_LIMIT, ECHO_LIMIT, ECHO_LIMIT
+_ECHO.maxlist = _ECHO.maxtuple = _ECHO.maxdict = 8
+
+
+def _short(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """``value`` as an error message quotes it: its repr, cut to at most ``limit`` characters
+    (depth- and length-bounded, so a hostile value costs nothing to quote)."""
+    text = _ECHO.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -137,7 +154,7 @@ def parse_infer_request(
     for raw in raw_inputs:
         name, array, offset = _decode_input(raw, specs, binary, offset, manifest.allow_non_finite)
         if name in inputs:
-            raise BadRequest(f"input {name!r} appears twice: send each input once")
+            raise BadRequest(f"input {_short(name)} appears twice: send each input once")
         inputs[name] = array
     if offset != len(binary):
         raise BadRequest(
@@ -145,16 +162,29 @@ def parse_infer_request(
             "check each input's binary_data_size"
         )
     _check_complete(inputs, specs)
-    parameters = document.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise BadRequest('"parameters" must be an object')
+    parameters = _parameters(document.get("parameters"), "the request", '{"binary_data_output": true}')
     return InferenceRequest(
         inputs=inputs,
         id=_request_id(document.get("id")),
         outputs=_requested_outputs(document.get("outputs"), manifest.outputs),
-        binary_outputs=bool(parameters.get("binary_data_output", False)),
+        binary_outputs=_flag(parameters, "binary_data_output", "the request"),
         parameters=parameters,
     )
+
+
+def _parameters(value: Any, owner: str, example: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f'{owner}: "parameters" must be an object, e.g. {example}')
+    return value
+
+
+def _flag(parameters: Mapping[str, Any], key: str, owner: str) -> bool:
+    value = parameters.get(key, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{owner}: {key} must be true or false (a JSON boolean), got {_short(value)}")
+    return value
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
@@ -164,7 +194,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
             json_length = int(header_length)
         except ValueError:
             raise BadRequest(
-                f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
+                f"Inference-Header-Content-Length must be an integer, got {_short(header_length)}"
             ) from None
         if not 0 < json_length <= len(body):
             raise BadRequest(
@@ -175,9 +205,19 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
         raise BadRequest('request body is empty: send a v2 infer request, e.g. {"inputs": [...]}')
     try:
         document = json.loads(body[:json_length])
+    except RecursionError:
+        raise BadRequest(
+            "request body is nested too deeply to parse: send tensor data flat (row-major) "
+            "or nested once per dimension"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BadRequest(
-            f"request body is not valid JSON ({error}); for binary tensors set Inference-Header-Content-Length"
+            f"request body is not valid JSON ({_short(str(error), 200)}); "
+            "for binary tensors set Inference-Header-Content-Length"
+        ) from None
+    except ValueError:  # Python refuses to convert an integer of over 4,300 digits
+        raise BadRequest(
+            "request body has an integer with too many digits to be any datatype: send values in range"
         ) from None
     if not isinstance(document, dict):
         raise BadRequest('request body must be a JSON object with an "inputs" list')
@@ -206,19 +246,25 @@ def _decode_input(
     shape = _shape(raw.get("shape"), name)
     datatype = _datatype(raw.get("datatype"), name, spec)
     _check_shape(shape, spec)
-    parameters = raw.get("parameters") or {}
-    binary_size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    parameters = _parameters(raw.get("parameters"), f"input {_short(name)}", '{"binary_data_size": 16}')
+    binary_size = parameters.get("binary_data_size")
     if binary_size is not None:
-        if not isinstance(binary_size, int) or binary_size < 0 or offset + binary_size > len(binary):
+        if not isinstance(binary_size, int) or isinstance(binary_size, bool) or binary_size < 0:
             raise BadRequest(
-                f"input {name!r}: binary_data_size {binary_size!r} runs past the end of the binary section"
+                f"input {_short(name)}: binary_data_size must be a byte count (a whole number, 0 or more), "
+                f"got {_short(binary_size)}"
+            )
+        if offset + binary_size > len(binary):
+            raise BadRequest(
+                f"input {_short(name)}: binary_data_size {binary_size} runs past the end of the binary "
+                "section"
             )
         array = decode_binary(binary[offset : offset + binary_size], datatype, shape, name)
         offset += binary_size
     elif "data" in raw:
         array = decode_json(raw["data"], datatype, shape, name)
     else:
-        raise BadRequest(f'input {name!r} has neither "data" nor a binary_data_size parameter')
+        raise BadRequest(f'input {_short(name)} has neither "data" nor a binary_data_size parameter')
     _check_finite(array, name, allow_non_finite)
     return name, array, offset
 
@@ -249,7 +295,7 @@ def request_from_arrays(
 def _spec_for(name: str, specs: Mapping[str, TensorSpec]) -> TensorSpec:
     spec = specs.get(name)
     if spec is None:
-        raise BadRequest(f"unknown input {name!r}: the model's inputs are {list(specs)}")
+        raise BadRequest(f"unknown input {_short(name)}: the model's inputs are {list(specs)}")
     return spec
 
 
@@ -262,65 +308,108 @@ def _check_complete(inputs: Mapping[str, np.ndarray], specs: Mapping[str, Tensor
 def _check_finite(array: np.ndarray, name: str, allow_non_finite: bool) -> None:
     if not allow_non_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
         raise BadRequest(
-            f"input {name!r} contains NaN or infinity; send finite values (this model does not accept them)"
+            f"input {_short(name)} contains NaN or infinity; send finite values "
+            "(this model does not accept them)"
         )
 
 
 def _shape(value: Any, name: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
-        raise BadRequest(f'input {name!r}: "shape" must be a list of integers, e.g. [1, 4]')
+        raise BadRequest(f'input {_short(name)}: "shape" must be a list of integers, e.g. [1, 4]')
     if any(d < 0 for d in value):
-        raise BadRequest(f"input {name!r}: shape {value} has a negative dimension")
+        raise BadRequest(f"input {_short(name)}: shape {_short(value)} has a negative dimension")
     if any(d == 0 for d in value):
-        raise BadRequest(f"input {name!r}: shape {value} is empty (a zero dimension); send at least one row")
+        raise BadRequest(
+            f"input {_short(name)}: shape {_short(value)} is empty (a zero dimension); send at least one row"
+        )
     return tuple(value)
 
 
 def _datatype(value: Any, name: str, spec: TensorSpec) -> str:
-    if value in UNSUPPORTED_DATATYPES:
-        raise BadRequest(f"input {name!r}: {UNSUPPORTED_DATATYPES[value]}")
-    if value not in DATATYPES:
+    if isinstance(value, str) and value in UNSUPPORTED_DATATYPES:
+        raise BadRequest(f"input {_short(name)}: {UNSUPPORTED_DATATYPES[value]}")
+    if not isinstance(value, str) or value not in DATATYPES:
         raise BadRequest(
-            f"input {name!r}: datatype {value!r} is not a v2 datatype; use one of {list(DATATYPES)}"
+            f"input {_short(name)}: datatype {_short(value)} is not a v2 datatype; "
+            f"use one of {list(DATATYPES)}"
         )
     if value != spec.datatype:
-        raise BadRequest(f"input {name!r} has datatype {value} but the model expects {spec.datatype}")
+        raise BadRequest(f"input {_short(name)} has datatype {value} but the model expects {spec.datatype}")
     return value
 
 
 def _check_shape(shape: tuple[int, ...], spec: TensorSpec) -> None:
     if len(shape) != len(spec.shape):
         raise BadRequest(
-            f"input {spec.name!r} has shape {list(shape)} but the model expects rank {len(spec.shape)} "
-            f"{list(spec.shape)} (-1 is any size)"
+            f"input {spec.name!r} has shape {_short(list(shape))} but the model expects rank "
+            f"{len(spec.shape)} {list(spec.shape)} (-1 is any size)"
         )
     for got, want in zip(shape, spec.shape, strict=True):
         if want >= 0 and got != want:
             raise BadRequest(
-                f"input {spec.name!r} has shape {list(shape)} but the model expects {list(spec.shape)} "
-                "(-1 is any size)"
+                f"input {spec.name!r} has shape {_short(list(shape))} but the model expects "
+                f"{list(spec.shape)} (-1 is any size)"
             )
 
 
 def decode_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """Turn JSON ``data`` (flat row-major or nested) into an array of ``shape``."""
+    """Turn JSON ``data`` (flat row-major or nested once per dimension) into an array of ``shape``.
+
+    Raises:
+        BadRequest: data nested deeper than ``shape`` has dimensions, ragged, of the wrong
+            kind (strings, nulls, booleans for a numeric datatype) or out of the datatype's
+            range, or a value count that does not match ``shape``.
+    """
     count = math.prod(shape)
+    depth = _nesting(data)
+    if depth > max(len(shape), 1):
+        raise BadRequest(
+            f"input {_short(name)}: data is nested too deeply ({depth} levels for shape "
+            f"{_short(list(shape))}): send it flat (row-major) or nested once per dimension"
+        )
     if datatype == "BYTES":
         flat = _flatten_bytes(data, name)
     else:
         try:
-            flat = np.asarray(data).reshape(-1) if isinstance(data, list) else np.asarray([data])
-        except ValueError:
+            array = np.asarray(data)
+        except (ValueError, RecursionError):
             raise BadRequest(
-                f"input {name!r}: nested data is ragged; every row needs the same length"
+                f"input {_short(name)}: nested data is ragged; every row needs the same length"
             ) from None
-        flat = _coerce(flat, datatype, name)
+        if datatype != "BOOL" and array.dtype.kind in "iuf" and _has_booleans(data, array.ndim):
+            raise BadRequest(_booleans_message(name, datatype))
+        flat = _coerce(array.reshape(-1), datatype, name)
     if len(flat) != count:
         raise BadRequest(
-            f"input {name!r} has {len(flat)} values but shape {list(shape)} needs {count}: "
+            f"input {_short(name)} has {len(flat)} values but shape {_short(list(shape))} needs {count}: "
             "fix the shape or the data"
         )
     return flat.reshape(shape)
+
+
+def _nesting(data: Any) -> int:
+    """How deeply ``data`` nests lists, following first elements (deeper rows elsewhere are
+    ragged, which numpy reports)."""
+    depth = 0
+    while isinstance(data, list):
+        depth += 1
+        if not data:
+            break
+        data = data[0]
+    return depth
+
+
+def _has_booleans(data: Any, depth: int) -> bool:
+    """True when JSON ``true``/``false`` hide among numbers (numpy reads them as 1 and 0).
+    ``depth`` is the nesting numpy found; flattening and the type scan run in C."""
+    items = data if isinstance(data, list) else [data]
+    for _ in range(depth - 1):
+        items = list(itertools.chain.from_iterable(items))
+    return bool in set(map(type, items))
+
+
+def _booleans_message(name: str, datatype: str) -> str:
+    return f"input {_short(name)} is {datatype}: send numbers; true/false are only for BOOL inputs"
 
 
 def _flatten_bytes(data: Any, name: str) -> np.ndarray:
@@ -333,7 +422,9 @@ def _flatten_bytes(data: Any, name: str) -> np.ndarray:
         elif isinstance(item, str):
             items.append(item)
         else:
-            raise BadRequest(f"input {name!r} is BYTES: its data must be strings, got {type(item).__name__}")
+            raise BadRequest(
+                f"input {_short(name)} is BYTES: its data must be strings, got {type(item).__name__}"
+            )
     return np.array(items, dtype=object)
 
 
@@ -341,20 +432,39 @@ def _coerce(values: np.ndarray, datatype: str, name: str) -> np.ndarray:
     dtype = DATATYPES[datatype]
     kind = values.dtype.kind
     if kind not in "biuf":
-        raise BadRequest(f"input {name!r} is {datatype}: its data must be numbers, not {_json_kind(values)}")
+        raise BadRequest(
+            f"input {_short(name)} is {datatype}: its data must be numbers, not {_json_kind(values)}"
+        )
     if dtype.kind == "b":
         if kind != "b":
-            raise BadRequest(f"input {name!r} is BOOL: send true/false")
+            raise BadRequest(f"input {_short(name)} is BOOL: send true/false")
         return values
+    if kind == "b":
+        raise BadRequest(_booleans_message(name, datatype))
     if dtype.kind in "iu":
         if kind == "f":
-            raise BadRequest(f"input {name!r} is {datatype}: send whole numbers, not decimals")
+            raise BadRequest(f"input {_short(name)} is {datatype}: send whole numbers, not decimals")
         info = np.iinfo(dtype)
         if values.size and (values.min() < info.min or values.max() > info.max):
             raise BadRequest(
-                f"input {name!r} has values outside the {datatype} range [{info.min}, {info.max}]"
+                f"input {_short(name)} has values outside the {datatype} range [{info.min}, {info.max}]"
             )
+    elif dtype.itemsize < 8:  # FP16, FP32: a JSON number can be finite and still too large
+        _check_float_range(values, dtype, datatype, name)
     return values.astype(dtype, copy=False)
+
+
+def _check_float_range(values: np.ndarray, dtype: np.dtype, datatype: str, name: str) -> None:
+    """A finite number too large for ``dtype`` would become infinity in the cast: say so, rather
+    than blame the client for an infinity it did not send."""
+    wide = values.astype(np.float64, copy=False)
+    finite = wide[np.isfinite(wide)]
+    largest = float(np.finfo(dtype).max)
+    if finite.size and float(np.abs(finite).max()) > largest:
+        raise BadRequest(
+            f"input {_short(name)} has values outside the {datatype} range [{-largest:g}, {largest:g}]: "
+            "scale them into range"
+        )
 
 
 def _json_kind(values: np.ndarray) -> str:
@@ -368,14 +478,15 @@ def decode_binary(raw: bytes, datatype: str, shape: tuple[int, ...], name: str) 
         items = _unpack_bytes(raw, name)
         if len(items) != count:
             raise BadRequest(
-                f"input {name!r} has {len(items)} BYTES elements but shape {list(shape)} needs {count}"
+                f"input {_short(name)} has {len(items)} BYTES elements but shape {_short(list(shape))} "
+                f"needs {count}"
             )
         return np.array(items, dtype=object).reshape(shape)
     dtype = DATATYPES[datatype]
     if len(raw) != count * dtype.itemsize:
         raise BadRequest(
-            f"input {name!r}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes "
-            f"but binary_data_size is {len(raw)}"
+            f"input {_short(name)}: shape {_short(list(shape))} of {datatype} needs "
+            f"{count * dtype.itemsize} bytes but binary_data_size is {len(raw)}"
         )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
@@ -384,11 +495,11 @@ def _unpack_bytes(raw: bytes, name: str) -> list[bytes]:
     items, offset = [], 0
     while offset < len(raw):
         if offset + 4 > len(raw):
-            raise BadRequest(f"input {name!r}: BYTES element length prefix is cut off")
+            raise BadRequest(f"input {_short(name)}: BYTES element length prefix is cut off")
         (length,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + length > len(raw):
-            raise BadRequest(f"input {name!r}: BYTES element of {length} bytes runs past the tensor")
+            raise BadRequest(f"input {_short(name)}: BYTES element of {length} bytes runs past the tensor")
         items.append(raw[offset : offset + length])
         offset += length
     return items
@@ -400,13 +511,17 @@ def _requested_outputs(value: Any, specs: Sequence[TensorSpec]) -> tuple[Request
     known = [spec.name for spec in specs]
     if not isinstance(value, list):
         raise BadRequest('"outputs" must be a list like [{"name": "probabilities"}]')
-    requested = []
+    requested: dict[str, RequestedOutput] = {}
     for raw in value:
         if not isinstance(raw, dict) or raw.get("name") not in known:
-            raise BadRequest(f"unknown output {raw!r}: the model's outputs are {known}")
-        parameters = raw.get("parameters") or {}
-        requested.append(RequestedOutput(raw["name"], bool(parameters.get("binary_data", False))))
-    return tuple(requested)
+            name = raw.get("name") if isinstance(raw, dict) else raw
+            raise BadRequest(f"unknown output {_short(name)}: the model's outputs are {known}")
+        name = raw["name"]
+        if name in requested:
+            raise BadRequest(f"output {name!r} is asked for twice: list each output once")
+        parameters = _parameters(raw.get("parameters"), f"output {name!r}", '{"binary_data": true}')
+        requested[name] = RequestedOutput(name, _flag(parameters, "binary_data", f"output {name!r}"))
+    return tuple(requested.values())
 
 
 # ---------------------------------------------------------------- responses

@@ -22,8 +22,14 @@ import numpy as np
 import onnxruntime as ort
 
 from tierserve.catalog import Manifest
-from tierserve.errors import BadRequest
-from tierserve.model import LoadTimings, Model, ModelFactory, OnnxModel, ProviderSpec
+from tierserve.model import (
+    LoadTimings,
+    Model,
+    ModelFactory,
+    OnnxModel,
+    ProviderSpec,
+    run_errors_translated,
+)
 
 TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -150,21 +156,19 @@ class IoBindingModel(OnnxModel):
         names = list(output_names) if output_names else self._output_names
         binding = self.session.io_binding()
         try:
-            for name, array in inputs.items():
-                if array.dtype.kind == "O":  # strings live on the host whatever the provider
-                    binding.bind_cpu_input(name, array)
-                    continue
-                value = ort.OrtValue.ortvalue_from_numpy(
-                    np.ascontiguousarray(array), self.device, self.device_id
-                )
-                binding.bind_ortvalue_input(name, value)
-            for name in names:
-                binding.bind_output(name, self.device, self.device_id)
-            self.session.run_with_iobinding(binding)
-            results = binding.copy_outputs_to_cpu()
-        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ValueError) as error:
-            first_line = str(error).splitlines()[0][:300]
-            raise BadRequest(f"the model rejected the input: {first_line}") from None
+            with run_errors_translated():
+                for name, array in inputs.items():
+                    if array.dtype.kind == "O":  # strings live on the host whatever the provider
+                        binding.bind_cpu_input(name, array)
+                        continue
+                    value = ort.OrtValue.ortvalue_from_numpy(
+                        np.ascontiguousarray(array), self.device, self.device_id
+                    )
+                    binding.bind_ortvalue_input(name, value)
+                for name in names:
+                    binding.bind_output(name, self.device, self.device_id)
+                self.session.run_with_iobinding(binding)
+                results = binding.copy_outputs_to_cpu()
         finally:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
