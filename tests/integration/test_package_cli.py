@@ -8,6 +8,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import pytest
 
 from support.common import BUCKET, REPO_ROOT, count_s3_calls
 from tierserve import store
-from tierserve.catalog import Catalog, Digest
+from tierserve.catalog import Catalog, Digest, Manifest
 from tierserve.cli import main
 from tierserve.config import ModelRef, Settings
 from tierserve.packaging import (
@@ -29,6 +31,7 @@ from tierserve.packaging import (
     upload_package,
 )
 from tierserve.packaging import transfer_config as make_transfer_config
+from tierserve.packaging._upload import stored_artifact_name
 from tierserve.sessions import ModelRegistry
 from tierserve.store import ArtifactStore, S3Source
 
@@ -88,8 +91,10 @@ def test_package_upload_register_and_serve(s3, mlp_onnx, tmp_path, cache_dir, ca
 
     entry = Catalog.load(catalog_path).get("mlp")
     assert entry is not None and entry.manifest.quantization == "int8-dynamic"
+    artifact = f"model-{entry.manifest.stored.sha256[:16]}.onnx.zst"  # content-addressed
+    assert entry.manifest.artifact == artifact
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"])
-    assert keys == ["models/mlp/1/manifest.json", "models/mlp/1/model.onnx.zst"]
+    assert keys == ["models/mlp/1/manifest.json", f"models/mlp/1/{artifact}"]
 
     # Served by the core from S3: predictions within the tolerance the package measured.
     registry = ModelRegistry(
@@ -115,11 +120,11 @@ def test_package_upload_register_and_serve(s3, mlp_onnx, tmp_path, cache_dir, ca
     )
     assert code == 0 and "ok   mlp@1  tier lambda (in S3)" in stdout
 
-    s3.delete_object(Bucket=BUCKET, Key="models/mlp/1/model.onnx.zst")
+    s3.delete_object(Bucket=BUCKET, Key=f"models/mlp/1/{artifact}")
     code, stdout, _ = cli(
         capsys, "catalog", "validate", "--catalog", catalog_path, "--check-s3", f"s3://{BUCKET}/models"
     )
-    assert code == 1 and "FAIL mlp@1: s3://test-models/models/mlp/1/model.onnx.zst is missing" in stdout
+    assert code == 1 and f"FAIL mlp@1: s3://test-models/models/mlp/1/{artifact} is missing" in stdout
 
 
 def test_reupload_of_the_same_digest_is_a_no_op(s3, embedded_s3, packaged_mlp, capsys, tmp_path):
@@ -131,7 +136,7 @@ def test_reupload_of_the_same_digest_is_a_no_op(s3, embedded_s3, packaged_mlp, c
     calls = count_s3_calls(client)
     result = upload_package(read_package(packaged_mlp), client, BUCKET, "models")
     assert result.uploaded is False
-    assert "PutObject" not in calls and "CreateMultipartUpload" not in calls and calls == ["GetObject"]
+    assert calls == ["GetObject", "HeadObject"]  # the manifest, and that its artifact is whole
 
     code, stdout, _ = cli(capsys, "upload", packaged_mlp, f"s3://{BUCKET}/models", "--catalog", catalog)
     assert code == 0 and "already there" in stdout and "nothing sent" in stdout
@@ -143,7 +148,7 @@ def test_an_artifact_left_by_a_stopped_upload_is_not_sent_again(s3, embedded_s3,
     s3.upload_file(
         str(packaged.artifact),
         BUCKET,
-        "models/mlp/1/model.onnx.zst",
+        f"models/mlp/1/{stored_artifact_name(packaged.manifest)}",
         ExtraArgs={"Metadata": {"sha256": packaged.manifest.stored.sha256}},
     )
     client = embedded_s3.client()
@@ -162,14 +167,12 @@ def test_large_artifacts_go_multipart_and_verify_on_fetch(s3, embedded_s3, tmp_p
     from tierserve.packaging import sha256_file
 
     digest = Digest(sha256_file(artifact), artifact.stat().st_size)
-    from dataclasses import replace
-
     manifest = replace(
         small.manifest, name="big", compression="none", artifact="model.onnx", stored=digest, model=digest
     )
     client = embedded_s3.client()
     calls = count_s3_calls(client)
-    upload_package(
+    result = upload_package(
         PackagedModel(manifest, artifact),
         client,
         BUCKET,
@@ -177,9 +180,10 @@ def test_large_artifacts_go_multipart_and_verify_on_fetch(s3, embedded_s3, tmp_p
         config=make_transfer_config(threshold_mib=5, chunk_mib=5),
     )
     assert calls.count("UploadPart") == 3 and calls[-1] == "PutObject"
+    assert result.manifest.artifact == f"model-{digest.sha256[:16]}.onnx"
     store.clear_clients()
     fetched = ArtifactStore(S3Source(BUCKET, "models", store.default_s3_client), cache_dir, 1 << 30).fetch(
-        manifest
+        result.manifest
     )
     assert fetched.path.stat().st_size == digest.bytes
 
@@ -190,8 +194,6 @@ def test_a_version_holding_another_model_is_refused(
     code, _, _ = cli(capsys, "upload", packaged_mlp, f"s3://{BUCKET}/models", "--no-register")
     assert code == 0
     other = read_package(iris_package.artifact.parent)
-    from dataclasses import replace
-
     clash = PackagedModel(replace(other.manifest, name="mlp"), other.artifact)
     with pytest.raises(VersionConflict, match="versions are immutable, package it as a new --version"):
         upload_package(clash, embedded_s3.client(), BUCKET, "models")
@@ -204,6 +206,93 @@ def test_a_racing_upload_cannot_overwrite_a_version(s3, embedded_s3, packaged_ml
     monkeypatch.setattr(_upload, "_existing_manifest", lambda *_: None)  # as if it landed after our check
     with pytest.raises(VersionConflict, match=r"another upload wrote .* while this one ran"):
         upload_package(read_package(packaged_mlp), embedded_s3.client(), BUCKET, "models")
+
+
+def manifest_in_s3(s3, name: str = "mlp") -> Manifest:
+    raw = s3.get_object(Bucket=BUCKET, Key=f"models/{name}/1/manifest.json")["Body"].read()
+    return Manifest.from_dict(json.loads(raw))
+
+
+def fetch_from_s3(manifest: Manifest, cache_dir: Path) -> Path:
+    """What a function does with the manifest: fetch the artifact it names and verify both digests."""
+    store.clear_clients()
+    source = S3Source(BUCKET, "models", store.default_s3_client)
+    return ArtifactStore(source, cache_dir, 1 << 30).fetch(manifest).path
+
+
+def manifest_put_hook(client, on_manifest) -> None:
+    """Call ``on_manifest()`` just before ``client`` writes a manifest (not an artifact)."""
+
+    def hook(params, **_):
+        if params["Key"].endswith("/manifest.json"):
+            on_manifest()
+
+    client.meta.events.register("before-parameter-build.s3.PutObject", hook)
+
+
+def test_racing_uploads_of_two_models_leave_the_winners_artifact_whole(
+    s3, embedded_s3, packaged_mlp, iris_package, cache_dir
+):
+    """Winner and loser both find the version empty. The winner sends its artifact, then the
+    loser sends its own; the winner writes the manifest first, the loser's conditional write
+    fails. The manifest must name the winner's bytes, which must still be in S3."""
+    winner = read_package(packaged_mlp)
+    other = read_package(iris_package.artifact.parent)
+    loser = PackagedModel(replace(other.manifest, name="mlp"), other.artifact)  # another model, same version
+    loser_waits, loser_goes = threading.Event(), threading.Event()
+    raised: list[BaseException] = []
+
+    def loser_upload() -> None:
+        client = embedded_s3.client()
+        manifest_put_hook(client, lambda: (loser_waits.set(), loser_goes.wait(30)))
+        try:
+            upload_package(loser, client, BUCKET, "models")
+        except BaseException as error:
+            raised.append(error)
+
+    thread = threading.Thread(target=loser_upload)
+
+    def start_the_loser() -> None:  # the winner's artifact is in S3; its manifest is not yet
+        thread.start()
+        assert loser_waits.wait(30), raised  # the loser's artifact is in S3; its manifest is next
+
+    client = embedded_s3.client()
+    manifest_put_hook(client, start_the_loser)
+    try:
+        result = upload_package(winner, client, BUCKET, "models")
+    finally:
+        loser_goes.set()
+        thread.join(30)
+    assert result.uploaded
+    [error] = raised
+    assert isinstance(error, VersionConflict) and "another upload wrote" in error.message
+
+    stored = manifest_in_s3(s3)
+    assert stored == result.manifest and stored.model == winner.manifest.model
+    head = s3.head_object(Bucket=BUCKET, Key=f"models/mlp/1/{stored.artifact}")
+    assert head["ContentLength"] == winner.manifest.stored.bytes
+    assert fetch_from_s3(stored, cache_dir).stat().st_size == winner.manifest.model.bytes
+    assert upload_package(winner, embedded_s3.client(), BUCKET, "models").uploaded is False
+
+
+def test_an_upload_that_finds_its_manifest_checks_the_artifact_it_names(
+    s3, embedded_s3, packaged_mlp, cache_dir
+):
+    packaged = read_package(packaged_mlp)
+    first = upload_package(packaged, embedded_s3.client(), BUCKET, "models")
+    s3.delete_object(Bucket=BUCKET, Key=f"models/mlp/1/{first.manifest.artifact}")  # lost, or never whole
+
+    again = upload_package(packaged, embedded_s3.client(), BUCKET, "models")
+    assert again.uploaded and again.artifact_sent and again.manifest == first.manifest  # repaired
+    assert fetch_from_s3(manifest_in_s3(s3), cache_dir).stat().st_size == packaged.manifest.model.bytes
+
+    s3.put_object(Bucket=BUCKET, Key=f"models/mlp/1/{first.manifest.artifact}", Body=b"not the artifact")
+    other_bytes = PackagedModel(
+        replace(packaged.manifest, stored=Digest("f" * 64, 123)), packaged.artifact
+    )  # the same model, compressed otherwise: it cannot repair this version
+    with pytest.raises(VersionConflict, match="is missing or is not the") as raised:
+        upload_package(other_bytes, embedded_s3.client(), BUCKET, "models")
+    assert first.manifest.artifact in raised.value.message
 
 
 def test_a_missing_bucket_fails_in_one_line(s3, packaged_mlp, capsys):

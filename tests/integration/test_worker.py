@@ -20,7 +20,7 @@ from sklearn.datasets import load_iris
 
 from support.common import BUCKET, count_s3_calls, load_event
 from support.flaky import FlakyProxy
-from support.sagemaker import SageMakerDouble, model_error, service_error
+from support.sagemaker import SageMakerDouble, model_error, service_error, start_container
 from tierserve import remote, store
 from tierserve.config import (
     CACHE_DIR_ENV,
@@ -34,6 +34,7 @@ from tierserve.config import (
     PRELOAD_ENV,
     ROW_BATCH_SIZE_ENV,
 )
+from tierserve.errors import UpstreamUnavailable
 from tierserve.local import samples
 from tierserve.local.apigw import LocalLambdaContext
 from tierserve.local.pipeline import QueuePoller, create_resources
@@ -62,6 +63,17 @@ def npy(array: np.ndarray, **kwargs) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, **kwargs)
     return buffer.getvalue()
+
+
+def npy_claiming(rows: int) -> bytes:
+    """A tiny .npy file whose header declares ``rows`` rows of four floats."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": (rows, 4)})
+    return buffer.getvalue() + bytes(32)
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
 
 
 def jsonl(rows) -> bytes:
@@ -257,6 +269,16 @@ def test_keys_with_spaces_and_unicode_arrive_url_encoded(worker):
         ),
         ("inputs/iris/many.jsonl", jsonl(ROWS * 3), {MAX_ROWS_ENV: "5"}, 413, "more than 5 rows"),
         ("inputs/iris/huge.jsonl", jsonl(ROWS * 50), {MAX_JSONL_MB_ENV: "0.001"}, 413, MAX_JSONL_MB_ENV),
+        (
+            "inputs/iris/deep.json",
+            b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":' + nested(100_000) + b"}]}",
+            {},
+            400,
+            "",  # protocol.py words the reason; that it is an error, not a retry, is the point
+        ),
+        ("inputs/iris/deep.jsonl", jsonl(ROWS) + nested(100_000) + b"\n", {}, 400, "line 3"),
+        ("inputs/iris/claims.npy", npy_claiming(10**12), {}, 413, "over the limit"),
+        ("inputs/iris/short.npy", npy_claiming(3), {}, 400, "not the 48 bytes"),
     ],
     ids=[
         "json",
@@ -269,6 +291,10 @@ def test_keys_with_spaces_and_unicode_arrive_url_encoded(worker):
         "npy-size",
         "rows",
         "jsonl-size",
+        "json-nested",
+        "jsonl-nested",
+        "npy-header-huge",
+        "npy-header-short",
     ],
 )
 def test_an_input_that_cannot_be_served_leaves_its_reason_and_is_not_retried(
@@ -284,6 +310,69 @@ def test_an_input_that_cannot_be_served_leaves_its_reason_and_is_not_retried(
     assert document["parameters"]["input_key"] == key
     assert not [k for k in keys(worker.s3) if k.startswith("outputs/")]
     assert_one_result_per_input(worker.s3)
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "fragment"),
+    [
+        (MemoryError(), 413, "too large to decode"),
+        (RecursionError("maximum recursion depth exceeded"), 400, "nested too deeply"),
+        (UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"), 400, "not valid Unicode"),
+    ],
+    ids=["memory", "recursion", "unicode"],
+)
+def test_a_decoding_failure_that_would_fail_every_time_is_an_error_not_a_retry(
+    worker, monkeypatch, failure, status, fragment
+):
+    def parse(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr("tierserve.pipeline.parse_infer_request", parse)
+    assert worker.deliver(worker.put("inputs/iris/x.json", infer_request())) == []
+    document = worker.read("errors/iris/x.json.json")
+    assert document["status"] == status and fragment in document["error"]
+    assert_one_result_per_input(worker.s3)
+
+
+def test_a_request_id_with_a_lone_surrogate_is_served(worker):
+    body = infer_request().replace(b'{"inputs"', b'{"id": "\\ud800-7", "inputs"', 1)
+    assert worker.deliver(worker.put("inputs/iris/x.json", body)) == []
+    raw = worker.s3.get_object(Bucket=DATA, Key="outputs/iris/x.json.json")["Body"].read()
+    assert json.loads(raw)["id"] == "\ud800-7"
+    assert_one_result_per_input(worker.s3)
+
+
+def test_the_response_is_encoded_once_with_its_parameters(worker, monkeypatch):
+    """The output file is the encoded response with the parameters added, not parsed back and
+    dumped again (a 100,000-row output would exist three times over)."""
+    from tierserve import pipeline as module
+
+    encoded: list[bytes] = []
+    encode = module.encode_infer_response
+
+    def spy_encode(*args, **kwargs):
+        response = encode(*args, **kwargs)
+        encoded.append(response.body)
+        return response
+
+    parsed: list[object] = []
+
+    class SpyJson:
+        def __getattr__(self, name):
+            return getattr(json, name)
+
+        def loads(self, text, *args, **kwargs):
+            parsed.append(text)
+            return json.loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(module, "encode_infer_response", spy_encode)
+    monkeypatch.setattr(module, "json", SpyJson())
+    assert worker.deliver(worker.put("inputs/iris/x.npy", npy(np.asarray(ROWS, np.float32)))) == []
+    [body] = encoded
+    assert not [text for text in parsed if text == body]
+    document = worker.read("outputs/iris/x.npy.json")
+    assert document["parameters"]["input_format"] == "npy"
+    assert {k: v for k, v in document.items() if k != "parameters"} == json.loads(body)
 
 
 def test_test_events_and_keys_outside_inputs_write_nothing(worker):
@@ -342,6 +431,86 @@ def test_a_few_failing_s3_requests_are_retried_by_the_next_delivery(flaky, worke
     assert worker.deliver(message) == [0]
     assert worker.deliver(message) == []
     assert_one_result_per_input(worker.s3)
+
+
+def fail_s3_once(operation: str, code: str = "SlowDown", status: int = 503) -> list[str]:
+    """Make the worker's next ``operation`` call fail once, as S3 would; returns the failures seen."""
+    from botocore.exceptions import ClientError
+
+    failures: list[str] = []
+
+    def fail(params, **_):
+        if not failures:
+            failures.append(params["Key"])
+            raise ClientError(
+                {
+                    "Error": {"Code": code, "Message": "injected"},
+                    "ResponseMetadata": {"HTTPStatusCode": status},
+                },
+                operation,
+            )
+
+    store.default_s3_client().meta.events.register(f"before-parameter-build.s3.{operation}", fail)
+    return failures
+
+
+@pytest.mark.parametrize(
+    ("operation", "action", "result"),
+    [
+        ("PutObject", "writing", "outputs/iris/x.json.json"),
+        ("HeadObject", "reading", "outputs/iris/x.json.json"),
+    ],
+)
+def test_an_s3_failure_says_what_the_worker_was_doing(worker, operation, action, result):
+    from tierserve.pipeline import S3Object
+
+    put = worker.s3.put_object(Bucket=DATA, Key="inputs/iris/x.json", Body=infer_request())
+    failures = fail_s3_once(operation)
+    with pytest.raises(UpstreamUnavailable) as raised:
+        worker.module.pipeline.handle(S3Object(DATA, "inputs/iris/x.json", etag=put["ETag"].strip('"')))
+    assert failures == [result]
+    assert f"while {action} s3://{DATA}/{result} (SlowDown)" in raised.value.message
+
+
+def test_a_result_left_beside_the_newer_one_by_a_failed_delete_is_removed_on_redelivery(worker, monkeypatch):
+    ticks = iter(range(1_000_000, 2_000_000))
+    monkeypatch.setattr(worker.module.pipeline, "_clock", lambda: float(next(ticks)))
+    assert worker.deliver(worker.put("inputs/iris/x.json", b"{broken")) == []
+    fixed = worker.put("inputs/iris/x.json", infer_request())
+    failures = fail_s3_once("DeleteObject")
+    with pytest.raises(UpstreamUnavailable, match=f"while deleting s3://{DATA}/errors/iris/x.json.json"):
+        worker.module.pipeline.handle_message(fixed)  # the output is written; removing the error fails
+    assert failures == ["errors/iris/x.json.json"]
+    assert keys(worker.s3) == ["errors/iris/x.json.json", "inputs/iris/x.json", "outputs/iris/x.json.json"]
+    assert worker.deliver(fixed) == []  # redelivered: a duplicate, and the stale error goes
+    assert keys(worker.s3) == ["inputs/iris/x.json", "outputs/iris/x.json.json"]
+    assert_one_result_per_input(worker.s3)
+
+
+def test_a_redelivered_older_result_never_removes_a_newer_one(worker, monkeypatch):
+    ticks = iter(range(1_000_000, 2_000_000))
+    monkeypatch.setattr(worker.module.pipeline, "_clock", lambda: float(next(ticks)))
+    first = worker.put("inputs/iris/x.json", infer_request())
+    assert worker.deliver(first) == []
+    broken = worker.put("inputs/iris/x.json", b"{broken")
+    fail_s3_once("DeleteObject")
+    assert worker.deliver(broken) == [0]  # the error is written, removing the old output fails
+    assert worker.deliver(first) == []  # the old event again: a duplicate of the older output
+    assert "errors/iris/x.json.json" in keys(worker.s3)
+    assert worker.deliver(broken) == []  # the newer event again: the older output goes
+    assert keys(worker.s3) == ["errors/iris/x.json.json", "inputs/iris/x.json"]
+
+
+def test_with_sequencers_a_duplicate_removes_the_older_result_of_the_other_kind(versioned, worker):
+    old, _ = put_version(worker, "inputs/iris/x.json", b"{broken", "0A")
+    new, _ = put_version(worker, "inputs/iris/x.json", infer_request(), "0B")
+    assert worker.deliver(old) == []
+    fail_s3_once("DeleteObject")
+    assert worker.deliver(new) == [0]
+    assert worker.deliver(old) == []  # stale: it removes nothing
+    assert len([k for k in keys(worker.s3) if k.startswith(("outputs/", "errors/"))]) == 2
+    assert worker.deliver(new) == []
+    assert keys(worker.s3) == ["inputs/iris/x.json", "outputs/iris/x.json.json"]
 
 
 # ---------------------------------------------------------------- idempotency and ordering
@@ -471,19 +640,16 @@ def test_results_can_go_to_a_separate_data_bucket(s3, make_worker):
 
 
 @pytest.fixture
-def gpu(make_worker, iris_onnx, iris_package, monkeypatch):
-    import onnxruntime as ort
-
-    from tierserve.model import LoadTimings, OnnxModel
-
-    session = ort.InferenceSession(str(iris_onnx), providers=["CPUExecutionProvider"])
-    double = SageMakerDouble(
-        lambda endpoint: OnnxModel(iris_package.manifest, session, LoadTimings(0, 0, 0, False))
-    )
+def gpu(make_worker, iris_package, tmp_path, monkeypatch):
+    """The worker with iris on the GPU tier: SageMaker (a loopback double) in front of the GPU
+    server's real host, loaded from the package as a SageMaker model directory."""
+    container = start_container(iris_package.artifact.parent, tmp_path / "container-cache")
+    double = SageMakerDouble({"iris-gpu": container})
     monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", double.url)
     worker = make_worker(**{GPU_ENDPOINTS_ENV: "iris=iris-gpu", ROW_BATCH_SIZE_ENV: "2"})
     yield worker, double
     double.stop()
+    container.close()
 
 
 def test_a_gpu_tier_model_is_served_through_its_sagemaker_endpoint(gpu):

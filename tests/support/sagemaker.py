@@ -1,10 +1,13 @@
 """A loopback double of the SageMaker runtime API (``POST /endpoints/{name}/invocations``).
 
-By default it plays a GPU server honestly: it reads the OIP binary request the way the
-container receives it (the header length in ``X-Amzn-SageMaker-Custom-Attributes``), runs a
-real model and answers with binary outputs. ``fail_with`` makes it answer the errors
-SageMaker itself sends (its status, ``x-amzn-ErrorType`` and JSON body), including
-``ModelError`` wrapping a container's own status; ``delay_s`` makes it slow.
+Behind each endpoint runs the GPU server's real host (:class:`tierserve.hosting.ModelHost`,
+what ``functions/gpu_server`` serves on ``/invocations``), so the worker's client
+(``tierserve.remote``) and the container (``tierserve.hosting``) meet end to end. The double
+plays only SageMaker's part: it hands the container the headers SageMaker forwards, passes
+back its ``Content-Type`` and ``X-Amzn-SageMaker-Custom-Attributes``, wraps a container's
+non-2xx answer in ``ModelError`` (424, ``OriginalStatusCode``, ``OriginalMessage``) and
+refuses unknown endpoints. ``fail_with`` makes it answer the errors SageMaker itself sends
+(its status, ``x-amzn-ErrorType`` and JSON body) instead; ``delay_s`` makes it slow.
 """
 
 from __future__ import annotations
@@ -13,19 +16,38 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-from tierserve.errors import to_http
-from tierserve.protocol import HEADER_LENGTH, encode_infer_response, parse_infer_request
+from tierserve.config import CACHE_DIR_ENV, MODEL_DIR_ENV
+from tierserve.hosting import CUSTOM_ATTRIBUTES, ModelHost, ServerSettings, build_registry
 from tierserve.remote import parse_custom_attributes
 
-CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+# The request headers SageMaker hands the container; the rest of the caller's stay with SageMaker.
+FORWARDED = ("Content-Type", "Accept", CUSTOM_ATTRIBUTES)
+
+
+def start_container(model_dir: Path, cache_dir: Path, **environ: str) -> ModelHost:
+    """The GPU server's host for the package in ``model_dir`` (its SageMaker model directory),
+    loaded and warmed up: what answers behind an InService endpoint. ``close()`` it after."""
+    env = {MODEL_DIR_ENV: str(model_dir), CACHE_DIR_ENV: str(cache_dir), **environ}
+    settings = ServerSettings.from_env(env)
+    host = ModelHost(build_registry(settings, env), settings, retry_s=(0.2, 0.5)).start()
+    if not host.wait_ready(60):
+        host.close()
+        raise RuntimeError(f"the container did not become ready: {host.ping().body.decode()}")
+    return host
 
 
 def model_error(status: int, message: str) -> tuple[int, str, dict[str, Any]]:
     """What SageMaker sends when the container answered ``status`` with an OIP error."""
+    return container_error(status, json.dumps({"error": message}))
+
+
+def container_error(status: int, body: str) -> tuple[int, str, dict[str, Any]]:
+    """SageMaker's ``ModelError`` around the container's ``status`` and response ``body``."""
     return (
         424,
         "ModelError",
@@ -33,7 +55,7 @@ def model_error(status: int, message: str) -> tuple[int, str, dict[str, Any]]:
             "ErrorCode": "CLIENT_ERROR_FROM_MODEL" if status < 500 else "SERVER_ERROR_FROM_MODEL",
             "Message": f"Received {'client' if status < 500 else 'server'} error ({status}) from primary",
             "OriginalStatusCode": status,
-            "OriginalMessage": json.dumps({"error": message}),
+            "OriginalMessage": body,
             "LogStreamArn": "arn:aws:logs:us-east-1:000000000000:log-group:/aws/sagemaker/Endpoints/x",
         },
     )
@@ -43,9 +65,20 @@ def service_error(status: int, code: str, message: str = "service error") -> tup
     return status, code, {"message": message}
 
 
+def _error_reply(failure: tuple[int, str, dict[str, Any]]) -> tuple[int, dict[str, str], bytes]:
+    status, code, document = failure
+    return (
+        status,
+        {"x-amzn-ErrorType": code, "Content-Type": "application/json"},
+        json.dumps(document).encode(),
+    )
+
+
 class SageMakerDouble:
-    def __init__(self, model_for: Callable[[str], Any] | None = None) -> None:
-        self.model_for = model_for
+    """SageMaker runtime on 127.0.0.1 for ``endpoints`` (endpoint name -> a started host)."""
+
+    def __init__(self, endpoints: Mapping[str, ModelHost]) -> None:
+        self.endpoints = dict(endpoints)
         self.fail_with: tuple[int, str, dict[str, Any]] | None = None
         self.fail_times = 0  # 0: fail every call while fail_with is set
         self.delay_s = 0.0
@@ -75,39 +108,35 @@ class SageMakerDouble:
     def _invoke(
         self, endpoint: str, headers: dict[str, str], body: bytes
     ) -> tuple[int, dict[str, str], bytes]:
-        attributes = parse_custom_attributes(headers.get(CUSTOM_ATTRIBUTES.lower()))
-        self.calls.append({"endpoint": endpoint, "headers": headers, "body": body, "attributes": attributes})
+        call = {
+            "endpoint": endpoint,
+            "headers": headers,
+            "body": body,
+            "attributes": parse_custom_attributes(headers.get(CUSTOM_ATTRIBUTES.lower())),
+        }
+        self.calls.append(call)
         if self.delay_s:
             time.sleep(self.delay_s)
         failure = self._failure()
         if failure is not None:
-            status, code, document = failure
-            return (
-                status,
-                {"x-amzn-ErrorType": code, "Content-Type": "application/json"},
-                json.dumps(document).encode(),
+            return _error_reply(failure)
+        host = self.endpoints.get(endpoint)
+        if host is None:
+            return _error_reply(
+                service_error(
+                    400, "ValidationError", f"Endpoint {endpoint} of account 000000000000 not found."
+                )
             )
-        model = self.model_for(endpoint)
-        try:
-            request = parse_infer_request(
-                body, {HEADER_LENGTH: attributes.get(HEADER_LENGTH)}, model.manifest, max_bytes=6 << 20
-            )
-            outputs = model.predict(request.inputs, request.output_names())
-        except Exception as error:
-            status, document = to_http(error)
-            wrapped, code, payload = model_error(status, document["error"])
-            return (
-                wrapped,
-                {"x-amzn-ErrorType": code, "Content-Type": "application/json"},
-                json.dumps(payload).encode(),
-            )
-        encoded = encode_infer_response(
-            request, outputs, model_name=model.manifest.name, model_version=model.manifest.version
-        )
-        reply = {"Content-Type": encoded.headers["Content-Type"]}
-        if HEADER_LENGTH in {k.lower() for k in encoded.headers}:
-            reply[CUSTOM_ATTRIBUTES] = f"{HEADER_LENGTH}={encoded.headers['Inference-Header-Content-Length']}"
-        return 200, reply, encoded.body
+        forwarded = {name: headers[name.lower()] for name in FORWARDED if name.lower() in headers}
+        response = host.respond("POST", "/invocations", forwarded, body)
+        call["container"] = response
+        if not 200 <= response.status < 300:
+            return _error_reply(container_error(response.status, response.body.decode("utf-8", "replace")))
+        reply = {name: value for name, value in response.headers.items() if name.lower() == "content-type"}
+        attributes = {k.lower(): v for k, v in response.headers.items()}.get(CUSTOM_ATTRIBUTES.lower())
+        if attributes is not None:
+            reply[CUSTOM_ATTRIBUTES] = attributes
+        return 200, reply, response.body
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         double = self

@@ -3,6 +3,7 @@ budget, and that a failure leaves nothing behind. Real onnx and onnxruntime, sma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tierserve.catalog import MANIFEST_NAME, Manifest, TensorSpec
+from tierserve.catalog import MANIFEST_NAME, Digest, Manifest, TensorSpec
 from tierserve.model import create_session
 from tierserve.packaging import (
     AccuracyOutOfBudget,
@@ -29,6 +30,7 @@ from tierserve.packaging import (
 )
 from tierserve.packaging._accuracy import Budget, compare, violations
 from tierserve.packaging._feeds import iter_batches
+from tierserve.packaging._upload import stored_artifact_name
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -357,3 +359,21 @@ def test_packaged_int8_runs_through_the_serving_core(mlp_packages, mlp_onnx, tmp
     served = np.concatenate([session.run(None, {"input": row[None]})[0] for row in rows["input"]])
     assert np.abs(original - served).max() <= report.accuracy["max_abs_diff"] * (1 + 1e-5)
     assert np.mean(original.argmax(1) == served.argmax(1)) == pytest.approx(report.accuracy["top1"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("artifact", "stored_name"),
+    [
+        ("model.onnx.zst", "model-0123456789abcdef.onnx.zst"),
+        ("model.ort.gz", "model-0123456789abcdef.ort.gz"),
+        ("model.onnx", "model-0123456789abcdef.onnx"),
+        ("model-0123456789abcdef.onnx.zst", "model-0123456789abcdef.onnx.zst"),  # already named
+    ],
+)
+def test_the_artifact_is_stored_under_a_name_from_its_content(iris_package, artifact, stored_name):
+    manifest = dataclasses.replace(
+        iris_package.manifest, artifact=artifact, stored=Digest("0123456789abcdef" + "f" * 48, 10)
+    )
+    assert stored_artifact_name(manifest) == stored_name
+    renamed = dataclasses.replace(manifest, artifact=stored_name)
+    assert Manifest.from_dict(json.loads(renamed.to_json())).artifact == stored_name  # readers accept it

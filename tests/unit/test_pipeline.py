@@ -20,6 +20,8 @@ from tierserve.errors import (
     UpstreamUnavailable,
 )
 from tierserve.pipeline import (
+    META_PROCESSED_AT,
+    META_SEQUENCER,
     InputKey,
     PipelineSettings,
     PoisonMessage,
@@ -31,10 +33,12 @@ from tierserve.pipeline import (
     iter_row_batches,
     parse_input_key,
     parse_message,
+    stale_other_result,
     why_skip,
 )
 from tierserve.protocol import request_from_arrays
 from tierserve.remote import parse_custom_attributes, sagemaker_error
+from tierserve.store import error_code, s3_error
 
 
 def manifest(*inputs: TensorSpec, name: str = "m") -> Manifest:
@@ -164,8 +168,8 @@ def test_sequencers_compare_as_s3_documents(a, b, order):
     assert compare_sequencers(a, b) == order
 
 
-def recorded(sequencer=None, etag="e1", version=None, model="iris@1", kind="outputs"):
-    return Recorded(kind, '"r"', sequencer, etag, version, model)
+def recorded(sequencer=None, etag="e1", version=None, model="iris@1", kind="outputs", processed_at=None):
+    return Recorded(kind, '"r"', sequencer, etag, version, model, processed_at)
 
 
 def test_an_older_event_than_the_result_is_stale():
@@ -192,6 +196,74 @@ def test_the_same_version_served_by_the_same_model_is_a_duplicate():
 )
 def test_other_versions_or_models_are_served_again(item, result, model):
     assert why_skip(item, [result], model) is None
+
+
+def test_results_record_when_they_were_written():
+    head = {
+        "ETag": '"x"',
+        "Metadata": {META_SEQUENCER: "0A", META_PROCESSED_AT: "2026-01-01T00:00:00.000+00:00"},
+    }
+    result = Recorded.from_head("errors", head)
+    assert (result.sequencer, result.processed_at) == ("0A", "2026-01-01T00:00:00.000+00:00")
+
+
+EARLIER, LATER = "2026-01-01T00:00:00.000+00:00", "2026-01-01T00:00:05.000+00:00"
+
+
+@pytest.mark.parametrize(
+    ("item", "answer", "other"),
+    [
+        (
+            S3Object("b", "k", etag="e2", sequencer="0B"),
+            recorded("0B", etag="e2", processed_at=LATER),
+            recorded("0A", kind="errors", model="", processed_at=EARLIER),
+        ),
+        (
+            S3Object("b", "k", etag="e2"),
+            recorded(etag="e2", processed_at=LATER),
+            recorded(etag="e1", kind="errors", model="", processed_at=EARLIER),
+        ),
+        (
+            S3Object("b", "k", etag="e1", sequencer="0A"),
+            recorded("0A", processed_at=LATER),
+            recorded("0A", kind="errors", processed_at=EARLIER),
+        ),
+    ],
+    ids=["older-by-sequencer", "earlier-without-sequencers", "same-version-earlier"],
+)
+def test_a_duplicate_delivery_finds_the_older_result_of_the_other_kind_stale(item, answer, other):
+    assert "duplicate" in why_skip(item, [answer, other], "iris@1")
+    assert stale_other_result(item, [answer, other], "iris@1") == other
+
+
+@pytest.mark.parametrize(
+    ("item", "answer", "other"),
+    [
+        (  # the other result answers a newer version: the delivery is stale, not a duplicate
+            S3Object("b", "k", etag="e1", sequencer="0A"),
+            recorded("0A", processed_at=EARLIER),
+            recorded("0B", etag="e2", kind="errors", processed_at=LATER),
+        ),
+        (  # no sequencers: the other result was written later, so it may answer a newer version
+            S3Object("b", "k", etag="e1"),
+            recorded(processed_at=EARLIER),
+            recorded(etag="e2", kind="errors", processed_at=LATER),
+        ),
+        (  # nothing says which is older
+            S3Object("b", "k", etag="e1"),
+            recorded(),
+            recorded(etag="e2", kind="errors"),
+        ),
+        (  # not a duplicate at all
+            S3Object("b", "k", etag="e3"),
+            recorded(processed_at=LATER),
+            recorded(etag="e2", kind="errors", processed_at=EARLIER),
+        ),
+    ],
+    ids=["newer-by-sequencer", "later-without-sequencers", "no-times", "not-a-duplicate"],
+)
+def test_a_result_that_may_be_newer_is_never_stale(item, answer, other):
+    assert stale_other_result(item, [answer, other], "iris@1") is None
 
 
 # ---------------------------------------------------------------- .npy
@@ -233,6 +305,42 @@ def test_big_endian_npy_is_converted():
 def test_bad_npy_is_a_bad_request(data, model, fragment):
     with pytest.raises(BadRequest) as raised:
         decode_npy(data, model)
+    assert fragment in raised.value.message
+
+
+def npy_header(shape: tuple[int, ...], descr: str = "<f4", version: tuple[int, int] = (1, 0)) -> bytes:
+    buffer = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    if version == (1, 0):
+        np.lib.format.write_array_header_1_0(buffer, header)
+    else:
+        np.lib.format.write_array_header_2_0(buffer, header)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_an_npy_header_declaring_more_than_the_limit_is_refused_before_allocating(version):
+    data = npy_header((10**12, 4), version=version) + bytes(32)
+    with pytest.raises(PayloadTooLarge, match="16,000,000,000,000 bytes, over the limit of 1,048,576"):
+        decode_npy(data, IRIS, max_bytes=1 << 20)
+    with pytest.raises(BadRequest, match="holds 32 bytes of data, not the 16,000,000,000,000 bytes"):
+        decode_npy(data, IRIS)  # without a limit: the bytes present decide
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (npy_header((3, 4)) + bytes(2 * 4 * 4), "holds 32 bytes of data, not the 48"),
+        (npy_header((2, 4)) + bytes(3 * 4 * 4), "holds 48 bytes of data, not the 32"),
+        (npy_header((2, 4, 1)) + bytes(2 * 4 * 4), "expects [-1, 4]"),
+        (npy_header((2, 5)) + bytes(2 * 5 * 4), "expects [-1, 4]"),
+        (npy_header((2, 4), version=(2, 0)) + bytes(2 * 4 * 4)[:-1], "holds 31 bytes"),
+    ],
+    ids=["truncated", "trailing", "rank", "fixed-dimension", "v2-truncated"],
+)
+def test_an_npy_header_that_does_not_fit_the_bytes_or_the_signature_is_a_bad_request(data, fragment):
+    with pytest.raises(BadRequest) as raised:
+        decode_npy(data, IRIS, max_bytes=1 << 20)
     assert fragment in raised.value.message
 
 
@@ -287,6 +395,12 @@ def test_bad_rows_name_their_line(rows, model, fragment):
     with pytest.raises(BadRequest) as raised:
         list(iter_row_batches(rows, model, batch_size=64, max_rows=10))
     assert fragment in raised.value.message
+
+
+def test_a_row_nested_too_deeply_is_a_bad_request_naming_its_line():
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(BadRequest, match="line 2"):
+        list(iter_row_batches(lines([1, 2, 3, 4], deep), IRIS, batch_size=4, max_rows=100))
 
 
 def test_the_row_limit_is_enforced_while_streaming():
@@ -408,3 +522,38 @@ def test_custom_attributes_parse():
         "c": "d",
     }
     assert parse_custom_attributes(None) == {}
+
+
+# ---------------------------------------------------------------- S3 errors
+
+
+class NotBotocore(Exception):
+    response = None  # e.g. an HTTP library's error: a response attribute that is not a dict
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (client_error("NoSuchKey", 404), "NoSuchKey"),
+        (ClientError({"ResponseMetadata": {"HTTPStatusCode": 503}}, "HeadObject"), "503"),
+        (ClientError({"Error": {"Code": ""}, "ResponseMetadata": {}}, "HeadObject"), ""),
+        (NotBotocore("boom"), ""),
+        (ValueError("no response at all"), ""),
+        (EndpointConnectionError(endpoint_url="http://x"), ""),
+    ],
+    ids=["code", "status-only", "empty", "response-none", "plain", "connection"],
+)
+def test_error_code_reads_botocore_errors_and_anything_else(error, code):
+    assert error_code(error) == code
+
+
+def test_s3_error_names_the_action_and_survives_errors_without_a_response():
+    assert "while reading s3://b/k" in s3_error(client_error("SlowDown", 503), "s3://b/k").message
+    writing = s3_error(client_error("SlowDown", 503), "s3://b/k", action="writing")
+    assert type(writing) is UpstreamUnavailable and "while writing s3://b/k (SlowDown)" in writing.message
+    deleting = s3_error(ReadTimeoutError(endpoint_url="http://x"), "s3://b/k", action="deleting")
+    assert type(deleting) is UpstreamTimeout and "while deleting s3://b/k" in deleting.message
+    denied = s3_error(client_error("AccessDenied", 403), "s3://b/k", action="writing")
+    assert type(denied) is ModelUnavailable and "s3:PutObject" in denied.message
+    assert "s3:GetObject" in s3_error(client_error("AccessDenied", 403), "s3://b/k").message
+    assert type(s3_error(NotBotocore("boom"), "s3://b/k")) is UpstreamUnavailable

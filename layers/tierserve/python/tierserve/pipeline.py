@@ -22,7 +22,9 @@ sequencer, ETag and version id and the model that served it. A result is written
 conditional PutObject (``If-None-Match: *`` or ``If-Match`` on the result seen at the start),
 so a concurrent or older delivery can never overwrite a newer result, and a redelivery after
 a crash rewrites the same bytes or is recognised as a duplicate. An input has one result:
-writing an output removes a stale error for the same path, and the other way round.
+writing an output removes a stale error for the same path, and the other way round; a
+duplicate delivery that finds the older result of the other kind still there (the writer
+died before removing it) removes it.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -76,7 +80,7 @@ from tierserve.protocol import (
 )
 from tierserve.remote import SageMakerModel
 from tierserve.sessions import ModelRegistry
-from tierserve.store import default_s3_client, s3_error
+from tierserve.store import default_s3_client, error_code, s3_error
 from tierserve.telemetry import (
     INFERENCE_MS,
     PIPELINE_ERROR,
@@ -303,6 +307,7 @@ class Recorded:
     input_etag: str | None
     input_version: str | None
     model: str | None
+    processed_at: str | None = None  # ISO 8601, UTC, milliseconds: strings order in time
 
     @classmethod
     def from_head(cls, kind: ResultKind, head: Mapping[str, Any]) -> Recorded:
@@ -314,6 +319,7 @@ class Recorded:
             input_etag=meta.get(META_INPUT_ETAG) or None,
             input_version=meta.get(META_INPUT_VERSION) or None,
             model=meta.get(META_MODEL),
+            processed_at=meta.get(META_PROCESSED_AT) or None,
         )
 
 
@@ -335,40 +341,135 @@ def why_skip(item: S3Object, recorded: Iterable[Recorded], model: str) -> str | 
     do not) the input's ETag and version id identify the version.
     """
     recorded = list(recorded)
+    newer = _newer(item, recorded)
+    if newer is not None:
+        return f"stale: {newer.kind} already answers a newer version of the input"
+    answer = _answer(item, recorded, model)
+    if answer is not None:
+        return f"duplicate delivery: {answer.kind} already answers this version"
+    return None
+
+
+def stale_other_result(item: S3Object, recorded: Iterable[Recorded], model: str) -> Recorded | None:
+    """On a duplicate delivery of ``item``, the result of the other kind when it is older than
+    the one answering ``item``: its writer died between writing the newer result and removing
+    this one. None when ``item`` is no duplicate, or when the other result may be the newer.
+
+    Older means: an older input version (by sequencer), or, for the same version or without
+    sequencers, written earlier (by the processed-at time the result records).
+    """
+    recorded = list(recorded)
+    answer = None if _newer(item, recorded) else _answer(item, recorded, model)
+    if answer is None:
+        return None
+    other = next((r for r in recorded if r.kind != answer.kind), None)
+    if other is None:
+        return None
+    if answer.sequencer and other.sequencer:
+        order = compare_sequencers(other.sequencer, answer.sequencer)
+        if order:
+            return other if order < 0 else None
+    if answer.processed_at and other.processed_at and other.processed_at < answer.processed_at:
+        return other
+    return None
+
+
+def _newer(item: S3Object, recorded: Iterable[Recorded]) -> Recorded | None:
+    """A result that answers a newer version of the input than ``item`` (by sequencer)."""
     for result in recorded:
         if item.sequencer and result.sequencer and compare_sequencers(item.sequencer, result.sequencer) < 0:
-            return f"stale: {result.kind} already answers a newer version of the input"
+            return result
+    return None
+
+
+def _answer(item: S3Object, recorded: Iterable[Recorded], model: str) -> Recorded | None:
+    """The result that answers exactly this version of the input, served by ``model``."""
     for result in recorded:
         if result.model != model:
             continue
         if item.sequencer and result.sequencer:
             if compare_sequencers(item.sequencer, result.sequencer) == 0:
-                return f"duplicate delivery: {result.kind} already answers this version"
+                return result
         elif item.etag and result.input_etag == item.etag and result.input_version == item.version_id:
-            return f"duplicate delivery: {result.kind} already answers this version"
+            return result
     return None
 
 
 # ---------------------------------------------------------------- decoding inputs
 
 
-def decode_npy(data: bytes, manifest: Manifest) -> InferenceRequest:
-    """One tensor saved with ``numpy.save`` (never unpickled), for a single-input model."""
+def decode_npy(data: bytes, manifest: Manifest, *, max_bytes: int | None = None) -> InferenceRequest:
+    """One tensor saved with ``numpy.save`` (never unpickled), for a single-input model.
+
+    The header is checked before any array is allocated: its shape must fit the model's input,
+    and its size (shape times item size) must be what the file holds and at most ``max_bytes``,
+    so a small file that declares a huge array costs nothing.
+
+    Raises:
+        BadRequest: not a .npy file, an object (pickled) array, a header that does not match
+            the data that follows it, or a tensor that does not fit the model.
+        PayloadTooLarge: the header declares more than ``max_bytes`` of data.
+    """
     if len(manifest.inputs) != 1:
         raise BadRequest(
             f"a .npy file holds one tensor but {manifest.name} has inputs "
             f"{[spec.name for spec in manifest.inputs]}: send a .json v2 infer request instead"
         )
+    spec = manifest.inputs[0]
+    stream = io.BytesIO(data)
+    shape, dtype = _npy_header(stream)
+    declared = math.prod(shape) * dtype.itemsize
+    if max_bytes is not None and declared > max_bytes:
+        raise PayloadTooLarge(
+            f"the .npy header declares shape {list(shape)}: {declared:,} bytes, over the limit of "
+            f"{max_bytes:,}: split it into smaller files (the limit is {MAX_INPUT_MB_ENV})"
+        )
+    if len(shape) != len(spec.shape) or any(
+        w >= 0 and g != w for g, w in zip(shape, spec.shape, strict=True)
+    ):
+        raise BadRequest(
+            f"the .npy tensor has shape {list(shape)} but input {spec.name!r} expects "
+            f"{list(spec.shape)} (-1 is any size)"
+        )
+    present = len(data) - stream.tell()
+    if present != declared:
+        raise BadRequest(
+            f"the .npy file holds {present:,} bytes of data, not the {declared:,} bytes its header "
+            f"declares for shape {list(shape)}: write it with numpy.save"
+        )
     try:
         array = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
     except (ValueError, EOFError, OSError) as error:
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise BadRequest(
-            f"not a valid .npy file ({reason}); write it with numpy.save, with no object (pickled) arrays"
-        ) from None
+        raise _not_npy(error) from None
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("="))
     return request_from_arrays({manifest.inputs[0].name: array}, manifest)
+
+
+def _npy_header(stream: io.BytesIO) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a .npy header declares (format 1.0 or 2.0); nothing is allocated."""
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(
+                f"format version {version[0]}.{version[1]} is not one numpy.save writes for a tensor"
+            )
+    except (ValueError, EOFError, OSError) as error:
+        raise _not_npy(error) from None
+    if dtype.hasobject:
+        raise _not_npy(ValueError("an object array"))
+    return tuple(int(d) for d in shape), dtype
+
+
+def _not_npy(error: Exception) -> BadRequest:
+    reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    return BadRequest(
+        f"not a valid .npy file ({reason}); write it with numpy.save, with no object (pickled) arrays"
+    )
 
 
 def iter_row_batches(
@@ -423,6 +524,10 @@ def _parse_row(line: bytes, number: int, single: str | None, names: list[str]) -
     except (ValueError, UnicodeDecodeError):
         raise BadRequest(
             f"line {number} is not valid JSON: a .jsonl file holds one JSON row per line"
+        ) from None
+    except RecursionError:
+        raise BadRequest(
+            f"line {number} is nested too deeply to decode: a row nests lists only as deep as the input's shape"
         ) from None
     if isinstance(value, dict):
         unknown = [k for k in value if k not in names]
@@ -494,7 +599,7 @@ def _join_batches(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 @dataclass
 class _Served:
-    document: dict[str, Any]
+    body: bytes  # the output file: the OIP response with the input's parameters
     rows: int
     item: S3Object  # the version actually read
 
@@ -563,6 +668,7 @@ class Pipeline:
         recorded = self._recorded(bucket, key)
         reason = why_skip(item, recorded.values(), model_label)
         if reason:
+            self._remove_stale(bucket, item, key, recorded, model_label)
             return self._skipped(item, reason)
         try:
             served = self._serve(item, key)
@@ -577,8 +683,7 @@ class Pipeline:
                 raise
             reason = _dumps(self._error_document(item, key, error))
             return self._write(bucket, item, key, ERROR_PREFIX, reason, recorded, model_label)
-        body = _dumps(served.document)
-        return self._write(bucket, served.item, key, OUTPUT_PREFIX, body, recorded, model_label)
+        return self._write(bucket, served.item, key, OUTPUT_PREFIX, served.body, recorded, model_label)
 
     # -------------------------------------------------- serving
 
@@ -613,22 +718,24 @@ class Pipeline:
             if key.format == ".jsonl":
                 _check_size(size, self.settings.max_jsonl_bytes, MAX_JSONL_MB_ENV)
                 chunks = _guarded(iter(lambda: body.read(READ_CHUNK_BYTES), b""), where)
-                batches = iter_row_batches(
-                    iter_lines(chunks, self.settings.max_input_bytes),
-                    manifest,
-                    batch_size=self.settings.row_batch_size,
-                    max_rows=self.settings.max_rows,
+                batches = _decoded(
+                    iter_row_batches(
+                        iter_lines(chunks, self.settings.max_input_bytes),
+                        manifest,
+                        batch_size=self.settings.row_batch_size,
+                        max_rows=self.settings.max_rows,
+                    )
                 )
                 request = InferenceRequest(inputs={})
             else:
-                _check_size(size, self.settings.max_input_bytes, MAX_INPUT_MB_ENV)
-                data = _read_limited(body, self.settings.max_input_bytes, where)
-                if key.format == ".npy":
-                    request = decode_npy(data, manifest)
-                else:
-                    request = _json_outputs(
-                        parse_infer_request(data, None, manifest, max_bytes=self.settings.max_input_bytes)
-                    )
+                limit = self.settings.max_input_bytes
+                _check_size(size, limit, MAX_INPUT_MB_ENV)
+                data = _read_limited(body, limit, where)
+                with _decoding():
+                    if key.format == ".npy":
+                        request = decode_npy(data, manifest, max_bytes=limit)
+                    else:
+                        request = _json_outputs(parse_infer_request(data, None, manifest, max_bytes=limit))
                 batches = iter([(request, 0)])
             outputs, rows = self._run(ref, manifest, batches, request.output_names())
         finally:
@@ -636,9 +743,8 @@ class Pipeline:
         if key.format == ".jsonl":
             record_count(PIPELINE_ROWS, rows)
         encoded = encode_infer_response(request, outputs, model_name=ref.name, model_version=ref.version)
-        document = json.loads(encoded.body)
-        document["parameters"] = self._input_parameters(item, key, rows if key.format == ".jsonl" else None)
-        return _Served(document, rows, item)
+        parameters = self._input_parameters(item, key, rows if key.format == ".jsonl" else None)
+        return _Served(_with_parameters(encoded.body, parameters), rows, item)
 
     def _run(
         self,
@@ -667,7 +773,7 @@ class Pipeline:
         try:
             return self._s3().get_object(**params)
         except Exception as error:
-            code = _error_code(error)
+            code = error_code(error)
             if code in _GONE_CODES:
                 raise _Skip("the input no longer exists") from None
             if code in _CHANGED_CODES:
@@ -701,9 +807,9 @@ class Pipeline:
             try:
                 head = self._s3().head_object(Bucket=bucket, Key=result_key)
             except Exception as error:
-                if _error_code(error) in _GONE_CODES:
+                if error_code(error) in _GONE_CODES:
                     continue
-                raise s3_error(error, f"s3://{bucket}/{result_key}") from error
+                raise s3_error(error, f"s3://{bucket}/{result_key}", "reading") from error
             found[kind] = Recorded.from_head(kind, head)
         return found
 
@@ -740,11 +846,12 @@ class Pipeline:
                     **condition,
                 )
             except Exception as error:
-                if _error_code(error) not in _RACE_CODES:
-                    raise s3_error(error, f"s3://{bucket}/{result_key}") from error
+                if error_code(error) not in _RACE_CODES:
+                    raise s3_error(error, f"s3://{bucket}/{result_key}", "writing") from error
                 recorded = self._recorded(bucket, key)
                 reason = why_skip(item, recorded.values(), model_label)
                 if reason:
+                    self._remove_stale(bucket, item, key, recorded, model_label)
                     return self._skipped(item, reason)
                 continue
             self._remove_other(bucket, key, kind, recorded)
@@ -762,8 +869,28 @@ class Pipeline:
         try:
             self._s3().delete_object(Bucket=bucket, Key=other_key, IfMatch=other.etag)
         except Exception as error:
-            if _error_code(error) not in _RACE_CODES | _GONE_CODES:
-                raise s3_error(error, f"s3://{bucket}/{other_key}") from error
+            if error_code(error) not in _RACE_CODES | _GONE_CODES:
+                raise s3_error(error, f"s3://{bucket}/{other_key}", "deleting") from error
+
+    def _remove_stale(
+        self,
+        bucket: str,
+        item: S3Object,
+        key: InputKey,
+        recorded: dict[ResultKind, Recorded],
+        model_label: str,
+    ) -> None:
+        """On a duplicate delivery, finish what its first delivery began: remove the older result
+        of the other kind (see :func:`stale_other_result`)."""
+        stale = stale_other_result(item, recorded.values(), model_label)
+        if stale is None:
+            return
+        kept: ResultKind = OUTPUT_PREFIX if stale.kind == ERROR_PREFIX else ERROR_PREFIX
+        logger.info(
+            "removing an older result left beside the one that answers the input",
+            extra={"key": item.key, "removed": key.result_key(stale.kind)},
+        )
+        self._remove_other(bucket, key, kept, recorded)
 
     # -------------------------------------------------- outcomes
 
@@ -831,16 +958,49 @@ def _guarded(chunks: Iterator[bytes], where: str) -> Iterator[bytes]:
         yield chunk
 
 
-def _error_code(error: Exception) -> str:
-    response = getattr(error, "response", None)
-    if not isinstance(response, dict):
-        return ""
-    code = str(response.get("Error", {}).get("Code", ""))
-    return code or str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+@contextmanager
+def _decoding() -> Iterator[None]:
+    """Faults of decoding that the same input raises on every delivery become its error file,
+    not retries that end in the dead-letter queue without a reason."""
+    try:
+        yield
+    except RecursionError:
+        raise BadRequest(
+            "the input is nested too deeply to decode: nest lists only as deep as the input's shape"
+        ) from None
+    except MemoryError:
+        raise PayloadTooLarge(
+            f"the input is too large to decode in this function's memory: split it into smaller files "
+            f"(or lower {MAX_INPUT_MB_ENV})"
+        ) from None
+    except UnicodeError:
+        raise BadRequest(
+            "the input is not valid Unicode (bytes that are not UTF-8, or an unpaired surrogate such as "
+            "\\ud800): fix the text"
+        ) from None
+
+
+def _decoded(batches: Iterator[tuple[InferenceRequest, int]]) -> Iterator[tuple[InferenceRequest, int]]:
+    """``batches``, each decoded under :func:`_decoding`."""
+    while True:
+        with _decoding():
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def _with_parameters(response: bytes, parameters: Mapping[str, Any]) -> bytes:
+    """The encoded JSON response object with ``"parameters"`` added as its last member, without
+    parsing it back: the response of a 100,000-row file is large."""
+    if not (response.startswith(b"{") and response.endswith(b"}")):
+        raise ValueError("the response to add parameters to is not one JSON object")
+    return b"".join((response[:-1], b',"parameters":', _dumps(parameters), b"}"))
 
 
 def _dumps(document: Mapping[str, Any]) -> bytes:
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+    # ASCII: a lone surrogate (a JSON "\ud800" escape) stays escaped instead of failing to encode.
+    return json.dumps(document, separators=(",", ":")).encode()
 
 
 __all__ = [
@@ -855,5 +1015,6 @@ __all__ = [
     "iter_row_batches",
     "parse_input_key",
     "parse_message",
+    "stale_other_result",
     "why_skip",
 ]

@@ -21,14 +21,20 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Literal, Protocol
 from urllib.parse import urlparse
 
 import zstandard
 
 from tierserve.catalog import Manifest, ManifestError, manifest_key
 from tierserve.config import MB, Settings
-from tierserve.errors import ArtifactRejected, ModelUnavailable, UpstreamTimeout, UpstreamUnavailable
+from tierserve.errors import (
+    ArtifactRejected,
+    ModelUnavailable,
+    TierserveError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 CHUNK_BYTES = 1 * MB
 PREFETCH_CHUNKS = 16
@@ -104,9 +110,34 @@ class FileSource:
             ) from None
 
 
-def s3_error(error: Exception, where: str) -> Exception:
-    """Translate a botocore error into the tierserve error a client should see."""
-    code = getattr(error, "response", {}).get("Error", {}).get("Code", "")
+def error_code(error: BaseException) -> str:
+    """The error code of a botocore ``ClientError`` (``NoSuchKey``, ``SlowDown``, ...), else its
+    HTTP status as text (``"503"``), else ``""``: for connection errors, timeouts and anything
+    that is not a botocore error (even one whose ``response`` attribute is something else)."""
+    response = getattr(error, "response", None)
+    if not isinstance(response, dict):
+        return ""
+    details = response.get("Error")
+    code = str(details.get("Code") or "") if isinstance(details, dict) else ""
+    if code:
+        return code
+    metadata = response.get("ResponseMetadata")
+    status = metadata.get("HTTPStatusCode") if isinstance(metadata, dict) else None
+    return str(status) if status else ""
+
+
+S3Action = Literal["reading", "writing", "deleting"]
+_PERMISSIONS: dict[str, str] = {
+    "reading": "s3:GetObject",
+    "writing": "s3:PutObject",
+    "deleting": "s3:DeleteObject",
+}
+
+
+def s3_error(error: BaseException, where: str, action: S3Action = "reading") -> TierserveError:
+    """Translate a botocore error met while ``action`` the object ``where`` into the tierserve
+    error a client should see."""
+    code = error_code(error)
     if code in {"NoSuchKey", "404", "NotFound"}:
         return ModelUnavailable(
             f"{where} does not exist: upload the model (tierserve package ... --upload) "
@@ -114,14 +145,14 @@ def s3_error(error: Exception, where: str) -> Exception:
         )
     if code in {"AccessDenied", "403", "AllAccessDisabled"}:
         return ModelUnavailable(
-            f"access to {where} is denied: the function's role must allow s3:GetObject there"
+            f"access to {where} is denied: the function's role must allow {_PERMISSIONS[action]} there"
         )
     if code == "NoSuchBucket":
         return ModelUnavailable(f"the bucket of {where} does not exist: check TIERSERVE_MODEL_BUCKET")
     name = type(error).__name__
     if "Timeout" in name:
-        return UpstreamTimeout(f"S3 did not answer in time while reading {where}; retry")
-    return UpstreamUnavailable(f"S3 is unavailable while reading {where} ({code or name}); retry shortly")
+        return UpstreamTimeout(f"S3 did not answer in time while {action} {where}; retry")
+    return UpstreamUnavailable(f"S3 is unavailable while {action} {where} ({code or name}); retry shortly")
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,17 @@
     result = upload_package(packaged, client, "my-bucket", "models", progress=Progress(...))
 
 Layout (DESIGN.md): ``s3://{bucket}/{prefix}/{name}/{version}/{artifact, manifest.json}``.
-A reader never finds a manifest without its artifact. Versions are immutable: a version
-that already holds the same model is left alone; one that holds another model is refused.
-An artifact already there with the same sha256 (a previous upload stopped before its
-manifest) is not sent again. The manifest is written only if absent (``If-None-Match: *``),
-so two racing uploads cannot both claim a version.
+A reader never finds a manifest without its artifact. In S3 the artifact is named by its
+content, ``model-{first 16 hex of its sha256}.onnx.zst`` (:func:`stored_artifact_name`),
+and the manifest written there names it; so two uploads racing for one version never write
+the same artifact key, and whichever manifest wins names bytes that are there.
+
+Versions are immutable: a version that already holds the same model is left alone once the
+artifact its manifest names is checked to be there, whole (else the same bytes are sent
+again, or the upload is refused); one that holds another model is refused. An artifact
+already there with the same sha256 (a previous upload stopped before its manifest) is not
+sent again. The manifest is written only if absent (``If-None-Match: *``), so two racing
+uploads cannot both claim a version.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TextIO
 from urllib.parse import urlparse
 
@@ -33,6 +39,7 @@ from tierserve.packaging._errors import (
     UploadFailed,
     VersionConflict,
 )
+from tierserve.store import error_code
 
 MiB = 1024 * 1024
 SHA256_METADATA = "sha256"
@@ -99,9 +106,18 @@ class S3Location:
         return f"s3://{self.bucket}/{self.key(*parts)}"
 
 
+def stored_artifact_name(manifest: Manifest) -> str:
+    """The artifact's name in S3, from its content: ``model.onnx.zst`` becomes
+    ``model-{first 16 hex of the stored sha256}.onnx.zst`` (a name that has it already is kept)."""
+    stem, dot, suffix = manifest.artifact.partition(".")
+    tag = f"-{manifest.stored.sha256[:16]}"
+    return manifest.artifact if stem.endswith(tag) else f"{stem}{tag}{dot}{suffix}"
+
+
 @dataclass(frozen=True)
 class UploadResult:
-    """What happened: ``uploaded`` False when the version already held this model."""
+    """What happened: ``uploaded`` False when the version already held this model (and nothing
+    was sent); ``manifest`` is the one in S3, which names the artifact as it is stored there."""
 
     uploaded: bool
     artifact_sent: bool
@@ -125,14 +141,15 @@ def upload_package(
             as one line that says what to do.
     """
     where = S3Location(bucket, prefix.strip("/"))
-    manifest = packaged.manifest
+    manifest = replace(packaged.manifest, artifact=stored_artifact_name(packaged.manifest))
+    manifest_uri = where.uri(manifest.key_prefix, MANIFEST_NAME)
     manifest_key = where.key(manifest.key_prefix, MANIFEST_NAME)
     artifact_key = where.key(manifest.key_prefix, manifest.artifact)
     try:
         existing = _existing_manifest(client, bucket, manifest_key)
         if existing is not None:
             if existing.model.sha256 == manifest.model.sha256 and existing.tier == manifest.tier:
-                return UploadResult(False, False, existing, where.uri(manifest.key_prefix, MANIFEST_NAME))
+                return _already_there(packaged, existing, client, where, progress, config)
             raise VersionConflict(
                 f"{where.uri(manifest.key_prefix)} already holds a different {manifest.name}@{manifest.version} "
                 f"(model sha256 {existing.model.sha256[:12]}…, tier {existing.tier or 'by size'}): versions are "
@@ -140,24 +157,13 @@ def upload_package(
             )
         send = not _artifact_present(client, bucket, artifact_key, manifest)
         if send:
-            client.upload_file(
-                str(packaged.artifact),
-                bucket,
-                artifact_key,
-                ExtraArgs={
-                    "ChecksumAlgorithm": "SHA256",
-                    "ContentType": "application/octet-stream",
-                    "Metadata": {SHA256_METADATA: manifest.stored.sha256},
-                },
-                Callback=progress,
-                Config=config or transfer_config(),
-            )
+            _send_artifact(packaged, client, bucket, artifact_key, progress, config)
         elif progress is not None:
             progress(manifest.stored.bytes)
         client.put_object(
             Bucket=bucket,
             Key=manifest_key,
-            Body=packaged.manifest_json.encode(),
+            Body=manifest.to_json().encode(),
             ContentType="application/json",
             ChecksumAlgorithm="SHA256",
             IfNoneMatch="*",  # S3's conditional write: two racing uploads cannot both write a version
@@ -171,7 +177,58 @@ def upload_package(
                 "run the upload again to see whether it holds the same model"
             ) from None
         raise upload_error(error, where) from None
-    return UploadResult(True, send, manifest, where.uri(manifest.key_prefix, MANIFEST_NAME))
+    return UploadResult(True, send, manifest, manifest_uri)
+
+
+def _already_there(
+    packaged: PackagedModel,
+    existing: Manifest,
+    client: Any,
+    where: S3Location,
+    progress: Callable[[int], None] | None,
+    config: Any,
+) -> UploadResult:
+    """The version holds this model: left alone if the artifact its manifest names is there
+    with the stored size (and sha256, where recorded); else sent again when this package has
+    those very bytes.
+
+    Raises:
+        VersionConflict: the artifact is missing or other bytes, and this package cannot repair it.
+    """
+    manifest_uri = where.uri(existing.key_prefix, MANIFEST_NAME)
+    artifact_key = where.key(existing.key_prefix, existing.artifact)
+    if _artifact_whole(client, where.bucket, artifact_key, existing):
+        return UploadResult(False, False, existing, manifest_uri)
+    if packaged.manifest.stored != existing.stored:
+        raise VersionConflict(
+            f"{manifest_uri} holds this model but the artifact it names, s3://{where.bucket}/{artifact_key}, "
+            f"is missing or is not the {existing.stored.bytes:,} bytes it names: upload the package with "
+            f"stored sha256 {existing.stored.sha256[:12]}… to repair it, or package a new --version"
+        )
+    _send_artifact(packaged, client, where.bucket, artifact_key, progress, config)
+    return UploadResult(True, True, existing, manifest_uri)
+
+
+def _send_artifact(
+    packaged: PackagedModel,
+    client: Any,
+    bucket: str,
+    key: str,
+    progress: Callable[[int], None] | None,
+    config: Any,
+) -> None:
+    client.upload_file(
+        str(packaged.artifact),
+        bucket,
+        key,
+        ExtraArgs={
+            "ChecksumAlgorithm": "SHA256",
+            "ContentType": "application/octet-stream",
+            "Metadata": {SHA256_METADATA: packaged.manifest.stored.sha256},
+        },
+        Callback=progress,
+        Config=config or transfer_config(),
+    )
 
 
 def upload(
@@ -182,7 +239,11 @@ def upload(
     progress: Callable[[int], None] | None = None,
     config: Any = None,
 ) -> bool:
-    """Upload a package (see :func:`upload_package`); False when the version already held it."""
+    """Upload a package (see :func:`upload_package`); False when the version already held it.
+
+    The manifest in S3 names the artifact by its content, not as the package folder does:
+    callers that need it (to register it, or to find the artifact) use :func:`upload_package`.
+    """
     return upload_package(packaged, client, bucket, prefix, progress, config).uploaded
 
 
@@ -202,25 +263,37 @@ def _existing_manifest(client: Any, bucket: str, key: str) -> Manifest | None:
 
 
 def _artifact_present(client: Any, bucket: str, key: str, manifest: Manifest) -> bool:
+    """The artifact is there as this upload would send it: the stored size and sha256."""
+    head = _head(client, bucket, key)
+    same_size = head is not None and head.get("ContentLength") == manifest.stored.bytes
+    return same_size and (head or {}).get("Metadata", {}).get(SHA256_METADATA) == manifest.stored.sha256
+
+
+def _artifact_whole(client: Any, bucket: str, key: str, manifest: Manifest) -> bool:
+    """The artifact a manifest in S3 names is there with its stored size, and its sha256 where
+    the object records one (an artifact another tool put there may not)."""
+    head = _head(client, bucket, key)
+    if head is None or head.get("ContentLength") != manifest.stored.bytes:
+        return False
+    return head.get("Metadata", {}).get(SHA256_METADATA, manifest.stored.sha256) == manifest.stored.sha256
+
+
+def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
     try:
-        head = client.head_object(Bucket=bucket, Key=key)
+        return dict(client.head_object(Bucket=bucket, Key=key))
     except Exception as error:
         if _code(error) in {"NoSuchKey", "404", "NotFound"}:
-            return False
+            return None
         raise
-    same_size = head.get("ContentLength") == manifest.stored.bytes
-    return same_size and head.get("Metadata", {}).get(SHA256_METADATA) == manifest.stored.sha256
 
 
 def _code(error: BaseException) -> str:
     """S3's error code, also from inside boto3's S3UploadFailedError (which keeps only text)."""
     seen: BaseException | None = error
     while seen is not None:
-        response = getattr(seen, "response", None)
-        if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code", ""))
-            if code:
-                return code
+        code = error_code(seen)
+        if code:
+            return code
         match = re.search(r"An error occurred \((\w+)\)", str(seen))
         if match:
             return match.group(1)
