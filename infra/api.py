@@ -521,8 +521,6 @@ class InferenceApi(Construct):
                                 "logs:DescribeLogGroups",
                                 "logs:DescribeLogStreams",
                                 "logs:PutLogEvents",
-                                "logs:GetLogEvents",
-                                "logs:FilterLogEvents",
                             ],
                             resources=[log_groups_arn],
                         )

@@ -7,10 +7,11 @@ layout, digests and checks as the Lambda tier, and a new model version is a new
 ``name@version`` in the environment (a new SageMaker Model and EndpointConfig, which
 SageMaker rolls out blue/green on the named endpoint).
 
-Per model: an execution role that may pull the image, read ``models/{name}/*``, and write
-its endpoint's log group and metrics; a Model; an EndpointConfig (one ``AllTraffic``
-variant); an Endpoint with a name derived from the model name (:func:`gpu_endpoint_name`,
-nothing time-based); and target-tracking autoscaling on invocations per instance.
+Per model: an execution role that may pull the image, read ``models/{name}/{version}/*``,
+and write its endpoint's log group (the server's metrics are EMF lines in it; nothing calls
+PutMetricData); a Model; an EndpointConfig (one ``AllTraffic`` variant); an Endpoint with a
+name derived from the model name (:func:`gpu_endpoint_name`, nothing time-based); and
+target-tracking autoscaling on invocations per instance.
 
 Volume encryption: a customer-managed KMS key (rotated yearly) on the endpoint's EBS
 volume, except on instance types with local NVMe storage (g4dn, g5, g6, p4d, ...), which
@@ -69,9 +70,9 @@ AUTOSCALING_SERVICE_LINKED_ROLE = (
 )
 SCALE_OUT_COOLDOWN = Duration.minutes(1)
 SCALE_IN_COOLDOWN = Duration.minutes(5)
-# SageMaker publishes the endpoint's instance metrics here; the server's own (EMF on stdout)
-# go to METRICS_NAMESPACE.
-SAGEMAKER_METRICS_NAMESPACE = "/aws/sagemaker/Endpoints"
+# SageMaker sends the container's stdout to the log group /aws/sagemaker/Endpoints/{endpoint};
+# the server's metrics are EMF lines there, extracted into METRICS_NAMESPACE by CloudWatch Logs.
+SAGEMAKER_LOG_GROUP_PREFIX = "/aws/sagemaker/Endpoints"
 
 # Instance families with local NVMe instance storage: SageMaker refuses a KmsKeyId for them.
 # Families not listed here with a "d" after the generation (c5d, m6id, g4dn, p3dn, p4de,
@@ -146,7 +147,8 @@ class GpuModelEndpoint(Construct):
     Attributes: ``manifest``, ``model_name``, ``endpoint_name`` (a plain string, known at
     synth), ``endpoint`` (the CfnEndpoint: its ``ref`` is the ARN), ``model``,
     ``endpoint_config``, ``role``, ``log_group``, ``scalable_target``.
-    The stack grants the read on the model's prefix (``ModelStore.grant_read_model(role, name)``).
+    The stack grants the read on the model version's prefix
+    (``ModelStore.grant_read_model(role, name, version)``).
     """
 
     def __init__(
@@ -185,7 +187,7 @@ class GpuModelEndpoint(Construct):
         self.log_group = logs.LogGroup(
             self,
             "Logs",
-            log_group_name=f"{SAGEMAKER_METRICS_NAMESPACE}/{self.endpoint_name}",
+            log_group_name=f"{SAGEMAKER_LOG_GROUP_PREFIX}/{self.endpoint_name}",
             retention=log_retention,
             removal_policy=RemovalPolicy.DESTROY,  # a retained named group would block a redeploy
         )
@@ -194,7 +196,7 @@ class GpuModelEndpoint(Construct):
             "ExecutionRole",
             assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
             description=f"tierserve GPU endpoint for model {manifest.name}: pulls its image, reads its "
-            "model, writes its logs and metrics",
+            "model, writes its logs",
         )
         image.repository.grant_pull(self.role)
         self.log_group.grant(
@@ -204,21 +206,12 @@ class GpuModelEndpoint(Construct):
             "logs:DescribeLogStreams",
             "logs:PutLogEvents",
         )
-        self.role.add_to_principal_policy(
-            iam.PolicyStatement(
-                actions=["cloudwatch:PutMetricData"],
-                resources=["*"],
-                conditions={
-                    "StringEquals": {"cloudwatch:namespace": [METRICS_NAMESPACE, SAGEMAKER_METRICS_NAMESPACE]}
-                },
-            )
-        )
         acknowledge(
             self.role,
             "AwsSolutions-IAM5[Resource::*]",
-            "ecr:GetAuthorizationToken and cloudwatch:PutMetricData support no resource-level permissions "
-            "(Resource '*' is required); PutMetricData is limited to tierserve's and SageMaker's endpoint "
-            "metric namespaces by condition.",
+            "ecr:GetAuthorizationToken (pulling the image) supports no resource-level permissions: "
+            "Resource '*' is required, and the token only lets the role pull what ecr:BatchGetImage "
+            "allows, the assets repository.",
         )
         environment = {
             MODEL_BUCKET_ENV: model_bucket_name,

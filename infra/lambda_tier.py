@@ -86,7 +86,7 @@ class LambdaModelFunction(Construct):
     """One container function serving one model version from the model bucket.
 
     Attributes: ``function``, ``role``, ``log_group``, ``manifest``, ``model_name``.
-    The stack grants the read on the model's prefix (``ModelStore.grant_read_model``).
+    The stack grants the read on the model version's prefix (``ModelStore.grant_read_model``).
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """ModelStore: the S3 bucket that holds every model version, and its access-log bucket.
 
 Layout (DESIGN.md): ``s3://{bucket}/{prefix}/{name}/{version}/`` holds the compressed model
-and ``manifest.json``. Functions and endpoints read only their own model's prefix
+and ``manifest.json``. Functions and endpoints read only their own model version's prefix
 (:meth:`ModelStore.grant_read_model`). Other stacks import the bucket by a named export
 (:class:`SharedBucketStore`, which the pipeline's data bucket uses too).
 
@@ -22,7 +22,7 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct, IConstruct
 
 from infra.nag import acknowledge, wildcard_resource_finding
-from tierserve.catalog import NAME_PATTERN
+from tierserve.catalog import NAME_PATTERN, VERSION_PATTERN
 from tierserve.config import DEFAULT_MODEL_PREFIX
 
 
@@ -95,7 +95,7 @@ class ModelStore(SharedBucketStore):
     Example::
 
         store = ModelStore(stack, "ModelStore")
-        store.grant_read_model(function, "iris")   # s3:GetObject on models/iris/* only
+        store.grant_read_model(function, "iris", "3")   # s3:GetObject on models/iris/3/* only
     """
 
     def __init__(
@@ -130,29 +130,40 @@ class ModelStore(SharedBucketStore):
         )
         return bucket
 
-    def grant_read_model(self, grantee: iam.IGrantable, name: str) -> iam.Grant:
-        """Let ``grantee`` read ``{prefix}/{name}/*`` and nothing else in the bucket."""
+    def grant_read_model(self, grantee: iam.IGrantable, name: str, version: str) -> iam.Grant:
+        """Let ``grantee`` read ``{prefix}/{name}/{version}/*`` and nothing else in the bucket."""
         consumer = grantee if isinstance(grantee, Construct) else grantee.grant_principal
-        return grant_model_read(self.bucket_for(consumer), grantee, name, prefix=self.model_prefix)
+        return grant_model_read(self.bucket_for(consumer), grantee, name, version, prefix=self.model_prefix)
 
 
-def model_objects_pattern(name: str, *, prefix: str = DEFAULT_MODEL_PREFIX) -> str:
-    """The object keys of every version of model ``name``: ``{prefix}/{name}/*``."""
+def model_objects_pattern(name: str, version: str, *, prefix: str = DEFAULT_MODEL_PREFIX) -> str:
+    """The object keys of one version of model ``name``: ``{prefix}/{name}/{version}/*``."""
     if not NAME_PATTERN.match(name):
         raise ValueError(f"model name {name!r} must be lowercase letters, digits and dashes")
-    return f"{prefix.strip('/')}/{name}/*" if prefix.strip("/") else f"{name}/*"
+    if not VERSION_PATTERN.match(version):
+        raise ValueError(f"model version {version!r} must be letters, digits, '.', '_' or '-'")
+    return "/".join(part for part in (prefix.strip("/"), name, version, "*") if part)
 
 
 def grant_model_read(
-    bucket: s3.IBucket, grantee: iam.IGrantable, name: str, *, prefix: str = DEFAULT_MODEL_PREFIX
+    bucket: s3.IBucket,
+    grantee: iam.IGrantable,
+    name: str,
+    version: str,
+    *,
+    prefix: str = DEFAULT_MODEL_PREFIX,
 ) -> iam.Grant:
-    """Grant ``s3:GetObject`` on model ``name``'s keys, and ``s3:ListBucket`` limited to them.
+    """Grant ``s3:GetObject`` on the keys of version ``version`` of model ``name``, and
+    ``s3:ListBucket`` limited to them.
 
-    Listing under the prefix lets a missing version answer NoSuchKey (a 404 for the client)
-    instead of AccessDenied. Acknowledges the one wildcard this needs (object keys under the
-    model's prefix) on the grantee's principal, so cdk-nag sees the reason next to the grant.
+    A missing manifest or artifact is never a 404 for the client: the store maps S3's NoSuchKey
+    to a 503 that says to upload the model or fix the deployed version, and AccessDenied (what
+    S3 answers for a missing key to a caller it does not let list the bucket) to a 503 that
+    names the role's permissions (``tierserve.store.s3_error``). Acknowledges the one wildcard
+    this needs (object keys under the version's prefix) on the grantee's principal, so cdk-nag
+    sees the reason next to the grant.
     """
-    pattern = model_objects_pattern(name, prefix=prefix)
+    pattern = model_objects_pattern(name, version, prefix=prefix)
     objects_arn = bucket.arn_for_objects(pattern)
     grant = iam.Grant.add_to_principal(grantee=grantee, actions=["s3:GetObject"], resource_arns=[objects_arn])
     iam.Grant.add_to_principal(
@@ -166,7 +177,7 @@ def grant_model_read(
         acknowledge(
             principal,
             wildcard_resource_finding(principal, objects_arn),
-            f"Reads every object of model '{name}' only ({pattern}): versions are immutable "
-            "and new versions add keys, so the object keys cannot be listed ahead of time.",
+            f"Reads the objects of model '{name}' version '{version}' only ({pattern}): the manifest "
+            "names the artifact, so its key is not known when the stack is synthesized.",
         )
     return grant

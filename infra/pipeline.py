@@ -132,7 +132,7 @@ class InferencePipeline(Construct):
     ``models`` are every model the worker serves (its ``TIERSERVE_MODELS``: the manifests give
     the signatures); those in ``gpu_endpoints`` (model name -> endpoint name) run on their
     SageMaker endpoint, which the worker may invoke (and no other), the others in the worker. The stack grants the reads of each model's
-    prefix (``ModelStore.grant_read_model(pipeline.worker, name)``).
+    prefix (``ModelStore.grant_read_model(pipeline.worker, name, version)``).
 
     Attributes: ``queue``, ``dead_letter_queue``, ``worker``, ``role``, ``log_group``,
     ``alarm``, ``alarm_topic`` (None without ``alarm_email``), ``data_bucket``.
@@ -354,6 +354,8 @@ class InferencePipeline(Construct):
                 actions=["kms:Decrypt", "kms:GenerateDataKey*"],
                 principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
                 resources=["*"],  # in a key policy, "*" is this key
+                # Only for alarms of this account: no other account's CloudWatch may use the key.
+                conditions={"StringEquals": {"aws:SourceAccount": Stack.of(self).account}},
             )
         )
         topic = sns.Topic(

@@ -160,7 +160,7 @@ class ServingStack(Stack):
                 log_level=config.log_level,
                 preload=config.preload,
             )
-            model_store.grant_read_model(model.function, entry.name)
+            model_store.grant_read_model(model.function, entry.name, entry.version)
             self.api.add_lambda_model(entry.name, model.function)
             self.lambda_models[entry.name] = model
 
@@ -193,7 +193,7 @@ class ServingStack(Stack):
                 log_retention=RETENTION[config.log_retention_days],
                 log_level=config.log_level,
             )
-            model_store.grant_read_model(model.role, entry.name)
+            model_store.grant_read_model(model.role, entry.name, entry.version)
             self.api.add_sagemaker_model(
                 entry.name,
                 manifest=entry.manifest,
@@ -259,7 +259,7 @@ class PipelineStack(Stack):
             alarm_email=config.alarm_email or None,
         )
         for entry in catalog:
-            model_store.grant_read_model(self.pipeline.worker, entry.name)
+            model_store.grant_read_model(self.pipeline.worker, entry.name, entry.version)
         CfnOutput(
             self,
             "DeadLetterQueueUrl",

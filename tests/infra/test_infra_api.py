@@ -330,6 +330,14 @@ def test_account_logging_role_is_inline_and_optional(iam_api, open_stack, templa
     )
     assert "ManagedPolicyArns" not in role["Properties"]
     assert [p["PolicyName"] for p in role["Properties"]["Policies"]] == ["PushLogs"]
+    (statement,) = role["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+    assert sorted(statement["Action"]) == [  # writes only: nothing that reads the logs back
+        "logs:CreateLogGroup",
+        "logs:CreateLogStream",
+        "logs:DescribeLogGroups",
+        "logs:DescribeLogStreams",
+        "logs:PutLogEvents",
+    ]
     assert role["DeletionPolicy"] == "Retain", "other APIs in the account keep logging"
     assert find(template_of(open_stack), "AWS::ApiGateway::Account") == []
 

@@ -13,6 +13,7 @@ from typing import Any
 import aws_cdk as cdk
 import pytest
 from aws_cdk import aws_s3 as s3
+from cdk_nag import AwsSolutionsChecks
 
 from infra.config import InfraConfig
 from infra.gpu_tier import gpu_endpoint_name
@@ -25,21 +26,29 @@ LAMBDA_MODELS = ("iris", "resnet-50")
 GPU_MODELS = ("big-llm", "tiny-on-gpu")
 
 
-def synth_app(make_app, catalog, *, validate: bool, nag: bool, **context: Any):
+def build_app(make_app, catalog, *, validate: bool, nag: bool, **context: Any) -> cdk.App:
     app = make_app(validate=validate, **context)
     build_stacks(app, config=InfraConfig.from_context(app.node.try_get_context), catalog=catalog)
     if nag:
         add_aws_solutions_checks(app)
-    return app.synth()
+    return app
+
+
+def synth_app(make_app, catalog, *, validate: bool, nag: bool, **context: Any):
+    return build_app(make_app, catalog, validate=validate, nag=nag, **context).synth()
 
 
 @pytest.fixture(scope="module")
-def assembly(make_app, catalog):
-    """The app exactly as `cdk synth` builds it: cdk-nag and CloudFormation validation on.
+def nagged_app(make_app, catalog) -> cdk.App:
+    """The app exactly as `cdk synth` builds it: cdk-nag and CloudFormation validation on."""
+    return build_app(make_app, catalog, validate=True, nag=True)
 
-    A cdk-nag error (or warning) fails this synth with the report in the exception.
-    """
-    return synth_app(make_app, catalog, validate=True, nag=True)
+
+@pytest.fixture(scope="module")
+def assembly(nagged_app):
+    """``nagged_app`` synthesized: a cdk-nag error (or warning) fails this synth with the
+    report in the exception."""
+    return nagged_app.synth()
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +148,10 @@ def test_gpu_infer_routes_invoke_their_own_endpoint_only(serving):
         }
 
 
-def test_gpu_endpoints_read_only_their_own_model(serving):
+def test_gpu_endpoints_read_only_their_own_model_version(serving):
     models = of_type(serving, "AWS::SageMaker::Model")
     for model in models.values():
-        name = model["Properties"]["PrimaryContainer"]["Environment"][MODELS_ENV].split("@")[0]
+        name, version = model["Properties"]["PrimaryContainer"]["Environment"][MODELS_ENV].split("@")
         role_id = model["Properties"]["ExecutionRoleArn"]["Fn::GetAtt"][0]
         statements = [
             s
@@ -151,23 +160,27 @@ def test_gpu_endpoints_read_only_their_own_model(serving):
             for s in p["Properties"]["PolicyDocument"]["Statement"]
         ]
         s3 = json.dumps([s for s in statements if any(a.startswith("s3:") for a in _actions(s))])
-        assert f"/models/{name}/*" in s3
+        assert f"/models/{name}/{version}/*" in s3
+        assert s3.count("/models/") == 1 and s3.count('"models/') == 1, "one version's objects, one listing"
         assert not any(f"/models/{other}/" in s3 for other in (*LAMBDA_MODELS, *GPU_MODELS) if other != name)
 
 
-def test_cdk_nag_reports_nothing_unacknowledged(assembly):
+def test_cdk_nag_reports_nothing_unacknowledged(nagged_app, assembly):
+    # The pack's own report on the synthesized app: it exists even when clean (CDK leaves a
+    # plugin with nothing to say out of validation-report.json).
+    nag = AwsSolutionsChecks(nagged_app).validate_scope(nagged_app)
+    assert nag.success is True and nag.violations == []
     report = json.loads((Path(assembly.directory) / "validation-report.json").read_text())
-    by_plugin = {p["pluginName"]: p for p in report["pluginReports"]}
-    nag = by_plugin.get("AwsSolutions")
-    assert nag is None or (nag["conclusion"] == "success" and nag["violations"] == [])
-    annotations = by_plugin.get("Construct Annotations", {"violations": []})["violations"]
-    assert [a["ruleName"] for a in annotations] == [], "no errors and no warnings with the defaults"
+    assert [(p["pluginName"], p["violations"]) for p in report["pluginReports"]] == [], report
 
 
 def test_the_nag_harness_fails_on_a_violation(make_app):
-    """Guards the test above: an unacknowledged finding must fail synth here too."""
+    """Guards the test above: an unacknowledged finding must fail synth here too, and the
+    pack's own report on the app must list it."""
     app = make_app()
     s3.Bucket(cdk.Stack(app, "Careless"), "Bucket")
+    nag = AwsSolutionsChecks(app).validate_scope(app)
+    assert nag.success is False and "AwsSolutions-S10" in {v.rule_name for v in nag.violations}
     add_aws_solutions_checks(app)
     with pytest.raises(Exception, match="AwsSolutions-S10"):
         app.synth()
@@ -200,19 +213,20 @@ def policy_statements_of(template: dict[str, Any], function: dict[str, Any]) -> 
     return statements
 
 
-def test_each_function_reads_only_its_own_model_prefix(serving):
+def test_each_function_reads_only_its_own_model_versions_prefix(serving, catalog):
     for name, function in functions_by_model(serving).items():
         statements = policy_statements_of(serving, function)
         s3 = [s for s in statements if any(a.startswith("s3:") for a in _actions(s))]
         assert {a for s in s3 for a in _actions(s)} == {"s3:GetObject", "s3:ListBucket"}
         (get,) = [s for s in s3 if "s3:GetObject" in _actions(s)]
         resource = json.dumps(get["Resource"])
-        assert resource.endswith(f'"/models/{name}/*"]]}}'), resource
+        version = catalog.get(name).version
+        assert resource.endswith(f'"/models/{name}/{version}/*"]]}}'), resource
         assert get["Resource"] != "*"
         others = [other for other in LAMBDA_MODELS if other != name]
         assert not any(f"/models/{other}/" in json.dumps(s3) for other in others)
         (listing,) = [s for s in s3 if "s3:ListBucket" in _actions(s)]
-        assert listing["Condition"] == {"StringLike": {"s3:prefix": [f"models/{name}/*"]}}
+        assert listing["Condition"] == {"StringLike": {"s3:prefix": [f"models/{name}/{version}/*"]}}
 
 
 def _actions(statement: dict[str, Any]) -> list[str]:
@@ -246,7 +260,8 @@ def test_pipeline_serves_every_model_reading_only_their_prefixes(pipeline, catal
         [s for s in policy_statements_of(pipeline, worker) if "s3:GetObject" in _actions(s)]
     )
     for name in (*LAMBDA_MODELS, *GPU_MODELS):
-        assert f"/models/{name}/*" in model_reads
+        assert f"/models/{name}/{catalog.get(name).version}/*" in model_reads
+    assert model_reads.count("/models/") == len(catalog.entries), "one version's objects per model"
 
 
 def test_pipeline_deploys_after_storage_and_serving(assembly):

@@ -55,7 +55,7 @@ def build(make_app, manifest, *, instance_type: str, name: str) -> cdk.Stack:
         log_level="INFO",
     )
     bucket = cdk.aws_s3.Bucket.from_bucket_name(stack, "Models", "models-bucket")
-    grant_model_read(bucket, endpoint.role, manifest.name)
+    grant_model_read(bucket, endpoint.role, manifest.name, manifest.version)
     return stack
 
 
@@ -228,18 +228,18 @@ def test_execution_role_pulls_reads_its_model_and_logs(g5, find):
         "logs:CreateLogStream",
         "logs:DescribeLogStreams",
         "logs:PutLogEvents",
-        "cloudwatch:PutMetricData",
         "s3:GetObject",
         "s3:ListBucket",
-    }
+    }, "no cloudwatch:PutMetricData: metrics are EMF in the logs, and SageMaker's namespace drives scaling"
     assert "container-assets" in json.dumps(by_action["ecr:BatchGetImage"]["Resource"])
     assert json.dumps(by_action["s3:GetObject"]["Resource"]).endswith(
-        ':s3:::models-bucket/models/big-llm/*"]]}'
+        ':s3:::models-bucket/models/big-llm/7/*"]]}'
     )
+    assert by_action["s3:ListBucket"]["Condition"] == {"StringLike": {"s3:prefix": ["models/big-llm/7/*"]}}
     (group_id,) = g5.find_resources("AWS::Logs::LogGroup")
     assert by_action["logs:PutLogEvents"]["Resource"] == {"Fn::GetAtt": [group_id, "Arn"]}
-    namespaces = by_action["cloudwatch:PutMetricData"]["Condition"]["StringEquals"]["cloudwatch:namespace"]
-    assert set(namespaces) == {"Tierserve", "/aws/sagemaker/Endpoints"}
+    (star,) = [s for s in _statements(g5) if s["Resource"] == "*"]
+    assert _actions(star) == ["ecr:GetAuthorizationToken"], "the only statement on every resource"
 
 
 def test_endpoint_logs_have_retention_and_the_endpoint_waits_for_them(g5):

@@ -15,7 +15,7 @@ def store_template(make_app, template_of):
     stack = cdk.Stack(app, "Store")
     store = ModelStore(stack, "ModelStore")
     reader = iam.Role(stack, "Reader", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"))
-    store.grant_read_model(reader, "iris")
+    store.grant_read_model(reader, "iris", "3")
     return template_of(stack)
 
 
@@ -61,23 +61,27 @@ def test_every_bucket_policy_denies_plain_http(store_template, find):
         assert denies and denies[0]["Action"] == "s3:*" and denies[0]["Principal"] == {"AWS": "*"}
 
 
-def test_grant_reads_only_the_models_own_prefix(store_template, find):
+def test_grant_reads_only_the_model_versions_own_prefix(store_template, find):
     (policy,) = find(store_template, "AWS::IAM::Policy")
     statements = policy["Properties"]["PolicyDocument"]["Statement"]
     get = [s for s in statements if s["Action"] == "s3:GetObject"]
     assert len(get) == 1
     resource = get[0]["Resource"]["Fn::Join"][1]
-    assert resource[-1] == "/models/iris/*"
+    assert resource[-1] == "/models/iris/3/*"
     listing = [s for s in statements if s["Action"] == "s3:ListBucket"]
-    assert listing[0]["Condition"] == {"StringLike": {"s3:prefix": ["models/iris/*"]}}
+    assert listing[0]["Condition"] == {"StringLike": {"s3:prefix": ["models/iris/3/*"]}}
     actions = {
         a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
     }
     assert actions == {"s3:GetObject", "s3:ListBucket"}, "no s3:*, no writes, no GetBucket*"
 
 
-def test_model_names_that_could_widen_the_prefix_are_refused():
-    assert model_objects_pattern("iris") == "models/iris/*"
+def test_model_names_and_versions_that_could_widen_the_prefix_are_refused():
+    assert model_objects_pattern("iris", "3") == "models/iris/3/*"
+    assert model_objects_pattern("iris", "1.2", prefix="") == "iris/1.2/*"
     for bad in ("*", "iris/..", "", "Iris"):
-        with pytest.raises(ValueError):
-            model_objects_pattern(bad)
+        with pytest.raises(ValueError, match="model name"):
+            model_objects_pattern(bad, "1")
+    for bad in ("*", "1/..", "", "../2", "1/*"):
+        with pytest.raises(ValueError, match="model version"):
+            model_objects_pattern("iris", bad)

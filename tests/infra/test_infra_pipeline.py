@@ -276,8 +276,13 @@ def test_alarm_email_adds_an_encrypted_topic(with_alarm_email, find):
     (alarm,) = find(with_alarm_email, "AWS::CloudWatch::Alarm")
     assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic_id}]
     key = with_alarm_email.find_resources("AWS::KMS::Key")[key_id]
-    principals = [s.get("Principal") for s in key["Properties"]["KeyPolicy"]["Statement"]]
-    assert {"Service": "cloudwatch.amazonaws.com"} in principals
+    (cloudwatch,) = [
+        s
+        for s in key["Properties"]["KeyPolicy"]["Statement"]
+        if s.get("Principal") == {"Service": "cloudwatch.amazonaws.com"}
+    ]
+    assert sorted(cloudwatch["Action"]) == ["kms:Decrypt", "kms:GenerateDataKey*"]
+    assert cloudwatch["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
     (policy,) = find(with_alarm_email, "AWS::SNS::TopicPolicy")
     (deny,) = [s for s in policy["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Deny"]
     assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}

@@ -11,16 +11,23 @@ import pytest
 from support.common import BUCKET, load_event, make_invoke
 from support.flaky import FlakyProxy
 from tierserve import store
-from tierserve.catalog import Digest
+from tierserve.catalog import Digest, Manifest
 from tierserve.config import Settings
 from tierserve.errors import ModelUnavailable
 from tierserve.local import samples
 from tierserve.packaging import compress_file, package_model, sha256_file, upload
 from tierserve.sessions import ModelRegistry
 
+MANIFEST_KEY = "models/iris/1/manifest.json"
+
 
 def put_manifest(s3, manifest) -> None:
-    s3.put_object(Bucket=BUCKET, Key="models/iris/1/manifest.json", Body=manifest.to_json().encode())
+    s3.put_object(Bucket=BUCKET, Key=MANIFEST_KEY, Body=manifest.to_json().encode())
+
+
+def stored_manifest(s3) -> Manifest:
+    """The manifest as uploaded (it names the artifact as S3 stores it)."""
+    return Manifest.from_dict(json.loads(s3.get_object(Bucket=BUCKET, Key=MANIFEST_KEY)["Body"].read()))
 
 
 @pytest.mark.parametrize(
@@ -44,7 +51,7 @@ def put_manifest(s3, manifest) -> None:
 def test_rejected_artifacts_are_503_and_never_cached(
     s3, uploaded_iris, cache_dir, monkeypatch, doctor, fragment
 ):
-    put_manifest(s3, doctor(uploaded_iris.manifest))
+    put_manifest(s3, doctor(stored_manifest(s3)))
     invoke = make_invoke(monkeypatch, cache_dir)
     status, _, body = invoke(load_event("infer-json"))
     assert status == 503
@@ -53,14 +60,16 @@ def test_rejected_artifacts_are_503_and_never_cached(
 
 
 def test_corrupt_artifact_bytes_are_refused(s3, uploaded_iris, cache_dir, monkeypatch):
-    key = f"models/iris/1/{uploaded_iris.manifest.artifact}"
+    key = f"models/iris/1/{stored_manifest(s3).artifact}"
     stored = bytearray(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
     stored[10:20] = b"\x00" * 10
     s3.put_object(Bucket=BUCKET, Key=key, Body=bytes(stored))
     invoke = make_invoke(monkeypatch, cache_dir)
     status, _, body = invoke(load_event("infer-json"))
     assert status == 503, body
-    assert "re-" in json.loads(body)["error"]  # names the fix: re-package / re-upload
+    error = json.loads(body)["error"]
+    # Zeroed bytes break the zstd framing before the digest is complete: the fix is to re-package.
+    assert f"s3://{BUCKET}/{key} is not a valid zstd stream" in error and error.endswith("re-package it")
     assert not cache_dir.exists() or list(cache_dir.iterdir()) == []
 
 

@@ -1,10 +1,12 @@
 """SageMakerModel, the GPU tier seen from the worker: against moto's sagemaker-runtime
-(canned replies; the request is checked as sent) and against a loopback double that plays
-the GPU server for real and answers SageMaker's errors."""
+(canned replies; the request is checked as sent) and against a loopback SageMaker double
+with the GPU server's real host (tierserve.hosting) behind it, which also answers
+SageMaker's own errors."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import boto3
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 import requests
 from botocore.config import Config
 
-from support.sagemaker import SageMakerDouble, model_error, service_error
+from support.sagemaker import SageMakerDouble, model_error, service_error, start_container
 from tierserve import remote
 from tierserve.errors import (
     BadRequest,
@@ -45,10 +47,12 @@ def iris(iris_onnx, iris_package) -> OnnxModel:
 
 
 @pytest.fixture
-def double(iris):
-    server = SageMakerDouble(lambda endpoint: iris)
+def double(iris_package, tmp_path):
+    container = start_container(iris_package.artifact.parent, tmp_path / "container-cache")
+    server = SageMakerDouble({"iris-gpu": container})
     yield server
     server.stop()
+    container.close()
 
 
 def client_for(url: str, *, attempts: int = 3, read_timeout: float = 5) -> object:
@@ -79,6 +83,26 @@ def test_predict_round_trips_an_oip_binary_request(double, iris, iris_package):
     assert head["inputs"][0]["parameters"]["binary_data_size"] == ROWS.nbytes
     assert head["parameters"] == {"binary_data_output": True}
     assert call["body"][header_length:] == encode_binary(ROWS)
+    container = call["container"]  # the GPU server answered in binary, its header length as an attribute
+    assert container.status == 200 and container.headers["Content-Type"] == BINARY_CONTENT_TYPE
+    assert container.headers["X-Amzn-SageMaker-Custom-Attributes"].startswith(f"{HEADER_LENGTH}=")
+
+
+def test_the_model_attribute_picks_the_model_the_container_serves(double, iris_package):
+    other = replace(iris_package.manifest, name="resnet")
+    model = SageMakerModel(other, "iris-gpu", client_factory=lambda: client_for(double.url, attempts=1))
+    with pytest.raises(ModelNotFound, match="resnet"):
+        model.predict({"input": ROWS})
+    [call] = double.calls
+    assert call["attributes"]["model"] == "resnet" and call["container"].status == 404
+
+
+def test_an_endpoint_sagemaker_does_not_know_is_a_deployment_fault(double, iris_package):
+    model = SageMakerModel(
+        iris_package.manifest, "no-such-endpoint", client_factory=lambda: client_for(double.url, attempts=1)
+    )
+    with pytest.raises(ModelUnavailable, match="TIERSERVE_GPU_ENDPOINTS"):
+        model.predict({"input": ROWS})
 
 
 def test_requested_outputs_pass_through(double, iris_package):

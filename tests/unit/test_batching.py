@@ -1,12 +1,13 @@
 """Dynamic batching on real onnxruntime sessions: merged runs give each request exactly its
 unbatched result, only compatible requests share a run, a request that makes the model fail
-fails alone, and the queue is bounded."""
+fails alone, the queue is bounded, and neither a stuck run nor a dead batcher leaves a
+request waiting for ever."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -14,8 +15,40 @@ import pytest
 from support.gpu import gather_model, load, package, row_sum_model
 from tierserve.batching import BatchingConfig, BatchingModel, batchable, batching_factory
 from tierserve.catalog import TensorSpec
-from tierserve.errors import ModelUnavailable, Overloaded
+from tierserve.errors import BadRequest, ModelUnavailable, Overloaded, to_http
 from tierserve.model import OnnxModel
+
+POISON = -13.0  # a request whose first value is this stalls in the model (see Stalling)
+
+
+class Crash(BaseException):
+    """Not an ``Exception``: what ends a thread (as SystemExit or KeyboardInterrupt would)."""
+
+
+class Stalling:
+    """A real model whose runs of a poisoned request signal ``entered``, wait for ``go``, then
+    raise ``then`` (or run normally when ``then`` is None); other requests run at once."""
+
+    def __init__(self, inner: OnnxModel, then: BaseException | None = None) -> None:
+        self.inner = inner
+        self.manifest = inner.manifest
+        self.then = then
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def metadata(self):
+        return self.inner.metadata()
+
+    def ready(self) -> bool:
+        return True
+
+    def predict(self, inputs, output_names=None):
+        if next(iter(inputs.values())).flat[0] == POISON:
+            self.entered.set()
+            assert self.go.wait(30), "the test never let the stalled run go"
+            if self.then is not None:
+                raise self.then
+        return self.inner.predict(inputs, output_names)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +89,21 @@ def concurrently(calls):
 
     with ThreadPoolExecutor(len(calls)) as pool:
         return list(pool.map(run, calls))
+
+
+def in_background(call) -> Future:
+    """Run ``call`` on a daemon thread: a call that never returns fails its test (a bounded
+    ``result``) instead of holding the whole run."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call())
+        except BaseException as error:
+            future.set_exception(error)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
 
 
 def test_concurrent_requests_are_merged_and_each_gets_its_unbatched_result(mlp):
@@ -118,7 +166,9 @@ def test_a_request_that_fails_in_the_model_fails_alone(gather):
     finally:
         model.close()
     failed = results.pop(4)
-    assert isinstance(failed, Exception) and "GatherElements" in str(failed)
+    assert type(failed) is BadRequest and failed.status_code == 400
+    assert failed.message.startswith("the model failed on this input: GatherElements node")
+    assert to_http(failed) == (400, {"error": failed.message})
     for request, result in zip(good, results, strict=True):
         assert not isinstance(result, Exception), result
         np.testing.assert_array_equal(result["y"], np.take_along_axis(request["x"], request["i"], axis=1))
@@ -141,8 +191,65 @@ def test_a_full_queue_refuses_at_once_and_close_runs_what_waits(mlp):
                 future.result(timeout=10)["probabilities"], mlp.predict(request)["probabilities"]
             )
     assert model.stats_snapshot()["rejected"] == 1
-    with pytest.raises(ModelUnavailable, match="shutting down"):
+    assert not model.ready()
+    with pytest.raises(ModelUnavailable, match="shutting down or was unloaded") as raised:
         model.predict(request)
+    assert raised.value.status_code == 503
+
+
+def test_a_dead_batcher_fails_every_waiting_request_with_503_and_is_not_ready(mlp):
+    stalling = Stalling(mlp, then=Crash())
+    model = BatchingModel(stalling, BatchingConfig(max_batch_size=32, max_queue_delay_ms=0))
+    poisoned = {"input": np.full((1, 16), POISON, dtype=np.float32)}
+    request = {"input": np.ones((2, 16), dtype=np.float32)}  # another shape: never in the crashing run
+    try:
+        crashing = in_background(lambda: model.predict(poisoned))
+        assert stalling.entered.wait(30)
+        queued = [in_background(lambda: model.predict(request)) for _ in range(2)]
+        while model.stats_snapshot()["requests"] < 3:  # both wait in the queue behind the run
+            threading.Event().wait(0.01)
+        assert model.ready()
+        stalling.go.set()  # the model raises Crash: the batcher thread dies
+        for future in [crashing, *queued]:
+            error = future.exception(timeout=30)  # a bound for a hang, not a timing check
+            assert type(error) is ModelUnavailable and error.status_code == 503
+            assert "the batcher of mlp stopped (Crash)" in error.message
+    finally:
+        stalling.go.set()
+        model.close()
+    assert not model.ready()
+    with pytest.raises(ModelUnavailable, match="the batcher of mlp stopped"):
+        model.predict(request)
+
+
+def test_a_stuck_run_makes_waiters_give_up_with_503_and_the_model_not_ready(mlp):
+    now = [0.0]
+    stalling = Stalling(mlp)  # the poisoned run waits for go, then runs
+    config = BatchingConfig(max_batch_size=32, max_queue_delay_ms=0, run_timeout_s=0.2)
+    model = BatchingModel(stalling, config, clock=lambda: now[0])
+    poisoned = {"input": np.full((1, 16), POISON, dtype=np.float32)}
+    request = {"input": np.ones((1, 16), dtype=np.float32)}
+    try:
+        stuck = in_background(lambda: model.predict(poisoned))
+        assert stalling.entered.wait(30)
+        with pytest.raises(ModelUnavailable, match=r"gave no result within 0\.2 s") as raised:
+            model.predict(request)  # queued behind the stuck run: gives up, leaves the queue
+        assert raised.value.status_code == 503
+        assert model.ready()  # by the model's clock, the run has not gone on too long yet
+        now[0] += config.run_timeout_s + 1
+        assert not model.ready()  # now it has: /ping would say 503
+        error = stuck.exception(timeout=30)  # its caller gave up too, the same way
+        assert type(error) is ModelUnavailable and error.status_code == 503
+        stalling.go.set()  # the run ends: the model is ready again
+        np.testing.assert_allclose(
+            model.predict(request)["probabilities"], mlp.predict(request)["probabilities"]
+        )
+        assert model.ready()
+    finally:
+        stalling.go.set()
+        model.close()
+    # Two runs, the stuck one and the last request's: the request that gave up never ran.
+    assert model.stats_snapshot()["runs"] == 2
 
 
 def test_a_request_bigger_than_the_max_batch_runs_on_its_own(mlp):
@@ -185,6 +292,9 @@ def test_only_models_with_a_dynamic_first_dimension_everywhere_are_wrapped(mlp):
 def test_configuration_is_checked():
     with pytest.raises(ValueError, match="max_batch_size >= 1"):
         BatchingConfig(max_batch_size=0)
+    with pytest.raises(ValueError, match="run_timeout_s > 0"):
+        BatchingConfig(run_timeout_s=0)
+    assert BatchingConfig(max_queue_delay_ms=500, run_timeout_s=60).wait_timeout_s == 60.5
 
 
 def test_a_request_whose_inputs_disagree_on_rows_is_never_stacked(gather):

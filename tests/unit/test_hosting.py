@@ -1,21 +1,24 @@
 """The SageMaker contract without HTTP: settings from the environment, where the binary
-header's length may hide, warm-up inputs, the model directory, and the routes before the
-model is ready."""
+header's length may hide, warm-up inputs, the model directory, the routes before the model
+is ready, and /ping turning 503 when a loaded model stops serving."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tierserve.batching import BatchingConfig
+from tierserve.batching import BatchingConfig, BatchingModel
 from tierserve.catalog import TensorSpec
+from tierserve.config import MB, Settings
 from tierserve.errors import ArtifactRejected, ModelUnavailable
 from tierserve.hosting import (
     CUSTOM_ATTRIBUTES,
+    ModelDirSource,
     ModelHost,
     ServerSettings,
     build_registry,
@@ -23,7 +26,11 @@ from tierserve.hosting import (
     invocation_headers,
     model_dir_ref,
 )
+from tierserve.model import OnnxModel
+from tierserve.protocol import encode_infer_request
 from tierserve.providers import CUDA
+from tierserve.sessions import ModelRegistry
+from tierserve.store import ArtifactStore
 
 
 def test_settings_defaults_follow_the_sagemaker_contract():
@@ -131,3 +138,46 @@ def test_before_loading_ping_and_readiness_say_503_and_other_routes_answer(iris_
     assert host.respond("GET", "/nowhere", {}, b"").status == 404
     unknown = host.respond("POST", "/invocations", {CUSTOM_ATTRIBUTES: "model=resnet"}, b"{}")
     assert unknown.status == 404 and "resnet" in json.loads(unknown.body)["error"]
+
+
+class Fatal(BaseException):
+    """Not an ``Exception``: it ends the batcher thread that meets it."""
+
+
+class FatalOnPoison(OnnxModel):
+    """The real iris session, except that a request whose first value is -13 raises :class:`Fatal`."""
+
+    def predict(self, inputs, output_names=None):
+        if next(iter(inputs.values())).flat[0] == -13:
+            raise Fatal
+        return super().predict(inputs, output_names)
+
+
+def test_ping_turns_503_once_a_loaded_model_stops_serving(iris_package, cache_dir):
+    folder = iris_package.artifact.parent
+    ref = model_dir_ref(folder)
+    server = ServerSettings(model_dir=folder, batching=BatchingConfig(max_queue_delay_ms=1))
+    registry = ModelRegistry(
+        Settings(models=(ref,), cache_dir=cache_dir, memory_budget_mb=64),
+        partial(ArtifactStore, ModelDirSource(folder, ref), cache_dir, 64 * MB),
+        model_factory=lambda *args: BatchingModel(FatalOnPoison(*args), server.batching),
+    )
+    host = ModelHost(registry, server).start()
+    try:
+        assert host.wait_ready(30)
+        assert host.respond("GET", "/ping", {}, b"").status == 200
+        good = encode_infer_request({"input": np.ones((1, 4), dtype=np.float32)})
+        assert host.respond("POST", "/invocations", good.headers, good.body).status == 200
+        poisoned = encode_infer_request({"input": np.full((1, 4), -13, dtype=np.float32)})
+        dead = host.respond("POST", "/invocations", poisoned.headers, poisoned.body)
+        assert dead.status == 503 and "the batcher of iris stopped (Fatal)" in json.loads(dead.body)["error"]
+        ping = host.respond("GET", "/ping", {}, b"")
+        assert ping.status == 503
+        assert (
+            json.loads(ping.body)["error"]
+            == "not ready: iris@1 stopped serving (its batcher died or a run is stuck)"
+        )
+        assert host.respond("GET", "/v2/health/ready", {}, b"").status == 503
+        assert not host.ready
+    finally:
+        host.close()

@@ -20,6 +20,12 @@ is there. Guarantees:
 - No request waits unboundedly: the oldest queued request runs at most
   ``max_queue_delay_ms`` after it arrived plus the runs ahead of it, whatever its shape;
   a full queue refuses new requests at once (:class:`~tierserve.errors.Overloaded`, 503).
+  A request that has no result after ``max_queue_delay_ms + run_timeout_s`` gets a 503
+  (:class:`~tierserve.errors.ModelUnavailable`), and a run going on for longer than
+  ``run_timeout_s`` makes the model not ready (the GPU server's ``/ping`` says 503, so
+  SageMaker replaces the instance).
+- A batcher thread that dies (a ``BaseException`` out of the wrapped model) fails every
+  request it leaves behind with a 503, refuses new ones, and the model is no longer ready.
 
 A model merges only where every input and output has a dynamic first dimension
 (:func:`batchable`); requests bigger than ``max_batch_size``, and requests whose inputs
@@ -45,27 +51,44 @@ from tierserve.model import Model, ModelFactory
 from tierserve.telemetry import BATCH_ROWS, QUEUE_FULL, logger, record_count
 
 DEFAULT_MAX_QUEUE_SIZE = 256
+# Twice SageMaker's 60 s invocation timeout: a run still going after this is stuck, and nobody
+# waits for its result any more.
+DEFAULT_RUN_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
 class BatchingConfig:
     """``max_batch_size`` rows per run (1 turns batching off), ``max_queue_delay_ms`` the longest
-    a request waits for others, ``max_queue_size`` requests waiting before new ones get 503."""
+    a request waits for others, ``max_queue_size`` requests waiting before new ones get 503,
+    ``run_timeout_s`` the longest one run of the model may take before the model counts as
+    stuck (not ready) and the requests waiting on it get 503."""
 
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+    run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue_delay_ms < 0 or self.max_queue_size < 1:
+        if (
+            self.max_batch_size < 1
+            or self.max_queue_delay_ms < 0
+            or self.max_queue_size < 1
+            or self.run_timeout_s <= 0
+        ):
             raise ValueError(
-                "batching needs max_batch_size >= 1, max_queue_delay_ms >= 0 and max_queue_size >= 1, "
-                f"got {self.max_batch_size}, {self.max_queue_delay_ms}, {self.max_queue_size}"
+                "batching needs max_batch_size >= 1, max_queue_delay_ms >= 0, max_queue_size >= 1 and "
+                f"run_timeout_s > 0, got {self.max_batch_size}, {self.max_queue_delay_ms}, "
+                f"{self.max_queue_size}, {self.run_timeout_s}"
             )
 
     @property
     def enabled(self) -> bool:
         return self.max_batch_size > 1
+
+    @property
+    def wait_timeout_s(self) -> float:
+        """The longest a queued request waits for its result: its queue delay plus one run."""
+        return self.max_queue_delay_ms / 1000 + self.run_timeout_s
 
 
 @dataclass
@@ -119,8 +142,14 @@ class _Pending:
 class BatchingModel:
     """Wraps a model; ``predict`` calls from many threads are merged into fewer, larger runs.
 
-    One batcher thread per model runs the wrapped model, so runs never overlap: on a GPU,
-    the next batch fills while the current one runs.
+    One batcher thread per model runs the queued requests, so batched runs never overlap one
+    another: on a GPU, the next batch fills while the current one runs. Requests that run on
+    their own (over ``max_batch_size``, or inputs that disagree on their rows) run on their
+    caller's thread instead and may overlap a batched run (an onnxruntime session allows
+    concurrent runs).
+
+    :meth:`close` drains the queue and stops the thread; the registry calls it when it evicts
+    the model, so the thread lets go of the session (and its GPU memory).
     """
 
     def __init__(
@@ -133,6 +162,8 @@ class BatchingModel:
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._unavailable = f"{inner.manifest.name} is shutting down or was unloaded: retry the request"
+        self._run_started: float | None = None  # when the batcher's current run began
         self._thread = threading.Thread(
             target=self._serve, name=f"tierserve-batcher-{inner.manifest.name}", daemon=True
         )
@@ -155,7 +186,15 @@ class BatchingModel:
         return document
 
     def ready(self) -> bool:
-        return self.inner.ready() and self._thread.is_alive()
+        """False once closed, when the batcher thread died, or while a run has gone on for
+        longer than ``run_timeout_s`` (stuck); otherwise the wrapped model's readiness."""
+        with self._cond:
+            if self._closed or not self._thread.is_alive():
+                return False
+            started = self._run_started
+        if started is not None and self._clock() - started > self.config.run_timeout_s:
+            return False
+        return self.inner.ready()
 
     def stats_snapshot(self) -> dict[str, int]:
         with self._cond:
@@ -169,7 +208,8 @@ class BatchingModel:
 
         Raises:
             Overloaded: the queue is full.
-            ModelUnavailable: the model is shutting down.
+            ModelUnavailable: the model is closed, its batcher died, or no result came within
+                ``config.wait_timeout_s``.
             Whatever the wrapped model raises for these inputs alone.
         """
         rows = _rows(inputs)
@@ -180,7 +220,7 @@ class BatchingModel:
         pending = _Pending(inputs, output_names, rows, self._clock())
         with self._cond:
             if self._closed:
-                raise ModelUnavailable(f"{self.manifest.name} is shutting down; retry on another instance")
+                raise ModelUnavailable(self._unavailable)
             if len(self._queue) >= self.config.max_queue_size:
                 self.stats.rejected += 1
                 record_count(QUEUE_FULL)
@@ -191,34 +231,62 @@ class BatchingModel:
             self._queue.append(pending)
             self.stats.requests += 1
             self._cond.notify_all()
-        pending.done.wait()
+        if not pending.done.wait(self.config.wait_timeout_s):
+            with self._cond:
+                if pending in self._queue:  # never picked up: nobody will run it now
+                    self._queue.remove(pending)
+            raise ModelUnavailable(
+                f"{self.manifest.name} gave no result within {self.config.wait_timeout_s:g} s (a run is "
+                "stuck or the queue is too long); retry, on another instance if it persists"
+            )
         if pending.error is not None:
             raise pending.error
         assert pending.result is not None
         return pending.result
 
     def close(self, timeout: float = 30.0) -> None:
-        """Run what is queued, then stop the batcher thread; later requests get 503."""
+        """Run what is queued, then stop the batcher thread (waiting up to ``timeout`` seconds
+        for it); later requests get 503. Closing twice is harmless."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     # ------------------------------------------------------------ the batcher thread
 
     def _serve(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            try:
-                self._run(batch)
-            except BaseException as error:  # never leave a caller waiting
-                for pending in batch:
-                    if not pending.done.is_set():
-                        pending.finish(error=error)
-                if not isinstance(error, Exception):
-                    raise
+        batch: list[_Pending] = []
+        try:
+            while batch := self._next_batch() or []:  # empty once closed and drained
+                try:
+                    self._run(batch)
+                except Exception as error:  # a bug in merging or splitting: fail this run only
+                    for pending in batch:
+                        if not pending.done.is_set():
+                            pending.finish(error=error)
+                finally:
+                    with self._cond:
+                        self._run_started = None
+        except BaseException as error:  # the thread ends here: leave nobody waiting
+            self._stop_for_good(error, batch)
+
+    def _stop_for_good(self, error: BaseException, batch: list[_Pending]) -> None:
+        """The batcher thread is dying: fail its run and the queue with a 503, refuse new requests."""
+        reason = (
+            f"the batcher of {self.manifest.name} stopped ({type(error).__name__}); this instance is not "
+            "ready any more: retry, on another instance"
+        )
+        logger.error(reason, exc_info=(type(error), error, error.__traceback__))
+        with self._cond:
+            self._closed = True
+            self._unavailable = reason
+            stranded = [*batch, *self._queue]
+            self._queue.clear()
+            self._run_started = None
+        for pending in stranded:
+            if not pending.done.is_set():
+                pending.finish(error=ModelUnavailable(reason))
 
     def _next_batch(self) -> list[_Pending] | None:
         """Wait for the oldest request's delay (or a full batch), then take the queued requests
@@ -249,6 +317,7 @@ class BatchingModel:
                 self.stats.merged_runs += 1
             self.stats.largest_run_requests = max(self.stats.largest_run_requests, len(batch))
             self.stats.largest_run_rows = max(self.stats.largest_run_rows, rows)
+            self._run_started = self._clock()
         record_count(BATCH_ROWS, rows)
         return batch
 

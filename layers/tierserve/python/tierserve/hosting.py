@@ -1,6 +1,7 @@
 """The SageMaker hosting contract over the data plane: what the GPU server answers.
 
-    GET  /ping          200 once every served model is loaded and warmed, else 503
+    GET  /ping          200 once every served model is loaded and warmed, and while each
+                        loaded model stays ready (a dead or stuck batcher is not), else 503
     POST /invocations   an OIP infer request for the endpoint's model (JSON or binary)
     the OIP routes      /v2, /v2/health/*, /v2/models/... through :func:`tierserve.rest.dispatch`
 
@@ -296,17 +297,20 @@ def warm_up(model: Model, batch_sizes: Sequence[int] = (1,)) -> list[float]:
 
     The first run allocates the device arenas, picks cuDNN algorithms and, under TensorRT,
     builds the engine; running the largest batch too makes TensorRT's shape profile cover
-    every batch the server will form, so no request pays for a rebuild.
+    every batch the server will form, so no request pays for a rebuild. A batching model is
+    warmed through the model it wraps: an engine build may take minutes, longer than a
+    request may wait in the batcher's queue.
 
     Raises:
         Whatever the model raises, except :class:`BadRequest` (the model refuses synthetic
         input but runs: a warning, not a failure).
     """
+    target = model.inner if isinstance(model, BatchingModel) else model
     timings = []
     for batch_size in batch_sizes:
         with stopwatch() as elapsed:
             try:
-                model.predict(example_inputs(model.manifest, batch_size))
+                target.predict(example_inputs(model.manifest, batch_size))
             except BadRequest as error:
                 logger.warning(
                     "the model refused the warm-up input; it is loaded, its first request warms it up",
@@ -331,7 +335,9 @@ class ModelHost:
 
     ``/ping`` (and ``/v2/health/ready``) say 503 until each model is loaded and warmed; a
     failed load is retried with backoff (the store may be briefly unavailable), and its
-    reason is in the 503 body and the logs.
+    reason is in the 503 body and the logs. Once ready, they ask each loaded model again on
+    every call: a model that stops being ready (its batcher died or a run is stuck) turns
+    them to 503, so SageMaker replaces the instance.
     """
 
     def __init__(
@@ -357,7 +363,18 @@ class ModelHost:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        return self._not_ready_reason() is None
+
+    def _not_ready_reason(self) -> str | None:
+        """Why the host cannot serve now, or None. A model evicted from the registry is not a
+        reason: the next request for it loads it again."""
+        if not self._ready.is_set():
+            return self._status
+        for ref in self.models:
+            model = self.registry.loaded(ref)
+            if model is not None and not model.ready():
+                return f"{ref} stopped serving (its batcher died or a run is stuck)"
+        return None
 
     def start(self) -> ModelHost:
         """Start loading in the background (the server answers /ping with 503 meanwhile)."""
@@ -425,14 +442,17 @@ class ModelHost:
                 if method.upper() == "POST"
                 else _not_allowed(method, route, "POST")
             )
-        if route == "/v2/health/ready" and method.upper() == "GET" and not self.ready:
-            return HttpResponse.json({"ready": False, "status": self._status}, 503)
+        if route == "/v2/health/ready" and method.upper() == "GET":
+            reason = self._not_ready_reason()
+            if reason is not None:
+                return HttpResponse.json({"ready": False, "status": reason}, 503)
         return dispatch(self.dataplane, method, route, headers, body)
 
     def ping(self) -> HttpResponse:
-        if self.ready:
+        reason = self._not_ready_reason()
+        if reason is None:
             return HttpResponse.json({"status": "ready", "models": [str(r) for r in self.models]})
-        return HttpResponse.json({"error": f"not ready: {self._status}"}, 503)
+        return HttpResponse.json({"error": f"not ready: {reason}"}, 503)
 
     def invoke(self, headers: Mapping[str, str], body: bytes) -> HttpResponse:
         """``POST /invocations``: an OIP infer request for the endpoint's model."""

@@ -58,6 +58,7 @@ from tierserve.protocol import (
     header,
     model_metadata,
 )
+from tierserve.store import error_code
 
 MODEL_ATTRIBUTE = "model"  # names the model, for an endpoint that serves several
 # SageMaker real-time endpoints refuse request bodies over 6 MB and answer within 60 s.
@@ -170,9 +171,9 @@ def sagemaker_error(error: Exception, endpoint: str) -> TierserveError:
     """Translate a botocore error from InvokeEndpoint into the tierserve error it means."""
     response = getattr(error, "response", None)
     if isinstance(response, dict):
-        code = str(response.get("Error", {}).get("Code", ""))
-        message = str(response.get("Error", {}).get("Message", ""))[:MAX_MESSAGE_CHARS]
-        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        code = error_code(error)
+        message = str((response.get("Error") or {}).get("Message", ""))[:MAX_MESSAGE_CHARS]
+        status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
         if code == "ModelError":
             return _container_error(response, endpoint)
         if code in _RETRYABLE_CODES or status >= 500 or status == 429:
