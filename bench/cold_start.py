@@ -81,14 +81,13 @@ class ColdStart:
         import zstandard
 
         from tierserve.config import ModelRef, Settings
-        from tierserve.packaging import upload
+        from tierserve.packaging import upload_package
 
         self.work = work
         self.client = server.client()
         self.client.create_bucket(Bucket=BUCKET)
         self.packaged = package_for_bench(model_path, work / "package", packaging)
-        upload(self.packaged, self.client, BUCKET, PREFIX)
-        self.manifest = self.packaged.manifest
+        self.manifest = upload_package(self.packaged, self.client, BUCKET, PREFIX).manifest
         self.key = f"{PREFIX}/{self.manifest.key_prefix}/{self.manifest.artifact}"
         # The floor starts from the decompressed model: prepared once, outside the timing.
         self.model_bytes = zstandard.ZstdDecompressor().decompress(

@@ -50,16 +50,11 @@ from constructs import Construct
 
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, AuthMode
 from infra.nag import acknowledge, wildcard_resource_finding
-from tierserve import __version__
 from tierserve.catalog import Manifest
-from tierserve.protocol import HEADER_LENGTH, model_metadata
+from tierserve.protocol import HEADER_LENGTH, model_metadata, server_metadata
+from tierserve.rest import ROUTE_HELP
 
 BINARY_MEDIA_TYPES = ["application/octet-stream"]
-SERVER_METADATA = {"name": "tierserve", "version": __version__, "extensions": ["binary_tensor_data"]}
-ROUTE_HELP = (
-    "routes: GET /v2, GET /v2/health/live, GET /v2/health/ready, GET /v2/models/{model}"
-    "[/versions/{version}][/ready], POST /v2/models/{model}[/versions/{version}]/infer"
-)
 # Content types a mock integration accepts; others get a 415 through DEFAULT_4XX.
 MOCK_CONTENT_TYPES = ("application/json", "application/octet-stream")
 ERROR_TEMPLATE = '{"error": $context.error.messageString}'
@@ -439,7 +434,7 @@ class InferenceApi(Construct):
     def _add_server_routes(self) -> apigw.Resource:
         """Health and server metadata; returns ``/v2/models``, where model routes go."""
         v2 = self.rest_api.root.add_resource("v2")
-        self._mock(v2, "GET", 200, json.dumps(SERVER_METADATA))
+        self._mock(v2, "GET", 200, json.dumps(server_metadata()))
         health = v2.add_resource("health")
         self._mock(health.add_resource("live"), "GET", 200, json.dumps({"live": True}))
         self._mock(health.add_resource("ready"), "GET", 200, json.dumps({"ready": True}))

@@ -25,7 +25,7 @@ from support.common import BUCKET  # noqa: E402
 from tierserve import store  # noqa: E402
 from tierserve.local import samples  # noqa: E402
 from tierserve.local.embedded_s3 import EmbeddedS3  # noqa: E402
-from tierserve.packaging import PackagedModel, package_model, upload  # noqa: E402
+from tierserve.packaging import PackagedModel, package_model, upload_package  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -77,8 +77,9 @@ def iris_package(iris_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture
 def uploaded_iris(s3: object, iris_package: PackagedModel) -> PackagedModel:
-    upload(iris_package, s3, BUCKET, "models")
-    return iris_package
+    """The iris package as stored: its manifest names the content-addressed artifact in S3."""
+    stored = upload_package(iris_package, s3, BUCKET, "models").manifest
+    return PackagedModel(stored, iris_package.artifact)
 
 
 @pytest.fixture

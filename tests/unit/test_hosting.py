@@ -50,6 +50,7 @@ def test_settings_read_every_variable():
             "TIERSERVE_MAX_BATCH_SIZE": "8",
             "TIERSERVE_MAX_QUEUE_DELAY_MS": "2.5",
             "TIERSERVE_MAX_QUEUE_SIZE": "64",
+            "TIERSERVE_RUN_TIMEOUT_S": "30",
             "TIERSERVE_PROVIDERS": "cuda,cpu",
             "TIERSERVE_TRT_FP16": "false",
             "TIERSERVE_TRT_CACHE_DIR": "/cache/trt",
@@ -63,7 +64,7 @@ def test_settings_read_every_variable():
         "off",
         5.0,
     )
-    assert settings.batching == BatchingConfig(8, 2.5, 64)
+    assert settings.batching == BatchingConfig(8, 2.5, 64, run_timeout_s=30.0)
     assert settings.providers.requested == (CUDA, "CPUExecutionProvider")
     assert settings.providers.trt_fp16 is False and settings.providers.trt_cache_dir == Path("/cache/trt")
 
@@ -73,6 +74,7 @@ def test_settings_read_every_variable():
     [
         ("TIERSERVE_MAX_BATCH_SIZE", "many", "invalid literal"),
         ("TIERSERVE_MAX_QUEUE_DELAY_MS", "soon", "could not convert"),
+        ("TIERSERVE_RUN_TIMEOUT_S", "forever", "could not convert"),
         ("TIERSERVE_TRT_FP16", "perhaps", "not a boolean"),
         ("TIERSERVE_PROVIDERS", "tpu", "'tpu' is not one of"),
         ("TIERSERVE_IO_BINDING", "sometimes", "use one of"),

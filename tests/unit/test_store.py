@@ -97,6 +97,13 @@ def test_garbage_manifest_is_rejected(store, root):
         store.read_manifest("m", "1")
 
 
+def test_an_oversized_manifest_is_refused_without_reading_it_all(store, root):
+    (root / "m" / "1").mkdir(parents=True)
+    (root / "m" / "1" / "manifest.json").write_bytes(b" " * (2 * 1024 * 1024) + b"{}")
+    with pytest.raises(ArtifactRejected, match="is over 1048576 bytes: not a manifest"):
+        store.read_manifest("m", "1")
+
+
 def test_missing_model_says_how_to_fix(store):
     with pytest.raises(ModelUnavailable, match="tierserve package"):
         store.read_manifest("m", "1")

@@ -42,6 +42,7 @@ from tierserve.batching import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE_DELAY_MS,
     DEFAULT_MAX_QUEUE_SIZE,
+    DEFAULT_RUN_TIMEOUT_S,
     BatchingConfig,
     BatchingModel,
     batchable,
@@ -62,6 +63,7 @@ from tierserve.config import (
     MODELS_ENV,
     PORT_ENV,
     PROVIDERS_ENV,
+    RUN_TIMEOUT_S_ENV,
     THREADS_ENV,
     TRT_CACHE_DIR_ENV,
     TRT_FP16_ENV,
@@ -82,14 +84,13 @@ from tierserve.providers import (
     provider_names,
     runs_on_gpu,
 )
-from tierserve.remote import parse_custom_attributes
+from tierserve.remote import MODEL_ATTRIBUTE, parse_custom_attributes
 from tierserve.rest import dispatch
 from tierserve.sessions import ModelRegistry
 from tierserve.store import ArtifactStore, FileSource
 from tierserve.telemetry import flush_metrics, logger, stopwatch
 
 CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
-MODEL_ATTRIBUTE = "model"  # custom attribute naming the model when a server serves several
 JSON_HEADER_SIZE = "json-header-size"  # Triton's Content-Type parameter for the same length
 DEFAULT_PORT = 8080
 DEFAULT_MODEL_DIR = "/opt/ml/model"
@@ -150,6 +151,7 @@ def _read_batching(env: Mapping[str, str]) -> BatchingConfig:
         max_batch_size=_read(env, MAX_BATCH_SIZE_ENV, DEFAULT_MAX_BATCH_SIZE, int),
         max_queue_delay_ms=_read(env, MAX_QUEUE_DELAY_MS_ENV, DEFAULT_MAX_QUEUE_DELAY_MS, float),
         max_queue_size=_read(env, MAX_QUEUE_SIZE_ENV, DEFAULT_MAX_QUEUE_SIZE, int),
+        run_timeout_s=_read(env, RUN_TIMEOUT_S_ENV, DEFAULT_RUN_TIMEOUT_S, float),
     )
 
 
@@ -184,9 +186,6 @@ class ModelDirSource:
 
     def describe(self, key: str) -> str:
         return self._files.describe(self._key(key))
-
-    def read(self, key: str, max_bytes: int) -> bytes:
-        return self._files.read(self._key(key), max_bytes)
 
     def open(self, key: str) -> IO[bytes]:
         return self._files.open(self._key(key))

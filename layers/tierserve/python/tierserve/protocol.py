@@ -536,24 +536,31 @@ def encode_infer_response(
 ) -> EncodedResponse:
     """Encode outputs as JSON, or with the binary extension for outputs that ask for it."""
     wanted = request.outputs or tuple(RequestedOutput(n, request.binary_outputs) for n in outputs)
-    tensors, chunks = [], []
-    for requested in wanted:
-        array = np.asarray(outputs[requested.name])
-        tensor: dict[str, Any] = {
-            "name": requested.name,
-            "datatype": datatype_of(array),
-            "shape": list(array.shape),
-        }
-        if requested.binary or request.binary_outputs:
-            chunk = encode_binary(array)
-            tensor["parameters"] = {"binary_data_size": len(chunk)}
-            chunks.append(chunk)
-        else:
-            tensor["data"] = _json_data(array)
-        tensors.append(tensor)
+    chunks: list[bytes] = []
+    tensors = [
+        _encode_tensor(w.name, np.asarray(outputs[w.name]), w.binary or request.binary_outputs, chunks)
+        for w in wanted
+    ]
     document: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": tensors}
     if request.id is not None:
         document["id"] = request.id
+    return _encoded_body(document, chunks)
+
+
+def _encode_tensor(name: str, array: np.ndarray, binary: bool, chunks: list[bytes]) -> dict[str, Any]:
+    """One tensor's JSON description; with ``binary`` its bytes go to ``chunks`` instead of ``data``."""
+    tensor: dict[str, Any] = {"name": name, "datatype": datatype_of(array), "shape": list(array.shape)}
+    if binary:
+        chunk = encode_binary(array)
+        tensor["parameters"] = {"binary_data_size": len(chunk)}
+        chunks.append(chunk)
+    else:
+        tensor["data"] = _json_data(array)
+    return tensor
+
+
+def _encoded_body(document: dict[str, Any], chunks: list[bytes]) -> EncodedResponse:
+    """JSON alone, or the JSON header followed by the binary chunks (the binary extension)."""
     head = json.dumps(document, separators=(",", ":")).encode()
     if not chunks:
         return EncodedResponse(head, {"Content-Type": JSON_CONTENT_TYPE})
@@ -612,17 +619,8 @@ def encode_infer_request(
     outputs: Sequence[str] | None = None,
 ) -> EncodedResponse:
     """Client side: build a v2 infer request body (and headers) from arrays."""
-    tensors, chunks = [], []
-    for name, array in inputs.items():
-        array = np.asarray(array)
-        tensor: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype_of(array)}
-        if binary:
-            chunk = encode_binary(array)
-            tensor["parameters"] = {"binary_data_size": len(chunk)}
-            chunks.append(chunk)
-        else:
-            tensor["data"] = _json_data(array)
-        tensors.append(tensor)
+    chunks: list[bytes] = []
+    tensors = [_encode_tensor(name, np.asarray(array), binary, chunks) for name, array in inputs.items()]
     document: dict[str, Any] = {"inputs": tensors}
     if request_id is not None:
         document["id"] = request_id
@@ -630,13 +628,7 @@ def encode_infer_request(
         document["outputs"] = [{"name": n, "parameters": {"binary_data": binary_outputs}} for n in outputs]
     if binary_outputs:
         document["parameters"] = {"binary_data_output": True}
-    head = json.dumps(document, separators=(",", ":")).encode()
-    if not chunks:
-        return EncodedResponse(head, {"Content-Type": JSON_CONTENT_TYPE})
-    return EncodedResponse(
-        head + b"".join(chunks),
-        {"Content-Type": BINARY_CONTENT_TYPE, "Inference-Header-Content-Length": str(len(head))},
-    )
+    return _encoded_body(document, chunks)
 
 
 # ---------------------------------------------------------------- metadata

@@ -43,11 +43,9 @@ MAX_MANIFEST_BYTES = 1 * MB
 
 
 class Source(Protocol):
-    """Where artifacts live: ``read`` small objects, ``open`` large ones as a stream."""
+    """Where artifacts live: ``open`` an object as a stream, ``describe`` it for messages."""
 
     def describe(self, key: str) -> str: ...
-
-    def read(self, key: str, max_bytes: int) -> bytes: ...
 
     def open(self, key: str) -> IO[bytes]: ...
 
@@ -63,13 +61,6 @@ class S3Source:
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
-
-    def read(self, key: str, max_bytes: int) -> bytes:
-        with self.open(key) as body:
-            data = body.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise ArtifactRejected(f"{self.describe(key)} is over {max_bytes} bytes: it is not a manifest")
-        return data
 
     def open(self, key: str) -> IO[bytes]:
         try:
@@ -92,13 +83,6 @@ class FileSource:
         if not path.is_relative_to(self.root):
             raise ArtifactRejected(f"artifact key {key!r} leaves the model folder")
         return path
-
-    def read(self, key: str, max_bytes: int) -> bytes:
-        with self.open(key) as handle:
-            data = handle.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise ArtifactRejected(f"{self.describe(key)} is over {max_bytes} bytes: it is not a manifest")
-        return data
 
     def open(self, key: str) -> IO[bytes]:
         try:
@@ -191,7 +175,12 @@ class ArtifactStore:
 
     def read_manifest(self, name: str, version: str) -> Manifest:
         key = manifest_key("", name, version)
-        raw = self.source.read(key, MAX_MANIFEST_BYTES)
+        with self.source.open(key) as body:
+            raw = body.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ArtifactRejected(
+                f"{self.source.describe(key)} is over {MAX_MANIFEST_BYTES} bytes: not a manifest"
+            )
         try:
             manifest = Manifest.from_dict(json.loads(raw))
         except (ValueError, ManifestError) as error:

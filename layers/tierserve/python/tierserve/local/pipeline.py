@@ -235,7 +235,10 @@ def put_and_wait(
     try:
         state = json.loads(state_file.read_text())
     except (OSError, ValueError):
-        raise LocalPipelineNotRunning(f"no {state_file}: start `tierserve local` first") from None
+        raise LocalPipelineNotRunning(
+            f"no {state_file.resolve()}: start `tierserve local` first, and run `put` from the same "
+            "folder or pass --work-dir with the folder `tierserve local` uses"
+        ) from None
     client = boto3.client(
         "s3",
         endpoint_url=state["s3_endpoint"],

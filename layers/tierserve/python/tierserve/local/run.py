@@ -28,7 +28,7 @@ from tierserve.local.embedded_s3 import EmbeddedS3
 from tierserve.local.gpu import GpuServerProcess, start_gpu_servers
 from tierserve.local.pipeline import DATA_BUCKET, LocalPipeline, start_local_pipeline
 from tierserve.local.server import LocalApi
-from tierserve.packaging import PackagedModel, package_model, upload
+from tierserve.packaging import PackagedModel, package_model, upload_package
 
 REPO_ROOT = Path(__file__).resolve().parents[5]
 HANDLER_DIR = REPO_ROOT / "functions" / "inference"
@@ -142,8 +142,8 @@ def start(
     client.create_bucket(Bucket=LOCAL_BUCKET)
     catalog = Catalog(())
     for item in packaged:
-        upload(item, client, LOCAL_BUCKET, MODEL_PREFIX)
-        catalog = catalog.with_entry(item.manifest)
+        stored = upload_package(item, client, LOCAL_BUCKET, MODEL_PREFIX).manifest
+        catalog = catalog.with_entry(stored)
     catalog.save(work_dir / "catalog.json")
     threshold = lambda_max_model_mb()
     lambda_models = [e for e in catalog.entries if tier_for(e.manifest, threshold) == "lambda"]
