@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from support.common import Invoke, make_invoke
+from tierserve import store
 
 
 @pytest.fixture
 def invoke(s3: object, uploaded_iris: object, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Invoke:
     return make_invoke(monkeypatch, cache_dir)
+
+
+@pytest.fixture
+def restore_environ() -> Iterator[None]:
+    """``run.start`` configures this process as ``tierserve local`` would (S3 endpoint, the
+    handler's settings): undo it for the tests that follow."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    store.clear_clients()

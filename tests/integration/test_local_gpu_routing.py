@@ -4,28 +4,13 @@ process (CPU provider) that the local API forwards to; the lambda-tier model by 
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
-from collections.abc import Iterator
 from functools import partial
 
 import numpy as np
-import pytest
 
-from tierserve import store
 from tierserve.local import run, samples
 from tierserve.protocol import decode_infer_response, encode_infer_request
-
-
-@pytest.fixture
-def restore_environ() -> Iterator[None]:
-    """``run.start`` configures this process as ``tierserve local`` would (S3 endpoint, the
-    handler's settings): undo it for the tests that follow."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    store.clear_clients()
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_iris
 
-from support.common import BUCKET, count_s3_calls, load_event
+from support.common import BUCKET, count_s3_calls, load_event, printed_document
 from support.flaky import FlakyProxy
 from support.sagemaker import SageMakerDouble, model_error, service_error, start_container
 from tierserve import remote, store
@@ -770,11 +770,6 @@ def test_a_fault_that_passes_before_max_receive_count_is_served_without_the_dlq(
 
 
 # ---------------------------------------------------------------- tierserve local put
-
-
-def printed_document(out: str) -> dict:
-    """The indented JSON document `local put` prints (the worker's metric lines come first)."""
-    return json.loads(out[out.index("{\n") :])
 
 
 def test_tierserve_local_put_prints_the_output_or_the_error(embedded_s3, worker, tmp_path, capsys):

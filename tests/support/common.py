@@ -33,6 +33,12 @@ def load_event(name: str) -> dict[str, Any]:
     return json.loads((EVENTS_DIR / f"{name}.json").read_text())
 
 
+def printed_document(out: str) -> dict[str, Any]:
+    """The indented JSON document a `tierserve local` command prints (powertools' metric lines
+    from the in-process worker may come first)."""
+    return json.loads(out[out.index("{\n") :])
+
+
 def make_invoke(monkeypatch: pytest.MonkeyPatch, cache_dir: Path, models: str = "iris@1") -> Invoke:
     """Import the API handler as Lambda's init would, with this test's environment."""
     monkeypatch.setenv(MODEL_BUCKET_ENV, BUCKET)

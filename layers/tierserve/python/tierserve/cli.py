@@ -18,6 +18,7 @@ examples:
     tierserve local                      # sample models, embedded S3, OIP on 127.0.0.1:3000
     tierserve local --port 8000
     tierserve local put rows.jsonl --model iris   # S3-triggered inference on the running stack
+    tierserve local invoke events/infer-json.json # the handler under Lambda's runtime emulator
     tierserve package model.onnx --name iris --version 1 --quantization int8 --upload s3://BUCKET/models
     tierserve catalog validate
 
@@ -90,6 +91,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     put.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
     put.set_defaults(run=run_local_put)
+    invoke = local_commands.add_parser(
+        "invoke",
+        help="run a handler on one event as Lambda runs it (sam local invoke, without Docker)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Runs HANDLER under the Lambda Runtime Interface Emulator with awslambdaric, the runtime\n"
+            "client of the Lambda image, on this machine (no Docker), and prints its response. The\n"
+            "function reads the models of a running `tierserve local` from its embedded S3. The\n"
+            "events/ folder holds an event per scenario (API Gateway for api.handler, SQS for\n"
+            "worker.handler). Exit 1 when the function fails; its log is named on stderr."
+        ),
+        epilog=(
+            "examples:\n"
+            "  tierserve local invoke events/infer-json.json\n"
+            "  tierserve local invoke events/bad-shape.json\n"
+            "  tierserve local invoke events/sqs-s3-test-event.json --handler worker.handler"
+        ),
+    )
+    invoke.add_argument("event", type=Path, help="a JSON event file, e.g. events/infer-json.json")
+    invoke.add_argument(
+        "--handler",
+        default="api.handler",
+        choices=("api.handler", "worker.handler"),
+        help="the function's handler (default api.handler, the image's CMD)",
+    )
+    invoke.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
+    invoke.set_defaults(run=run_local_invoke)
     from tierserve.packaging.commands import add_commands
 
     add_commands(commands)  # package, upload, catalog
@@ -138,6 +166,30 @@ def run_local_put(args: argparse.Namespace) -> int:
     print(f"{where}:", file=sys.stderr)
     print(json.dumps(document, indent=2))
     return 0 if status == "output" else 1
+
+
+def run_local_invoke(args: argparse.Namespace) -> int:
+    import json
+
+    from tierserve.local.pipeline import LocalPipelineNotRunning
+    from tierserve.local.run import invoke_in_emulator
+
+    try:
+        event = json.loads(args.event.read_text())
+    except OSError as error:
+        print(f"tierserve local invoke: cannot read {args.event}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as error:
+        print(f"tierserve local invoke: {args.event} is not JSON: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        response, log_path = invoke_in_emulator(args.work_dir, event, args.handler)
+    except (LocalPipelineNotRunning, RuntimeError) as error:
+        print(f"tierserve local invoke: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.handler} answered (log: {log_path}):", file=sys.stderr)
+    print(json.dumps(response, indent=2))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -215,6 +215,22 @@ def start_local_pipeline(
 # ---------------------------------------------------------------- tierserve local put
 
 
+def read_state(work_dir: Path) -> dict[str, str]:
+    """Where the running ``tierserve local`` put its S3 and queue (its ``local-pipeline.json``).
+
+    Raises:
+        LocalPipelineNotRunning: no state file in ``work_dir``.
+    """
+    state_file = work_dir / STATE_FILE
+    try:
+        return dict(json.loads(state_file.read_text()))
+    except (OSError, ValueError):
+        raise LocalPipelineNotRunning(
+            f"no {state_file.resolve()}: start `tierserve local` first, and run this from the same "
+            "folder or pass --work-dir with the folder `tierserve local` uses"
+        ) from None
+
+
 class LocalPipelineNotRunning(RuntimeError):
     pass
 
@@ -231,14 +247,7 @@ def put_and_wait(
     import boto3
     from botocore.config import Config
 
-    state_file = work_dir / STATE_FILE
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError):
-        raise LocalPipelineNotRunning(
-            f"no {state_file.resolve()}: start `tierserve local` first, and run `put` from the same "
-            "folder or pass --work-dir with the folder `tierserve local` uses"
-        ) from None
+    state = read_state(work_dir)
     client = boto3.client(
         "s3",
         endpoint_url=state["s3_endpoint"],

@@ -14,9 +14,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB, Catalog, tier_for
+from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB, Catalog, Manifest, tier_for
 from tierserve.config import (
     CACHE_DIR_ENV,
+    DATA_BUCKET_ENV,
     MODEL_BUCKET_ENV,
     MODEL_PREFIX_ENV,
     MODELS_ENV,
@@ -24,7 +25,7 @@ from tierserve.config import (
     ModelRef,
 )
 from tierserve.local import samples
-from tierserve.local.embedded_s3 import EmbeddedS3
+from tierserve.local.embedded_s3 import LOCAL_CREDENTIALS, EmbeddedS3
 from tierserve.local.gpu import GpuServerProcess, start_gpu_servers
 from tierserve.local.pipeline import DATA_BUCKET, LocalPipeline, start_local_pipeline
 from tierserve.local.server import LocalApi
@@ -147,16 +148,7 @@ def start(
     catalog.save(work_dir / "catalog.json")
     threshold = lambda_max_model_mb()
     lambda_models = [e for e in catalog.entries if tier_for(e.manifest, threshold) == "lambda"]
-    handler = load_handler(
-        {
-            MODEL_BUCKET_ENV: LOCAL_BUCKET,
-            MODEL_PREFIX_ENV: MODEL_PREFIX,
-            MODELS_ENV: ",".join(f"{e.name}@{e.version}" for e in lambda_models),
-            PRELOAD_ENV: "*",
-            CACHE_DIR_ENV: str(work_dir / "cache"),
-            "POWERTOOLS_METRICS_DISABLED": "true",
-        }
-    )
+    handler = load_handler({**lambda_env(work_dir, [e.manifest for e in lambda_models]), PRELOAD_ENV: "*"})
     api = LocalApi(handler, host=host, port=port)  # binds now: a busy port fails before processes start
     gpu_models = [
         ModelRef(e.name, e.version) for e in catalog.entries if tier_for(e.manifest, threshold) == "gpu"
@@ -175,6 +167,47 @@ def start(
     say(f"S3-triggered inference: s3://{DATA_BUCKET}/inputs/ -> SQS -> the worker handler")
     pipeline = start_local_pipeline(s3, load_handler({}, module="worker"), state_dir=work_dir)
     return LocalStack(s3, api, catalog, pipeline, gpu_servers)
+
+
+def lambda_env(work_dir: Path, models: Sequence[Manifest]) -> dict[str, str]:
+    """The Lambda tier's variables for ``models`` in the local stack (the embedded S3's
+    endpoint comes from the caller's environment)."""
+    return {
+        MODEL_BUCKET_ENV: LOCAL_BUCKET,
+        MODEL_PREFIX_ENV: MODEL_PREFIX,
+        MODELS_ENV: ",".join(f"{m.name}@{m.version}" for m in models),
+        DATA_BUCKET_ENV: DATA_BUCKET,
+        CACHE_DIR_ENV: str(work_dir.resolve() / "cache"),
+        "POWERTOOLS_METRICS_DISABLED": "true",
+    }
+
+
+def invoke_in_emulator(work_dir: Path, event: dict[str, Any], handler: str) -> tuple[Any, Path]:
+    """Run ``handler`` on ``event`` under the Lambda Runtime Interface Emulator, against the
+    running local stack's S3 and the lambda-tier models of its catalog; the function's
+    response and its log.
+
+    Raises:
+        LocalPipelineNotRunning: no ``tierserve local`` in ``work_dir``.
+        RuntimeError: the emulator is missing, or the function failed (the message says which).
+    """
+    from tierserve.local.emulator import LambdaEmulator
+    from tierserve.local.pipeline import read_state
+
+    state = read_state(work_dir)
+    catalog = Catalog.load(work_dir / "catalog.json")
+    threshold = lambda_max_model_mb()
+    models = [e.manifest for e in catalog.entries if tier_for(e.manifest, threshold) == "lambda"]
+    env = {
+        **LOCAL_CREDENTIALS,
+        "AWS_ENDPOINT_URL_S3": state["s3_endpoint"],
+        "AWS_ENDPOINT_URL_SQS": state["s3_endpoint"],
+        **lambda_env(work_dir, models),
+    }
+    log_path = work_dir / "logs" / f"invoke-{handler.replace('.', '-')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with LambdaEmulator.start(handler, env, log_path=log_path) as function:
+        return function.invoke(event), log_path
 
 
 def describe(stack: LocalStack) -> str:

@@ -1,0 +1,158 @@
+"""The handlers as Lambda runs them: the Lambda Runtime Interface Emulator (the binary in
+``sam local invoke``'s container) drives ``awslambdaric`` over the Runtime API on the host,
+with the shared events/ files and the model in the embedded S3. What the in-process tests
+cannot see: the image's handler strings resolve, init and invocations go through the real
+runtime client, the responses survive its JSON marshalling, and the environment stays warm
+across invocations."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from urllib.parse import quote_plus
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from support.common import BUCKET, EVENTS_DIR, load_event, printed_document
+from tierserve import cli
+from tierserve.config import CACHE_DIR_ENV, DATA_BUCKET_ENV, MODEL_BUCKET_ENV, MODELS_ENV
+from tierserve.local import run, samples
+from tierserve.local.apigw import proxy_response_body, proxy_response_headers
+from tierserve.local.emulator import FUNCTIONS_PATH, LambdaEmulator
+from tierserve.protocol import decode_infer_response
+
+ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32)  # the events' rows
+DATA = "test-data"
+
+
+def image_handler() -> str:
+    """The handler string the Lambda image starts (its Dockerfile's CMD)."""
+    command = next(
+        line for line in (FUNCTIONS_PATH / "Dockerfile").read_text().splitlines() if line.startswith("CMD")
+    )
+    return json.loads(command.removeprefix("CMD").strip())[0]
+
+
+@pytest.fixture
+def start_function(embedded_s3, uploaded_iris, tmp_path):
+    emulators: list[LambdaEmulator] = []
+
+    def start(handler: str, **environ: str) -> LambdaEmulator:
+        env = {
+            **embedded_s3.env,
+            MODEL_BUCKET_ENV: BUCKET,
+            MODELS_ENV: "iris@1",
+            CACHE_DIR_ENV: str(tmp_path / "cache"),
+            "POWERTOOLS_LOG_LEVEL": "INFO",
+            **environ,
+        }
+        emulator = LambdaEmulator.start(handler, env, log_path=tmp_path / f"{handler}.log")
+        emulators.append(emulator)
+        return emulator
+
+    yield start
+    for emulator in emulators:
+        emulator.stop()
+
+
+def source_probabilities(iris_onnx: Path) -> np.ndarray:
+    session = ort.InferenceSession(str(iris_onnx), providers=["CPUExecutionProvider"])
+    return session.run(["probabilities"], {"input": ROWS})[0]
+
+
+def test_the_api_image_handler_serves_the_shared_events_and_stays_warm(start_function, iris_onnx):
+    function = start_function(image_handler())
+    expected = source_probabilities(iris_onnx)
+
+    answer = function.invoke(load_event("infer-json"))
+    assert answer["statusCode"] == 200, answer
+    document = json.loads(proxy_response_body(answer))
+    assert document["id"] == "req-1" and [o["name"] for o in document["outputs"]] == ["probabilities"]
+    np.testing.assert_allclose(np.reshape(document["outputs"][0]["data"], (2, 3)), expected, rtol=1e-6)
+
+    answer = function.invoke(load_event("infer-binary"))
+    assert answer["statusCode"] == 200 and answer["isBase64Encoded"] is True, answer
+    outputs = decode_infer_response(proxy_response_body(answer), proxy_response_headers(answer))
+    np.testing.assert_allclose(outputs["probabilities"], expected, rtol=1e-6)
+
+    for event, status, fragment in [
+        ("bad-shape", 400, "has shape [2, 3] but the model expects [-1, 4]"),
+        ("bad-unknown-model", 404, "model 'resnet' is not served here"),
+        ("bad-json", 400, "not valid JSON"),
+    ]:
+        answer = function.invoke(load_event(event))
+        assert answer["statusCode"] == status, (event, answer)
+        assert fragment in json.loads(proxy_response_body(answer))["error"], (event, answer)
+
+    log = function.log_path.read_text()
+    loads = [json.loads(line) for line in log.splitlines() if '"message":"model loaded"' in line]
+    assert len(loads) == 1, log  # one load in this environment: every later invocation was warm
+    assert loads[0]["function_request_id"] and loads[0]["model"] == "iris@1"
+    assert "Traceback" not in log
+
+
+def test_the_worker_handler_turns_the_shared_sqs_event_into_an_output(start_function, s3, iris_onnx):
+    s3.create_bucket(Bucket=DATA)
+    key = "inputs/iris/2026/my sample.json"
+    request = {"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32", "data": ROWS.tolist()}]}
+    put = s3.put_object(Bucket=DATA, Key=key, Body=json.dumps(request).encode())
+    event = load_event("sqs-s3-put")
+    body = json.loads(event["Records"][0]["body"])
+    record = body["Records"][0]["s3"]
+    record["bucket"] = {"name": DATA, "arn": f"arn:aws:s3:::{DATA}"}
+    record["object"].update(key=quote_plus(key), eTag=put["ETag"].strip('"'), size=len(json.dumps(request)))
+    event["Records"][0]["body"] = json.dumps(body)
+    function = start_function("worker.handler", **{DATA_BUCKET_ENV: DATA})
+
+    assert function.invoke(event) == {"batchItemFailures": []}
+    assert function.invoke(load_event("sqs-s3-test-event")) == {"batchItemFailures": []}
+
+    document = json.loads(
+        s3.get_object(Bucket=DATA, Key="outputs/iris/2026/my sample.json.json")["Body"].read()
+    )
+    outputs = {o["name"]: o for o in document["outputs"]}
+    np.testing.assert_allclose(
+        np.reshape(outputs["probabilities"]["data"], (2, 3)), source_probabilities(iris_onnx), rtol=1e-6
+    )
+    listing = s3.list_objects_v2(Bucket=DATA)["Contents"]
+    assert sorted(item["Key"] for item in listing) == [key, "outputs/iris/2026/my sample.json.json"]
+
+
+def test_tierserve_local_invoke_runs_an_event_against_the_running_local_stack(
+    tmp_path, capsys, restore_environ
+):
+    stack = run.start(
+        tmp_path, port=0, chosen=(run.Sample("invoked", "1", partial(samples.mlp, features=4, hidden=8)),)
+    )
+    try:
+        event = tmp_path / "metadata.json"
+        event.write_text(json.dumps(load_event("metadata")).replace("iris", "invoked"))
+        assert cli.main(["local", "invoke", str(event), "--work-dir", str(tmp_path)]) == 0
+        answer = printed_document(capsys.readouterr().out)
+        assert answer["statusCode"] == 200
+        assert json.loads(answer["body"])["inputs"] == [
+            {"name": "input", "datatype": "FP32", "shape": [-1, 4]}
+        ]
+
+        assert (
+            cli.main(["local", "invoke", str(EVENTS_DIR / "infer-json.json"), "--work-dir", str(tmp_path)])
+            == 0
+        )
+        answer = printed_document(capsys.readouterr().out)
+        assert answer["statusCode"] == 404 and "models served: invoked@1" in answer["body"]
+    finally:
+        stack.stop()
+
+
+def test_tierserve_local_invoke_names_what_is_missing(tmp_path, capsys):
+    assert cli.main(["local", "invoke", str(tmp_path / "none.json"), "--work-dir", str(tmp_path)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    (tmp_path / "event.json").write_text("{")
+    assert cli.main(["local", "invoke", str(tmp_path / "event.json"), "--work-dir", str(tmp_path)]) == 2
+    assert "is not JSON" in capsys.readouterr().err
+    (tmp_path / "event.json").write_text("{}")
+    assert cli.main(["local", "invoke", str(tmp_path / "event.json"), "--work-dir", str(tmp_path)]) == 1
+    assert "start `tierserve local` first" in capsys.readouterr().err
