@@ -15,7 +15,7 @@ import pytest
 
 from tierserve.batching import BatchingConfig, BatchingModel
 from tierserve.config import MB, ModelRef, Settings
-from tierserve.errors import ArtifactRejected, ModelUnavailable
+from tierserve.errors import ArtifactRejected, ModelUnavailable, Overloaded, is_retryable
 from tierserve.local import samples
 from tierserve.model import OnnxModel
 from tierserve.packaging import package_model
@@ -107,9 +107,9 @@ def test_a_load_gets_no_room_that_loads_in_flight_hold(model_root, cache_dir):
         first = pool.submit(registry.get, a)
         try:
             assert gate.arrived.acquire(timeout=30)
-            with pytest.raises(ModelUnavailable, match="no room in the memory budget") as raised:
+            with pytest.raises(Overloaded, match="no room in the memory budget") as raised:
                 registry.get(b)
-            assert raised.value.status_code == 503
+            assert raised.value.status_code == 503 and is_retryable(raised.value)
             assert registry.memory_bytes() == (0, cost)
         finally:
             gate.open.set()

@@ -10,7 +10,8 @@ they call :func:`to_http` on whatever reached them.
     ├── ModelUnavailable (503)      the artifact cannot be fetched, verified or loaded
     │   └── ArtifactRejected (503)  digest mismatch, decompression bomb, corrupt archive
     ├── UpstreamUnavailable (503)   S3, SageMaker or another dependency refused or failed
-    ├── Overloaded (503)            the server's queue for a model is full; retry with backoff
+    ├── Overloaded (503)            a model's queue is full, or loads in flight hold the memory
+    │                               budget; retry with backoff
     └── UpstreamTimeout (504)       a dependency did not answer in time
 """
 
@@ -58,7 +59,8 @@ class UpstreamTimeout(TierserveError):
 
 
 class Overloaded(TierserveError):
-    """Too many requests wait for one model (the GPU server's bounded batching queue)."""
+    """Busy, not broken: too many requests wait for one model (the GPU server's bounded
+    batching queue), or loads in flight hold the whole memory budget."""
 
     status_code = HTTPStatus.SERVICE_UNAVAILABLE
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 from tierserve.catalog import Manifest
 from tierserve.config import MB, ModelRef, Settings
-from tierserve.errors import ModelNotFound, ModelUnavailable
+from tierserve.errors import ModelNotFound, ModelUnavailable, Overloaded
 from tierserve.model import (
     CPU_PROVIDERS,
     LoadTimings,
@@ -190,7 +190,8 @@ class ModelRegistry:
         makes room, else wait for loads in flight to commit or release theirs.
 
         Raises:
-            ModelUnavailable: no room within ``reserve_timeout_s`` (other loads hold it).
+            Overloaded: no room within ``reserve_timeout_s`` (other loads hold it): retryable,
+                so the S3 worker retries the input instead of writing an error for it.
         """
         budget = self.settings.memory_budget_mb * MB
         deadline = time.monotonic() + self._reserve_timeout_s
@@ -207,7 +208,7 @@ class ModelRegistry:
                         continue
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise ModelUnavailable(
+                        raise Overloaded(
                             f"{manifest.name}@{manifest.version} found no room in the memory budget: other "
                             "models are loading into it; retry shortly"
                         )
