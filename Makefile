@@ -22,7 +22,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 setup: $(STAMP) ## create .venv with the pinned requirements
 
-run: $(STAMP) ## the local API on sample models, embedded S3, http://127.0.0.1:$${PORT:-3000}
+run: $(STAMP) ## the local API on sample models, embedded S3, http://127.0.0.1:3000 (or $PORT)
 	$(BIN)/tierserve local
 
 lint: $(STAMP) ## ruff

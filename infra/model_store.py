@@ -1,6 +1,6 @@
 """ModelStore: the S3 bucket that holds every model version, and its access-log bucket.
 
-Layout (DESIGN.md): ``s3://{bucket}/{prefix}/{name}/{version}/`` holds the compressed model
+Layout (README, "How a model is served"): ``s3://{bucket}/{prefix}/{name}/{version}/`` holds the compressed model
 and ``manifest.json``. Functions and endpoints read only their own model version's prefix
 (:meth:`ModelStore.grant_read_model`). Other stacks import the bucket by a named export
 (:class:`SharedBucketStore`, which the pipeline's data bucket uses too).

@@ -21,7 +21,7 @@ from tierserve import cli
 from tierserve.config import CACHE_DIR_ENV, DATA_BUCKET_ENV, MODEL_BUCKET_ENV, MODELS_ENV
 from tierserve.local import run, samples
 from tierserve.local.apigw import proxy_response_body, proxy_response_headers
-from tierserve.local.emulator import FUNCTIONS_PATH, LambdaEmulator
+from tierserve.local.emulator import FUNCTIONS_PATH, FunctionError, LambdaEmulator
 from tierserve.protocol import decode_infer_response
 
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32)  # the events' rows
@@ -109,6 +109,9 @@ def test_the_worker_handler_turns_the_shared_sqs_event_into_an_output(start_func
 
     assert function.invoke(event) == {"batchItemFailures": []}
     assert function.invoke(load_event("sqs-s3-test-event")) == {"batchItemFailures": []}
+    with pytest.raises(FunctionError, match="the function raised UnexpectedBatchTypeError") as raised:
+        function.invoke(load_event("infer-json"))  # an API Gateway event is no SQS batch
+    assert raised.value.payload["stackTrace"]
 
     document = json.loads(
         s3.get_object(Bucket=DATA, Key="outputs/iris/2026/my sample.json.json")["Body"].read()
@@ -143,6 +146,17 @@ def test_tierserve_local_invoke_runs_an_event_against_the_running_local_stack(
         )
         answer = printed_document(capsys.readouterr().out)
         assert answer["statusCode"] == 404 and "models served: invoked@1" in answer["body"]
+
+        broken = tmp_path / "broken-batch.json"
+        broken.write_text(json.dumps({"Records": [{"eventSource": "aws:sqs"}]}))  # no body, no id
+        assert (
+            cli.main(
+                ["local", "invoke", str(broken), "--handler", "worker.handler", "--work-dir", str(tmp_path)]
+            )
+            == 1
+        )
+        printed = capsys.readouterr()
+        assert "the function raised" in printed.err and "errorType" in printed_document(printed.out)
     finally:
         stack.stop()
 
@@ -153,6 +167,9 @@ def test_tierserve_local_invoke_names_what_is_missing(tmp_path, capsys):
     (tmp_path / "event.json").write_text("{")
     assert cli.main(["local", "invoke", str(tmp_path / "event.json"), "--work-dir", str(tmp_path)]) == 2
     assert "is not JSON" in capsys.readouterr().err
-    (tmp_path / "event.json").write_text("{}")
+    (tmp_path / "event.json").write_text(json.dumps(load_event("sqs-s3-put")))
+    assert cli.main(["local", "invoke", str(tmp_path / "event.json"), "--work-dir", str(tmp_path)]) == 2
+    assert "is not what api.handler takes: an API Gateway proxy event" in capsys.readouterr().err
+    (tmp_path / "event.json").write_text(json.dumps(load_event("metadata")))
     assert cli.main(["local", "invoke", str(tmp_path / "event.json"), "--work-dir", str(tmp_path)]) == 1
     assert "start `tierserve local` first" in capsys.readouterr().err

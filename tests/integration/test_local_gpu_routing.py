@@ -1,11 +1,19 @@
 """``tierserve local`` with a model on each tier: the gpu-tier model is served by a GPU server
-process (CPU provider) that the local API forwards to; the lambda-tier model by the handler."""
+process (CPU provider) that the local API forwards to; the lambda-tier model by the handler.
+And the command as users run it: SIGTERM stops it and its GPU server process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import urllib.request
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
@@ -43,3 +51,49 @@ def test_the_local_api_forwards_a_gpu_tier_model_to_its_server_process(tmp_path,
     finally:
         stack.stop()
     assert process.returncode == 0  # SIGTERM, drained, exited cleanly
+
+
+TIERSERVE = [sys.executable, "-c", "from tierserve.cli import main; raise SystemExit(main())"]
+
+
+def children_of(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc: Linux, as CI)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_sigterm_stops_tierserve_local_and_its_gpu_server_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERSERVE_", "AWS_"))}
+    log_path = tmp_path / "local.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*TIERSERVE, "local", "--port", "0", "--work-dir", str(tmp_path / "work")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    gpu_servers: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while "serving the Open Inference Protocol" not in log_path.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        gpu_servers.extend(children_of(process.pid))
+        assert len(gpu_servers) == 1, gpu_servers  # convnet-xl's
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        assert "tierserve local: stopping" in log_path.read_text()
+        assert not Path(f"/proc/{gpu_servers[0]}").exists()  # drained and reaped, not orphaned
+    finally:
+        process.kill()
+        for pid in gpu_servers:  # only if still that GPU server (pids are reused)
+            with contextlib.suppress(OSError):
+                if b"gpu_server/serve" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,11 @@ examples:
 """
 
 EXIT_USAGE = 2
+# What each handler of the Lambda image takes: a key its events have, and an example.
+HANDLER_EVENTS = {
+    "api.handler": ("httpMethod", "an API Gateway proxy event such as events/infer-json.json"),
+    "worker.handler": ("Records", "an SQS event such as events/sqs-s3-put.json"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument(
         "--handler",
         default="api.handler",
-        choices=("api.handler", "worker.handler"),
+        choices=tuple(HANDLER_EVENTS),
         help="the function's handler (default api.handler, the image's CMD)",
     )
     invoke.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
@@ -136,6 +142,7 @@ def run_local(args: argparse.Namespace) -> int:
         )
         return 1
     print(describe(stack), flush=True)
+    stop_on_termination()
     try:
         stack.api._thread.join() if stack.api._thread else None  # type: ignore[func-returns-value]
     except KeyboardInterrupt:
@@ -143,6 +150,19 @@ def run_local(args: argparse.Namespace) -> int:
     finally:
         stack.stop()
     return 0
+
+
+def stop_on_termination() -> None:
+    """SIGTERM and SIGHUP (kill, a closed terminal) stop the local stack as Ctrl-C does, so
+    its GPU server processes drain and exit instead of outliving it."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        for again in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(again, signal.SIG_IGN)  # one stop: a repeated signal must not cut it short
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
 
 
 def run_local_put(args: argparse.Namespace) -> int:
@@ -171,6 +191,7 @@ def run_local_put(args: argparse.Namespace) -> int:
 def run_local_invoke(args: argparse.Namespace) -> int:
     import json
 
+    from tierserve.local.emulator import FunctionError
     from tierserve.local.pipeline import LocalPipelineNotRunning
     from tierserve.local.run import invoke_in_emulator
 
@@ -182,8 +203,18 @@ def run_local_invoke(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"tierserve local invoke: {args.event} is not JSON: {error}", file=sys.stderr)
         return EXIT_USAGE
+    key, takes = HANDLER_EVENTS[args.handler]
+    if not isinstance(event, dict) or key not in event:
+        print(
+            f"tierserve local invoke: {args.event} is not what {args.handler} takes: {takes}", file=sys.stderr
+        )
+        return EXIT_USAGE
     try:
         response, log_path = invoke_in_emulator(args.work_dir, event, args.handler)
+    except FunctionError as error:
+        print(json.dumps(error.payload, indent=2))
+        print(f"tierserve local invoke: {error}", file=sys.stderr)
+        return 1
     except (LocalPipelineNotRunning, RuntimeError) as error:
         print(f"tierserve local invoke: {error}", file=sys.stderr)
         return 1

@@ -40,6 +40,7 @@ START_TIMEOUT_S = 30.0
 INVOKE_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
 DEFAULT_MEMORY_MB = 1024
+LAMBDA_ERROR_KEYS = frozenset({"errorType", "errorMessage", "requestId", "stackTrace"})
 
 
 def emulator_path() -> Path:
@@ -78,6 +79,27 @@ def install_emulator(target: Path | None = None) -> Path:
         partial.chmod(0o755)
         partial.replace(target)
     return target
+
+
+class FunctionError(RuntimeError):
+    """The handler raised: ``payload`` is Lambda's error document (``errorType``,
+    ``errorMessage``, ``stackTrace``)."""
+
+    def __init__(self, payload: Mapping[str, Any], log_path: Path) -> None:
+        super().__init__(
+            f"the function raised {payload.get('errorType')}: {str(payload.get('errorMessage')).strip()}; "
+            f"see {log_path}"
+        )
+        self.payload = dict(payload)
+
+
+def is_error_payload(payload: Any) -> bool:
+    """Lambda's shape for a handler that raised (the emulator answers it with a 200)."""
+    return (
+        isinstance(payload, dict)
+        and {"errorType", "errorMessage"} <= payload.keys()
+        and payload.keys() <= LAMBDA_ERROR_KEYS
+    )
 
 
 @dataclass
@@ -156,7 +178,8 @@ class LambdaEmulator:
         """One synchronous invocation: the handler's return value, decoded from JSON.
 
         Raises:
-            RuntimeError: the function failed (init or handler error, timeout); the message
+            FunctionError: the handler raised.
+            RuntimeError: the function could not run (init failure, timeout); the message
                 carries Lambda's error payload and names the log.
         """
         request = urllib.request.Request(  # noqa: S310 - our own loopback URL
@@ -167,12 +190,15 @@ class LambdaEmulator:
         )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback
-                return json.loads(response.read())
+                payload = json.loads(response.read())
         except urllib.error.HTTPError as error:
             payload = error.read().decode("utf-8", "replace")
             raise RuntimeError(
                 f"the function failed ({error.code}): {payload}; see {self.log_path}"
             ) from None
+        if is_error_payload(payload):
+            raise FunctionError(payload, self.log_path)
+        return payload
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         if self.process.poll() is None:

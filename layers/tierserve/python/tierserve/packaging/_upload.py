@@ -2,7 +2,7 @@
 
     result = upload_package(packaged, client, "my-bucket", "models", progress=Progress(...))
 
-Layout (DESIGN.md): ``s3://{bucket}/{prefix}/{name}/{version}/{artifact, manifest.json}``.
+Layout (README, "How a model is served"): ``s3://{bucket}/{prefix}/{name}/{version}/{artifact, manifest.json}``.
 A reader never finds a manifest without its artifact. In S3 the artifact is named by its
 content, ``model-{first 16 hex of its sha256}.onnx.zst`` (:func:`stored_artifact_name`),
 and the manifest written there names it; so two uploads racing for one version never write
