@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tierserve.local.gpu import CORE_PATH, REPO_ROOT, free_port
+from tierserve.local.gpu import CORE_PATH, REPO_ROOT, free_port, stop_process
 
 SAM_CLI_WHEEL = "aws-sam-cli==1.170.0"  # carries the emulator; only its binary is extracted
 EMULATOR_NAME = "aws-lambda-rie"
@@ -201,13 +201,7 @@ class LambdaEmulator:
         return payload
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout)
 
     def __enter__(self) -> LambdaEmulator:
         return self
