@@ -1,9 +1,9 @@
 """ModelStore: the S3 bucket that holds every model version, and its access-log bucket.
 
-Layout (README, "How a model is served"): ``s3://{bucket}/{prefix}/{name}/{version}/`` holds the compressed model
-and ``manifest.json``. Functions and endpoints read only their own model version's prefix
-(:meth:`ModelStore.grant_read_model`). Other stacks import the bucket by a named export
-(:class:`SharedBucketStore`, which the pipeline's data bucket uses too).
+Layout (README, "How a model is served"): ``s3://{bucket}/{prefix}/{name}/{version}/``
+holds the compressed model and ``manifest.json``. Functions and endpoints read only their own
+model version's prefix (:meth:`ModelStore.grant_read_model`). Other stacks import the bucket
+by a named export (:class:`SharedBucketStore`, which the pipeline's data bucket uses too).
 
 Encryption is SSE-S3 (S3-managed keys), deliberately not KMS: models are not secrets here,
 access is already narrowed per model prefix by IAM and TLS-only by bucket policy, and SSE-S3

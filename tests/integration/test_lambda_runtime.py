@@ -173,3 +173,11 @@ def test_tierserve_local_invoke_names_what_is_missing(tmp_path, capsys):
     (tmp_path / "event.json").write_text(json.dumps(load_event("metadata")))
     assert cli.main(["local", "invoke", str(tmp_path / "event.json"), "--work-dir", str(tmp_path)]) == 1
     assert "start `tierserve local` first" in capsys.readouterr().err
+
+
+def test_an_emulator_that_is_gone_is_a_clear_error_not_a_traceback(start_function):
+    function = start_function(image_handler())
+    function.process.kill()
+    function.process.wait()
+    with pytest.raises(RuntimeError, match=r"the function gave no answer .*; see .*api\.handler\.log"):
+        function.invoke(load_event("metadata"))

@@ -142,6 +142,7 @@ class ModelRegistry:
         needed = self._cost_within_budget(manifest)
         fetched = self.store.fetch(manifest)  # before any eviction: a failed fetch costs no warm model
         self._reserve(manifest, needed)
+        model: Model | None = None
         try:
             with stopwatch() as session_ms:
                 session = create_session(
@@ -149,15 +150,12 @@ class ModelRegistry:
                 )
             timings = LoadTimings(fetched.fetch_ms, fetched.decompress_ms, session_ms[0], fetched.cache_hit)
             model = self._model_factory(manifest, session, timings)
-        except BaseException:
+        finally:  # the reservation becomes the loaded model, or is released if the load failed
             with self._room:
+                if model is not None:
+                    self._models[manifest.cache_key] = model
                 self._reserved -= needed
                 self._room.notify_all()
-            raise
-        with self._room:
-            self._models[manifest.cache_key] = model
-            self._reserved -= needed
-            self._room.notify_all()
         record_ms(MODEL_FETCH_MS, timings.fetch_ms)
         record_ms(MODEL_DECOMPRESS_MS, timings.decompress_ms)
         record_ms(MODEL_SESSION_MS, timings.session_ms)

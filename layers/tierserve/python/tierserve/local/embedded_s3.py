@@ -17,6 +17,11 @@ LOCAL_CREDENTIALS = {
 }
 
 
+def endpoint_env(endpoint: str) -> dict[str, str]:
+    """The variables that point boto3's S3 and SQS clients (and never AWS) at ``endpoint``."""
+    return {**LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ENDPOINT_URL_SQS": endpoint}
+
+
 class EmbeddedS3:
     """Start with ``start()``, stop with ``stop()``; ``env`` points boto3 at it."""
 
@@ -39,11 +44,7 @@ class EmbeddedS3:
 
     @property
     def env(self) -> Mapping[str, str]:
-        return {
-            **LOCAL_CREDENTIALS,
-            "AWS_ENDPOINT_URL_S3": self.endpoint,
-            "AWS_ENDPOINT_URL_SQS": self.endpoint,
-        }
+        return endpoint_env(self.endpoint)
 
     def apply_env(self) -> None:
         """Point this process's boto3 clients at the embedded S3 (and never at AWS)."""

@@ -21,16 +21,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tierserve.local.gpu import CORE_PATH, REPO_ROOT, free_port, stop_process
+from tierserve.local.gpu import CORE_PATH, REPO_ROOT, free_port, stop_process, wait_for
 
 SAM_CLI_WHEEL = "aws-sam-cli==1.170.0"  # carries the emulator; only its binary is extracted
 EMULATOR_NAME = "aws-lambda-rie"
@@ -154,33 +154,19 @@ class LambdaEmulator:
             )
         emulator = cls(process, f"http://127.0.0.1:{port}", log_path)
         try:
-            emulator._wait_listening(port, timeout)
+            wait_for(process, partial(_listening, port), timeout, "the Lambda emulator", log_path)
         except BaseException:
             emulator.stop()
             raise
         return emulator
-
-    def _wait_listening(self, port: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"the emulator exited with status {self.process.returncode}; see {self.log_path}"
-                )
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"the emulator did not listen within {timeout:.0f} s; see {self.log_path}")
 
     def invoke(self, event: Mapping[str, Any], timeout: float = INVOKE_TIMEOUT_S) -> Any:
         """One synchronous invocation: the handler's return value, decoded from JSON.
 
         Raises:
             FunctionError: the handler raised.
-            RuntimeError: the function could not run (init failure, timeout); the message
-                carries Lambda's error payload and names the log.
+            RuntimeError: the function could not run (init failure, no answer within
+                ``timeout``, the emulator gone); the message names the log.
         """
         request = urllib.request.Request(  # noqa: S310 - our own loopback URL
             self.url + INVOKE_PATH,
@@ -196,6 +182,9 @@ class LambdaEmulator:
             raise RuntimeError(
                 f"the function failed ({error.code}): {payload}; see {self.log_path}"
             ) from None
+        except (urllib.error.URLError, OSError) as error:  # timeouts included
+            reason = getattr(error, "reason", error)
+            raise RuntimeError(f"the function gave no answer ({reason}); see {self.log_path}") from None
         if is_error_payload(payload):
             raise FunctionError(payload, self.log_path)
         return payload
@@ -208,6 +197,14 @@ class LambdaEmulator:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,19 +77,7 @@ class GpuServerProcess:
         return server
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"the GPU server for {self.ref} exited with status {self.process.returncode}; "
-                    f"see {self.log_path}"
-                )
-            if self.ping():
-                return
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"the GPU server for {self.ref} was not ready after {timeout:.0f} s; see {self.log_path}"
-        )
+        wait_for(self.process, self.ping, timeout, f"the GPU server for {self.ref}", self.log_path)
 
     def ping(self) -> bool:
         try:
@@ -101,6 +89,24 @@ class GpuServerProcess:
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM (the server drains and exits 0), then SIGKILL after ``timeout``."""
         return stop_process(self.process, timeout)
+
+
+def wait_for(
+    process: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float, what: str, log_path: Path
+) -> None:
+    """Poll ``ready`` until it says True.
+
+    Raises:
+        RuntimeError: ``process`` exited first, or ``timeout`` passed; the message names ``log_path``.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode}; see {log_path}")
+        if ready():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} was not ready after {timeout:.0f} s; see {log_path}")
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> int | None:

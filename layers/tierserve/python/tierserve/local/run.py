@@ -25,7 +25,7 @@ from tierserve.config import (
     ModelRef,
 )
 from tierserve.local import samples
-from tierserve.local.embedded_s3 import LOCAL_CREDENTIALS, EmbeddedS3
+from tierserve.local.embedded_s3 import EmbeddedS3, endpoint_env
 from tierserve.local.gpu import GpuServerProcess, start_gpu_servers
 from tierserve.local.pipeline import DATA_BUCKET, LocalPipeline, start_local_pipeline
 from tierserve.local.server import LocalApi
@@ -146,13 +146,9 @@ def start(
         stored = upload_package(item, client, LOCAL_BUCKET, MODEL_PREFIX).manifest
         catalog = catalog.with_entry(stored)
     catalog.save(work_dir / "catalog.json")
-    threshold = lambda_max_model_mb()
-    lambda_models = [e for e in catalog.entries if tier_for(e.manifest, threshold) == "lambda"]
-    handler = load_handler({**lambda_env(work_dir, [e.manifest for e in lambda_models]), PRELOAD_ENV: "*"})
+    handler = load_handler({**lambda_env(work_dir, on_tier(catalog, "lambda")), PRELOAD_ENV: "*"})
     api = LocalApi(handler, host=host, port=port)  # binds now: a busy port fails before processes start
-    gpu_models = [
-        ModelRef(e.name, e.version) for e in catalog.entries if tier_for(e.manifest, threshold) == "gpu"
-    ]
+    gpu_models = [ModelRef(m.name, m.version) for m in on_tier(catalog, "gpu")]
     if gpu_models:
         say(f"starting a GPU server process per gpu-tier model: {', '.join(map(str, gpu_models))}")
     gpu_env = {
@@ -167,6 +163,12 @@ def start(
     say(f"S3-triggered inference: s3://{DATA_BUCKET}/inputs/ -> SQS -> the worker handler")
     pipeline = start_local_pipeline(s3, load_handler({}, module="worker"), state_dir=work_dir)
     return LocalStack(s3, api, catalog, pipeline, gpu_servers)
+
+
+def on_tier(catalog: Catalog, tier: str) -> list[Manifest]:
+    """The catalog's models on ``tier`` (``lambda`` or ``gpu``), by the one tier rule."""
+    threshold = lambda_max_model_mb()
+    return [e.manifest for e in catalog.entries if tier_for(e.manifest, threshold) == tier]
 
 
 def lambda_env(work_dir: Path, models: Sequence[Manifest]) -> dict[str, str]:
@@ -195,15 +197,8 @@ def invoke_in_emulator(work_dir: Path, event: dict[str, Any], handler: str) -> t
     from tierserve.local.pipeline import read_state
 
     state = read_state(work_dir)
-    catalog = Catalog.load(work_dir / "catalog.json")
-    threshold = lambda_max_model_mb()
-    models = [e.manifest for e in catalog.entries if tier_for(e.manifest, threshold) == "lambda"]
-    env = {
-        **LOCAL_CREDENTIALS,
-        "AWS_ENDPOINT_URL_S3": state["s3_endpoint"],
-        "AWS_ENDPOINT_URL_SQS": state["s3_endpoint"],
-        **lambda_env(work_dir, models),
-    }
+    models = on_tier(Catalog.load(work_dir / "catalog.json"), "lambda")
+    env = {**endpoint_env(state["s3_endpoint"]), **lambda_env(work_dir, models)}
     log_path = work_dir / "logs" / f"invoke-{handler.replace('.', '-')}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with LambdaEmulator.start(handler, env, log_path=log_path) as function:

@@ -2,8 +2,8 @@
 
     result = upload_package(packaged, client, "my-bucket", "models", progress=Progress(...))
 
-Layout (README, "How a model is served"): ``s3://{bucket}/{prefix}/{name}/{version}/{artifact, manifest.json}``.
-A reader never finds a manifest without its artifact. In S3 the artifact is named by its
+Layout (README, "How a model is served"):
+``s3://{bucket}/{prefix}/{name}/{version}/{artifact, manifest.json}``. A reader never finds a manifest without its artifact. In S3 the artifact is named by its
 content, ``model-{first 16 hex of its sha256}.onnx.zst`` (:func:`stored_artifact_name`),
 and the manifest written there names it; so two uploads racing for one version never write
 the same artifact key, and whichever manifest wins names bytes that are there.
@@ -197,7 +197,7 @@ def _already_there(
     """
     manifest_uri = where.uri(existing.key_prefix, MANIFEST_NAME)
     artifact_key = where.key(existing.key_prefix, existing.artifact)
-    if _artifact_whole(client, where.bucket, artifact_key, existing):
+    if _artifact_present(client, where.bucket, artifact_key, existing, digest_required=False):
         return UploadResult(False, False, existing, manifest_uri)
     if packaged.manifest.stored != existing.stored:
         raise VersionConflict(
@@ -262,20 +262,17 @@ def _existing_manifest(client: Any, bucket: str, key: str) -> Manifest | None:
         ) from None
 
 
-def _artifact_present(client: Any, bucket: str, key: str, manifest: Manifest) -> bool:
-    """The artifact is there as this upload would send it: the stored size and sha256."""
-    head = _head(client, bucket, key)
-    same_size = head is not None and head.get("ContentLength") == manifest.stored.bytes
-    return same_size and (head or {}).get("Metadata", {}).get(SHA256_METADATA) == manifest.stored.sha256
-
-
-def _artifact_whole(client: Any, bucket: str, key: str, manifest: Manifest) -> bool:
-    """The artifact a manifest in S3 names is there with its stored size, and its sha256 where
-    the object records one (an artifact another tool put there may not)."""
+def _artifact_present(
+    client: Any, bucket: str, key: str, manifest: Manifest, *, digest_required: bool = True
+) -> bool:
+    """The artifact is there with the manifest's stored size and sha256. With
+    ``digest_required=False`` an object that records no sha256 passes on its size (an artifact
+    a manifest in S3 names, which another tool may have put there)."""
     head = _head(client, bucket, key)
     if head is None or head.get("ContentLength") != manifest.stored.bytes:
         return False
-    return head.get("Metadata", {}).get(SHA256_METADATA, manifest.stored.sha256) == manifest.stored.sha256
+    recorded = head.get("Metadata", {}).get(SHA256_METADATA)
+    return recorded == manifest.stored.sha256 or (recorded is None and not digest_required)
 
 
 def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
