@@ -17,7 +17,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
-	$(BIN)/python -m tierserve.local.emulator  # the Lambda Runtime Interface Emulator binary, from the aws-sam-cli wheel
+	$(BIN)/python -m tierserve.tools.local.emulator  # the Lambda Runtime Interface Emulator binary, from the aws-sam-cli wheel
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv with the pinned requirements

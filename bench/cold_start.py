@@ -42,7 +42,7 @@ def package_for_bench(model_path: Path, out_dir: Path, packaging: str) -> Any:
     """``pipeline``: as ``tierserve package`` builds it (offline-optimized, so the loader skips
     graph optimization; zstd at the level its budget picks). ``plain``: ``package_model``
     (zstd level 10, not optimized, so the loader optimizes at ORT_ENABLE_ALL)."""
-    from tierserve.packaging import PackageOptions, package, package_model
+    from tierserve.tools.packaging import PackageOptions, package, package_model
 
     if packaging == "plain":
         return package_model(model_path, name=NAME, version=VERSION, out_dir=out_dir)
@@ -64,7 +64,7 @@ def load_store_copy(path: str) -> Any:
 
 
 def build_model(hidden: int, layers: int, features: int) -> Path:
-    from tierserve.local import samples
+    from tierserve.tools.local import samples
 
     path = WORK_DIR / "samples" / f"mlp-f{features}-h{hidden}-l{layers}.onnx"
     if not path.exists():
@@ -80,8 +80,8 @@ class ColdStart:
         import numpy as np
         import zstandard
 
-        from tierserve.config import ModelRef, Settings
-        from tierserve.packaging import upload_package
+        from tierserve.settings import ModelRef, Settings
+        from tierserve.tools.packaging import upload_package
 
         self.work = work
         self.client = server.client()
@@ -132,7 +132,7 @@ class ColdStart:
     def ours(self, store_module: Any = None) -> tuple[float, dict[str, float]]:
         """``store_module``: another copy of tierserve/store.py to load with (before/after)."""
         from tierserve import store
-        from tierserve.sessions import ModelRegistry
+        from tierserve.registry import ModelRegistry
 
         shutil.rmtree(self.cache_dir, ignore_errors=True)
         factory = None

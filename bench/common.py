@@ -192,7 +192,7 @@ class S3Server:
 
     def __enter__(self) -> S3Server:
         if self.mode == "thread":
-            from tierserve.local.embedded_s3 import EmbeddedS3
+            from tierserve.tools.local.embedded_s3 import EmbeddedS3
 
             self._server = EmbeddedS3().start()
             self.endpoint = self._server.endpoint
@@ -212,7 +212,7 @@ class S3Server:
             if not self.endpoint.startswith("http://"):
                 self.__exit__()
                 raise RuntimeError("the embedded S3 did not start")
-        from tierserve.local.embedded_s3 import LOCAL_CREDENTIALS
+        from tierserve.tools.local.embedded_s3 import LOCAL_CREDENTIALS
 
         os.environ.update(LOCAL_CREDENTIALS)
         os.environ["AWS_ENDPOINT_URL_S3"] = self.endpoint
@@ -245,7 +245,7 @@ def _serve_s3(throttle_mb_per_s: float) -> None:
     """The child process of :class:`S3Server`: print the endpoint, serve until stdin closes."""
     import logging
 
-    from tierserve.local.embedded_s3 import EmbeddedS3
+    from tierserve.tools.local.embedded_s3 import EmbeddedS3
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = EmbeddedS3().start()

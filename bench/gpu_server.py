@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 
 from bench.common import WORK_DIR, say, summarize, write_results
-from tierserve.config import ModelRef
-from tierserve.local import samples
-from tierserve.local.gpu import GpuServerProcess
-from tierserve.packaging import package_model
 from tierserve.protocol import decode_infer_response, encode_infer_request
+from tierserve.settings import ModelRef
+from tierserve.tools.local import samples
+from tierserve.tools.local.gpu_servers import GpuServerProcess
+from tierserve.tools.packaging import package_model
 
 NAME = "gpu_server"
 TARGET_SPEEDUP = 3.0

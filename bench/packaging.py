@@ -16,7 +16,7 @@ Models:
 - minilm: all-MiniLM-L6-v2 through examples/minilm (its own venv with torch), cosine of the
   sentence embeddings over 50 sentences.
 
-Each model is packaged as fp32 + zstd and as int8 + zstd through ``tierserve.packaging``.
+Each model is packaged as fp32 + zstd and as int8 + zstd through ``tierserve.tools.packaging``.
 Targets: int8 + zstd stored bytes <= 0.3 of the fp32 ONNX, and top-1 >= 99% (classifiers)
 or cosine >= 0.99 (embeddings). JSON to bench/results/packaging.json.
 """
@@ -47,7 +47,7 @@ def build_models(work: Path) -> dict[str, dict[str, Any]]:
     from sklearn.datasets import load_digits
     from sklearn.neural_network import MLPClassifier
 
-    from tierserve.local import samples
+    from tierserve.tools.local import samples
 
     work.mkdir(parents=True, exist_ok=True)
     models: dict[str, dict[str, Any]] = {}
@@ -85,7 +85,7 @@ def build_models(work: Path) -> dict[str, dict[str, Any]]:
 
 
 def bench_model(name: str, spec: dict[str, Any], work: Path) -> dict[str, Any]:
-    from tierserve.packaging import PackageOptions, PackagingError, package
+    from tierserve.tools.packaging import PackageOptions, PackagingError, package
 
     result: dict[str, Any] = {"source_bytes": spec["path"].stat().st_size, "kind": spec["kind"]}
     for quantization in ("none", "int8"):
@@ -114,7 +114,7 @@ def _true_label_accuracy(spec: dict[str, Any], packages: Path) -> dict[str, floa
     import onnxruntime as ort
     import zstandard
 
-    from tierserve.packaging import read_package
+    from tierserve.tools.packaging import read_package
 
     images = np.load(spec["inputs"])["X"]
     int8 = read_package(packages / "int8")

@@ -34,7 +34,7 @@ ENCODINGS = ("json", "binary")
 
 
 def build_convnet() -> Path:
-    from tierserve.local import samples
+    from tierserve.tools.local import samples
 
     path = WORK_DIR / "samples" / "convnet.onnx"
     if not path.exists():
@@ -104,11 +104,11 @@ def http_round_trips(
     import http.client
 
     from tierserve import store
-    from tierserve.config import CACHE_DIR_ENV, MODEL_BUCKET_ENV, MODELS_ENV, PRELOAD_ENV
-    from tierserve.local.run import load_handler
-    from tierserve.local.server import LocalApi
-    from tierserve.packaging import upload
     from tierserve.protocol import decode_infer_response, encode_infer_request
+    from tierserve.settings import CACHE_DIR_ENV, MODEL_BUCKET_ENV, MODELS_ENV, PRELOAD_ENV
+    from tierserve.tools.local.api_server import LocalApi
+    from tierserve.tools.local.stack import load_handler
+    from tierserve.tools.packaging import upload
 
     client = server.client()
     client.create_bucket(Bucket=BUCKET)
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     import onnxruntime as ort
 
-    from tierserve.packaging import package_model
+    from tierserve.tools.packaging import package_model
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     source = build_convnet()

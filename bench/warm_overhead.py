@@ -67,11 +67,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     from tierserve import store, telemetry
-    from tierserve.config import CACHE_DIR_ENV, MODEL_BUCKET_ENV, MODELS_ENV, PRELOAD_ENV
-    from tierserve.local import samples
-    from tierserve.local.apigw import LocalLambdaContext
-    from tierserve.local.run import load_handler
-    from tierserve.packaging import package_model, upload
+    from tierserve.settings import CACHE_DIR_ENV, MODEL_BUCKET_ENV, MODELS_ENV, PRELOAD_ENV
+    from tierserve.tools.local import samples
+    from tierserve.tools.local.apigw import LocalLambdaContext
+    from tierserve.tools.local.stack import load_handler
+    from tierserve.tools.packaging import package_model, upload
 
     source = WORK_DIR / "samples" / "iris.onnx"
     if not source.exists():

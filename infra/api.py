@@ -52,7 +52,7 @@ from infra.config import API_GATEWAY_TIMEOUT_SECONDS, AuthMode
 from infra.nag import acknowledge, wildcard_resource_finding
 from tierserve.catalog import Manifest
 from tierserve.protocol import HEADER_LENGTH, model_metadata, server_metadata
-from tierserve.rest import ROUTE_HELP
+from tierserve.routes import ROUTE_HELP
 
 BINARY_MEDIA_TYPES = ["application/octet-stream"]
 # Content types a mock integration accepts; others get a 415 through DEFAULT_4XX.

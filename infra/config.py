@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB, LAMBDA_MAX_MEMORY_MB
-from tierserve.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
+from tierserve.settings import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
 
 AuthMode = Literal["iam", "api_key", "none"]
 Architecture = Literal["x86_64", "arm64"]

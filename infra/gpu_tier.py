@@ -45,7 +45,7 @@ from infra.lambda_tier import (
 )
 from infra.nag import acknowledge
 from tierserve.catalog import Manifest
-from tierserve.config import (
+from tierserve.settings import (
     MAX_BATCH_SIZE_ENV,
     MAX_QUEUE_DELAY_MS_ENV,
     MODEL_BUCKET_ENV,

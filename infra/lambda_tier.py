@@ -25,7 +25,7 @@ from constructs import Construct
 
 from infra.nag import acknowledge
 from tierserve.catalog import MB, Manifest, lambda_memory_mb
-from tierserve.config import (
+from tierserve.settings import (
     CACHE_MAX_MB_ENV,
     MODEL_BUCKET_ENV,
     MODEL_PREFIX_ENV,

@@ -23,7 +23,7 @@ from constructs import Construct, IConstruct
 
 from infra.nag import acknowledge, wildcard_resource_finding
 from tierserve.catalog import NAME_PATTERN, VERSION_PATTERN
-from tierserve.config import DEFAULT_MODEL_PREFIX
+from tierserve.settings import DEFAULT_MODEL_PREFIX
 
 
 class SharedBucketStore(Construct):

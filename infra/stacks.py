@@ -22,7 +22,7 @@ from infra.config import API_GATEWAY_TIMEOUT_SECONDS, InfraConfig
 from infra.gpu_tier import GpuModelEndpoint, gpu_server_image, gpu_volume_key, needs_volume_key
 from infra.lambda_tier import LambdaModelFunction, inference_image
 from infra.model_store import ModelStore
-from infra.pipeline import WORKER_HANDLER, DataStore, InferencePipeline
+from infra.s3_pipeline import WORKER_HANDLER, DataStore, InferencePipeline
 from tierserve.catalog import Catalog
 
 STORAGE_STACK = "TierserveStorage"

@@ -23,9 +23,9 @@ os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
 from support.common import BUCKET  # noqa: E402
 from tierserve import store  # noqa: E402
-from tierserve.local import samples  # noqa: E402
-from tierserve.local.embedded_s3 import EmbeddedS3  # noqa: E402
-from tierserve.packaging import PackagedModel, package_model, upload_package  # noqa: E402
+from tierserve.tools.local import samples  # noqa: E402
+from tierserve.tools.local.embedded_s3 import EmbeddedS3  # noqa: E402
+from tierserve.tools.packaging import PackagedModel, package_model, upload_package  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -130,8 +130,8 @@ def main() -> int:
     import onnxruntime as ort
     import torch
 
-    from tierserve.packaging import PackageOptions, PackagingError, package
     from tierserve.store import ArtifactStore, FileSource
+    from tierserve.tools.packaging import PackageOptions, PackagingError, package
 
     torch.set_num_threads(1)
     sentences = [line.strip() for line in args.sentences.read_text().splitlines() if line.strip()]

@@ -1,7 +1,7 @@
 """The GPU tier's SageMaker container: HTTP on port 8080 (``SAGEMAKER_BIND_TO_PORT``).
 
 A thin adapter: a threaded HTTP server hands ``(method, path, headers, body)`` to
-:class:`tierserve.hosting.ModelHost` (``/ping``, ``/invocations`` and every OIP route) and
+:class:`tierserve.sagemaker_hosting.ModelHost` (``/ping``, ``/invocations`` and every OIP route) and
 writes back what it answers. What this file adds is the transport:
 
 - one thread per connection, HTTP/1.1 keep-alive, a listen backlog sized for bursts;
@@ -27,8 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 
-from tierserve.hosting import ModelHost, ServerSettings, build_host
 from tierserve.httpserver import OipRequestHandler
+from tierserve.sagemaker_hosting import ModelHost, ServerSettings, build_host
 from tierserve.telemetry import logger
 
 IDLE_TIMEOUT_S = 120  # a keep-alive connection with no request for this long is closed

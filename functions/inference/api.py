@@ -11,10 +11,10 @@ from typing import Any
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from tierserve.config import Settings
 from tierserve.dataplane import DataPlane
-from tierserve.rest import build_resolver
-from tierserve.sessions import ModelRegistry
+from tierserve.registry import ModelRegistry
+from tierserve.routes import build_resolver
+from tierserve.settings import Settings
 from tierserve.telemetry import logger, metrics, tracer
 
 registry = ModelRegistry(Settings.from_env())

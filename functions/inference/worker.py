@@ -26,7 +26,7 @@ from aws_lambda_powertools.utilities.batch import (
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from tierserve.pipeline import Pipeline
+from tierserve.s3_pipeline import Pipeline
 from tierserve.telemetry import logger, metrics, tracer
 
 pipeline = Pipeline.from_env()  # settings read once; models load on first use (or preload)

@@ -401,17 +401,17 @@ def test_gpu_infer_maps_the_binary_header_length_both_ways(iam_api):
 
 
 def test_header_names_are_the_gpu_servers():
-    from tierserve.hosting import CUSTOM_ATTRIBUTES
     from tierserve.protocol import HEADER_LENGTH
+    from tierserve.sagemaker_hosting import CUSTOM_ATTRIBUTES
 
     assert SAGEMAKER_CUSTOM_ATTRIBUTES == CUSTOM_ATTRIBUTES
     assert HEADER_LENGTH_HEADER.lower() == HEADER_LENGTH
 
 
 def test_the_gpu_server_reads_the_header_length_as_api_gateway_sends_it():
-    from tierserve.hosting import invocation_headers
     from tierserve.protocol import HEADER_LENGTH
-    from tierserve.remote import parse_custom_attributes
+    from tierserve.sagemaker_hosting import invocation_headers
+    from tierserve.sagemaker_model import parse_custom_attributes
 
     sent = {SAGEMAKER_CUSTOM_ATTRIBUTES: "123", "Content-Type": "application/octet-stream"}
     headers = invocation_headers(sent, parse_custom_attributes(sent[SAGEMAKER_CUSTOM_ATTRIBUTES]))

@@ -20,7 +20,7 @@ from infra.gpu_tier import gpu_endpoint_name
 from infra.nag import acknowledge, add_aws_solutions_checks
 from infra.stacks import PIPELINE_STACK, SERVING_STACK, STORAGE_STACK, build_stacks
 from tierserve.catalog import lambda_memory_mb
-from tierserve.config import GPU_ENDPOINTS_ENV, MODEL_BUCKET_ENV, MODELS_ENV
+from tierserve.settings import GPU_ENDPOINTS_ENV, MODEL_BUCKET_ENV, MODELS_ENV
 
 LAMBDA_MODELS = ("iris", "resnet-50")
 GPU_MODELS = ("big-llm", "tiny-on-gpu")

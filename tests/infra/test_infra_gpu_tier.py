@@ -21,8 +21,9 @@ from infra.gpu_tier import (
     needs_volume_key,
 )
 from infra.model_store import grant_model_read
+from support.images import import_from_context
 from tierserve.catalog import MB
-from tierserve.config import (
+from tierserve.settings import (
     MAX_BATCH_SIZE_ENV,
     MAX_QUEUE_DELAY_MS_ENV,
     MODEL_BUCKET_ENV,
@@ -265,6 +266,11 @@ def test_image_is_the_gpu_server_built_for_amd64_from_a_narrow_context(g5_stack)
     asset_dir = Path(assembly.directory) / image["source"]["directory"]
     files = {p.relative_to(asset_dir).as_posix() for p in asset_dir.rglob("*") if p.is_file()}
     assert GPU_DOCKERFILE in files and "functions/gpu_server/server.py" in files
-    assert "layers/tierserve/python/tierserve/hosting.py" in files
+    assert "layers/tierserve/python/tierserve/sagemaker_hosting.py" in files
+    assert not any(f.startswith("layers/tierserve/python/tierserve/tools/") for f in files)
+    imported = import_from_context(asset_dir, "functions/gpu_server", ["server"])
+    assert "tierserve.sagemaker_hosting" in imported["loaded"]
+    assert not [m for m in imported["loaded"] if m.startswith("tierserve.tools")]
+    assert all(f.startswith(str(asset_dir)) for f in imported["files"])
     outside = {f for f in files if not f.startswith(("layers/tierserve/python/", "functions/gpu_server/"))}
     assert outside == set()

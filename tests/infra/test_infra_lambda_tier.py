@@ -17,8 +17,9 @@ from infra.lambda_tier import (
     image_context_patterns,
     inference_image,
 )
+from support.images import import_from_context
 from tierserve.catalog import MB, lambda_memory_mb
-from tierserve.config import (
+from tierserve.settings import (
     CACHE_MAX_MB_ENV,
     MODEL_BUCKET_ENV,
     MODEL_PREFIX_ENV,
@@ -124,6 +125,18 @@ def test_image_context_is_only_what_the_dockerfile_copies(function_stack):
     outside = {f for f in files if not f.startswith(("layers/tierserve/python/", "functions/inference/"))}
     assert outside == set()
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+    assert not any(f.startswith("layers/tierserve/python/tierserve/tools/") for f in files)
+
+
+def test_image_context_holds_what_its_handlers_import_and_none_of_the_tools(function_stack):
+    """The API and worker handlers import from the staged context alone, and load nothing of
+    the CLI, the local stack or the packager."""
+    assembly = function_stack.node.root.synth()
+    (asset_dir,) = Path(assembly.directory).glob("asset.*")
+    imported = import_from_context(asset_dir, "functions/inference", ["api", "worker"])
+    assert "tierserve.registry" in imported["loaded"] and "tierserve.s3_pipeline.worker" in imported["loaded"]
+    assert not [m for m in imported["loaded"] if m.startswith("tierserve.tools")]
+    assert all(f.startswith(str(asset_dir)) for f in imported["files"])
 
 
 def test_dockerfile_copies_what_exists_and_runs_the_handler(repo_root):

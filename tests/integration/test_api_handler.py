@@ -12,11 +12,11 @@ import pytest
 from support.common import BUCKET, count_s3_calls, load_event, make_invoke
 from support.gpu import gather_model, package
 from tierserve import store
-from tierserve.config import MB
 from tierserve.dataplane import PROXY_ENVELOPE_BYTES
-from tierserve.local import samples
-from tierserve.packaging import upload
 from tierserve.protocol import decode_infer_response
+from tierserve.settings import MB
+from tierserve.tools.local import samples
+from tierserve.tools.packaging import upload
 
 
 def _iris_reference() -> np.ndarray:

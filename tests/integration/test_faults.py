@@ -12,11 +12,11 @@ from support.common import BUCKET, load_event, make_invoke
 from support.flaky import FlakyProxy
 from tierserve import store
 from tierserve.catalog import Digest, Manifest
-from tierserve.config import Settings
 from tierserve.errors import ModelUnavailable
-from tierserve.local import samples
-from tierserve.packaging import compress_file, package_model, sha256_file, upload
-from tierserve.sessions import ModelRegistry
+from tierserve.registry import ModelRegistry
+from tierserve.settings import Settings
+from tierserve.tools.local import samples
+from tierserve.tools.packaging import compress_file, package_model, sha256_file, upload
 
 MANIFEST_KEY = "models/iris/1/manifest.json"
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from support.gpu import SERVE, request
-from tierserve.local.gpu import free_port
 from tierserve.protocol import decode_infer_response, encode_infer_request
+from tierserve.tools.local.processes import free_port
 
 ENTRYPOINT = SERVE.parent / "cuda_compat.sh"
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32)

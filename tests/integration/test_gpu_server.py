@@ -21,9 +21,9 @@ from support.common import BUCKET, load_event, make_invoke
 from support.flaky import FlakyProxy
 from support.gpu import InProcessServer, fp16_model, gather_model, load, package, request
 from tierserve import store
-from tierserve.hosting import CUSTOM_ATTRIBUTES
 from tierserve.model import translate_run_error
 from tierserve.protocol import decode_infer_response, encode_infer_request
+from tierserve.sagemaker_hosting import CUSTOM_ATTRIBUTES
 
 
 @pytest.fixture

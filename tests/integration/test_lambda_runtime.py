@@ -17,12 +17,13 @@ import onnxruntime as ort
 import pytest
 
 from support.common import BUCKET, EVENTS_DIR, load_event, printed_document
-from tierserve import cli
-from tierserve.config import CACHE_DIR_ENV, DATA_BUCKET_ENV, MODEL_BUCKET_ENV, MODELS_ENV
-from tierserve.local import run, samples
-from tierserve.local.apigw import proxy_response_body, proxy_response_headers
-from tierserve.local.emulator import FUNCTIONS_PATH, FunctionError, LambdaEmulator
 from tierserve.protocol import decode_infer_response
+from tierserve.settings import CACHE_DIR_ENV, DATA_BUCKET_ENV, MODEL_BUCKET_ENV, MODELS_ENV
+from tierserve.tools import cli
+from tierserve.tools.local import samples
+from tierserve.tools.local import stack as local_stack
+from tierserve.tools.local.apigw import proxy_response_body, proxy_response_headers
+from tierserve.tools.local.emulator import FUNCTIONS_PATH, FunctionError, LambdaEmulator
 
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32)  # the events' rows
 DATA = "test-data"
@@ -127,8 +128,10 @@ def test_the_worker_handler_turns_the_shared_sqs_event_into_an_output(start_func
 def test_tierserve_local_invoke_runs_an_event_against_the_running_local_stack(
     tmp_path, capsys, restore_environ
 ):
-    stack = run.start(
-        tmp_path, port=0, chosen=(run.Sample("invoked", "1", partial(samples.mlp, features=4, hidden=8)),)
+    stack = local_stack.start(
+        tmp_path,
+        port=0,
+        chosen=(local_stack.Sample("invoked", "1", partial(samples.mlp, features=4, hidden=8)),),
     )
     try:
         event = tmp_path / "metadata.json"

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tierserve.local import run, samples
 from tierserve.protocol import decode_infer_response, encode_infer_request
+from tierserve.tools.local import samples
+from tierserve.tools.local import stack as local_stack
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None):
@@ -29,10 +30,10 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict[str, st
 
 def test_the_local_api_forwards_a_gpu_tier_model_to_its_server_process(tmp_path, restore_environ):
     chosen = (
-        run.Sample("small", "1", partial(samples.mlp, features=4, hidden=8, layers=2, classes=3)),
-        run.Sample("tiny-gpu", "1", partial(samples.convnet, channels=4, classes=5), tier="gpu"),
+        local_stack.Sample("small", "1", partial(samples.mlp, features=4, hidden=8, layers=2, classes=3)),
+        local_stack.Sample("tiny-gpu", "1", partial(samples.convnet, channels=4, classes=5), tier="gpu"),
     )
-    stack = run.start(tmp_path, port=0, chosen=chosen)
+    stack = local_stack.start(tmp_path, port=0, chosen=chosen)
     try:
         assert [str(s.ref) for s in stack.gpu_servers] == ["tiny-gpu@1"]
         assert stack.api.upstreams == {"tiny-gpu": stack.gpu_servers[0].url}
@@ -46,14 +47,14 @@ def test_the_local_api_forwards_a_gpu_tier_model_to_its_server_process(tmp_path,
         assert decode_infer_response(body, headers)["probabilities"].shape == (2, 5)
         small_metadata = json.loads(http("GET", f"{url}/v2/models/small")[2])
         assert "dynamic_batching" not in small_metadata["parameters"]  # the Lambda handler's answer
-        assert "forwarded to its GPU server process" in run.describe(stack)
+        assert "forwarded to its GPU server process" in local_stack.describe(stack)
         process = stack.gpu_servers[0].process
     finally:
         stack.stop()
     assert process.returncode == 0  # SIGTERM, drained, exited cleanly
 
 
-TIERSERVE = [sys.executable, "-c", "from tierserve.cli import main; raise SystemExit(main())"]
+TIERSERVE = [sys.executable, "-c", "from tierserve.tools.cli import main; raise SystemExit(main())"]
 
 
 def children_of(pid: int) -> list[int]:

@@ -19,9 +19,11 @@ import pytest
 from support.common import BUCKET, REPO_ROOT, count_s3_calls
 from tierserve import store
 from tierserve.catalog import Catalog, Digest, Manifest
-from tierserve.cli import main
-from tierserve.config import ModelRef, Settings
-from tierserve.packaging import (
+from tierserve.registry import ModelRegistry
+from tierserve.settings import ModelRef, Settings
+from tierserve.store import ArtifactStore, S3Source
+from tierserve.tools.cli import main
+from tierserve.tools.packaging import (
     BucketForbidden,
     BucketNotFound,
     PackagedModel,
@@ -30,10 +32,8 @@ from tierserve.packaging import (
     read_package,
     upload_package,
 )
-from tierserve.packaging import transfer_config as make_transfer_config
-from tierserve.packaging._upload import stored_artifact_name
-from tierserve.sessions import ModelRegistry
-from tierserve.store import ArtifactStore, S3Source
+from tierserve.tools.packaging import transfer_config as make_transfer_config
+from tierserve.tools.packaging._upload import stored_artifact_name
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -164,7 +164,7 @@ def test_large_artifacts_go_multipart_and_verify_on_fetch(s3, embedded_s3, tmp_p
     artifact = tmp_path / "big" / "model.onnx"
     artifact.parent.mkdir()
     artifact.write_bytes(np.random.default_rng(0).bytes(12 * 1024 * 1024))
-    from tierserve.packaging import sha256_file
+    from tierserve.tools.packaging import sha256_file
 
     digest = Digest(sha256_file(artifact), artifact.stat().st_size)
     manifest = replace(
@@ -200,7 +200,7 @@ def test_a_version_holding_another_model_is_refused(
 
 
 def test_a_racing_upload_cannot_overwrite_a_version(s3, embedded_s3, packaged_mlp, monkeypatch):
-    from tierserve.packaging import _upload
+    from tierserve.tools.packaging import _upload
 
     upload_package(read_package(packaged_mlp), embedded_s3.client(), BUCKET, "models")
     monkeypatch.setattr(_upload, "_existing_manifest", lambda *_: None)  # as if it landed after our check
@@ -441,7 +441,7 @@ def test_the_console_entry_point_exits_non_zero_without_a_traceback(tmp_path):
         [
             sys.executable,
             "-m",
-            "tierserve.cli",
+            "tierserve.tools.cli",
             "package",
             str(bad),
             "--name",
@@ -460,7 +460,17 @@ def test_the_console_entry_point_exits_non_zero_without_a_traceback(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert one_error_line(result.stderr).startswith("tierserve package: error: ")
     usage = subprocess.run(
-        [sys.executable, "-m", "tierserve.cli", "package", str(bad), "--name", "Not_Valid", "--version", "1"],
+        [
+            sys.executable,
+            "-m",
+            "tierserve.tools.cli",
+            "package",
+            str(bad),
+            "--name",
+            "Not_Valid",
+            "--version",
+            "1",
+        ],
         capture_output=True,
         text=True,
         env=env,

@@ -21,8 +21,10 @@ from sklearn.datasets import load_iris
 from support.common import BUCKET, count_s3_calls, load_event, printed_document
 from support.flaky import FlakyProxy
 from support.sagemaker import SageMakerDouble, model_error, service_error, start_container
-from tierserve import remote, store
-from tierserve.config import (
+from tierserve import sagemaker_model as remote
+from tierserve import store
+from tierserve.errors import UpstreamUnavailable
+from tierserve.settings import (
     CACHE_DIR_ENV,
     DATA_BUCKET_ENV,
     GPU_ENDPOINTS_ENV,
@@ -34,11 +36,10 @@ from tierserve.config import (
     PRELOAD_ENV,
     ROW_BATCH_SIZE_ENV,
 )
-from tierserve.errors import UpstreamUnavailable
-from tierserve.local import samples
-from tierserve.local.apigw import LocalLambdaContext
-from tierserve.local.pipeline import QueuePoller, create_resources
-from tierserve.local.run import load_handler
+from tierserve.tools.local import samples
+from tierserve.tools.local.apigw import LocalLambdaContext
+from tierserve.tools.local.s3_queue import QueuePoller, create_resources
+from tierserve.tools.local.stack import load_handler
 
 DATA = "test-data"
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]  # a setosa (0) and a virginica (2)
@@ -327,7 +328,7 @@ def test_a_decoding_failure_that_would_fail_every_time_is_an_error_not_a_retry(
     def parse(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr("tierserve.pipeline.parse_infer_request", parse)
+    monkeypatch.setattr("tierserve.s3_pipeline.formats.parse_infer_request", parse)
     assert worker.deliver(worker.put("inputs/iris/x.json", infer_request())) == []
     document = worker.read("errors/iris/x.json.json")
     assert document["status"] == status and fragment in document["error"]
@@ -345,7 +346,7 @@ def test_a_request_id_with_a_lone_surrogate_is_served(worker):
 def test_the_response_is_encoded_once_with_its_parameters(worker, monkeypatch):
     """The output file is the encoded response with the parameters added, not parsed back and
     dumped again (a 100,000-row output would exist three times over)."""
-    from tierserve import pipeline as module
+    from tierserve.s3_pipeline import worker as module
 
     encoded: list[bytes] = []
     encode = module.encode_infer_response
@@ -462,7 +463,7 @@ def fail_s3_once(operation: str, code: str = "SlowDown", status: int = 503) -> l
     ],
 )
 def test_an_s3_failure_says_what_the_worker_was_doing(worker, operation, action, result):
-    from tierserve.pipeline import S3Object
+    from tierserve.s3_pipeline import S3Object
 
     put = worker.s3.put_object(Bucket=DATA, Key="inputs/iris/x.json", Body=infer_request())
     failures = fail_s3_once(operation)
@@ -474,7 +475,7 @@ def test_an_s3_failure_says_what_the_worker_was_doing(worker, operation, action,
 
 def test_a_result_left_beside_the_newer_one_by_a_failed_delete_is_removed_on_redelivery(worker, monkeypatch):
     ticks = iter(range(1_000_000, 2_000_000))
-    monkeypatch.setattr(worker.module.pipeline, "_clock", lambda: float(next(ticks)))
+    monkeypatch.setattr(worker.module.pipeline.results, "_clock", lambda: float(next(ticks)))
     assert worker.deliver(worker.put("inputs/iris/x.json", b"{broken")) == []
     fixed = worker.put("inputs/iris/x.json", infer_request())
     failures = fail_s3_once("DeleteObject")
@@ -489,7 +490,7 @@ def test_a_result_left_beside_the_newer_one_by_a_failed_delete_is_removed_on_red
 
 def test_a_redelivered_older_result_never_removes_a_newer_one(worker, monkeypatch):
     ticks = iter(range(1_000_000, 2_000_000))
-    monkeypatch.setattr(worker.module.pipeline, "_clock", lambda: float(next(ticks)))
+    monkeypatch.setattr(worker.module.pipeline.results, "_clock", lambda: float(next(ticks)))
     first = worker.put("inputs/iris/x.json", infer_request())
     assert worker.deliver(first) == []
     broken = worker.put("inputs/iris/x.json", b"{broken")
@@ -540,14 +541,15 @@ def test_the_same_input_processed_again_writes_the_same_bytes(make_worker):
 
 def test_a_crash_after_the_output_is_written_is_redelivered_to_the_same_single_output(worker, monkeypatch):
     message = worker.put("inputs/iris/x.json", infer_request())
-    pipeline = worker.module.pipeline
-    finished = pipeline._finished
+    from tierserve.s3_pipeline import results
+
+    finished = results.finished
 
     def crash_once(*args):
-        monkeypatch.setattr(pipeline, "_finished", finished)
+        monkeypatch.setattr(results, "finished", finished)
         raise RuntimeError("the execution environment died before acknowledging")
 
-    monkeypatch.setattr(pipeline, "_finished", crash_once)
+    monkeypatch.setattr(results, "finished", crash_once)
     assert worker.deliver(message) == [0]
     written = worker.s3.get_object(Bucket=DATA, Key="outputs/iris/x.json.json")["Body"].read()
     assert worker.deliver(message) == []
@@ -773,8 +775,8 @@ def test_a_fault_that_passes_before_max_receive_count_is_served_without_the_dlq(
 
 
 def test_tierserve_local_put_prints_the_output_or_the_error(embedded_s3, worker, tmp_path, capsys):
-    from tierserve import cli
-    from tierserve.local.pipeline import start_local_pipeline
+    from tierserve.tools import cli
+    from tierserve.tools.local.s3_queue import start_local_pipeline
 
     local = start_local_pipeline(embedded_s3, worker.handler, state_dir=tmp_path)
     try:
@@ -797,7 +799,7 @@ def test_tierserve_local_put_prints_the_output_or_the_error(embedded_s3, worker,
 
 
 def test_tierserve_local_put_without_a_running_stack_says_so(tmp_path, capsys):
-    from tierserve import cli
+    from tierserve.tools import cli
 
     (tmp_path / "x.json").write_bytes(infer_request())
     assert (

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from tierserve.config import CACHE_DIR_ENV, MODEL_BUCKET_ENV, MODELS_ENV, PRELOAD_ENV
-from tierserve.local.apigw import LocalLambdaContext, proxy_response_body, proxy_response_headers
-from tierserve.local.run import load_handler
+from tierserve.settings import CACHE_DIR_ENV, MODEL_BUCKET_ENV, MODELS_ENV, PRELOAD_ENV
+from tierserve.tools.local.apigw import LocalLambdaContext, proxy_response_body, proxy_response_headers
+from tierserve.tools.local.stack import load_handler
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "test-models"

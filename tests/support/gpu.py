@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from tierserve.hosting import ModelHost, ServerSettings, build_registry
 from tierserve.model import LoadTimings, OnnxModel, create_session
-from tierserve.packaging import PackagedModel, package_model
+from tierserve.sagemaker_hosting import ModelHost, ServerSettings, build_registry
+from tierserve.tools.packaging import PackagedModel, package_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVE = REPO_ROOT / "functions" / "gpu_server" / "serve"

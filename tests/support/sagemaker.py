@@ -1,8 +1,8 @@
 """A loopback double of the SageMaker runtime API (``POST /endpoints/{name}/invocations``).
 
-Behind each endpoint runs the GPU server's real host (:class:`tierserve.hosting.ModelHost`,
+Behind each endpoint runs the GPU server's real host (:class:`tierserve.sagemaker_hosting.ModelHost`,
 what ``functions/gpu_server`` serves on ``/invocations``), so the worker's client
-(``tierserve.remote``) and the container (``tierserve.hosting``) meet end to end. The double
+(``tierserve.sagemaker_model``) and the container (``tierserve.sagemaker_hosting``) meet end to end. The double
 plays only SageMaker's part: it hands the container the headers SageMaker forwards, passes
 back its ``Content-Type`` and ``X-Amzn-SageMaker-Custom-Attributes``, wraps a container's
 non-2xx answer in ``ModelError`` (424, ``OriginalStatusCode``, ``OriginalMessage``) and
@@ -21,9 +21,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tierserve.config import CACHE_DIR_ENV, MODEL_DIR_ENV
-from tierserve.hosting import CUSTOM_ATTRIBUTES, ModelHost, ServerSettings, build_registry
-from tierserve.remote import parse_custom_attributes
+from tierserve.sagemaker_hosting import CUSTOM_ATTRIBUTES, ModelHost, ServerSettings, build_registry
+from tierserve.sagemaker_model import parse_custom_attributes
+from tierserve.settings import CACHE_DIR_ENV, MODEL_DIR_ENV
 
 # The request headers SageMaker hands the container; the rest of the caller's stay with SageMaker.
 FORWARDED = ("Content-Type", "Accept", CUSTOM_ATTRIBUTES)

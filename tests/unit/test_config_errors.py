@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from tierserve.config import ModelRef, Settings, threads_for_memory
 from tierserve.errors import (
     INTERNAL_ERROR_MESSAGE,
     ArtifactRejected,
@@ -16,6 +15,7 @@ from tierserve.errors import (
     is_retryable,
     to_http,
 )
+from tierserve.settings import ModelRef, Settings, threads_for_memory
 
 
 @pytest.mark.parametrize(("memory", "threads"), [(128, 1), (1769, 1), (3538, 2), (10240, 5)])

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tierserve.catalog import MANIFEST_NAME, Digest, Manifest, TensorSpec
 from tierserve.model import create_session
-from tierserve.packaging import (
+from tierserve.tools.packaging import (
     AccuracyOutOfBudget,
     InvalidModel,
     PackageOptions,
@@ -28,9 +28,9 @@ from tierserve.packaging import (
     package,
     package_model,
 )
-from tierserve.packaging._accuracy import Budget, compare, violations
-from tierserve.packaging._feeds import iter_batches
-from tierserve.packaging._upload import stored_artifact_name
+from tierserve.tools.packaging._accuracy import Budget, compare, violations
+from tierserve.tools.packaging._feeds import iter_batches
+from tierserve.tools.packaging._upload import stored_artifact_name
 
 
 def _leftovers(folder: Path) -> list[str]:

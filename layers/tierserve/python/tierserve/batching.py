@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 
 from tierserve.catalog import Manifest
-from tierserve.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
 from tierserve.errors import ModelUnavailable, Overloaded
 from tierserve.model import Model, ModelFactory
+from tierserve.settings import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
 from tierserve.telemetry import BATCH_ROWS, QUEUE_FULL, logger, record_count
 
 DEFAULT_MAX_QUEUE_SIZE = 256

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tierserve.config import MAX_RESPONSE_MB_ENV
 from tierserve.errors import PayloadTooLarge, to_http
 from tierserve.protocol import (
     JSON_CONTENT_TYPE,
@@ -23,7 +22,8 @@ from tierserve.protocol import (
     parse_infer_request,
     server_metadata,
 )
-from tierserve.sessions import ModelRegistry
+from tierserve.registry import ModelRegistry
+from tierserve.settings import MAX_RESPONSE_MB_ENV
 from tierserve.telemetry import INFERENCE_MS, logger, record_ms, stopwatch, tracer
 
 # What Lambda's proxy integration wraps around a body (status, headers, the JSON envelope).

@@ -35,7 +35,7 @@ _ORT_PREFIX = re.compile(r"^(?:\[ONNXRuntimeError\] : \d+ : \w+ : |Error in exec
 _SOURCE_LOCATION = re.compile(r"^\S+\.(?:cc|cpp|cu|h):\d+ ")
 
 # An execution provider as onnxruntime takes it: a name, or (name, options) as the GPU server
-# passes TensorRT and CUDA (tierserve.providers).
+# passes TensorRT and CUDA (tierserve.execution_providers).
 ProviderSpec = str | tuple[str, dict[str, Any]]
 
 
@@ -192,5 +192,5 @@ def _without_source_location(status: str) -> str:
 
 
 # How a registry turns a new session into the model it serves: ``OnnxModel`` by default; the
-# GPU server adds IO binding and dynamic batching (tierserve.providers, tierserve.batching).
+# GPU server adds IO binding and dynamic batching (tierserve.execution_providers, tierserve.batching).
 ModelFactory = Callable[[Manifest, ort.InferenceSession, LoadTimings], Model]

@@ -27,7 +27,6 @@ from urllib.parse import urlparse
 import zstandard
 
 from tierserve.catalog import Manifest, ManifestError, manifest_key
-from tierserve.config import MB, Settings
 from tierserve.errors import (
     ArtifactRejected,
     ModelUnavailable,
@@ -35,6 +34,7 @@ from tierserve.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from tierserve.settings import MB, Settings
 
 CHUNK_BYTES = 1 * MB
 PREFETCH_CHUNKS = 16

@@ -1,0 +1,369 @@
+"""S3-triggered inference: the data bucket, and the queue, worker and alarm that serve it.
+
+``inputs/{model}/{path}`` put in the data bucket -> S3 ``ObjectCreated`` notification
+(prefix ``inputs/``) -> SQS queue (dead-letter queue after ``pipeline_max_receive_count``
+receives) -> the worker Lambda (``functions/inference/worker.py``, the API's image with
+``worker.handler``) -> ``outputs/{model}/{path}.json`` or ``errors/{model}/{path}.json``.
+Results never land under ``inputs/``: the notification cannot loop, and the worker's role
+may not write there.
+
+:class:`DataStore` holds the bucket (in the storage stack, retained, next to the model
+bucket); :class:`InferencePipeline` holds what processes it (stateless, in its own stack).
+
+Queue encryption is SSE-SQS (SQS-managed keys): S3 can deliver notifications to it without
+a key policy, where a KMS queue would need a customer-managed key whose policy lets
+``s3.amazonaws.com`` use it (the AWS-managed ``aws/sqs`` key cannot be shared with S3). The
+messages hold object keys and ETags, not data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from aws_cdk import Duration, RemovalPolicy, Size, Stack
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_lambda_event_sources as event_sources
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_s3_notifications as s3_notifications
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from infra.gpu_tier import endpoint_arn
+from infra.lambda_tier import (
+    LOG_LEVEL_ENV,
+    METRICS_NAMESPACE,
+    POWERTOOLS_METRICS_NAMESPACE_ENV,
+    POWERTOOLS_SERVICE_NAME_ENV,
+    SERVICE_NAME,
+    TMP_HEADROOM_MB,
+)
+from infra.model_store import SharedBucketStore, private_bucket
+from infra.nag import acknowledge, wildcard_resource_finding
+from tierserve.catalog import LAMBDA_MIN_MEMORY_MB, Manifest, lambda_memory_mb
+from tierserve.settings import (
+    CACHE_MAX_MB_ENV,
+    DATA_BUCKET_ENV,
+    ERROR_PREFIX,
+    GPU_ENDPOINTS_ENV,
+    INPUT_PREFIX,
+    MODEL_BUCKET_ENV,
+    MODEL_PREFIX_ENV,
+    MODELS_ENV,
+    OUTPUT_PREFIX,
+    ModelRef,
+)
+
+WORKER_HANDLER = "worker.handler"
+# AWS: a queue's visibility timeout at least 6x the function timeout (plus the batching
+# window), so a batch that is retried inside the function is not redelivered meanwhile.
+VISIBILITY_TIMEOUT_FACTOR = 6
+DLQ_RETENTION = Duration.days(14)  # SQS's longest: time to find the cause and redrive
+QUEUE_RETENTION = Duration.days(4)
+ACCESS_LOG_PREFIX = "data-bucket/"
+NONCURRENT_VERSION_EXPIRY = Duration.days(30)
+MIN_EVENT_SOURCE_CONCURRENCY = 2  # the event source mapping's MaximumConcurrency starts at 2
+NOTIFICATIONS_HANDLER_ID = "BucketNotificationsHandler"  # CDK's singleton in each stack
+BASIC_EXECUTION_POLICY = "arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
+
+
+class DataStore(SharedBucketStore):
+    """The data bucket: private, SSE-S3, TLS-only, versioned, access logged, retained.
+
+    Versioned because the worker reads exactly the version an event announced and records it
+    in the result; old versions expire after 30 days. Attributes: ``bucket``.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        access_log_bucket: s3.IBucket,
+        removal_policy: RemovalPolicy = RemovalPolicy.RETAIN,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.bucket = private_bucket(
+            self,
+            "Bucket",
+            removal_policy=removal_policy,
+            versioned=True,
+            server_access_logs_bucket=access_log_bucket,
+            server_access_logs_prefix=ACCESS_LOG_PREFIX,
+            lifecycle_rules=[
+                s3.LifecycleRule(
+                    abort_incomplete_multipart_upload_after=Duration.days(7),
+                    noncurrent_version_expiration=NONCURRENT_VERSION_EXPIRY,
+                )
+            ],
+        )
+
+
+def _acknowledge_notifications_handler(scope: Construct) -> None:
+    """CDK writes bucket notifications through a deploy-time Lambda of its own, one per stack
+    (``Custom::S3BucketNotifications``), whose role carries the AWS managed basic execution
+    policy; its other permission is s3:PutBucketNotification on this bucket only."""
+    stack = Stack.of(scope)
+    for child in stack.node.children:
+        if child.node.id.startswith(NOTIFICATIONS_HANDLER_ID):
+            acknowledge(
+                child,
+                f"AwsSolutions-IAM4[Policy::{BASIC_EXECUTION_POLICY}]",
+                "CDK's own deploy-time handler for S3 bucket notifications (it runs only while "
+                "CloudFormation deploys): AWSLambdaBasicExecutionRole lets it write its CloudWatch "
+                "logs, and nothing else.",
+            )
+
+
+def prefix_pattern(prefix: str) -> str:
+    """Every key under ``prefix``: ``inputs`` -> ``inputs/*``."""
+    return f"{prefix.strip('/')}/*"
+
+
+class InferencePipeline(Construct):
+    """Queue, dead-letter queue, worker, notification and dead-letter alarm for a data bucket.
+
+    ``models`` are every model the worker serves (its ``TIERSERVE_MODELS``: the manifests give
+    the signatures); those in ``gpu_endpoints`` (model name -> endpoint name) run on their
+    SageMaker endpoint, which the worker may invoke (and no other), the others in the worker. The stack grants the reads of each model's
+    prefix (``ModelStore.grant_read_model(pipeline.worker, name, version)``).
+
+    Attributes: ``queue``, ``dead_letter_queue``, ``worker``, ``role``, ``log_group``,
+    ``alarm``, ``alarm_topic`` (None without ``alarm_email``), ``data_bucket``.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        data_bucket: s3.IBucket,
+        models: Sequence[Manifest],
+        gpu_endpoints: Mapping[str, str],
+        code: lambda_.DockerImageCode,
+        architecture: lambda_.Architecture,
+        model_bucket_name: str,
+        model_prefix: str,
+        worker_timeout: Duration,
+        max_receive_count: int,
+        batch_size: int,
+        batching_window: Duration,
+        reserved_concurrency: int | None,
+        ephemeral_storage_mb: int,
+        log_retention: logs.RetentionDays,
+        log_level: str,
+        alarm_email: str | None = None,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        unknown = sorted(set(gpu_endpoints) - {m.name for m in models})
+        if unknown:
+            raise ValueError(f"GPU endpoints given for models the pipeline does not serve: {unknown}")
+        self.data_bucket = data_bucket
+
+        self.dead_letter_queue = sqs.Queue(
+            self,
+            "DeadLetters",
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            retention_period=DLQ_RETENTION,
+        )
+        visibility = Duration.seconds(
+            VISIBILITY_TIMEOUT_FACTOR * worker_timeout.to_seconds() + batching_window.to_seconds()
+        )
+        self.queue = sqs.Queue(
+            self,
+            "Inputs",
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            visibility_timeout=visibility,
+            retention_period=QUEUE_RETENTION,
+            dead_letter_queue=sqs.DeadLetterQueue(
+                queue=self.dead_letter_queue, max_receive_count=max_receive_count
+            ),
+        )
+        data_bucket.add_event_notification(
+            s3.EventType.OBJECT_CREATED,
+            s3_notifications.SqsDestination(self.queue),
+            s3.NotificationKeyFilter(prefix=f"{INPUT_PREFIX}/"),
+        )
+        _acknowledge_notifications_handler(self)
+
+        self.worker = self._worker(
+            models=models,
+            gpu_endpoints=gpu_endpoints,
+            code=code,
+            architecture=architecture,
+            model_bucket_name=model_bucket_name,
+            model_prefix=model_prefix,
+            timeout=worker_timeout,
+            reserved_concurrency=reserved_concurrency,
+            ephemeral_storage_mb=ephemeral_storage_mb,
+            log_retention=log_retention,
+            log_level=log_level,
+        )
+        self.worker.add_event_source(
+            event_sources.SqsEventSource(
+                self.queue,
+                batch_size=batch_size,
+                max_batching_window=batching_window if batching_window.to_seconds() > 0 else None,
+                report_batch_item_failures=True,
+                # With a reservation, the poller never starts more batches than may run: a
+                # throttled batch would count a receive towards the dead-letter queue.
+                max_concurrency=(
+                    reserved_concurrency
+                    if reserved_concurrency and reserved_concurrency >= MIN_EVENT_SOURCE_CONCURRENCY
+                    else None
+                ),
+            )
+        )
+        self._grant_data_bucket()
+        if gpu_endpoints:
+            arns = [endpoint_arn(self, gpu_endpoints[name]) for name in sorted(gpu_endpoints)]
+            self.role.add_to_principal_policy(
+                iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"], resources=arns)
+            )
+
+        self.alarm_topic: sns.Topic | None = self._alarm_topic(alarm_email) if alarm_email else None
+        self.alarm = cloudwatch.Alarm(
+            self,
+            "DeadLettersAlarm",
+            alarm_description=(
+                "tierserve pipeline: inputs failed every delivery and wait in the dead-letter queue; "
+                "read the worker's logs, fix the cause, then redrive (aws sqs start-message-move-task)"
+            ),
+            metric=self.dead_letter_queue.metric_approximate_number_of_messages_visible(
+                period=Duration.minutes(1), statistic="Maximum"
+            ),
+            threshold=0,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        if self.alarm_topic is not None:
+            self.alarm.add_alarm_action(cloudwatch_actions.SnsAction(self.alarm_topic))
+            self.alarm.add_ok_action(cloudwatch_actions.SnsAction(self.alarm_topic))
+
+    def _worker(
+        self,
+        *,
+        models: Sequence[Manifest],
+        gpu_endpoints: Mapping[str, str],
+        code: lambda_.DockerImageCode,
+        architecture: lambda_.Architecture,
+        model_bucket_name: str,
+        model_prefix: str,
+        timeout: Duration,
+        reserved_concurrency: int | None,
+        ephemeral_storage_mb: int,
+        log_retention: logs.RetentionDays,
+        log_level: str,
+    ) -> lambda_.DockerImageFunction:
+        in_worker = [m for m in models if m.name not in gpu_endpoints]
+        memory_mb = max([lambda_memory_mb(m) for m in in_worker], default=LAMBDA_MIN_MEMORY_MB)
+        self.log_group = logs.LogGroup(self, "Logs", retention=log_retention)
+        self.role = iam.Role(
+            self,
+            "Role",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description="tierserve S3 worker: reads inputs/, writes outputs/ and errors/, reads its models",
+        )
+        self.log_group.grant_write(self.role)
+        acknowledge(
+            self.role,
+            "AwsSolutions-IAM5[Resource::*]",
+            "Active tracing needs xray:PutTraceSegments and xray:PutTelemetryRecords, which "
+            "support no resource-level permissions: the X-Ray docs require Resource '*'.",
+        )
+        environment = {
+            DATA_BUCKET_ENV: self.data_bucket.bucket_name,
+            MODEL_BUCKET_ENV: model_bucket_name,
+            MODEL_PREFIX_ENV: model_prefix,
+            MODELS_ENV: ",".join(str(ModelRef(m.name, m.version)) for m in models),
+            CACHE_MAX_MB_ENV: str(ephemeral_storage_mb - TMP_HEADROOM_MB),
+            POWERTOOLS_SERVICE_NAME_ENV: SERVICE_NAME,
+            POWERTOOLS_METRICS_NAMESPACE_ENV: METRICS_NAMESPACE,
+            LOG_LEVEL_ENV: log_level,
+        }
+        if gpu_endpoints:
+            environment[GPU_ENDPOINTS_ENV] = ",".join(
+                f"{name}={gpu_endpoints[name]}" for name in sorted(gpu_endpoints)
+            )
+        return lambda_.DockerImageFunction(
+            self,
+            "Worker",
+            code=code,
+            architecture=architecture,
+            memory_size=memory_mb,
+            timeout=timeout,
+            ephemeral_storage_size=Size.mebibytes(ephemeral_storage_mb),
+            tracing=lambda_.Tracing.ACTIVE,
+            role=self.role,
+            log_group=self.log_group,
+            environment=environment,
+            reserved_concurrent_executions=reserved_concurrency or None,
+            description=f"tierserve S3 worker: {INPUT_PREFIX}/ -> {OUTPUT_PREFIX}/, {ERROR_PREFIX}/ "
+            f"for {len(models)} model(s)",
+        )
+
+    def _grant_data_bucket(self) -> None:
+        """Read ``inputs/*`` (any version); read, write and delete ``outputs/*`` and ``errors/*``
+        (the results' metadata is the idempotency and ordering record; writing one kind of
+        result removes the other); list the bucket, without which S3 answers a HeadObject for
+        a result not written yet with 403 instead of 404. Nothing may write under ``inputs/``."""
+        bucket = self.data_bucket
+        inputs = bucket.arn_for_objects(prefix_pattern(INPUT_PREFIX))
+        results = [bucket.arn_for_objects(prefix_pattern(p)) for p in (OUTPUT_PREFIX, ERROR_PREFIX)]
+        statements = [
+            iam.PolicyStatement(actions=["s3:GetObject", "s3:GetObjectVersion"], resources=[inputs]),
+            iam.PolicyStatement(
+                actions=["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], resources=results
+            ),
+            iam.PolicyStatement(actions=["s3:ListBucket"], resources=[bucket.bucket_arn]),
+        ]
+        for statement in statements:
+            self.role.add_to_principal_policy(statement)
+        reasons = {
+            inputs: "Reads the inputs dropped under inputs/ (any key, any version the event names): the "
+            "keys are chosen by whoever uploads them.",
+            results[0]: "Writes outputs/{model}/{path}.json for inputs/{model}/{path} and reads it back "
+            "(HeadObject) to skip duplicates: keys mirror the inputs' and cannot be listed ahead of time.",
+            results[1]: "Writes errors/{model}/{path}.json for inputs that cannot be served and reads or "
+            "removes it when a result replaces it: keys mirror the inputs' and cannot be listed ahead of time.",
+        }
+        for arn, reason in reasons.items():
+            acknowledge(self.role, wildcard_resource_finding(self.role, arn), reason)
+
+    def _alarm_topic(self, email: str) -> sns.Topic:
+        """An encrypted, TLS-only topic with ``email`` subscribed. CloudWatch alarms cannot
+        publish to a topic under the AWS-managed SNS key, hence a customer-managed key whose
+        policy lets CloudWatch use it."""
+        key = kms.Key(
+            self,
+            "AlarmTopicKey",
+            description="tierserve pipeline: encrypts the dead-letter alarm topic",
+            enable_key_rotation=True,
+        )
+        key.add_to_resource_policy(
+            iam.PolicyStatement(
+                actions=["kms:Decrypt", "kms:GenerateDataKey*"],
+                principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+                resources=["*"],  # in a key policy, "*" is this key
+                # Only for alarms of this account: no other account's CloudWatch may use the key.
+                conditions={"StringEquals": {"aws:SourceAccount": Stack.of(self).account}},
+            )
+        )
+        topic = sns.Topic(
+            self,
+            "AlarmTopic",
+            display_name="tierserve pipeline alarms",
+            master_key=key,
+            enforce_ssl=True,
+        )
+        topic.add_subscription(subscriptions.EmailSubscription(email))
+        return topic

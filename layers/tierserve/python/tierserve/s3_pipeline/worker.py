@@ -1,0 +1,266 @@
+"""The S3 pipeline's orchestration: one S3 object announced by SQS to its one result.
+
+Transport-free: the Lambda worker (``functions/inference/worker.py``) hands each SQS message
+body to :meth:`Pipeline.handle_message`, and so does the local poller. For every S3 record
+the message carries, exactly one of these happens:
+
+- **output**: the model ran; ``outputs/{model}/{path}.json`` holds an OIP response (one
+  PutObject, deterministic bytes).
+- **error**: the input cannot be served (malformed, wrong signature, unknown model, too
+  large); ``errors/{model}/{path}.json`` holds the reason. Retrying would not help, so the
+  message is done.
+- **skipped**: nothing to do: an ``s3:TestEvent``, a key outside ``inputs/``, a folder
+  marker, an input deleted or overwritten since the event, an older event than the result
+  already written (S3 ``sequencer``), or a duplicate delivery of one already served.
+- **raised**: a transient fault (:func:`tierserve.errors.is_retryable`: S3 or the GPU
+  endpoint down or slow) or a message that can never be read (:class:`PoisonMessage`). The
+  worker reports the message as a batch item failure; SQS redelivers it and moves it to the
+  dead-letter queue after ``maxReceiveCount`` receives. Nothing is written.
+
+Events are parsed in :mod:`~tierserve.s3_pipeline.events`, files decoded in
+:mod:`~tierserve.s3_pipeline.formats`, results written in :mod:`~tierserve.s3_pipeline.results`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tierserve.catalog import Manifest
+from tierserve.errors import ModelNotFound, TierserveError, is_retryable, to_http
+from tierserve.model import Model
+from tierserve.protocol import InferenceRequest, encode_infer_response
+from tierserve.registry import ModelRegistry
+from tierserve.s3_pipeline.events import InputKey, PoisonMessage, S3Object, parse_input_key, parse_message
+from tierserve.s3_pipeline.formats import check_format, join_batches, read_input
+from tierserve.s3_pipeline.results import (
+    CHANGED_CODES,
+    GONE_CODES,
+    Outcome,
+    ResultStore,
+    skipped,
+    why_skip,
+)
+from tierserve.s3_pipeline.settings import PipelineSettings
+from tierserve.sagemaker_model import SageMakerModel
+from tierserve.settings import ERROR_PREFIX, INPUT_PREFIX, OUTPUT_PREFIX, ModelRef, Settings
+from tierserve.store import default_s3_client, error_code, s3_error
+from tierserve.telemetry import (
+    INFERENCE_MS,
+    PIPELINE_ROWS,
+    logger,
+    record_count,
+    record_ms,
+    stopwatch,
+    tracer,
+)
+
+
+class _Skip(Exception):
+    """The record needs no result (the input is gone or changed since the event)."""
+
+
+@dataclass
+class _Served:
+    body: bytes  # the output file: the OIP response with the input's parameters
+    rows: int
+    item: S3Object  # the version actually read
+
+
+class Pipeline:
+    """Serve S3 inputs with the models of one process: warm onnxruntime sessions from
+    ``registry``, or SageMaker endpoints for the models ``settings.gpu_endpoints`` names."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        settings: PipelineSettings,
+        *,
+        s3_client_factory: Callable[[], Any] = default_s3_client,
+        remote_factory: Callable[[Manifest, str], Model] = SageMakerModel,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._s3 = s3_client_factory
+        self._remote_factory = remote_factory
+        self._remote: dict[ModelRef, Model] = {}
+        self.results = ResultStore(s3_client_factory, clock)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Pipeline:
+        """The worker's pipeline: one :class:`Settings` and one :class:`PipelineSettings`, read once.
+        Nothing touches S3 until the first message."""
+        return cls(ModelRegistry(Settings.from_env(environ)), PipelineSettings.from_env(environ))
+
+    def handle_message(self, body: str) -> list[Outcome]:
+        """Serve every object an SQS message body announces; raise if the message must be retried.
+
+        Raises:
+            PoisonMessage: the message can never succeed (report it; SQS dead-letters it).
+            TierserveError: a retryable fault (report it; SQS redelivers it).
+            Exception: anything unexpected (report it, as above).
+        """
+        try:
+            objects = parse_message(body)
+        except PoisonMessage as error:
+            logger.error(
+                "poison message: failing it so SQS moves it to the DLQ", extra={"reason": str(error)}
+            )
+            raise
+        try:
+            return [self.handle(item) for item in objects]
+        except (PoisonMessage, TierserveError):
+            raise  # logged where they were raised
+        except Exception:
+            logger.exception("unexpected failure: the message will be retried, then dead-lettered")
+            raise
+
+    @tracer.capture_method(capture_response=False)
+    def handle(self, item: S3Object) -> Outcome:
+        """One S3 object to its one result (see the module docstring)."""
+        try:
+            key = parse_input_key(item.key)
+        except PoisonMessage as error:
+            logger.error("poison record: failing it so SQS moves it to the DLQ", extra={"reason": str(error)})
+            raise
+        if key is None:
+            return skipped(item, f"not under {INPUT_PREFIX}/{{model}}/: not an input")
+        bucket = self.settings.data_bucket or item.bucket
+        model_label = self._model_label(key.model)
+        recorded = self.results.recorded(bucket, key)
+        reason = why_skip(item, recorded.values(), model_label)
+        if reason:
+            self.results.remove_stale(bucket, item, key, recorded, model_label)
+            return skipped(item, reason)
+        try:
+            served = self._serve(item, key)
+        except _Skip as skip:
+            return skipped(item, str(skip))
+        except TierserveError as error:
+            if is_retryable(error):
+                logger.warning(
+                    "transient failure: the message will be retried",
+                    extra={"key": item.key, "error": error.message},
+                )
+                raise
+            reason = _dumps(self._error_document(item, key, error))
+            return self.results.write(bucket, item, key, ERROR_PREFIX, reason, recorded, model_label)
+        return self.results.write(bucket, served.item, key, OUTPUT_PREFIX, served.body, recorded, model_label)
+
+    # -------------------------------------------------- serving
+
+    def _model_label(self, name: str) -> str:
+        try:
+            return str(self.registry.resolve(name))
+        except ModelNotFound:
+            return ""
+
+    def _model(self, ref: ModelRef, manifest: Manifest) -> Model:
+        endpoint = self.settings.gpu_endpoints.get(ref.name)
+        if endpoint is None:
+            return self.registry.get(ref)
+        if ref not in self._remote:
+            self._remote[ref] = self._remote_factory(manifest, endpoint)
+        return self._remote[ref]
+
+    def _serve(self, item: S3Object, key: InputKey) -> _Served:
+        check_format(key)  # before any S3 call: a .csv needs no GET to be refused
+        ref = self.registry.resolve(key.model)
+        manifest = self.registry.manifest(ref)
+        response = self._get(item)
+        body = response["Body"]
+        item = _as_read(item, response)
+        try:
+            where = f"s3://{item.bucket}/{item.key}"
+            size = int(response.get("ContentLength") or 0)
+            request, batches = read_input(key, body, size, where, manifest, self.settings)
+            outputs, rows = self._run(ref, manifest, batches, request.output_names())
+        finally:
+            body.close()
+        if key.format == ".jsonl":
+            record_count(PIPELINE_ROWS, rows)
+        encoded = encode_infer_response(request, outputs, model_name=ref.name, model_version=ref.version)
+        parameters = self._input_parameters(item, key, rows if key.format == ".jsonl" else None)
+        return _Served(_with_parameters(encoded.body, parameters), rows, item)
+
+    def _run(
+        self,
+        ref: ModelRef,
+        manifest: Manifest,
+        batches: Iterable[tuple[InferenceRequest, int]],
+        output_names: list[str] | None,
+    ) -> tuple[dict[str, np.ndarray], int]:
+        parts, rows, model = [], 0, None
+        for request, count in batches:
+            model = model or self._model(ref, manifest)
+            with stopwatch() as elapsed:
+                parts.append(model.predict(request.inputs, output_names))
+            record_ms(INFERENCE_MS, elapsed[0])
+            rows += count
+        return join_batches(parts), rows
+
+    def _get(self, item: S3Object) -> Mapping[str, Any]:
+        """GetObject for exactly the version the event announced: by version id, or, in an
+        unversioned bucket, only while the ETag still matches (else a newer event follows)."""
+        params: dict[str, Any] = {"Bucket": item.bucket, "Key": item.key}
+        if item.version_id:
+            params["VersionId"] = item.version_id
+        elif item.etag:
+            params["IfMatch"] = f'"{item.etag}"'
+        try:
+            return self._s3().get_object(**params)
+        except Exception as error:
+            code = error_code(error)
+            if code in GONE_CODES:
+                raise _Skip("the input no longer exists") from None
+            if code in CHANGED_CODES:
+                raise _Skip("the input was overwritten after this event; its own event serves it") from None
+            raise s3_error(error, f"s3://{item.bucket}/{item.key}") from error
+
+    def _input_parameters(self, item: S3Object, key: InputKey, rows: int | None) -> dict[str, Any]:
+        parameters: dict[str, Any] = {"input_bucket": item.bucket, "input_key": item.key}
+        if item.etag:
+            parameters["input_etag"] = item.etag
+        if item.version_id:
+            parameters["input_version_id"] = item.version_id
+        if key.format:
+            parameters["input_format"] = key.format.lstrip(".")
+        if rows is not None:
+            parameters["rows"] = rows
+        return parameters
+
+    def _error_document(self, item: S3Object, key: InputKey, error: TierserveError) -> dict[str, Any]:
+        status, payload = to_http(error)
+        document: dict[str, Any] = {"error": payload["error"], "status": status, "model_name": key.model}
+        document["parameters"] = self._input_parameters(item, key, None)
+        return document
+
+
+def _as_read(item: S3Object, response: Mapping[str, Any]) -> S3Object:
+    """``item`` with the ETag and version id of what GetObject returned, where the event lacked them."""
+    version = item.version_id or response.get("VersionId")
+    return dataclasses.replace(
+        item,
+        etag=item.etag or str(response.get("ETag", "")).strip('"') or None,
+        version_id=version if version and version != "null" else None,
+    )
+
+
+def _with_parameters(response: bytes, parameters: Mapping[str, Any]) -> bytes:
+    """The encoded JSON response object with ``"parameters"`` added as its last member, without
+    parsing it back: the response of a 100,000-row file is large."""
+    if not (response.startswith(b"{") and response.endswith(b"}")):
+        raise ValueError("the response to add parameters to is not one JSON object")
+    return b"".join((response[:-1], b',"parameters":', _dumps(parameters), b"}"))
+
+
+def _dumps(document: Mapping[str, Any]) -> bytes:
+    # ASCII: a lone surrogate (a JSON "\ud800" escape) stays escaped instead of failing to encode.
+    return json.dumps(document, separators=(",", ":")).encode()

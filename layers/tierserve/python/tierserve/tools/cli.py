@@ -1,0 +1,237 @@
+"""The ``tierserve`` command line (``EXAMPLES`` is its --help epilog)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXAMPLES = """\
+A model goes from an ONNX file to a served API in three steps:
+  1. try it locally    tierserve local            (then: curl localhost:3000/v2/models/iris)
+  2. package it        tierserve package model.onnx --name NAME --version V --quantization int8
+  3. upload, deploy    ... --upload s3://BUCKET/models, then: npx cdk deploy --all
+
+examples:
+    tierserve local                      # sample models, embedded S3, OIP on 127.0.0.1:3000
+    tierserve local --port 8000
+    tierserve local put rows.jsonl --model iris   # S3-triggered inference on the running stack
+    tierserve local invoke events/infer-json.json # the handler under Lambda's runtime emulator
+    tierserve package model.onnx --name iris --version 1 --quantization int8 --upload s3://BUCKET/models
+    tierserve catalog validate
+
+`tierserve COMMAND --help` explains each command, with examples.
+"""
+
+EXIT_USAGE = 2
+# What each handler of the Lambda image takes: a key its events have, and an example.
+HANDLER_EVENTS = {
+    "api.handler": ("httpMethod", "an API Gateway proxy event such as events/infer-json.json"),
+    "worker.handler": ("Records", "an SQS event such as events/sqs-s3-put.json"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tierserve",
+        description="Serve ONNX models on AWS: package them, run them locally, deploy them with CDK.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    local = commands.add_parser(
+        "local",
+        help="run the local API on sample models (no Docker, no AWS account)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Builds sample models (a scikit-learn classifier, a perceptron, a convnet on the Lambda tier,\n"
+            "and convnet-xl on the GPU tier), packages them (zstd + manifest), puts them into an embedded\n"
+            "S3 on 127.0.0.1 and serves the Open Inference Protocol by handing API Gateway proxy events\n"
+            "to the real Lambda handler; gpu-tier models are forwarded to the GPU server running as a\n"
+            "local process (CPU). An embedded queue runs S3-triggered inference: see `local put`."
+        ),
+        epilog=(
+            "examples:\n"
+            "  tierserve local\n"
+            "  PORT=8000 tierserve local\n"
+            "  curl -s localhost:3000/v2/models/iris"
+        ),
+    )
+    local.add_argument(
+        "--port", type=int, default=int(os.environ.get("PORT", "3000")), help="default $PORT or 3000"
+    )
+    local.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    local.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(".tierserve"),
+        help="models, cache, catalog (default .tierserve)",
+    )
+    local.set_defaults(run=run_local)
+    local_commands = local.add_subparsers(dest="local_command", metavar="SUBCOMMAND")
+    put = local_commands.add_parser(
+        "put",
+        help="put a file under inputs/ of the running local stack and print its result",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Puts FILE at s3://tierserve-data/inputs/MODEL/PATH of the embedded S3 that a running\n"
+            "`tierserve local` started; S3 notifies SQS, the worker handler serves it, and this prints\n"
+            "outputs/MODEL/PATH.json (exit 0) or errors/MODEL/PATH.json (exit 1). Formats: .json (a v2\n"
+            "infer request), .npy (one tensor), .jsonl (one row per line). See docs/s3-inference.md."
+        ),
+        epilog=(
+            "examples:\n"
+            "  printf '[5.1,3.5,1.4,0.2]\\n[6.7,3.0,5.2,2.3]\\n' > rows.jsonl\n"
+            "  tierserve local put rows.jsonl --model iris\n"
+            "  tierserve local put batch.npy --model iris --path 2026/batch.npy"
+        ),
+    )
+    put.add_argument("file", type=Path, help="the input file (.json, .npy or .jsonl)")
+    put.add_argument("--model", required=True, help="the model that serves it, e.g. iris")
+    put.add_argument("--path", help="its path under inputs/MODEL/ (default: the file's name)")
+    put.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for the result (default 60)"
+    )
+    put.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
+    put.set_defaults(run=run_local_put)
+    invoke = local_commands.add_parser(
+        "invoke",
+        help="run a handler on one event as Lambda runs it (sam local invoke, without Docker)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Runs HANDLER under the Lambda Runtime Interface Emulator with awslambdaric, the runtime\n"
+            "client of the Lambda image, on this machine (no Docker), and prints its response. The\n"
+            "function reads the models of a running `tierserve local` from its embedded S3. The\n"
+            "events/ folder holds an event per scenario (API Gateway for api.handler, SQS for\n"
+            "worker.handler). Exit 1 when the function fails; its log is named on stderr."
+        ),
+        epilog=(
+            "examples:\n"
+            "  tierserve local invoke events/infer-json.json\n"
+            "  tierserve local invoke events/bad-shape.json\n"
+            "  tierserve local invoke events/sqs-s3-test-event.json --handler worker.handler"
+        ),
+    )
+    invoke.add_argument("event", type=Path, help="a JSON event file, e.g. events/infer-json.json")
+    invoke.add_argument(
+        "--handler",
+        default="api.handler",
+        choices=tuple(HANDLER_EVENTS),
+        help="the function's handler (default api.handler, the image's CMD)",
+    )
+    invoke.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
+    invoke.set_defaults(run=run_local_invoke)
+    from tierserve.tools.packaging.commands import add_commands
+
+    add_commands(commands)  # package, upload, catalog
+    return parser
+
+
+def run_local(args: argparse.Namespace) -> int:
+    from tierserve.tools.local.stack import describe, say, start
+
+    try:
+        stack = start(args.work_dir, host=args.host, port=args.port)
+    except OSError as error:
+        print(
+            f"tierserve local: cannot listen on {args.host}:{args.port} ({error.strerror}); pick --port",
+            file=sys.stderr,
+        )
+        return 1
+    print(describe(stack), flush=True)
+    stop_on_termination()
+    try:
+        stack.api._thread.join() if stack.api._thread else None  # type: ignore[func-returns-value]
+    except KeyboardInterrupt:
+        say("stopping")
+    finally:
+        stack.stop()
+    return 0
+
+
+def stop_on_termination() -> None:
+    """SIGTERM and SIGHUP (kill, a closed terminal) stop the local stack as Ctrl-C does, so
+    its GPU server processes drain and exit instead of outliving it."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        for again in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(again, signal.SIG_IGN)  # one stop: a repeated signal must not cut it short
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
+
+
+def run_local_put(args: argparse.Namespace) -> int:
+    import json
+
+    from tierserve.tools.local.s3_queue import put_and_wait
+    from tierserve.tools.local.state import LocalStackNotRunning
+
+    if not args.file.is_file():
+        print(f"tierserve local put: no file {args.file}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        status, document, where = put_and_wait(
+            args.work_dir, args.file, model=args.model, path=args.path, timeout_s=args.timeout
+        )
+    except LocalStackNotRunning as error:
+        print(f"tierserve local put: {error}", file=sys.stderr)
+        return 1
+    if document is None:
+        print(f"tierserve local put: no result at {where} after {args.timeout:g} s", file=sys.stderr)
+        return 1
+    print(f"{where}:", file=sys.stderr)
+    print(json.dumps(document, indent=2))
+    return 0 if status == "output" else 1
+
+
+def run_local_invoke(args: argparse.Namespace) -> int:
+    import json
+
+    from tierserve.tools.local.emulator import FunctionError
+    from tierserve.tools.local.stack import invoke_in_emulator
+    from tierserve.tools.local.state import LocalStackNotRunning
+
+    try:
+        event = json.loads(args.event.read_text())
+    except OSError as error:
+        print(f"tierserve local invoke: cannot read {args.event}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as error:
+        print(f"tierserve local invoke: {args.event} is not JSON: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    key, takes = HANDLER_EVENTS[args.handler]
+    if not isinstance(event, dict) or key not in event:
+        print(
+            f"tierserve local invoke: {args.event} is not what {args.handler} takes: {takes}", file=sys.stderr
+        )
+        return EXIT_USAGE
+    try:
+        response, log_path = invoke_in_emulator(args.work_dir, event, args.handler)
+    except FunctionError as error:
+        print(json.dumps(error.payload, indent=2))
+        print(f"tierserve local invoke: {error}", file=sys.stderr)
+        return 1
+    except (LocalStackNotRunning, RuntimeError) as error:
+        print(f"tierserve local invoke: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.handler} answered (log: {log_path}):", file=sys.stderr)
+    print(json.dumps(response, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return EXIT_USAGE
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The project's catalog: where it is, registering a model in it, and checking it.
+
+The catalog file is the one ``cdk.json`` names (context ``catalog``, default
+``catalog.json`` beside ``cdk.json``); ``cdk.json`` is looked for in the current folder and
+its parents, as git looks for ``.git``. An explicit path wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tierserve.catalog import (
+    DEFAULT_LAMBDA_MAX_MODEL_MB,
+    MANIFEST_NAME,
+    Catalog,
+    Manifest,
+    ManifestError,
+    tier_for,
+)
+from tierserve.tools.packaging._errors import CatalogProblem
+from tierserve.tools.packaging._upload import S3Location, _code, upload_error
+
+CDK_JSON = "cdk.json"
+DEFAULT_CATALOG = "catalog.json"
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """What packaging needs from ``cdk.json``: the catalog file and the tier threshold."""
+
+    catalog_path: Path | None
+    lambda_max_model_mb: float
+    cdk_json: Path | None
+
+
+def find_cdk_json(start: Path) -> Path | None:
+    for folder in (start.resolve(), *start.resolve().parents):
+        candidate = folder / CDK_JSON
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def project_config(
+    catalog: Path | None = None, start: Path | None = None, *, need_catalog: bool = True
+) -> ProjectConfig:
+    """Read ``cdk.json`` (if any) for the catalog path and ``lambda_max_model_mb``.
+
+    Without ``need_catalog``, a missing ``cdk.json`` is fine: the threshold is the default
+    and ``catalog_path`` is None.
+
+    Raises:
+        CatalogProblem: no ``catalog`` and no ``cdk.json`` found (when needed), or an
+            unreadable ``cdk.json``.
+    """
+    cdk_json = find_cdk_json(start or Path.cwd())
+    context: dict[str, Any] = {}
+    if cdk_json is not None:
+        try:
+            context = dict(json.loads(cdk_json.read_text()).get("context", {}))
+        except (OSError, ValueError, AttributeError) as error:
+            raise CatalogProblem(
+                f"{cdk_json} cannot be read as JSON ({error}): fix it or pass --catalog PATH"
+            ) from None
+    try:
+        threshold = float(context.get("lambda_max_model_mb", DEFAULT_LAMBDA_MAX_MODEL_MB))
+    except (TypeError, ValueError):
+        raise CatalogProblem(f"{cdk_json}: context lambda_max_model_mb must be a number of MB") from None
+    if catalog is not None:
+        return ProjectConfig(Path(catalog), threshold, cdk_json)
+    if cdk_json is None:
+        if not need_catalog:
+            return ProjectConfig(None, threshold, None)
+        raise CatalogProblem(
+            "no cdk.json in this folder or above it, so no catalog to register the model in: "
+            "run from the project, pass --catalog PATH, or --no-register"
+        )
+    named = Path(str(context.get("catalog", DEFAULT_CATALOG)))
+    return ProjectConfig(named if named.is_absolute() else cdk_json.parent / named, threshold, cdk_json)
+
+
+def load_catalog(path: Path) -> Catalog:
+    try:
+        return Catalog.load(path)
+    except (ManifestError, OSError) as error:
+        raise CatalogProblem(
+            f"catalog {path} is not usable ({error}): fix it, or run `tierserve catalog validate`"
+        ) from None
+
+
+def register(manifest: Manifest, path: Path) -> Catalog:
+    """Add or replace the model's entry; the file is replaced atomically."""
+    catalog = load_catalog(path).with_entry(manifest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.partial"
+    try:
+        catalog.save(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return catalog
+
+
+@dataclass(frozen=True)
+class EntryCheck:
+    label: str
+    tier: str | None
+    problems: tuple[str, ...]
+
+
+def validate_catalog(
+    path: Path,
+    lambda_max_model_mb: float,
+    s3: S3Location | None = None,
+    client_factory: Callable[[], Any] | None = None,
+) -> list[EntryCheck]:
+    """Check every entry on its own, so one bad entry does not hide the others.
+
+    Each manifest must parse (digests are 64-hex sha256 with a positive size), its name and
+    version must match the entry, names must be unique, and the tier is decided by
+    :func:`tier_for`. With ``s3``, the manifest and artifact must exist there and match.
+    """
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []  # no catalog is an empty one (Catalog.load agrees): nothing deploys, nothing is wrong
+    except (OSError, ValueError) as error:
+        raise CatalogProblem(
+            f"catalog {path} is not valid JSON ({error}): fix it by hand or restore it"
+        ) from None
+    entries = raw.get("models") if isinstance(raw, dict) else None
+    if not isinstance(entries, list):
+        raise CatalogProblem(f'catalog {path} must be an object with a "models" list')
+    client = client_factory() if (s3 is not None and client_factory is not None) else None
+    checks, seen = [], set()
+    for index, entry in enumerate(entries):
+        label = f"#{index + 1}"
+        problems: list[str] = []
+        tier = None
+        try:
+            if not isinstance(entry, dict):
+                raise ManifestError("an entry must be an object with name, version and manifest")
+            label = f"{entry.get('name', '?')}@{entry.get('version', '?')}"
+            manifest = Manifest.from_dict(entry.get("manifest") or {})
+            if (str(entry.get("name", manifest.name)), str(entry.get("version", manifest.version))) != (
+                manifest.name,
+                manifest.version,
+            ):
+                problems.append(
+                    f"the entry says {label} but its manifest describes {manifest.name}@{manifest.version}"
+                )
+            if manifest.name in seen:
+                problems.append(
+                    f"{manifest.name} is listed more than once: keep one deployed version per model"
+                )
+            seen.add(manifest.name)
+            tier = tier_for(manifest, lambda_max_model_mb)
+            if client is not None and s3 is not None:
+                problems += _check_s3(client, s3, manifest)
+        except ManifestError as error:
+            problems.append(str(error))
+        checks.append(EntryCheck(label, tier, tuple(problems)))
+    return checks
+
+
+def _check_s3(client: Any, where: S3Location, manifest: Manifest) -> list[str]:
+    manifest_key = where.key(manifest.key_prefix, MANIFEST_NAME)
+    artifact_key = where.key(manifest.key_prefix, manifest.artifact)
+    problems = []
+    try:
+        stored = Manifest.from_dict(
+            json.loads(client.get_object(Bucket=where.bucket, Key=manifest_key)["Body"].read())
+        )
+        if (stored.stored, stored.model) != (manifest.stored, manifest.model):
+            problems.append(
+                f"s3://{where.bucket}/{manifest_key} describes other bytes than the catalog (re-upload or fix the catalog)"
+            )
+    except (ValueError, ManifestError) as error:
+        problems.append(f"s3://{where.bucket}/{manifest_key} is not a valid manifest ({error})")
+    except Exception as error:
+        problems.append(_missing_or_error(error, where, manifest_key))
+    try:
+        size = client.head_object(Bucket=where.bucket, Key=artifact_key)["ContentLength"]
+        if size != manifest.stored.bytes:
+            problems.append(
+                f"s3://{where.bucket}/{artifact_key} is {size:,} bytes, the manifest says {manifest.stored.bytes:,}"
+            )
+    except Exception as error:
+        problems.append(_missing_or_error(error, where, artifact_key))
+    return problems
+
+
+def _missing_or_error(error: BaseException, where: S3Location, key: str) -> str:
+    if _code(error) in {"NoSuchKey", "404", "NotFound"}:
+        return f"s3://{where.bucket}/{key} is missing: upload it (tierserve upload PACKAGE_DIR s3://{where.bucket}/{where.prefix})"
+    raise upload_error(error, where)

@@ -1,0 +1,370 @@
+"""Put a package into S3: artifact first, manifest last, nothing twice.
+
+    result = upload_package(packaged, client, "my-bucket", "models", progress=Progress(...))
+
+Layout (README, "How a model is served"):
+``s3://{bucket}/{prefix}/{name}/{version}/{artifact, manifest.json}``. A reader never finds a manifest without its artifact. In S3 the artifact is named by its
+content, ``model-{first 16 hex of its sha256}.onnx.zst`` (:func:`stored_artifact_name`),
+and the manifest written there names it; so two uploads racing for one version never write
+the same artifact key, and whichever manifest wins names bytes that are there.
+
+Versions are immutable: a version that already holds the same model is left alone once the
+artifact its manifest names is checked to be there, whole (else the same bytes are sent
+again, or the upload is refused); one that holds another model is refused. An artifact
+already there with the same sha256 (a previous upload stopped before its manifest) is not
+sent again. The manifest is written only if absent (``If-None-Match: *``), so two racing
+uploads cannot both claim a version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, TextIO
+from urllib.parse import urlparse
+
+from tierserve.catalog import MANIFEST_NAME, Manifest, ManifestError
+from tierserve.settings import DEFAULT_MODEL_PREFIX
+from tierserve.store import error_code
+from tierserve.tools.packaging._artifact import PackagedModel
+from tierserve.tools.packaging._errors import (
+    BucketForbidden,
+    BucketNotFound,
+    BucketUnreachable,
+    UploadFailed,
+    VersionConflict,
+)
+
+MiB = 1024 * 1024
+SHA256_METADATA = "sha256"
+FORBIDDEN_CODES = {
+    "AccessDenied",
+    "403",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AccountProblem",
+}
+UNAVAILABLE_CODES = {"SlowDown", "503", "500", "InternalError", "ServiceUnavailable", "RequestTimeout"}
+
+
+def transfer_config(threshold_mib: int = 16, chunk_mib: int = 16, concurrency: int = 4) -> Any:
+    """boto3's managed transfer: multipart above ``threshold_mib``, parts sent in parallel."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(
+        multipart_threshold=threshold_mib * MiB,
+        multipart_chunksize=chunk_mib * MiB,
+        max_concurrency=concurrency,
+        use_threads=True,
+    )
+
+
+def s3_client() -> Any:
+    """A client for the command line: short connect timeout and few retries (3, or
+    AWS_MAX_ATTEMPTS), so a wrong endpoint fails in seconds; honours AWS_ENDPOINT_URL_S3,
+    AWS_PROFILE and the other usual AWS settings."""
+    import boto3
+    from botocore.config import Config
+
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or 3)
+    return boto3.client(
+        "s3",
+        config=Config(
+            connect_timeout=5, read_timeout=60, retries={"mode": "standard", "max_attempts": attempts}
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Location:
+        """``s3://bucket/prefix``; ``s3://bucket`` alone means the functions' default prefix, ``models``."""
+        parsed = urlparse(uri)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise UploadFailed(
+                f"{uri!r} is not an S3 location: write it as s3://BUCKET/PREFIX, e.g. s3://my-models/models"
+            )
+        return cls(parsed.netloc, parsed.path.strip("/") or DEFAULT_MODEL_PREFIX)
+
+    def key(self, *parts: str) -> str:
+        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p.strip("/"))
+
+    def uri(self, *parts: str) -> str:
+        return f"s3://{self.bucket}/{self.key(*parts)}"
+
+
+def stored_artifact_name(manifest: Manifest) -> str:
+    """The artifact's name in S3, from its content: ``model.onnx.zst`` becomes
+    ``model-{first 16 hex of the stored sha256}.onnx.zst`` (a name that has it already is kept)."""
+    stem, dot, suffix = manifest.artifact.partition(".")
+    tag = f"-{manifest.stored.sha256[:16]}"
+    return manifest.artifact if stem.endswith(tag) else f"{stem}{tag}{dot}{suffix}"
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """What happened: ``uploaded`` False when the version already held this model (and nothing
+    was sent); ``manifest`` is the one in S3, which names the artifact as it is stored there."""
+
+    uploaded: bool
+    artifact_sent: bool
+    manifest: Manifest
+    manifest_uri: str
+
+
+def upload_package(
+    packaged: PackagedModel,
+    client: Any,
+    bucket: str,
+    prefix: str = DEFAULT_MODEL_PREFIX,
+    progress: Callable[[int], None] | None = None,
+    config: Any = None,
+) -> UploadResult:
+    """Upload the artifact, then the manifest. See the module docstring for the rules.
+
+    Raises:
+        VersionConflict: the version holds a different model (or another tier override).
+        BucketNotFound / BucketForbidden / BucketUnreachable / UploadFailed: S3's answer,
+            as one line that says what to do.
+    """
+    where = S3Location(bucket, prefix.strip("/"))
+    manifest = replace(packaged.manifest, artifact=stored_artifact_name(packaged.manifest))
+    manifest_uri = where.uri(manifest.key_prefix, MANIFEST_NAME)
+    manifest_key = where.key(manifest.key_prefix, MANIFEST_NAME)
+    artifact_key = where.key(manifest.key_prefix, manifest.artifact)
+    try:
+        existing = _existing_manifest(client, bucket, manifest_key)
+        if existing is not None:
+            if existing.model.sha256 == manifest.model.sha256 and existing.tier == manifest.tier:
+                return _already_there(packaged, existing, client, where, progress, config)
+            raise VersionConflict(
+                f"{where.uri(manifest.key_prefix)} already holds a different {manifest.name}@{manifest.version} "
+                f"(model sha256 {existing.model.sha256[:12]}…, tier {existing.tier or 'by size'}): versions are "
+                "immutable, package it as a new --version"
+            )
+        send = not _artifact_present(client, bucket, artifact_key, manifest)
+        if send:
+            _send_artifact(packaged, client, bucket, artifact_key, progress, config)
+        elif progress is not None:
+            progress(manifest.stored.bytes)
+        client.put_object(
+            Bucket=bucket,
+            Key=manifest_key,
+            Body=manifest.to_json().encode(),
+            ContentType="application/json",
+            ChecksumAlgorithm="SHA256",
+            IfNoneMatch="*",  # S3's conditional write: two racing uploads cannot both write a version
+        )
+    except VersionConflict:
+        raise
+    except Exception as error:
+        if _code(error) in {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}:
+            raise VersionConflict(
+                f"another upload wrote {where.uri(manifest.key_prefix, MANIFEST_NAME)} while this one ran: "
+                "run the upload again to see whether it holds the same model"
+            ) from None
+        raise upload_error(error, where) from None
+    return UploadResult(True, send, manifest, manifest_uri)
+
+
+def _already_there(
+    packaged: PackagedModel,
+    existing: Manifest,
+    client: Any,
+    where: S3Location,
+    progress: Callable[[int], None] | None,
+    config: Any,
+) -> UploadResult:
+    """The version holds this model: left alone if the artifact its manifest names is there
+    with the stored size (and sha256, where recorded); else sent again when this package has
+    those very bytes.
+
+    Raises:
+        VersionConflict: the artifact is missing or other bytes, and this package cannot repair it.
+    """
+    manifest_uri = where.uri(existing.key_prefix, MANIFEST_NAME)
+    artifact_key = where.key(existing.key_prefix, existing.artifact)
+    if _artifact_present(client, where.bucket, artifact_key, existing, digest_required=False):
+        return UploadResult(False, False, existing, manifest_uri)
+    if packaged.manifest.stored != existing.stored:
+        raise VersionConflict(
+            f"{manifest_uri} holds this model but the artifact it names, s3://{where.bucket}/{artifact_key}, "
+            f"is missing or is not the {existing.stored.bytes:,} bytes it names: upload the package with "
+            f"stored sha256 {existing.stored.sha256[:12]}… to repair it, or package a new --version"
+        )
+    _send_artifact(packaged, client, where.bucket, artifact_key, progress, config)
+    return UploadResult(True, True, existing, manifest_uri)
+
+
+def _send_artifact(
+    packaged: PackagedModel,
+    client: Any,
+    bucket: str,
+    key: str,
+    progress: Callable[[int], None] | None,
+    config: Any,
+) -> None:
+    client.upload_file(
+        str(packaged.artifact),
+        bucket,
+        key,
+        ExtraArgs={
+            "ChecksumAlgorithm": "SHA256",
+            "ContentType": "application/octet-stream",
+            "Metadata": {SHA256_METADATA: packaged.manifest.stored.sha256},
+        },
+        Callback=progress,
+        Config=config or transfer_config(),
+    )
+
+
+def upload(
+    packaged: PackagedModel,
+    client: Any,
+    bucket: str,
+    prefix: str = DEFAULT_MODEL_PREFIX,
+    progress: Callable[[int], None] | None = None,
+    config: Any = None,
+) -> bool:
+    """Upload a package (see :func:`upload_package`); False when the version already held it.
+
+    The manifest in S3 names the artifact by its content, not as the package folder does:
+    callers that need it (to register it, or to find the artifact) use :func:`upload_package`.
+    """
+    return upload_package(packaged, client, bucket, prefix, progress, config).uploaded
+
+
+def _existing_manifest(client: Any, bucket: str, key: str) -> Manifest | None:
+    try:
+        raw = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as error:
+        if _code(error) in {"NoSuchKey", "404"}:
+            return None
+        raise
+    try:
+        return Manifest.from_dict(json.loads(raw))
+    except (ValueError, ManifestError):
+        raise VersionConflict(
+            f"s3://{bucket}/{key} exists but is not a valid manifest: remove it, or package a new --version"
+        ) from None
+
+
+def _artifact_present(
+    client: Any, bucket: str, key: str, manifest: Manifest, *, digest_required: bool = True
+) -> bool:
+    """The artifact is there with the manifest's stored size and sha256. With
+    ``digest_required=False`` an object that records no sha256 passes on its size (an artifact
+    a manifest in S3 names, which another tool may have put there)."""
+    head = _head(client, bucket, key)
+    if head is None or head.get("ContentLength") != manifest.stored.bytes:
+        return False
+    recorded = head.get("Metadata", {}).get(SHA256_METADATA)
+    return recorded == manifest.stored.sha256 or (recorded is None and not digest_required)
+
+
+def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    try:
+        return dict(client.head_object(Bucket=bucket, Key=key))
+    except Exception as error:
+        if _code(error) in {"NoSuchKey", "404", "NotFound"}:
+            return None
+        raise
+
+
+def _code(error: BaseException) -> str:
+    """S3's error code, also from inside boto3's S3UploadFailedError (which keeps only text)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        code = error_code(seen)
+        if code:
+            return code
+        match = re.search(r"An error occurred \((\w+)\)", str(seen))
+        if match:
+            return match.group(1)
+        seen = seen.__cause__ or seen.__context__
+    return ""
+
+
+def upload_error(error: BaseException, where: S3Location) -> UploadFailed:
+    """One line for what S3 (or the network) said, and what to do about it."""
+    if isinstance(error, UploadFailed):
+        return error
+    code = _code(error)
+    name = type(error).__name__
+    target = f"s3://{where.bucket}/{where.prefix}"
+    if code == "NoSuchBucket":
+        return BucketNotFound(
+            f"bucket {where.bucket} does not exist: deploy the model store first (cdk deploy) or fix the s3:// location"
+        )
+    if code in FORBIDDEN_CODES:
+        return BucketForbidden(
+            f"access to {target} is denied ({code}): the credentials in use need s3:GetObject, s3:PutObject and "
+            f"s3:ListBucket there (check AWS_PROFILE and the bucket policy)"
+        )
+    if name in {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return BucketForbidden(
+            f"no AWS credentials to upload to {target}: run `aws configure` or set AWS_PROFILE"
+        )
+    if code in UNAVAILABLE_CODES or "Timeout" in name or "Connection" in name or "Endpoint" in name:
+        endpoint = f" ({code})" if code else ""
+        return BucketUnreachable(
+            f"cannot reach S3 for {target}{endpoint}: check the network, the region and AWS_ENDPOINT_URL_S3, then retry"
+        )
+    detail = code or name
+    return UploadFailed(
+        f"S3 refused the upload to {target} ({detail}): fix the cause and run the upload again"
+    )
+
+
+class Progress:
+    """A small progress bar on stderr for boto3's transfer callbacks (called from threads).
+
+    On a terminal it redraws one line; elsewhere (CI logs) it prints only the final line.
+    """
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+        self.total, self.label = max(total, 1), label
+        self.stream = stream or sys.stderr
+        self.sent = 0
+        self._lock = threading.Lock()
+        self._start = time.perf_counter()
+        self._drawn = 0.0
+        self._interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def __call__(self, count: int) -> None:
+        with self._lock:
+            self.sent = min(self.total, self.sent + count)
+            now = time.perf_counter()
+            if self._interactive and (now - self._drawn > 0.1 or self.sent == self.total):
+                self._drawn = now
+                self.stream.write("\r" + self._line())
+                self.stream.flush()
+
+    def _line(self) -> str:
+        width = 30
+        done = int(width * self.sent / self.total)
+        elapsed = max(time.perf_counter() - self._start, 1e-6)
+        rate = self.sent / elapsed / 1e6
+        return (
+            f"{self.label} [{'#' * done}{'.' * (width - done)}] {self.sent / 1e6:,.1f}/{self.total / 1e6:,.1f} MB "
+            f"{rate:,.1f} MB/s"
+        )
+
+    def close(self, note: str = "") -> None:
+        with self._lock:
+            prefix = "\r" if self._interactive else ""
+            self.stream.write(prefix + self._line() + (f" {note}" if note else "") + "\n")
+            self.stream.flush()

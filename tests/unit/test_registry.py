@@ -1,0 +1,181 @@
+"""The model registry's memory budget under concurrent loads of different models, what a failed
+load costs, and that an evicted model lets go of its session. Real onnxruntime sessions over
+models packaged into a local folder (``file://``)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tierserve.batching import BatchingConfig, BatchingModel
+from tierserve.errors import ArtifactRejected, ModelUnavailable, Overloaded, is_retryable
+from tierserve.model import OnnxModel
+from tierserve.registry import ModelRegistry, model_cost_bytes
+from tierserve.settings import MB, ModelRef, Settings
+from tierserve.tools.local import samples
+from tierserve.tools.packaging import package_model
+
+NAMES = ("mlp-a", "mlp-b", "mlp-c", "mlp-d")
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory) -> Path:
+    """Four models of about 0.63 MB each (three fit a 2 MB budget, four do not), one folder each
+    as the store lays them out: ``{name}/1/``."""
+    root = tmp_path_factory.mktemp("store")
+    for seed, name in enumerate(NAMES):
+        source = samples.mlp(root / f"{name}.onnx", features=16, hidden=256, layers=4, classes=5, seed=seed)
+        package_model(source, name=name, version="1", out_dir=root / name / "1")
+    return root
+
+
+def make_registry(model_root: Path, cache_dir: Path, budget_mb: int, **kwargs) -> ModelRegistry:
+    settings = Settings(
+        model_root=f"file://{model_root}",
+        models=tuple(ModelRef(name, "1") for name in NAMES),
+        memory_budget_mb=budget_mb,
+        cache_dir=cache_dir,
+    )
+    return ModelRegistry(settings, **kwargs)
+
+
+class Gate:
+    """A model factory that holds the loads of the models it names, with their memory reserved,
+    until ``open`` is set; it records the registry's memory as each held load arrives."""
+
+    def __init__(self, held: set[str]) -> None:
+        self.held = held
+        self.registry: ModelRegistry | None = None
+        self.arrived = threading.Semaphore(0)
+        self.open = threading.Event()
+        self.memory_seen: list[tuple[int, int]] = []
+
+    def __call__(self, manifest, session, timings):
+        if manifest.name in self.held:
+            assert self.registry is not None
+            self.memory_seen.append(self.registry.memory_bytes())
+            self.arrived.release()
+            assert self.open.wait(30), "the test never opened the gate"
+        return OnnxModel(manifest, session, timings)
+
+
+def test_concurrent_loads_of_different_models_stay_within_the_budget(model_root, cache_dir):
+    gate = Gate({"mlp-c", "mlp-d"})
+    registry = make_registry(model_root, cache_dir, budget_mb=2, model_factory=gate)
+    gate.registry = registry
+    budget = 2 * MB
+    a, b, c, d = (registry.resolve(name) for name in NAMES)
+    registry.get(a)
+    registry.get(b)
+    registry.get(a)  # a is now the most recently used: b is the one to go
+    cost = model_cost_bytes(registry.manifest(a))
+    assert 3 * cost <= budget < 4 * cost
+    with ThreadPoolExecutor(2) as pool:
+        loads = [pool.submit(registry.get, ref) for ref in (c, d)]
+        try:
+            for _ in loads:  # both loads in flight at once, their memory reserved
+                assert gate.arrived.acquire(timeout=30), "a load never reached the session factory"
+            loaded, reserved = registry.memory_bytes()
+            assert reserved == 2 * cost
+            assert loaded + reserved <= budget
+            assert registry.loaded(b) is None, "the least recently used model made room"
+            assert registry.loaded(a) is not None, "only as many models as needed were evicted"
+        finally:
+            gate.open.set()
+        for load in loads:
+            load.result(timeout=30)
+    assert all(sum(seen) <= budget for seen in gate.memory_seen)
+    assert [registry.loaded(ref) is not None for ref in (a, b, c, d)] == [True, False, True, True]
+    assert registry.memory_bytes() == (3 * cost, 0)
+
+
+def test_a_load_gets_no_room_that_loads_in_flight_hold(model_root, cache_dir):
+    # One model fits. While mlp-a's load holds the budget, mlp-b can evict nothing: it waits for
+    # room (here briefly) and gives up with a 503 rather than overshoot the budget.
+    gate = Gate({"mlp-a"})
+    registry = make_registry(model_root, cache_dir, budget_mb=1, model_factory=gate, reserve_timeout_s=0.2)
+    gate.registry = registry
+    a, b = registry.resolve("mlp-a"), registry.resolve("mlp-b")
+    cost = model_cost_bytes(registry.manifest(a))
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(registry.get, a)
+        try:
+            assert gate.arrived.acquire(timeout=30)
+            with pytest.raises(Overloaded, match="no room in the memory budget") as raised:
+                registry.get(b)
+            assert raised.value.status_code == 503 and is_retryable(raised.value)
+            assert registry.memory_bytes() == (0, cost)
+        finally:
+            gate.open.set()
+        first.result(timeout=30)
+    registry.get(b)  # a is loaded now, so evicting it makes room
+    assert registry.memory_bytes() == (cost, 0)
+    assert registry.loaded(a) is None and registry.loaded(b) is not None
+
+
+def test_a_rejected_artifact_evicts_no_warm_model(model_root, cache_dir, tmp_path):
+    # A copy of the store where mlp-b's artifact is corrupt: its digest check fails on fetch.
+    root = tmp_path / "store"
+    for name in ("mlp-a", "mlp-b"):
+        (root / name / "1").mkdir(parents=True)
+        for item in (model_root / name / "1").iterdir():
+            (root / name / "1" / item.name).write_bytes(item.read_bytes())
+    (artifact,) = (p for p in (root / "mlp-b" / "1").iterdir() if p.name != "manifest.json")
+    stored = bytearray(artifact.read_bytes())
+    stored[10:20] = b"\x00" * 10
+    artifact.write_bytes(bytes(stored))
+    registry = make_registry(root, cache_dir, budget_mb=1)
+    a, b = registry.resolve("mlp-a"), registry.resolve("mlp-b")
+    warm = registry.get(a)
+    with pytest.raises(ArtifactRejected):
+        registry.get(b)
+    assert registry.loaded(a) is warm
+    assert registry.memory_bytes() == (model_cost_bytes(warm.manifest), 0)
+
+
+def test_a_load_that_fails_after_reserving_releases_its_reservation(model_root, cache_dir):
+    failures = {"mlp-b": 1}
+
+    def factory(manifest, session, timings):
+        if failures.get(manifest.name):
+            failures[manifest.name] -= 1
+            raise ModelUnavailable("the factory failed on purpose")
+        return OnnxModel(manifest, session, timings)
+
+    registry = make_registry(model_root, cache_dir, budget_mb=1, model_factory=factory)
+    a, b = registry.resolve("mlp-a"), registry.resolve("mlp-b")
+    registry.get(a)
+    with pytest.raises(ModelUnavailable, match="on purpose"):
+        registry.get(b)
+    # The documented trade-off: opening the session needed the room, so a went first.
+    assert registry.loaded(a) is None
+    assert registry.memory_bytes() == (0, 0)
+    registry.get(b)  # nothing is left reserved: the retry fits
+    assert registry.memory_bytes() == (model_cost_bytes(registry.manifest(b)), 0)
+
+
+def test_an_evicted_batching_model_is_closed_and_lets_go_of_its_session(model_root, cache_dir):
+    def batching(manifest, session, timings):
+        return BatchingModel(OnnxModel(manifest, session, timings), BatchingConfig(max_queue_delay_ms=1))
+
+    registry = make_registry(model_root, cache_dir, budget_mb=1, model_factory=batching)
+    a, b = registry.resolve("mlp-a"), registry.resolve("mlp-b")
+    held = registry.get(a)  # as a request thread holds it while the eviction happens
+    request = {"input": np.ones((2, 16), dtype=np.float32)}
+    assert held.predict(request)["probabilities"].shape == (2, 5)
+    session = weakref.ref(held.inner.session)
+    registry.get(b)  # evicts a
+    assert registry.loaded(a) is None and not held.ready()
+    with pytest.raises(ModelUnavailable, match="unloaded") as raised:
+        held.predict(request)
+    assert raised.value.status_code == 503
+    del held, raised
+    gc.collect()
+    assert session() is None, "nothing may keep an evicted model's session (GPU memory) alive"
+    registry.clear()
