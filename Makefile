@@ -40,9 +40,21 @@ test: $(STAMP) ## lint and format check, then the whole test suite (unit, integr
 
 check: test ## what CI runs
 
-synth: $(STAMP) ## cdk synth with the pinned CDK CLI (needs npm)
-	npm ci --silent
-	PATH=$(abspath $(BIN)):$$PATH npx cdk synth --quiet
+# The pinned CDK CLI, offline: no telemetry (cdk.json's cli-telemetry too), no notices (cdk.json's
+# notices too), no version check, and no AWS credentials: the stacks are environment-agnostic,
+# so synth needs no account, and the CLI would otherwise ask STS (or EC2 metadata) for one.
+CDK_OFFLINE := env -u AWS_PROFILE -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN \
+	-u AWS_WEB_IDENTITY_TOKEN_FILE -u AWS_CONTAINER_CREDENTIALS_RELATIVE_URI -u AWS_CONTAINER_CREDENTIALS_FULL_URI \
+	AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null AWS_EC2_METADATA_DISABLED=true \
+	CDK_DISABLE_CLI_TELEMETRY=true CDK_DISABLE_VERSION_CHECK=true PATH=$(abspath $(BIN)):$$PATH
+NODE_STAMP := node_modules/.package-lock.json
+SYNTH_ARGS ?=
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --silent --no-audit --no-fund
+
+synth: $(STAMP) $(NODE_STAMP) ## cdk synth with the pinned CDK CLI, offline (npm ci on first use; SYNTH_ARGS="-c key=value ...")
+	$(CDK_OFFLINE) npx --no-install cdk synth --quiet --no-notices $(SYNTH_ARGS)
 
 bench: $(STAMP) ## benchmarks under bench/ (not part of the test run)
 	$(BIN)/python -m bench

@@ -1,17 +1,19 @@
-"""InferenceApi: one REST API speaking the Open Inference Protocol for every deployed model.
+"""InferenceApi: the REST API shell that speaks the Open Inference Protocol for every model.
 
-Routes (all under the stage URL):
+The shell is the stage (throttling, tracing, access and execution logs with retention), the
+auth mode and its usage plan, the routes no model owns, and API Gateway's own errors in OIP
+shape. Models plug in through two route constructs, each keyword-only and composed by the
+serving stack:
 
     GET  /v2, /v2/health/live, /v2/health/ready        mock integrations (no function runs)
-    ANY  /v2/models/{name}[/...]                        Lambda tier: the model's function (proxy)
-    GET  /v2/models/{name}[/versions/{v}][/ready]       GPU tier: mocks built from the manifest
-    POST /v2/models/{name}[/versions/{v}]/infer         GPU tier: SageMaker runtime InvokeEndpoint
     ANY  /v2/models/{model}[/...]  (unknown models)     mock 404 naming the deployed models
+    ANY  /v2/models/{name}[/...]                        LambdaModelRoutes (infra/lambda_routes.py)
+    GET/POST /v2/models/{name}[/versions/{v}]/...       SageMakerModelRoutes (infra/sagemaker_routes.py)
 
-Each deployed model gets a static ``{name}`` resource with a ``{proxy+}`` child, so the
-handler sees ``/v2/models/{name}/[versions/{v}/]{ready,infer}`` and API Gateway never runs a
-function for a model it does not serve. A sibling variable resource answers every other model
-name with an OIP 404 instead of API Gateway's default 403 "Missing Authentication Token".
+Each deployed model gets a static ``{name}`` resource (:meth:`InferenceApi.add_model_resource`),
+so API Gateway never runs a function for a model it does not serve. A sibling variable
+resource answers every other model name with an OIP 404 instead of API Gateway's default 403
+"Missing Authentication Token".
 
 Errors raised by API Gateway itself (auth, throttling, timeouts, unknown paths) are gateway
 responses rewritten into the OIP shape ``{"error": "..."}``. With IAM auth, an unsigned
@@ -20,19 +22,10 @@ request and a request for a path that does not exist are the same gateway respon
 both causes, rather than a 404 that would send a caller with a missing signature hunting for
 a typo. With ``api_key`` or ``none`` it can only mean an unknown path and becomes a 404.
 
-Tiers plug in per model: :meth:`InferenceApi.add_lambda_model` (one Lambda proxy for every
-route of the model) and :meth:`InferenceApi.add_sagemaker_model` (no function at all: metadata
-and readiness are mocks rendered at synth from the manifest, and ``infer`` is an AWS service
-integration that calls SageMaker runtime ``InvokeEndpoint`` with a role that may call only
-that endpoint). Only the deployed version has routes; any other path under a GPU model is a
-mock 404 naming the version it serves.
-
-The binary tensor extension through SageMaker: ``InvokeEndpoint`` hands the container only
-the body, ``Content-Type``, ``Accept`` and ``X-Amzn-SageMaker-Custom-Attributes``, and API
-Gateway can only copy a header into another (a mapping template would need a text body,
-which a binary request is not). So the caller's ``Inference-Header-Content-Length`` is copied
-as it is into the custom attributes, and the container's custom attributes back into
-``Inference-Header-Content-Length`` (see docs/architecture.md, "GPU tier infrastructure").
+Bodies: ``binaryMediaTypes`` is :data:`tierserve.protocol.BINARY_MEDIA_TYPES` (``*/*``), so
+every request body reaches an integration as the bytes the caller sent. Mock integrations
+convert both ways to text (``CONVERT_TO_TEXT``), which keeps their mapping templates working
+(docs/architecture.md, "Binary bodies").
 """
 
 from __future__ import annotations
@@ -41,76 +34,36 @@ import json
 from typing import Any
 
 import jsii
-from aws_cdk import Annotations, ArnFormat, Duration, IResolvable, IResolveContext, RemovalPolicy, Token
+from aws_cdk import Annotations, ArnFormat, IResolvable, IResolveContext, RemovalPolicy, Token
 from aws_cdk import aws_apigateway as apigw
 from aws_cdk import aws_iam as iam
-from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, AuthMode
 from infra.nag import acknowledge, wildcard_resource_finding
-from tierserve.catalog import Manifest
-from tierserve.protocol import HEADER_LENGTH, model_metadata, server_metadata
-from tierserve.routes import ROUTE_HELP
+from infra.trust import service_principal
+from tierserve.protocol import BINARY_MEDIA_TYPES, ROUTE_HELP, server_metadata
 
-BINARY_MEDIA_TYPES = ["application/octet-stream"]
 # Content types a mock integration accepts; others get a 415 through DEFAULT_4XX.
 MOCK_CONTENT_TYPES = ("application/json", "application/octet-stream")
 ERROR_TEMPLATE = '{"error": $context.error.messageString}'
 MAX_LISTED_MODELS = 20  # in the unknown-model 404; keeps the message readable
-
-# The GPU tier's SageMaker runtime integration.
-SAGEMAKER_RUNTIME_SERVICE = "runtime.sagemaker"
-SAGEMAKER_CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
-HEADER_LENGTH_HEADER = "-".join(part.capitalize() for part in HEADER_LENGTH.split("-"))
-SAGEMAKER_REQUEST_HEADERS = (HEADER_LENGTH_HEADER, "Content-Type", "Accept")
-# Selection patterns match the HTTP status InvokeEndpoint answers (disjoint, so the order of
-# the integration responses does not matter). ModelError (424) carries the container's own
-# status and message; 413 is SageMaker's payload limit; every other 4xx/5xx is SageMaker
-# refusing or failing (throttling, endpoint not InService, access) and retryable for a caller.
-MODEL_ERROR_PATTERN = "424"
-PAYLOAD_TOO_LARGE_PATTERN = "413"
-UPSTREAM_ERROR_PATTERN = r"4(0\d|1[0-24-9]|2[0-35-9]|[3-9]\d)|5\d{2}"
-SAGEMAKER_ERROR_STATUSES = ("400", "413", "503", "504")
+# API Gateway writes a stage's execution logs here, creating the group (without retention)
+# unless it exists: the API creates it first, with retention.
+EXECUTION_LOG_GROUP = "API-Gateway-Execution-Logs_{api_id}/{stage}"
 
 
-def _error_body(message: str) -> str:
+def error_body(message: str) -> str:
+    """An OIP error body, ``{"error": message}``, as a mapping template that outputs it."""
     return json.dumps({"error": message})
 
 
-def _vtl_safe_json(document: Any) -> str:
+def vtl_safe_json(document: Any) -> str:
     """``document`` as JSON that a mapping template outputs as it is: ``$`` and ``#`` (VTL's
     references and directives) can only occur inside JSON strings, where their unicode
     escapes mean the same to every JSON reader."""
     return json.dumps(document).replace("$", "\\u0024").replace("#", "\\u0023")
-
-
-def _model_error_template(name: str) -> str:
-    """Integration response template for SageMaker's ModelError (424): the container answered
-    an error, whose status and body SageMaker passes as OriginalStatusCode and OriginalMessage.
-
-    The container's 4xx answers reach the caller as 400 with the container's own OIP body
-    (413 stays 413); its timeouts (408, 504) become 504, and 429 or 5xx become 503 with a
-    message of ours (a 5xx body may carry internals).
-    """
-    timeout = _error_body(f"model {name} timed out on its GPU endpoint; retry, or send a smaller batch")
-    refused = _error_body(f"model {name} refused the request")
-    failed = _error_body(f"the GPU server of model {name} failed or is busy; retry shortly")
-    return "\n".join(
-        [
-            "#set($status = $input.path('$.OriginalStatusCode'))",
-            "#set($message = \"$!input.path('$.OriginalMessage')\")",
-            '#if("$!status" == "")#set($status = 502)#end',
-            "#if($status == 413)#set($context.responseOverride.status = 413)",
-            "#elseif($status == 408 || $status == 504)#set($context.responseOverride.status = 504)",
-            "#elseif($status == 429 || $status >= 500)#set($context.responseOverride.status = 503)#end",
-            "#if($status == 408 || $status == 504)" + timeout,
-            "#elseif($status == 429 || $status >= 500)" + failed,
-            "#elseif($message.startsWith('{\"error\"'))$message",
-            "#else" + refused + "#end",
-        ]
-    )
 
 
 @jsii.implements(IResolvable)
@@ -153,10 +106,13 @@ class _UnknownModelTemplate:
 
 
 class InferenceApi(Construct):
-    """The OIP REST API: health and metadata by mocks, models routed to their tier.
+    """The OIP REST API shell: stage, auth, usage plan, gateway responses, health and the
+    unknown-model 404. Route constructs add models through :meth:`add_model_resource`,
+    :meth:`add_method` and :meth:`add_mock`, which apply this API's auth mode and validator.
 
-    Attributes: ``rest_api``, ``stage``, ``url``, ``access_log_group``, ``auth``,
-    ``api_key`` and ``usage_plan`` (api_key auth only, else None).
+    Attributes: ``rest_api``, ``stage``, ``url``, ``access_log_group``,
+    ``execution_log_group``, ``auth``, ``api_key`` and ``usage_plan`` (api_key auth only,
+    else None), ``models_resource`` (``/v2/models``).
     """
 
     def __init__(
@@ -181,7 +137,7 @@ class InferenceApi(Construct):
             "RestApi",
             description="tierserve: Open Inference Protocol (KServe v2) for every deployed model",
             endpoint_types=[apigw.EndpointType.REGIONAL],
-            binary_media_types=BINARY_MEDIA_TYPES,
+            binary_media_types=list(BINARY_MEDIA_TYPES),
             cloud_watch_role=False,
             deploy_options=apigw.StageOptions(
                 stage_name=stage_name,
@@ -199,6 +155,13 @@ class InferenceApi(Construct):
         self.rest_api.node.try_remove_child("Endpoint")
         self.stage = self.rest_api.deployment_stage
         self.url = self.rest_api.url
+        self.execution_log_group = logs.LogGroup(
+            self,
+            "ExecutionLogs",
+            log_group_name=EXECUTION_LOG_GROUP.format(api_id=self.rest_api.rest_api_id, stage=stage_name),
+            retention=log_retention,
+        )
+        self.stage.node.add_dependency(self.execution_log_group)
         if manage_cloudwatch_role:
             self._account_logging_role()
         self._validator = self.rest_api.add_request_validator(
@@ -219,179 +182,29 @@ class InferenceApi(Construct):
             self.api_key = self.rest_api.add_api_key("ApiKey", description="tierserve caller key")
             self.usage_plan.add_api_key(self.api_key)
 
-        self._models_root = self._add_server_routes()
+        self.models_resource = self._add_server_routes()
         self._add_gateway_responses()
         self._acknowledge_auth_rules()
 
-    # ---- models -------------------------------------------------------------------------
+    # ---- what route constructs use --------------------------------------------------------
 
     @property
     def model_names(self) -> list[str]:
         """The models with routes, in the order they were added."""
         return list(self._models)
 
-    def add_lambda_model(self, name: str, function: lambda_.IFunction) -> apigw.Resource:
-        """Route ``/v2/models/{name}`` and everything under it to ``function`` (Lambda proxy)."""
-        return self.add_model(name, apigw.LambdaIntegration(function, proxy=True, allow_test_invoke=False))
+    def add_model_resource(self, name: str) -> apigw.Resource:
+        """``/v2/models/{name}``, registered so the unknown-model 404 lists ``name``.
 
-    def add_model(self, name: str, integration: apigw.Integration) -> apigw.Resource:
-        """Route model ``name`` to ``integration``: GET on ``/v2/models/{name}``, ANY below it.
-
-        The building block for a tier whose backend answers every route; returns the model's
-        resource. Raises ValueError for a model that already has routes.
+        Raises ValueError for a model that already has routes.
         """
-        resource = self._model_resource(name)
-        self._method(resource, "GET", integration)
-        proxy = resource.add_resource("{proxy+}")
-        self._method(proxy, "ANY", integration, request_parameters={"method.request.path.proxy": True})
-        return resource
-
-    def add_sagemaker_model(
-        self, name: str, *, manifest: Manifest, endpoint_name: str, endpoint_arn: str
-    ) -> apigw.Resource:
-        """Route GPU-tier model ``name`` to its SageMaker endpoint.
-
-        ``GET /v2/models/{name}[/versions/{version}]`` and ``.../ready`` are mocks rendered
-        from ``manifest`` (the endpoint is InService before the API deploys, as the endpoint
-        ARN token orders them); ``POST .../infer`` calls ``InvokeEndpoint`` on
-        ``endpoint_name`` with a role that may call only ``endpoint_arn``; anything else under
-        the model is a 404 naming the served version. Raises ValueError for a model that
-        already has routes.
-        """
-        if manifest.name != name:
-            raise ValueError(f"manifest {manifest.name!r} is not model {name!r}")
-        resource = self._model_resource(name)
-        scope = Construct(self._sagemaker_models_scope(), name)
-        role = iam.Role(
-            scope,
-            "InvokeRole",
-            assumed_by=iam.ServicePrincipal("apigateway.amazonaws.com"),
-            description=f"API Gateway: invoke the GPU endpoint of model {name}, nothing else",
-            inline_policies={
-                "InvokeEndpoint": iam.PolicyDocument(
-                    statements=[
-                        iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"], resources=[endpoint_arn])
-                    ]
-                )
-            },
-        )
-        infer = self._sagemaker_integration(name, endpoint_name=endpoint_name, role=role)
-        metadata = _vtl_safe_json(model_metadata(manifest))
-        ready = _vtl_safe_json({"name": name, "version": manifest.version, "ready": True})
-        not_found = _vtl_safe_json(
-            {
-                "error": f"model '{name}' has no such route or version here: it serves version "
-                f"{manifest.version}; {ROUTE_HELP}"
-            }
-        )
-        version = resource.add_resource("versions").add_resource(manifest.version)
-        for base in (resource, version):
-            self._mock(base, "GET", 200, metadata)
-            self._mock(base.add_resource("ready"), "GET", 200, ready)
-            self._sagemaker_method(base.add_resource("infer"), infer)
-        self._mock(resource.add_resource("{proxy+}"), "ANY", 404, not_found)
-        return resource
-
-    def _model_resource(self, name: str) -> apigw.Resource:
         if name in self._models:
             raise ValueError(f"model {name!r} already has routes in this API")
-        resource = self._models_root.add_resource(name)
+        resource = self.models_resource.add_resource(name)
         self._models[name] = resource
         return resource
 
-    def _sagemaker_models_scope(self) -> Construct:
-        existing = self.node.try_find_child("SageMakerModels")
-        return existing if isinstance(existing, Construct) else Construct(self, "SageMakerModels")
-
-    def _sagemaker_integration(
-        self, name: str, *, endpoint_name: str, role: iam.IRole
-    ) -> apigw.AwsIntegration:
-        """``InvokeEndpoint`` with the body passed through (binary stays binary: no template),
-        the headers SageMaker forwards, and SageMaker's errors rewritten into OIP errors."""
-        json_content = {"method.response.header.Content-Type": "'application/json'"}
-        return apigw.AwsIntegration(
-            service=SAGEMAKER_RUNTIME_SERVICE,
-            path=f"endpoints/{endpoint_name}/invocations",
-            integration_http_method="POST",
-            options=apigw.IntegrationOptions(
-                credentials_role=role,
-                passthrough_behavior=apigw.PassthroughBehavior.WHEN_NO_TEMPLATES,
-                timeout=Duration.seconds(API_GATEWAY_TIMEOUT_SECONDS),
-                request_parameters={
-                    f"integration.request.header.{SAGEMAKER_CUSTOM_ATTRIBUTES}": (
-                        f"method.request.header.{HEADER_LENGTH_HEADER}"
-                    ),
-                    "integration.request.header.Content-Type": "method.request.header.Content-Type",
-                    "integration.request.header.Accept": "method.request.header.Accept",
-                },
-                integration_responses=[
-                    apigw.IntegrationResponse(
-                        status_code="200",
-                        response_parameters={
-                            "method.response.header.Content-Type": "integration.response.header.Content-Type",
-                            f"method.response.header.{HEADER_LENGTH_HEADER}": (
-                                f"integration.response.header.{SAGEMAKER_CUSTOM_ATTRIBUTES}"
-                            ),
-                        },
-                    ),
-                    apigw.IntegrationResponse(
-                        selection_pattern=MODEL_ERROR_PATTERN,
-                        status_code="400",
-                        response_parameters=json_content,
-                        response_templates={"application/json": _model_error_template(name)},
-                    ),
-                    apigw.IntegrationResponse(
-                        selection_pattern=PAYLOAD_TOO_LARGE_PATTERN,
-                        status_code="413",
-                        response_parameters=json_content,
-                        response_templates={
-                            "application/json": _error_body(
-                                f"the request for model {name} is over SageMaker's payload limit for one "
-                                "invocation (6 MB): send fewer rows per request"
-                            )
-                        },
-                    ),
-                    apigw.IntegrationResponse(
-                        selection_pattern=UPSTREAM_ERROR_PATTERN,
-                        status_code="503",
-                        response_parameters=json_content,
-                        response_templates={
-                            "application/json": _error_body(
-                                f"the GPU endpoint of model {name} is unavailable or busy; retry shortly"
-                            )
-                        },
-                    ),
-                ],
-            ),
-        )
-
-    def _sagemaker_method(self, resource: apigw.IResource, integration: apigw.Integration) -> apigw.Method:
-        header = "method.response.header.Content-Type"
-        responses = [
-            apigw.MethodResponse(
-                status_code="200",
-                response_parameters={header: True, f"method.response.header.{HEADER_LENGTH_HEADER}": True},
-            ),
-            *(
-                apigw.MethodResponse(
-                    status_code=status,
-                    response_parameters={header: True},
-                    response_models={"application/json": apigw.Model.EMPTY_MODEL},
-                )
-                for status in SAGEMAKER_ERROR_STATUSES
-            ),
-        ]
-        return self._method(
-            resource,
-            "POST",
-            integration,
-            method_responses=responses,
-            request_parameters={f"method.request.header.{h}": False for h in SAGEMAKER_REQUEST_HEADERS},
-        )
-
-    # ---- construction -------------------------------------------------------------------
-
-    def _method(
+    def add_method(
         self,
         resource: apigw.IResource,
         http_method: str,
@@ -413,14 +226,22 @@ class InferenceApi(Construct):
             method_responses=method_responses,
         )
 
-    def _mock(self, resource: apigw.IResource, http_method: str, status: int, body: str) -> apigw.Method:
+    def add_mock(self, resource: apigw.IResource, http_method: str, status: int, body: str) -> apigw.Method:
+        """A method that answers ``status`` with the JSON mapping template ``body``, no backend.
+
+        Both directions convert to text: under the ``*/*`` binary media type every body is
+        binary, which a mock cannot take (API Gateway answers 500) and which would turn the
+        rendered JSON into base64-decoded bytes on the way out.
+        """
         integration = apigw.MockIntegration(
             request_templates={ct: json.dumps({"statusCode": status}) for ct in MOCK_CONTENT_TYPES},
             passthrough_behavior=apigw.PassthroughBehavior.NEVER,
             content_handling=apigw.ContentHandling.CONVERT_TO_TEXT,
             integration_responses=[
                 apigw.IntegrationResponse(
-                    status_code=str(status), response_templates={"application/json": body}
+                    status_code=str(status),
+                    response_templates={"application/json": body},
+                    content_handling=apigw.ContentHandling.CONVERT_TO_TEXT,
                 )
             ],
         )
@@ -429,44 +250,46 @@ class InferenceApi(Construct):
                 status_code=str(status), response_models={"application/json": apigw.Model.EMPTY_MODEL}
             )
         ]
-        return self._method(resource, http_method, integration, method_responses=responses)
+        return self.add_method(resource, http_method, integration, method_responses=responses)
+
+    # ---- construction -------------------------------------------------------------------
 
     def _add_server_routes(self) -> apigw.Resource:
         """Health and server metadata; returns ``/v2/models``, where model routes go."""
         v2 = self.rest_api.root.add_resource("v2")
-        self._mock(v2, "GET", 200, json.dumps(server_metadata()))
+        self.add_mock(v2, "GET", 200, json.dumps(server_metadata()))
         health = v2.add_resource("health")
-        self._mock(health.add_resource("live"), "GET", 200, json.dumps({"live": True}))
-        self._mock(health.add_resource("ready"), "GET", 200, json.dumps({"ready": True}))
+        self.add_mock(health.add_resource("live"), "GET", 200, json.dumps({"live": True}))
+        self.add_mock(health.add_resource("ready"), "GET", 200, json.dumps({"ready": True}))
 
         models = v2.add_resource("models")
         unknown = models.add_resource("{model}")
         not_found = Token.as_string(_UnknownModelTemplate(self))
-        self._mock(unknown, "GET", 404, not_found)
-        self._mock(unknown.add_resource("{proxy+}"), "ANY", 404, not_found)
+        self.add_mock(unknown, "GET", 404, not_found)
+        self.add_mock(unknown.add_resource("{proxy+}"), "ANY", 404, not_found)
         return models
 
     def _add_gateway_responses(self) -> None:
         if self.auth == "iam":
             unrouted_status = "403"
-            unrouted_body = _error_body(
+            unrouted_body = error_body(
                 "the request is not signed, or no route matches its path: this API needs requests signed "
                 f"with AWS SigV4 (service 'execute-api', auth mode 'iam'); {ROUTE_HELP}"
             )
         else:
             unrouted_status = "404"
-            unrouted_body = _error_body(f"no route matches this path; {ROUTE_HELP}")
+            unrouted_body = error_body(f"no route matches this path; {ROUTE_HELP}")
         responses = {
             "MissingToken": (apigw.ResponseType.MISSING_AUTHENTICATION_TOKEN, unrouted_status, unrouted_body),
             "NotFound": (
                 apigw.ResponseType.RESOURCE_NOT_FOUND,
                 "404",
-                _error_body(f"no route matches this path; {ROUTE_HELP}"),
+                error_body(f"no route matches this path; {ROUTE_HELP}"),
             ),
             "TooLarge": (
                 apigw.ResponseType.REQUEST_TOO_LARGE,
                 "413",
-                _error_body(
+                error_body(
                     "the request body is over API Gateway's 10 MB limit; send tensors with the binary "
                     "tensor data extension, or split the batch"
                 ),
@@ -474,7 +297,7 @@ class InferenceApi(Construct):
             "Timeout": (
                 apigw.ResponseType.INTEGRATION_TIMEOUT,
                 "504",
-                _error_body(
+                error_body(
                     f"the model did not answer within API Gateway's {API_GATEWAY_TIMEOUT_SECONDS} s limit; "
                     "retry (the first request may load the model), or send a smaller batch"
                 ),
@@ -504,7 +327,7 @@ class InferenceApi(Construct):
         role = iam.Role(
             self,
             "CloudWatchRole",
-            assumed_by=iam.ServicePrincipal("apigateway.amazonaws.com"),
+            assumed_by=service_principal(self, "apigateway.amazonaws.com"),
             description="API Gateway account setting: push execution and access logs to CloudWatch Logs",
             inline_policies={
                 "PushLogs": iam.PolicyDocument(

@@ -77,7 +77,7 @@ class InfraConfig:
     gpu_invocations_per_instance: float = 200
     gpu_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     gpu_max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS
-    # S3-triggered pipeline (infra/pipeline.py).
+    # S3-triggered pipeline (infra/s3_pipeline.py).
     pipeline_worker_timeout_seconds: int = 120
     pipeline_max_receive_count: int = 5
     pipeline_batch_size: int = 10

@@ -7,7 +7,8 @@ layout, digests and checks as the Lambda tier, and a new model version is a new
 ``name@version`` in the environment (a new SageMaker Model and EndpointConfig, which
 SageMaker rolls out blue/green on the named endpoint).
 
-Per model: an execution role that may pull the image, read ``models/{name}/{version}/*``,
+Per model: an execution role that only SageMaker may assume, for this account's SageMaker
+resources, and that may pull the image, read the model version's manifest and artifact,
 and write its endpoint's log group (the server's metrics are EMF lines in it; nothing calls
 PutMetricData); a Model; an EndpointConfig (one ``AllTraffic`` variant); an Endpoint with a
 name derived from the model name (:func:`gpu_endpoint_name`, nothing time-based); and
@@ -34,25 +35,11 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
-from infra.lambda_tier import (
-    LOG_LEVEL_ENV,
-    METRICS_NAMESPACE,
-    POWERTOOLS_METRICS_NAMESPACE_ENV,
-    POWERTOOLS_SERVICE_NAME_ENV,
-    REPO_ROOT,
-    SERVICE_NAME,
-    dockerignore_patterns,
-)
 from infra.nag import acknowledge
+from infra.tierserve_function import REPO_ROOT, dockerignore_patterns, model_environment
+from infra.trust import service_principal
 from tierserve.catalog import Manifest
-from tierserve.settings import (
-    MAX_BATCH_SIZE_ENV,
-    MAX_QUEUE_DELAY_MS_ENV,
-    MODEL_BUCKET_ENV,
-    MODEL_PREFIX_ENV,
-    MODELS_ENV,
-    ModelRef,
-)
+from tierserve.settings import MAX_BATCH_SIZE_ENV, MAX_QUEUE_DELAY_MS_ENV
 
 GPU_DOCKERFILE = "functions/gpu_server/Dockerfile"
 # Docker (BuildKit) reads ``<Dockerfile>.dockerignore``; the asset passes the same patterns.
@@ -147,8 +134,8 @@ class GpuModelEndpoint(Construct):
     Attributes: ``manifest``, ``model_name``, ``endpoint_name`` (a plain string, known at
     synth), ``endpoint`` (the CfnEndpoint: its ``ref`` is the ARN), ``model``,
     ``endpoint_config``, ``role``, ``log_group``, ``scalable_target``.
-    The stack grants the read on the model version's prefix
-    (``ModelStore.grant_read_model(role, name, version)``).
+    The stack grants the read of the model version's objects
+    (``ModelStore.grant_read_model(role, manifest)``).
     """
 
     def __init__(
@@ -181,7 +168,6 @@ class GpuModelEndpoint(Construct):
         self.manifest = manifest
         self.model_name = manifest.name
         self.endpoint_name = gpu_endpoint_name(manifest.name, prefix=endpoint_prefix)
-        ref = ModelRef(manifest.name, manifest.version)
 
         # SageMaker writes the container's stdout here; created by us to set its retention.
         self.log_group = logs.LogGroup(
@@ -194,7 +180,12 @@ class GpuModelEndpoint(Construct):
         self.role = iam.Role(
             self,
             "ExecutionRole",
-            assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
+            # SageMaker's confused-deputy guidance: its own resources in this account and region.
+            assumed_by=service_principal(
+                self,
+                "sagemaker.amazonaws.com",
+                source_arn=Stack.of(self).format_arn(service="sagemaker", resource="*"),
+            ),
             description=f"tierserve GPU endpoint for model {manifest.name}: pulls its image, reads its "
             "model, writes its logs",
         )
@@ -214,14 +205,14 @@ class GpuModelEndpoint(Construct):
             "allows, the assets repository.",
         )
         environment = {
-            MODEL_BUCKET_ENV: model_bucket_name,
-            MODEL_PREFIX_ENV: model_prefix,
-            MODELS_ENV: str(ref),
+            **model_environment(
+                models=[manifest],
+                model_bucket_name=model_bucket_name,
+                model_prefix=model_prefix,
+                log_level=log_level,
+            ),
             MAX_BATCH_SIZE_ENV: str(max_batch_size),
             MAX_QUEUE_DELAY_MS_ENV: f"{max_queue_delay_ms:g}",
-            POWERTOOLS_SERVICE_NAME_ENV: SERVICE_NAME,
-            POWERTOOLS_METRICS_NAMESPACE_ENV: METRICS_NAMESPACE,
-            LOG_LEVEL_ENV: log_level,
         }
         self.model = sagemaker.CfnModel(
             self,

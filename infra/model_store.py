@@ -2,11 +2,13 @@
 
 Layout (README, "How a model is served"): ``s3://{bucket}/{prefix}/{name}/{version}/``
 holds the compressed model and ``manifest.json``. Functions and endpoints read only their own
-model version's prefix (:meth:`ModelStore.grant_read_model`). Other stacks import the bucket
-by a named export (:class:`SharedBucketStore`, which the pipeline's data bucket uses too).
+model version's two objects, the manifest and the artifact it names (the catalog carries the
+manifest, so both keys are known at synth: :meth:`ModelStore.grant_read_model`). Other
+stacks import the bucket by a named export (:class:`SharedBucketStore`, which the pipeline's
+data bucket uses too).
 
 Encryption is SSE-S3 (S3-managed keys), deliberately not KMS: models are not secrets here,
-access is already narrowed per model prefix by IAM and TLS-only by bucket policy, and SSE-S3
+access is already narrowed per model version by IAM and TLS-only by bucket policy, and SSE-S3
 keeps cold starts off KMS (no ``kms:Decrypt`` per fetch, no KMS request quota or cost, no
 key policy to share with a SageMaker role later). S3 server access logging also only
 delivers to SSE-S3 buckets. Pass to KMS with a bucket key if models become confidential.
@@ -21,9 +23,11 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from constructs import Construct, IConstruct
 
-from infra.nag import acknowledge, wildcard_resource_finding
-from tierserve.catalog import NAME_PATTERN, VERSION_PATTERN
+from infra.nag import acknowledge
+from tierserve.catalog import NAME_PATTERN, VERSION_PATTERN, Manifest, ManifestError, manifest_key
 from tierserve.settings import DEFAULT_MODEL_PREFIX
+
+IAM_WILDCARDS = frozenset("*?")
 
 
 class SharedBucketStore(Construct):
@@ -95,7 +99,7 @@ class ModelStore(SharedBucketStore):
     Example::
 
         store = ModelStore(stack, "ModelStore")
-        store.grant_read_model(function, "iris", "3")   # s3:GetObject on models/iris/3/* only
+        store.grant_read_model(function, manifest)  # models/iris/3/manifest.json and its artifact only
     """
 
     def __init__(
@@ -130,10 +134,11 @@ class ModelStore(SharedBucketStore):
         )
         return bucket
 
-    def grant_read_model(self, grantee: iam.IGrantable, name: str, version: str) -> iam.Grant:
-        """Let ``grantee`` read ``{prefix}/{name}/{version}/*`` and nothing else in the bucket."""
+    def grant_read_model(self, grantee: iam.IGrantable, manifest: Manifest) -> iam.Grant:
+        """Let ``grantee`` read the manifest and the artifact of ``manifest``'s model version,
+        and nothing else in the bucket."""
         consumer = grantee if isinstance(grantee, Construct) else grantee.grant_principal
-        return grant_model_read(self.bucket_for(consumer), grantee, name, version, prefix=self.model_prefix)
+        return grant_model_read(self.bucket_for(consumer), grantee, manifest, prefix=self.model_prefix)
 
 
 def model_objects_pattern(name: str, version: str, *, prefix: str = DEFAULT_MODEL_PREFIX) -> str:
@@ -145,39 +150,47 @@ def model_objects_pattern(name: str, version: str, *, prefix: str = DEFAULT_MODE
     return "/".join(part for part in (prefix.strip("/"), name, version, "*") if part)
 
 
+def model_object_keys(manifest: Manifest, *, prefix: str = DEFAULT_MODEL_PREFIX) -> tuple[str, str]:
+    """The two objects a model version is: ``{prefix}/{name}/{version}/manifest.json`` and the
+    artifact the manifest names next to it.
+
+    Raises ValueError (a :class:`ManifestError`) for a manifest whose name, version or
+    artifact could reach other keys, IAM's wildcards ``*`` and ``?`` included.
+    """
+    manifest.validate()
+    if IAM_WILDCARDS & set(manifest.artifact):
+        raise ManifestError(f"artifact {manifest.artifact!r} must not contain IAM wildcards (* or ?)")
+    folder = model_objects_pattern(manifest.name, manifest.version, prefix=prefix).removesuffix("*")
+    return manifest_key(prefix, manifest.name, manifest.version), folder + manifest.artifact
+
+
 def grant_model_read(
     bucket: s3.IBucket,
     grantee: iam.IGrantable,
-    name: str,
-    version: str,
+    manifest: Manifest,
     *,
     prefix: str = DEFAULT_MODEL_PREFIX,
 ) -> iam.Grant:
-    """Grant ``s3:GetObject`` on the keys of version ``version`` of model ``name``, and
-    ``s3:ListBucket`` limited to them.
+    """Grant ``s3:GetObject`` on exactly the manifest and the artifact of ``manifest``'s model
+    version, and ``s3:ListBucket`` limited to that version's folder.
 
     A missing manifest or artifact is never a 404 for the client: the store maps S3's NoSuchKey
     to a 503 that says to upload the model or fix the deployed version, and AccessDenied (what
     S3 answers for a missing key to a caller it does not let list the bucket) to a 503 that
-    names the role's permissions (``tierserve.store.s3_error``). Acknowledges the one wildcard
-    this needs (object keys under the version's prefix) on the grantee's principal, so cdk-nag
-    sees the reason next to the grant.
+    names the role's permissions (``tierserve.store.s3_error``). The listing reveals key names
+    under the version's folder, never bytes; it is what lets S3 tell a missing key (404) from
+    a forbidden one.
     """
-    pattern = model_objects_pattern(name, version, prefix=prefix)
-    objects_arn = bucket.arn_for_objects(pattern)
-    grant = iam.Grant.add_to_principal(grantee=grantee, actions=["s3:GetObject"], resource_arns=[objects_arn])
+    objects_arns = [bucket.arn_for_objects(key) for key in model_object_keys(manifest, prefix=prefix)]
+    grant = iam.Grant.add_to_principal(grantee=grantee, actions=["s3:GetObject"], resource_arns=objects_arns)
     iam.Grant.add_to_principal(
         grantee=grantee,
         actions=["s3:ListBucket"],
         resource_arns=[bucket.bucket_arn],
-        conditions={"StringLike": {"s3:prefix": [pattern]}},
+        conditions={
+            "StringLike": {
+                "s3:prefix": [model_objects_pattern(manifest.name, manifest.version, prefix=prefix)]
+            }
+        },
     )
-    principal = grantee.grant_principal
-    if isinstance(principal, Construct):
-        acknowledge(
-            principal,
-            wildcard_resource_finding(principal, objects_arn),
-            f"Reads the objects of model '{name}' version '{version}' only ({pattern}): the manifest "
-            "names the artifact, so its key is not known when the stack is synthesized.",
-        )
     return grant

@@ -2,8 +2,9 @@
 
 ``inputs/{model}/{path}`` put in the data bucket -> S3 ``ObjectCreated`` notification
 (prefix ``inputs/``) -> SQS queue (dead-letter queue after ``pipeline_max_receive_count``
-receives) -> the worker Lambda (``functions/inference/worker.py``, the API's image with
-``worker.handler``) -> ``outputs/{model}/{path}.json`` or ``errors/{model}/{path}.json``.
+receives) -> the worker Lambda (``functions/inference/worker.py``: a
+:class:`~infra.tierserve_function.TierserveFunction`, the API's image with ``worker.handler``)
+-> ``outputs/{model}/{path}.json`` or ``errors/{model}/{path}.json``.
 Results never land under ``inputs/``: the notification cannot loop, and the worker's role
 may not write there.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from aws_cdk import Duration, RemovalPolicy, Size, Stack
+from aws_cdk import Annotations, CfnResource, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_iam as iam
@@ -36,28 +37,17 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from infra.gpu_tier import endpoint_arn
-from infra.lambda_tier import (
-    LOG_LEVEL_ENV,
-    METRICS_NAMESPACE,
-    POWERTOOLS_METRICS_NAMESPACE_ENV,
-    POWERTOOLS_SERVICE_NAME_ENV,
-    SERVICE_NAME,
-    TMP_HEADROOM_MB,
-)
 from infra.model_store import SharedBucketStore, private_bucket
 from infra.nag import acknowledge, wildcard_resource_finding
+from infra.tierserve_function import TierserveFunction
+from infra.trust import confine_trust
 from tierserve.catalog import LAMBDA_MIN_MEMORY_MB, Manifest, lambda_memory_mb
 from tierserve.settings import (
-    CACHE_MAX_MB_ENV,
     DATA_BUCKET_ENV,
     ERROR_PREFIX,
     GPU_ENDPOINTS_ENV,
     INPUT_PREFIX,
-    MODEL_BUCKET_ENV,
-    MODEL_PREFIX_ENV,
-    MODELS_ENV,
     OUTPUT_PREFIX,
-    ModelRef,
 )
 
 WORKER_HANDLER = "worker.handler"
@@ -105,20 +95,37 @@ class DataStore(SharedBucketStore):
         )
 
 
-def _acknowledge_notifications_handler(scope: Construct) -> None:
-    """CDK writes bucket notifications through a deploy-time Lambda of its own, one per stack
-    (``Custom::S3BucketNotifications``), whose role carries the AWS managed basic execution
-    policy; its other permission is s3:PutBucketNotification on this bucket only."""
+def own_notifications_handler(scope: Construct, *, log_retention: logs.RetentionDays) -> None:
+    """Hold CDK's deploy-time handler for bucket notifications to the stack's rules.
+
+    CDK writes bucket notifications through a Lambda of its own, one per stack
+    (``Custom::S3BucketNotifications``). Left alone, its logs go to a group Lambda creates on
+    first run, which never expires, and its role trusts Lambda for any account. It gets a log
+    group with ``log_retention``, the account condition on its trust, and the acknowledgment
+    of the AWS managed basic execution policy its role carries; its other permission is
+    s3:PutBucketNotification on this bucket only.
+    """
     stack = Stack.of(scope)
-    for child in stack.node.children:
-        if child.node.id.startswith(NOTIFICATIONS_HANDLER_ID):
-            acknowledge(
-                child,
-                f"AwsSolutions-IAM4[Policy::{BASIC_EXECUTION_POLICY}]",
-                "CDK's own deploy-time handler for S3 bucket notifications (it runs only while "
-                "CloudFormation deploys): AWSLambdaBasicExecutionRole lets it write its CloudWatch "
-                "logs, and nothing else.",
-            )
+    handler = next(c for c in stack.node.children if c.node.id.startswith(NOTIFICATIONS_HANDLER_ID))
+    logs_id = f"{NOTIFICATIONS_HANDLER_ID}Logs"
+    if stack.node.try_find_child(logs_id) is not None:
+        return  # a second pipeline in this stack: the singleton is already held
+    log_group = logs.LogGroup(stack, logs_id, retention=log_retention)
+    function = handler.node.find_child("Resource")
+    if not isinstance(function, CfnResource):
+        raise TypeError(f"{function.node.path} is not the CloudFormation function CDK builds")
+    function.add_property_override("LoggingConfig", {"LogGroup": log_group.log_group_name})
+    role = handler.node.find_child("Role")
+    if not isinstance(role, iam.Role):
+        raise TypeError(f"{role.node.path} is not the role CDK builds for the handler")
+    confine_trust(role)
+    acknowledge(
+        handler,
+        f"AwsSolutions-IAM4[Policy::{BASIC_EXECUTION_POLICY}]",
+        "CDK's own deploy-time handler for S3 bucket notifications (it runs only while "
+        "CloudFormation deploys): AWSLambdaBasicExecutionRole lets it write its CloudWatch "
+        "logs, and nothing else.",
+    )
 
 
 def prefix_pattern(prefix: str) -> str:
@@ -131,8 +138,10 @@ class InferencePipeline(Construct):
 
     ``models`` are every model the worker serves (its ``TIERSERVE_MODELS``: the manifests give
     the signatures); those in ``gpu_endpoints`` (model name -> endpoint name) run on their
-    SageMaker endpoint, which the worker may invoke (and no other), the others in the worker. The stack grants the reads of each model's
-    prefix (``ModelStore.grant_read_model(pipeline.worker, name, version)``).
+    SageMaker endpoint, which the worker may invoke (and no other), the others in the worker.
+    The stack grants the reads of each model's objects
+    (``ModelStore.grant_read_model(pipeline.worker, manifest)``). Without ``alarm_email`` the
+    alarm notifies nobody, and synth warns so.
 
     Attributes: ``queue``, ``dead_letter_queue``, ``worker``, ``role``, ``log_group``,
     ``alarm``, ``alarm_topic`` (None without ``alarm_email``), ``data_bucket``.
@@ -146,7 +155,6 @@ class InferencePipeline(Construct):
         data_bucket: s3.IBucket,
         models: Sequence[Manifest],
         gpu_endpoints: Mapping[str, str],
-        code: lambda_.DockerImageCode,
         architecture: lambda_.Architecture,
         model_bucket_name: str,
         model_prefix: str,
@@ -165,39 +173,21 @@ class InferencePipeline(Construct):
         if unknown:
             raise ValueError(f"GPU endpoints given for models the pipeline does not serve: {unknown}")
         self.data_bucket = data_bucket
-
-        self.dead_letter_queue = sqs.Queue(
-            self,
-            "DeadLetters",
-            encryption=sqs.QueueEncryption.SQS_MANAGED,
-            enforce_ssl=True,
-            retention_period=DLQ_RETENTION,
-        )
-        visibility = Duration.seconds(
-            VISIBILITY_TIMEOUT_FACTOR * worker_timeout.to_seconds() + batching_window.to_seconds()
-        )
-        self.queue = sqs.Queue(
-            self,
-            "Inputs",
-            encryption=sqs.QueueEncryption.SQS_MANAGED,
-            enforce_ssl=True,
-            visibility_timeout=visibility,
-            retention_period=QUEUE_RETENTION,
-            dead_letter_queue=sqs.DeadLetterQueue(
-                queue=self.dead_letter_queue, max_receive_count=max_receive_count
-            ),
+        self.dead_letter_queue, self.queue = self._queues(
+            worker_timeout=worker_timeout,
+            batching_window=batching_window,
+            max_receive_count=max_receive_count,
         )
         data_bucket.add_event_notification(
             s3.EventType.OBJECT_CREATED,
             s3_notifications.SqsDestination(self.queue),
             s3.NotificationKeyFilter(prefix=f"{INPUT_PREFIX}/"),
         )
-        _acknowledge_notifications_handler(self)
+        own_notifications_handler(self, log_retention=log_retention)
 
-        self.worker = self._worker(
+        worker = self._worker(
             models=models,
             gpu_endpoints=gpu_endpoints,
-            code=code,
             architecture=architecture,
             model_bucket_name=model_bucket_name,
             model_prefix=model_prefix,
@@ -207,6 +197,7 @@ class InferencePipeline(Construct):
             log_retention=log_retention,
             log_level=log_level,
         )
+        self.worker, self.role, self.log_group = worker.function, worker.role, worker.log_group
         self.worker.add_event_source(
             event_sources.SqsEventSource(
                 self.queue,
@@ -230,7 +221,38 @@ class InferencePipeline(Construct):
             )
 
         self.alarm_topic: sns.Topic | None = self._alarm_topic(alarm_email) if alarm_email else None
-        self.alarm = cloudwatch.Alarm(
+        self.alarm = self._dead_letter_alarm()
+
+    def _queues(
+        self, *, worker_timeout: Duration, batching_window: Duration, max_receive_count: int
+    ) -> tuple[sqs.Queue, sqs.Queue]:
+        """The dead-letter queue and the inputs queue that moves a message there after
+        ``max_receive_count`` receives."""
+        dead_letters = sqs.Queue(
+            self,
+            "DeadLetters",
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            retention_period=DLQ_RETENTION,
+        )
+        visibility = Duration.seconds(
+            VISIBILITY_TIMEOUT_FACTOR * worker_timeout.to_seconds() + batching_window.to_seconds()
+        )
+        inputs = sqs.Queue(
+            self,
+            "Inputs",
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            visibility_timeout=visibility,
+            retention_period=QUEUE_RETENTION,
+            dead_letter_queue=sqs.DeadLetterQueue(queue=dead_letters, max_receive_count=max_receive_count),
+        )
+        return dead_letters, inputs
+
+    def _dead_letter_alarm(self) -> cloudwatch.Alarm:
+        """Any message in the dead-letter queue; mailed to ``alarm_topic``'s subscriber, or a
+        synth warning that nobody will be told."""
+        alarm = cloudwatch.Alarm(
             self,
             "DeadLettersAlarm",
             alarm_description=(
@@ -246,15 +268,23 @@ class InferencePipeline(Construct):
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
         if self.alarm_topic is not None:
-            self.alarm.add_alarm_action(cloudwatch_actions.SnsAction(self.alarm_topic))
-            self.alarm.add_ok_action(cloudwatch_actions.SnsAction(self.alarm_topic))
+            alarm.add_alarm_action(cloudwatch_actions.SnsAction(self.alarm_topic))
+            alarm.add_ok_action(cloudwatch_actions.SnsAction(self.alarm_topic))
+        else:
+            Annotations.of(self).add_warning_v2(
+                "tierserve:deadLetterAlarmWithoutRecipient",
+                "context alarm_email is empty: the dead-letter alarm goes off when inputs fail every "
+                "delivery, but nobody is told. Set alarm_email in cdk.json (or cdk deploy -c "
+                "alarm_email=ops@example.com) to mail its alarms and recoveries to that address, or add "
+                "an action to the alarm yourself.",
+            )
+        return alarm
 
     def _worker(
         self,
         *,
         models: Sequence[Manifest],
         gpu_endpoints: Mapping[str, str],
-        code: lambda_.DockerImageCode,
         architecture: lambda_.Architecture,
         model_bucket_name: str,
         model_prefix: str,
@@ -263,52 +293,33 @@ class InferencePipeline(Construct):
         ephemeral_storage_mb: int,
         log_retention: logs.RetentionDays,
         log_level: str,
-    ) -> lambda_.DockerImageFunction:
+    ) -> TierserveFunction:
+        """The worker, sized for the largest model it runs itself (GPU-tier models run on
+        their endpoints, named in ``TIERSERVE_GPU_ENDPOINTS``)."""
         in_worker = [m for m in models if m.name not in gpu_endpoints]
-        memory_mb = max([lambda_memory_mb(m) for m in in_worker], default=LAMBDA_MIN_MEMORY_MB)
-        self.log_group = logs.LogGroup(self, "Logs", retention=log_retention)
-        self.role = iam.Role(
-            self,
-            "Role",
-            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-            description="tierserve S3 worker: reads inputs/, writes outputs/ and errors/, reads its models",
-        )
-        self.log_group.grant_write(self.role)
-        acknowledge(
-            self.role,
-            "AwsSolutions-IAM5[Resource::*]",
-            "Active tracing needs xray:PutTraceSegments and xray:PutTelemetryRecords, which "
-            "support no resource-level permissions: the X-Ray docs require Resource '*'.",
-        )
-        environment = {
-            DATA_BUCKET_ENV: self.data_bucket.bucket_name,
-            MODEL_BUCKET_ENV: model_bucket_name,
-            MODEL_PREFIX_ENV: model_prefix,
-            MODELS_ENV: ",".join(str(ModelRef(m.name, m.version)) for m in models),
-            CACHE_MAX_MB_ENV: str(ephemeral_storage_mb - TMP_HEADROOM_MB),
-            POWERTOOLS_SERVICE_NAME_ENV: SERVICE_NAME,
-            POWERTOOLS_METRICS_NAMESPACE_ENV: METRICS_NAMESPACE,
-            LOG_LEVEL_ENV: log_level,
-        }
+        environment = {DATA_BUCKET_ENV: self.data_bucket.bucket_name}
         if gpu_endpoints:
             environment[GPU_ENDPOINTS_ENV] = ",".join(
                 f"{name}={gpu_endpoints[name]}" for name in sorted(gpu_endpoints)
             )
-        return lambda_.DockerImageFunction(
+        return TierserveFunction(
             self,
             "Worker",
-            code=code,
+            handler=WORKER_HANDLER,
             architecture=architecture,
-            memory_size=memory_mb,
+            models=models,
+            model_bucket_name=model_bucket_name,
+            model_prefix=model_prefix,
+            memory_mb=max([lambda_memory_mb(m) for m in in_worker], default=LAMBDA_MIN_MEMORY_MB),
             timeout=timeout,
-            ephemeral_storage_size=Size.mebibytes(ephemeral_storage_mb),
-            tracing=lambda_.Tracing.ACTIVE,
-            role=self.role,
-            log_group=self.log_group,
+            ephemeral_storage_mb=ephemeral_storage_mb,
+            log_retention=log_retention,
+            log_level=log_level,
             environment=environment,
-            reserved_concurrent_executions=reserved_concurrency or None,
+            reserved_concurrency=reserved_concurrency or None,
             description=f"tierserve S3 worker: {INPUT_PREFIX}/ -> {OUTPUT_PREFIX}/, {ERROR_PREFIX}/ "
             f"for {len(models)} model(s)",
+            role_description="tierserve S3 worker: reads inputs/, writes outputs/ and errors/, reads its models",
         )
 
     def _grant_data_bucket(self) -> None:

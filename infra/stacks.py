@@ -2,8 +2,9 @@
 
 ``TierserveStorage`` holds the model and data buckets and deploys first, so ops can upload
 models before anything serves them; both buckets are retained. ``TierserveServing`` holds a
-function per Lambda-tier model, a SageMaker endpoint per GPU-tier model, and the API; it
-imports the model bucket by its export and reads only each model's own prefix.
+function per Lambda-tier model, a SageMaker endpoint per GPU-tier model, the API shell and
+each model's routes; it imports the model bucket by its export and reads only each model's
+own manifest and artifact.
 ``TierservePipeline`` (only when the catalog has models) holds the S3-triggered pipeline's
 queue, worker and alarm; it deploys after the serving stack, whose GPU endpoints it calls.
 """
@@ -20,9 +21,11 @@ from constructs import Construct
 from infra.api import InferenceApi
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, InfraConfig
 from infra.gpu_tier import GpuModelEndpoint, gpu_server_image, gpu_volume_key, needs_volume_key
-from infra.lambda_tier import LambdaModelFunction, inference_image
+from infra.lambda_routes import LambdaModelRoutes
+from infra.lambda_tier import LambdaModelFunction
 from infra.model_store import ModelStore
-from infra.s3_pipeline import WORKER_HANDLER, DataStore, InferencePipeline
+from infra.s3_pipeline import DataStore, InferencePipeline
+from infra.sagemaker_routes import SageMakerModelRoutes
 from tierserve.catalog import Catalog
 
 STORAGE_STACK = "TierserveStorage"
@@ -88,10 +91,12 @@ class StorageStack(Stack):
 
 
 class ServingStack(Stack):
-    """A function per Lambda-tier model, an endpoint per GPU-tier model, and the API.
+    """A function per Lambda-tier model, an endpoint per GPU-tier model, the API shell, and
+    each model's routes in it.
 
     Attributes: ``api``, ``lambda_models`` (model name -> :class:`LambdaModelFunction`),
-    ``gpu_models`` (model name -> :class:`GpuModelEndpoint`).
+    ``gpu_models`` (model name -> :class:`GpuModelEndpoint`), ``routes`` (model name ->
+    :class:`LambdaModelRoutes` or :class:`SageMakerModelRoutes`).
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class ServingStack(Stack):
         )
         self.lambda_models: dict[str, LambdaModelFunction] = {}
         self.gpu_models: dict[str, GpuModelEndpoint] = {}
+        self.routes: dict[str, LambdaModelRoutes | SageMakerModelRoutes] = {}
         self._add_lambda_models(config, catalog, model_store)
         self._add_gpu_models(config, catalog, model_store)
         self._warn(config)
@@ -141,17 +147,15 @@ class ServingStack(Stack):
         entries = catalog.by_tier("lambda", config.lambda_max_model_mb)
         if not entries:
             return
-        architecture = ARCHITECTURES[config.lambda_architecture]
-        code = inference_image(architecture=architecture)
         bucket = model_store.bucket_for(self)
         functions = Construct(self, "LambdaModels")
+        routes = Construct(self, "LambdaRoutes")
         for entry in entries:
             model = LambdaModelFunction(
                 functions,
                 entry.name,
                 manifest=entry.manifest,
-                code=code,
-                architecture=architecture,
+                architecture=ARCHITECTURES[config.lambda_architecture],
                 model_bucket_name=bucket.bucket_name,
                 model_prefix=model_store.model_prefix,
                 timeout=Duration.seconds(config.lambda_timeout_seconds),
@@ -160,8 +164,10 @@ class ServingStack(Stack):
                 log_level=config.log_level,
                 preload=config.preload,
             )
-            model_store.grant_read_model(model.function, entry.name, entry.version)
-            self.api.add_lambda_model(entry.name, model.function)
+            model_store.grant_read_model(model.function, entry.manifest)
+            self.routes[entry.name] = LambdaModelRoutes(
+                routes, entry.name, api=self.api, model_name=entry.name, function=model.function
+            )
             self.lambda_models[entry.name] = model
 
     def _add_gpu_models(self, config: InfraConfig, catalog: Catalog, model_store: ModelStore) -> None:
@@ -174,6 +180,7 @@ class ServingStack(Stack):
         volume_key = gpu_volume_key(self) if needs_volume_key(config.gpu_instance_type) else None
         bucket = model_store.bucket_for(self)
         endpoints = Construct(self, "GpuModels")
+        routes = Construct(self, "GpuRoutes")
         for entry in entries:
             model = GpuModelEndpoint(
                 endpoints,
@@ -193,9 +200,11 @@ class ServingStack(Stack):
                 log_retention=RETENTION[config.log_retention_days],
                 log_level=config.log_level,
             )
-            model_store.grant_read_model(model.role, entry.name, entry.version)
-            self.api.add_sagemaker_model(
+            model_store.grant_read_model(model.role, entry.manifest)
+            self.routes[entry.name] = SageMakerModelRoutes(
+                routes,
                 entry.name,
+                api=self.api,
                 manifest=entry.manifest,
                 endpoint_name=model.endpoint.attr_endpoint_name,
                 endpoint_arn=model.endpoint_arn,
@@ -237,15 +246,13 @@ class PipelineStack(Stack):
             tags=TAGS,
             **kwargs,
         )
-        architecture = ARCHITECTURES[config.lambda_architecture]
         self.pipeline = InferencePipeline(
             self,
             "Pipeline",
             data_bucket=data_store.bucket_for(self),
             models=[entry.manifest for entry in catalog],
             gpu_endpoints=gpu_endpoints,
-            code=inference_image(architecture=architecture, handler=WORKER_HANDLER),
-            architecture=architecture,
+            architecture=ARCHITECTURES[config.lambda_architecture],
             model_bucket_name=model_store.bucket_for(self).bucket_name,
             model_prefix=model_store.model_prefix,
             worker_timeout=Duration.seconds(config.pipeline_worker_timeout_seconds),
@@ -259,7 +266,7 @@ class PipelineStack(Stack):
             alarm_email=config.alarm_email or None,
         )
         for entry in catalog:
-            model_store.grant_read_model(self.pipeline.worker, entry.name, entry.version)
+            model_store.grant_read_model(self.pipeline.worker, entry.manifest)
         CfnOutput(
             self,
             "DeadLetterQueueUrl",

@@ -148,7 +148,7 @@ def test_gpu_infer_routes_invoke_their_own_endpoint_only(serving):
         }
 
 
-def test_gpu_endpoints_read_only_their_own_model_version(serving):
+def test_gpu_endpoints_read_only_their_own_model_version(serving, catalog):
     models = of_type(serving, "AWS::SageMaker::Model")
     for model in models.values():
         name, version = model["Properties"]["PrimaryContainer"]["Environment"][MODELS_ENV].split("@")
@@ -160,8 +160,11 @@ def test_gpu_endpoints_read_only_their_own_model_version(serving):
             for s in p["Properties"]["PolicyDocument"]["Statement"]
         ]
         s3 = json.dumps([s for s in statements if any(a.startswith("s3:") for a in _actions(s))])
-        assert f"/models/{name}/{version}/*" in s3
-        assert s3.count("/models/") == 1 and s3.count('"models/') == 1, "one version's objects, one listing"
+        artifact = catalog.get(name).manifest.artifact
+        assert (
+            f"/models/{name}/{version}/manifest.json" in s3 and f"/models/{name}/{version}/{artifact}" in s3
+        )
+        assert s3.count("/models/") == 2 and s3.count('"models/') == 1, "two objects, one listing"
         assert not any(f"/models/{other}/" in s3 for other in (*LAMBDA_MODELS, *GPU_MODELS) if other != name)
 
 
@@ -171,7 +174,21 @@ def test_cdk_nag_reports_nothing_unacknowledged(nagged_app, assembly):
     nag = AwsSolutionsChecks(nagged_app).validate_scope(nagged_app)
     assert nag.success is True and nag.violations == []
     report = json.loads((Path(assembly.directory) / "validation-report.json").read_text())
-    assert [(p["pluginName"], p["violations"]) for p in report["pluginReports"]] == [], report
+    # Construct annotations land in the report too (@aws-cdk/core:annotationsInValidationReport):
+    # the only one by default is ours, the dead-letter alarm nobody hears (alarm_email is empty).
+    plugins = {p["pluginName"]: p for p in report["pluginReports"]}
+    assert set(plugins) == {"Construct Annotations"}, report
+    annotations = plugins["Construct Annotations"]
+    assert annotations["conclusion"] == "success"
+    assert [(v["ruleName"], v["severity"]) for v in annotations["violations"]] == [
+        ("Annotation::tierserve:deadLetterAlarmWithoutRecipient", "warning")
+    ]
+
+
+def test_with_alarm_email_the_validation_report_is_empty(make_app, catalog):
+    assembly = synth_app(make_app, catalog, validate=False, nag=True, alarm_email="ops@example.com")
+    report = Path(assembly.directory) / "validation-report.json"
+    assert not report.exists() or json.loads(report.read_text())["pluginReports"] == []
 
 
 def test_the_nag_harness_fails_on_a_violation(make_app):
@@ -213,20 +230,27 @@ def policy_statements_of(template: dict[str, Any], function: dict[str, Any]) -> 
     return statements
 
 
-def test_each_function_reads_only_its_own_model_versions_prefix(serving, catalog):
+def test_each_function_reads_only_its_own_model_versions_objects(serving, catalog):
     for name, function in functions_by_model(serving).items():
         statements = policy_statements_of(serving, function)
         s3 = [s for s in statements if any(a.startswith("s3:") for a in _actions(s))]
         assert {a for s in s3 for a in _actions(s)} == {"s3:GetObject", "s3:ListBucket"}
         (get,) = [s for s in s3 if "s3:GetObject" in _actions(s)]
-        resource = json.dumps(get["Resource"])
-        version = catalog.get(name).version
-        assert resource.endswith(f'"/models/{name}/{version}/*"]]}}'), resource
-        assert get["Resource"] != "*"
+        manifest = catalog.get(name).manifest
+        keys = [r["Fn::Join"][1][-1] for r in get["Resource"]]
+        assert keys == [
+            f"/models/{name}/{manifest.version}/manifest.json",
+            f"/models/{name}/{manifest.version}/{manifest.artifact}",
+        ]
         others = [other for other in LAMBDA_MODELS if other != name]
         assert not any(f"/models/{other}/" in json.dumps(s3) for other in others)
         (listing,) = [s for s in s3 if "s3:ListBucket" in _actions(s)]
-        assert listing["Condition"] == {"StringLike": {"s3:prefix": [f"models/{name}/{version}/*"]}}
+        assert listing["Condition"] == {"StringLike": {"s3:prefix": [f"models/{name}/{manifest.version}/*"]}}
+
+
+def _resources(statement: dict[str, Any]) -> list[Any]:
+    resource = statement["Resource"]
+    return resource if isinstance(resource, list) else [resource]
 
 
 def _actions(statement: dict[str, Any]) -> list[str]:
@@ -260,8 +284,65 @@ def test_pipeline_serves_every_model_reading_only_their_prefixes(pipeline, catal
         [s for s in policy_statements_of(pipeline, worker) if "s3:GetObject" in _actions(s)]
     )
     for name in (*LAMBDA_MODELS, *GPU_MODELS):
-        assert f"/models/{name}/{catalog.get(name).version}/*" in model_reads
-    assert model_reads.count("/models/") == len(catalog.entries), "one version's objects per model"
+        manifest = catalog.get(name).manifest
+        assert f"/models/{name}/{manifest.version}/manifest.json" in model_reads
+        assert f"/models/{name}/{manifest.version}/{manifest.artifact}" in model_reads
+    assert model_reads.count("/models/") == 2 * len(catalog.entries), "two objects per model"
+    model_objects = [r for r in json.loads(model_reads) for r in _resources(r) if "/models/" in json.dumps(r)]
+    assert not any(r["Fn::Join"][1][-1].endswith("*") for r in model_objects), "no wildcard on models"
+
+
+def templates_of(assembly) -> dict[str, dict[str, Any]]:
+    return {stack.stack_name: stack.template for stack in assembly.stacks}
+
+
+def test_every_service_role_trusts_its_service_for_this_account_only(assembly):
+    """Confused-deputy protection on every trust policy the app writes, CDK's own handler's too."""
+    seen = set()
+    for stack_name, template in templates_of(assembly).items():
+        for logical_id, role in of_type(template, "AWS::IAM::Role").items():
+            for statement in role["Properties"]["AssumeRolePolicyDocument"]["Statement"]:
+                if "Service" not in statement.get("Principal", {}):
+                    continue
+                seen.add(statement["Principal"]["Service"])
+                condition = statement.get("Condition", {})
+                assert condition.get("StringEquals") == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}, (
+                    stack_name,
+                    logical_id,
+                )
+                if statement["Principal"]["Service"] == "sagemaker.amazonaws.com":
+                    assert ":sagemaker:" in json.dumps(condition["ArnLike"]["aws:SourceArn"])
+    assert seen == {"lambda.amazonaws.com", "apigateway.amazonaws.com", "sagemaker.amazonaws.com"}
+
+
+def test_every_log_group_expires_and_every_function_logs_to_one(make_app, catalog):
+    """No group that never expires: each function logs to a group of the stacks' (CDK's
+    notification handler included), and API Gateway's execution log group is created first."""
+    assembly = synth_app(make_app, catalog, validate=False, nag=False, log_retention_days="7")
+    templates = templates_of(assembly)
+    for stack_name, template in templates.items():
+        groups = of_type(template, "AWS::Logs::LogGroup")
+        assert all(g["Properties"]["RetentionInDays"] == 7 for g in groups.values()), stack_name
+        for logical_id, function in of_type(template, "AWS::Lambda::Function").items():
+            target = function["Properties"]["LoggingConfig"]["LogGroup"]["Ref"]
+            assert target in groups, (stack_name, logical_id)
+    names = [
+        json.dumps(g["Properties"].get("LogGroupName"))
+        for g in of_type(templates[SERVING_STACK], "AWS::Logs::LogGroup").values()
+    ]
+    assert sum("API-Gateway-Execution-Logs_" in n for n in names) == 1
+    assert sum("/aws/sagemaker/Endpoints/" in n for n in names) == len(GPU_MODELS)
+
+
+def test_the_api_passes_every_body_as_bytes(serving):
+    (api,) = of_type(serving, "AWS::ApiGateway::RestApi").values()
+    assert api["Properties"]["BinaryMediaTypes"] == ["*/*"]
+    for method in of_type(serving, "AWS::ApiGateway::Method").values():
+        integration = method["Properties"]["Integration"]
+        if integration["Type"] == "MOCK":
+            assert integration["ContentHandling"] == "CONVERT_TO_TEXT"
+        else:  # Lambda proxy and InvokeEndpoint: the caller's bytes, unconverted
+            assert "ContentHandling" not in integration and "RequestTemplates" not in integration
 
 
 def test_pipeline_deploys_after_storage_and_serving(assembly):

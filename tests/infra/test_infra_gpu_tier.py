@@ -56,7 +56,7 @@ def build(make_app, manifest, *, instance_type: str, name: str) -> cdk.Stack:
         log_level="INFO",
     )
     bucket = cdk.aws_s3.Bucket.from_bucket_name(stack, "Models", "models-bucket")
-    grant_model_read(bucket, endpoint.role, manifest.name, manifest.version)
+    grant_model_read(bucket, endpoint.role, manifest)
     return stack
 
 
@@ -213,11 +213,34 @@ def _actions(statement) -> list[str]:
     return [statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"]
 
 
+def test_execution_role_is_sagemakers_for_this_accounts_resources_only(g5, find):
+    (role,) = find(g5, "AWS::IAM::Role")
+    (trust,) = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    assert trust["Principal"] == {"Service": "sagemaker.amazonaws.com"}
+    assert trust["Action"] == "sts:AssumeRole"
+    assert trust["Condition"] == {
+        "StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}},
+        "ArnLike": {
+            "aws:SourceArn": {
+                "Fn::Join": [
+                    "",
+                    [
+                        "arn:",
+                        {"Ref": "AWS::Partition"},
+                        ":sagemaker:",
+                        {"Ref": "AWS::Region"},
+                        ":",
+                        {"Ref": "AWS::AccountId"},
+                        ":*",
+                    ],
+                ]
+            }
+        },
+    }
+
+
 def test_execution_role_pulls_reads_its_model_and_logs(g5, find):
     (role,) = find(g5, "AWS::IAM::Role")
-    assert role["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {
-        "Service": "sagemaker.amazonaws.com"
-    }
     assert "ManagedPolicyArns" not in role["Properties"]
     by_action = {a: s for s in _statements(g5) for a in _actions(s)}
     assert set(by_action) == {
@@ -233,9 +256,11 @@ def test_execution_role_pulls_reads_its_model_and_logs(g5, find):
         "s3:ListBucket",
     }, "no cloudwatch:PutMetricData: metrics are EMF in the logs, and SageMaker's namespace drives scaling"
     assert "container-assets" in json.dumps(by_action["ecr:BatchGetImage"]["Resource"])
-    assert json.dumps(by_action["s3:GetObject"]["Resource"]).endswith(
-        ':s3:::models-bucket/models/big-llm/7/*"]]}'
-    )
+    objects = [json.dumps(r) for r in by_action["s3:GetObject"]["Resource"]]
+    assert [o.split("models-bucket/")[-1] for o in objects] == [
+        'models/big-llm/7/manifest.json"]]}',
+        'models/big-llm/7/model.onnx.zst"]]}',
+    ], "the manifest and the artifact it names, nothing else"
     assert by_action["s3:ListBucket"]["Condition"] == {"StringLike": {"s3:prefix": ["models/big-llm/7/*"]}}
     (group_id,) = g5.find_resources("AWS::Logs::LogGroup")
     assert by_action["logs:PutLogEvents"]["Resource"] == {"Fn::GetAtt": [group_id, "Arn"]}

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import aws_cdk as cdk
 import pytest
 from aws_cdk import aws_iam as iam
+from aws_cdk import aws_s3 as s3
 
-from infra.model_store import ModelStore, model_objects_pattern
+from infra.model_store import ModelStore, grant_model_read, model_object_keys, model_objects_pattern
+from tierserve.catalog import ManifestError
 
 
 @pytest.fixture(scope="module")
-def store_template(make_app, template_of):
+def iris(manifest_factory):
+    return manifest_factory("iris", "3", 4 * 1024)
+
+
+@pytest.fixture(scope="module")
+def store_template(make_app, template_of, iris):
     app = make_app()
     stack = cdk.Stack(app, "Store")
     store = ModelStore(stack, "ModelStore")
     reader = iam.Role(stack, "Reader", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"))
-    store.grant_read_model(reader, "iris", "3")
+    store.grant_read_model(reader, iris)
     return template_of(stack)
 
 
@@ -61,13 +70,13 @@ def test_every_bucket_policy_denies_plain_http(store_template, find):
         assert denies and denies[0]["Action"] == "s3:*" and denies[0]["Principal"] == {"AWS": "*"}
 
 
-def test_grant_reads_only_the_model_versions_own_prefix(store_template, find):
+def test_grant_reads_exactly_the_manifest_and_the_artifact_it_names(store_template, find):
     (policy,) = find(store_template, "AWS::IAM::Policy")
     statements = policy["Properties"]["PolicyDocument"]["Statement"]
-    get = [s for s in statements if s["Action"] == "s3:GetObject"]
-    assert len(get) == 1
-    resource = get[0]["Resource"]["Fn::Join"][1]
-    assert resource[-1] == "/models/iris/3/*"
+    (get,) = [s for s in statements if s["Action"] == "s3:GetObject"]
+    keys = [resource["Fn::Join"][1][-1] for resource in get["Resource"]]
+    assert keys == ["/models/iris/3/manifest.json", "/models/iris/3/model.onnx.zst"]
+    assert not any("*" in key for key in keys), "no wildcard: the catalog names both objects"
     listing = [s for s in statements if s["Action"] == "s3:ListBucket"]
     assert listing[0]["Condition"] == {"StringLike": {"s3:prefix": ["models/iris/3/*"]}}
     actions = {
@@ -85,3 +94,26 @@ def test_model_names_and_versions_that_could_widen_the_prefix_are_refused():
     for bad in ("*", "1/..", "", "../2", "1/*"):
         with pytest.raises(ValueError, match="model version"):
             model_objects_pattern("iris", bad)
+
+
+def test_object_keys_come_from_the_manifest_and_refuse_wildcards(iris):
+    assert model_object_keys(iris) == ("models/iris/3/manifest.json", "models/iris/3/model.onnx.zst")
+    assert model_object_keys(iris, prefix="") == ("iris/3/manifest.json", "iris/3/model.onnx.zst")
+    for artifact in ("*", "model?.onnx", "../other/model.onnx", ".hidden", "a/b"):
+        with pytest.raises(ManifestError, match="artifact"):
+            model_object_keys(replace(iris, artifact=artifact))
+    with pytest.raises(ManifestError, match="name"):
+        model_object_keys(replace(iris, name="Iris/*"))
+
+
+def test_the_model_read_needs_no_acknowledgment(make_app, iris):
+    """cdk-nag finds nothing to excuse in the grant: its resources are exact keys."""
+    from cdk_nag import AwsSolutionsChecks
+
+    app = make_app()
+    stack = cdk.Stack(app, "Reads")
+    bucket = s3.Bucket.from_bucket_name(stack, "Models", "models-bucket")
+    reader = iam.Role(stack, "Reader", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"))
+    grant_model_read(bucket, reader, iris)
+    report = AwsSolutionsChecks(app).validate_scope(app)
+    assert report.violations == [], [v.rule_name for v in report.violations]

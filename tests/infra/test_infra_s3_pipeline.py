@@ -10,13 +10,9 @@ import pytest
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
+from aws_cdk.assertions import Annotations, Match
 
-from infra.lambda_tier import inference_image
-from infra.s3_pipeline import (
-    WORKER_HANDLER,
-    DataStore,
-    InferencePipeline,
-)
+from infra.s3_pipeline import DataStore, InferencePipeline
 from tierserve.catalog import MB, lambda_memory_mb
 from tierserve.settings import (
     CACHE_MAX_MB_ENV,
@@ -46,7 +42,6 @@ def build(make_app, manifests, *, name: str, gpu: dict[str, str], **overrides: A
         data_bucket=s3.Bucket.from_bucket_name(stack, "Data", "data-bucket"),
         models=manifests,
         gpu_endpoints=gpu,
-        code=inference_image(architecture=lambda_.Architecture.X86_64, handler=WORKER_HANDLER),
         architecture=lambda_.Architecture.X86_64,
         model_bucket_name="models-bucket",
         model_prefix="models",
@@ -68,13 +63,18 @@ def manifests(manifest_factory):
 
 
 @pytest.fixture(scope="module")
-def pipeline(make_app, manifests, template_of):
-    return template_of(build(make_app, manifests, name="Pipeline", gpu={"big-llm": "tierserve-big-llm"}))
+def pipeline_stack(make_app, manifests):
+    return build(make_app, manifests, name="Pipeline", gpu={"big-llm": "tierserve-big-llm"})
 
 
 @pytest.fixture(scope="module")
-def with_alarm_email(make_app, manifests, template_of):
-    stack = build(
+def pipeline(pipeline_stack, template_of):
+    return template_of(pipeline_stack)
+
+
+@pytest.fixture(scope="module")
+def with_alarm_email_stack(make_app, manifests):
+    return build(
         make_app,
         manifests[:1],
         name="PipelineWithEmail",
@@ -83,7 +83,11 @@ def with_alarm_email(make_app, manifests, template_of):
         reserved_concurrency=20,
         batching_window=cdk.Duration.seconds(0),
     )
-    return template_of(stack)
+
+
+@pytest.fixture(scope="module")
+def with_alarm_email(with_alarm_email_stack, template_of):
+    return template_of(with_alarm_email_stack)
 
 
 def queues(template) -> tuple[dict[str, Any], str, dict[str, Any]]:
@@ -266,6 +270,12 @@ def test_dead_letters_raise_an_alarm(pipeline, find):
     assert find(pipeline, "AWS::SNS::Topic") == []
 
 
+def test_an_alarm_nobody_hears_is_a_synth_warning_that_says_the_fix(pipeline_stack, with_alarm_email_stack):
+    warning = Match.string_like_regexp(r"nobody is told\. Set alarm_email in cdk\.json")
+    Annotations.from_stack(pipeline_stack).has_warning("/Pipeline/Pipeline", warning)
+    assert Annotations.from_stack(with_alarm_email_stack).find_warning("*", Match.any_value()) == []
+
+
 def test_alarm_email_adds_an_encrypted_topic(with_alarm_email, find):
     (topic_id, topic), *_ = with_alarm_email.find_resources("AWS::SNS::Topic").items()
     (key_id,) = with_alarm_email.find_resources("AWS::KMS::Key", {"Properties": {"EnableKeyRotation": True}})
@@ -286,6 +296,38 @@ def test_alarm_email_adds_an_encrypted_topic(with_alarm_email, find):
     (policy,) = find(with_alarm_email, "AWS::SNS::TopicPolicy")
     (deny,) = [s for s in policy["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Deny"]
     assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+
+def test_the_worker_is_a_tierserve_function_with_retention_and_account_trust(pipeline):
+    props = worker(pipeline)
+    groups = pipeline.find_resources("AWS::Logs::LogGroup")
+    worker_group = props["LoggingConfig"]["LogGroup"]["Ref"]
+    assert groups[worker_group]["Properties"]["RetentionInDays"] == 30
+    role_id = props["Role"]["Fn::GetAtt"][0]
+    (trust,) = pipeline.find_resources("AWS::IAM::Role")[role_id]["Properties"]["AssumeRolePolicyDocument"][
+        "Statement"
+    ]
+    assert trust["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
+
+
+def test_cdks_notification_handler_logs_with_retention_and_trusts_only_this_account(pipeline, find):
+    """CDK's deploy-time handler would log to a group Lambda creates without retention, under
+    a role any account's Lambda could assume."""
+    (handler_id, handler), *others = [
+        (k, f)
+        for k, f in pipeline.find_resources("AWS::Lambda::Function").items()
+        if f["Properties"].get("PackageType") != "Image"
+    ]
+    assert others == []
+    assert handler_id.startswith("BucketNotificationsHandler")
+    group_id = handler["Properties"]["LoggingConfig"]["LogGroup"]["Ref"]
+    assert pipeline.find_resources("AWS::Logs::LogGroup")[group_id]["Properties"]["RetentionInDays"] == 30
+    role_id = handler["Properties"]["Role"]["Fn::GetAtt"][0]
+    (trust,) = pipeline.find_resources("AWS::IAM::Role")[role_id]["Properties"]["AssumeRolePolicyDocument"][
+        "Statement"
+    ]
+    assert trust["Principal"] == {"Service": "lambda.amazonaws.com"}
+    assert trust["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
 
 
 def test_gpu_endpoints_must_be_served_models(make_app, manifests):

@@ -26,6 +26,16 @@ HEADER_LENGTH = "inference-header-content-length"
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 EXTENSIONS = ("binary_tensor_data",)
+# The REST API's binaryMediaTypes, for the CDK app and the local API alike: a request body
+# whose Content-Type matches reaches the function base64-encoded, byte for byte. "*/*"
+# matches every type, so no client's choice can mangle a body (tritonclient sends binary
+# bodies without a Content-Type; KServe's REST client sends JSON without one). A response is
+# bytes when the function marks it isBase64Encoded (and the request's first Accept matches,
+# as any does under "*/*"), text otherwise. Why: docs/architecture.md, "Binary bodies".
+BINARY_MEDIA_TYPES: tuple[str, ...] = ("*/*",)
+ROUTE_HELP = (
+    "routes: GET /v2, /v2/health/{live,ready}, /v2/models/{model}[/versions/{v}][/ready]; POST .../infer"
+)
 
 # v2 datatype -> numpy dtype (little-endian on the wire). Data, not branches.
 DATATYPES: dict[str, np.dtype] = {

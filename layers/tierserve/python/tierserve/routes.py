@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from tierserve.dataplane import DataPlane, HttpResponse
+from tierserve.protocol import ROUTE_HELP
 
 ROUTES: tuple[tuple[str, str, str], ...] = (
     ("GET", "/v2/health/live", "live"),
@@ -24,9 +25,6 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("GET", "/v2/models/<model>/versions/<version>/ready", "model_ready"),
     ("POST", "/v2/models/<model>/infer", "infer"),
     ("POST", "/v2/models/<model>/versions/<version>/infer", "infer"),
-)
-ROUTE_HELP = (
-    "routes: GET /v2, /v2/health/{live,ready}, /v2/models/{model}[/versions/{v}][/ready]; POST .../infer"
 )
 
 

@@ -8,7 +8,7 @@ argument wins over the environment.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -72,6 +72,12 @@ class ModelRef:
         if not sep or not name or not version:
             raise ValueError(f"model reference {text!r} must look like name@version, e.g. iris@1")
         return cls(name, version)
+
+    @staticmethod
+    def join(refs: Iterable[ModelRef]) -> str:
+        """The ``TIERSERVE_MODELS`` value naming ``refs``: ``name@version,...``, which
+        :meth:`Settings.from_env` reads back with :meth:`parse`, e.g. ``"iris@3,resnet@1"``."""
+        return ",".join(str(ref) for ref in refs)
 
     def __str__(self) -> str:
         return f"{self.name}@{self.version}"

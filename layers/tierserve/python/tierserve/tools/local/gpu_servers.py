@@ -54,7 +54,7 @@ class GpuServerProcess:
         env = {
             **os.environ,
             **environ,
-            MODELS_ENV: str(ref),
+            MODELS_ENV: ModelRef.join([ref]),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(CORE_PATH), os.environ.get("PYTHONPATH")])),
         }
         with log_path.open("wb") as log:

@@ -177,7 +177,7 @@ def lambda_env(work_dir: Path, models: Sequence[Manifest]) -> dict[str, str]:
     return {
         MODEL_BUCKET_ENV: LOCAL_BUCKET,
         MODEL_PREFIX_ENV: MODEL_PREFIX,
-        MODELS_ENV: ",".join(f"{m.name}@{m.version}" for m in models),
+        MODELS_ENV: ModelRef.join(ModelRef(m.name, m.version) for m in models),
         DATA_BUCKET_ENV: DATA_BUCKET,
         CACHE_DIR_ENV: str(work_dir.resolve() / "cache"),
         "POWERTOOLS_METRICS_DISABLED": "true",

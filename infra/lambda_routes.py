@@ -1,0 +1,50 @@
+"""LambdaModelRoutes: every OIP route of one Lambda-tier model, proxied to its function.
+
+``GET /v2/models/{name}`` and ``ANY /v2/models/{name}/{proxy+}`` are Lambda proxy
+integrations of the model's function, which answers ``ready``, ``infer`` and the
+``versions/{version}/...`` forms itself (the core's route table), so the handler sees the
+path the caller sent. Under the ``*/*`` binary media type every request body reaches the
+function base64-encoded (``isBase64Encoded``), byte for byte; the function's base64 body goes
+back as bytes, any other body as text.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import aws_apigateway as apigw
+from aws_cdk import aws_lambda as lambda_
+from constructs import Construct
+
+from infra.api import InferenceApi
+
+
+class LambdaModelRoutes(Construct):
+    """``/v2/models/{model_name}`` and everything under it, to ``function`` (Lambda proxy).
+
+    Attributes: ``model_name``, ``resource`` (``/v2/models/{model_name}``), ``proxy_resource``
+    (its ``{proxy+}``), ``integration``, ``methods``. Raises ValueError for a model that
+    already has routes in ``api``.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        api: InferenceApi,
+        model_name: str,
+        function: lambda_.IFunction,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.model_name = model_name
+        self.integration = apigw.LambdaIntegration(function, proxy=True, allow_test_invoke=False)
+        self.resource = api.add_model_resource(model_name)
+        self.proxy_resource = self.resource.add_resource("{proxy+}")
+        self.methods = [
+            api.add_method(self.resource, "GET", self.integration),
+            api.add_method(
+                self.proxy_resource,
+                "ANY",
+                self.integration,
+                request_parameters={"method.request.path.proxy": True},
+            ),
+        ]

@@ -1,0 +1,221 @@
+"""SageMakerModelRoutes: the OIP routes of one GPU-tier model, without any function.
+
+    GET  /v2/models/{name}[/versions/{v}]          mock: the manifest's model metadata
+    GET  /v2/models/{name}[/versions/{v}]/ready    mock: ready (the API deploys after the
+                                                   endpoint is InService)
+    POST /v2/models/{name}[/versions/{v}]/infer    SageMaker runtime InvokeEndpoint
+    ANY  /v2/models/{name}/{proxy+}                mock 404 naming the version it serves
+
+``infer`` is an AWS service integration with a role that only API Gateway may assume, for
+this account, and that may call only this model's endpoint. The body passes through as the
+caller's bytes (no mapping template, no content conversion: under the ``*/*`` binary media
+type every body is binary), and so does the endpoint's answer.
+
+The binary tensor extension through SageMaker: ``InvokeEndpoint`` hands the container only
+the body, ``Content-Type``, ``Accept`` and ``X-Amzn-SageMaker-Custom-Attributes``, and API
+Gateway can only copy a header into another (a mapping template would need a text body,
+which a binary request is not). So the caller's ``Inference-Header-Content-Length`` is copied
+as it is into the custom attributes, and the container's custom attributes back into
+``Inference-Header-Content-Length`` (see docs/architecture.md, "GPU tier infrastructure").
+
+SageMaker's errors become OIP errors by the status InvokeEndpoint answers. Their mapping
+templates see the error body as text (``CONVERT_TO_TEXT``: base64 of the bytes, since every
+body is binary here), which the ModelError template decodes before reading it.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import Duration
+from aws_cdk import aws_apigateway as apigw
+from aws_cdk import aws_iam as iam
+from constructs import Construct
+
+from infra.api import InferenceApi, error_body, vtl_safe_json
+from infra.config import API_GATEWAY_TIMEOUT_SECONDS
+from infra.trust import service_principal
+from tierserve.catalog import Manifest
+from tierserve.protocol import HEADER_LENGTH, ROUTE_HELP, model_metadata
+
+SAGEMAKER_RUNTIME_SERVICE = "runtime.sagemaker"
+SAGEMAKER_CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+HEADER_LENGTH_HEADER = "-".join(part.capitalize() for part in HEADER_LENGTH.split("-"))
+SAGEMAKER_REQUEST_HEADERS = (HEADER_LENGTH_HEADER, "Content-Type", "Accept")
+# Selection patterns match the HTTP status InvokeEndpoint answers (disjoint, so the order of
+# the integration responses does not matter). ModelError (424) carries the container's own
+# status and message; 413 is SageMaker's payload limit; every other 4xx/5xx is SageMaker
+# refusing or failing (throttling, endpoint not InService, access) and retryable for a caller.
+MODEL_ERROR_PATTERN = "424"
+PAYLOAD_TOO_LARGE_PATTERN = "413"
+UPSTREAM_ERROR_PATTERN = r"4(0\d|1[0-24-9]|2[0-35-9]|[3-9]\d)|5\d{2}"
+SAGEMAKER_ERROR_STATUSES = ("400", "413", "503", "504")
+JSON_CONTENT = {"method.response.header.Content-Type": "'application/json'"}
+
+
+def model_error_template(name: str) -> str:
+    """Integration response template for SageMaker's ModelError (424): the container answered
+    an error, whose status and body SageMaker passes as OriginalStatusCode and OriginalMessage.
+
+    The body arrives as base64 text (a binary body converted to text) or, should API Gateway
+    ever class it as text, as the JSON itself; base64 never starts with ``{``, so the template
+    decodes only the former. The container's 4xx answers reach the caller as 400 with the
+    container's own OIP body (413 stays 413); its timeouts (408, 504) become 504, and 429 or
+    5xx become 503 with a message of ours (a 5xx body may carry internals).
+    """
+    timeout = error_body(f"model {name} timed out on its GPU endpoint; retry, or send a smaller batch")
+    refused = error_body(f"model {name} refused the request")
+    failed = error_body(f"the GPU server of model {name} failed or is busy; retry shortly")
+    return "\n".join(
+        [
+            '#set($status = "")#set($message = "")#set($raw = "$!input.body")',
+            "#if($raw != \"\" && !$raw.startsWith('{'))#set($raw = $util.base64Decode($raw))#end",
+            "#if($raw.startsWith('{'))#set($error = $util.parseJson($raw))",
+            '#set($status = $error.OriginalStatusCode)#set($message = "$!error.OriginalMessage")#end',
+            '#if("$!status" == "")#set($status = 502)#end',
+            "#if($status == 413)#set($context.responseOverride.status = 413)",
+            "#elseif($status == 408 || $status == 504)#set($context.responseOverride.status = 504)",
+            "#elseif($status == 429 || $status >= 500)#set($context.responseOverride.status = 503)#end",
+            "#if($status == 408 || $status == 504)" + timeout,
+            "#elseif($status == 429 || $status >= 500)" + failed,
+            "#elseif($message.startsWith('{\"error\"'))$message",
+            "#else" + refused + "#end",
+        ]
+    )
+
+
+class SageMakerModelRoutes(Construct):
+    """The routes of GPU-tier model ``manifest.name``: mocks from the manifest, and ``infer``
+    to ``InvokeEndpoint`` on ``endpoint_name``, with a role that may invoke only ``endpoint_arn``
+    (a token, so the API deploys after the endpoint).
+
+    Attributes: ``model_name``, ``resource`` (``/v2/models/{name}``), ``version_resource``
+    (``.../versions/{version}``), ``role``, ``integration``, ``infer_methods``. Raises
+    ValueError for a model that already has routes in ``api``.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        api: InferenceApi,
+        manifest: Manifest,
+        endpoint_name: str,
+        endpoint_arn: str,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        name = self.model_name = manifest.name
+        self.resource = api.add_model_resource(name)
+        self.role = iam.Role(
+            self,
+            "InvokeRole",
+            assumed_by=service_principal(self, "apigateway.amazonaws.com"),
+            description=f"API Gateway: invoke the GPU endpoint of model {name}, nothing else",
+            inline_policies={
+                "InvokeEndpoint": iam.PolicyDocument(
+                    statements=[
+                        iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"], resources=[endpoint_arn])
+                    ]
+                )
+            },
+        )
+        self.integration = _invoke_endpoint(name, endpoint_name=endpoint_name, role=self.role)
+        metadata = vtl_safe_json(model_metadata(manifest))
+        ready = vtl_safe_json({"name": name, "version": manifest.version, "ready": True})
+        not_found = vtl_safe_json(
+            {
+                "error": f"model '{name}' has no such route or version here: it serves version "
+                f"{manifest.version}; {ROUTE_HELP}"
+            }
+        )
+        self.version_resource = self.resource.add_resource("versions").add_resource(manifest.version)
+        self.infer_methods: list[apigw.Method] = []
+        for base in (self.resource, self.version_resource):
+            api.add_mock(base, "GET", 200, metadata)
+            api.add_mock(base.add_resource("ready"), "GET", 200, ready)
+            self.infer_methods.append(_infer_method(api, base.add_resource("infer"), self.integration))
+        api.add_mock(self.resource.add_resource("{proxy+}"), "ANY", 404, not_found)
+
+
+def _invoke_endpoint(name: str, *, endpoint_name: str, role: iam.IRole) -> apigw.AwsIntegration:
+    """``InvokeEndpoint`` with the body passed through (no template, no conversion), the
+    headers SageMaker forwards, and SageMaker's errors rewritten into OIP errors."""
+    return apigw.AwsIntegration(
+        service=SAGEMAKER_RUNTIME_SERVICE,
+        path=f"endpoints/{endpoint_name}/invocations",
+        integration_http_method="POST",
+        options=apigw.IntegrationOptions(
+            credentials_role=role,
+            passthrough_behavior=apigw.PassthroughBehavior.WHEN_NO_TEMPLATES,
+            timeout=Duration.seconds(API_GATEWAY_TIMEOUT_SECONDS),
+            request_parameters={
+                f"integration.request.header.{SAGEMAKER_CUSTOM_ATTRIBUTES}": (
+                    f"method.request.header.{HEADER_LENGTH_HEADER}"
+                ),
+                "integration.request.header.Content-Type": "method.request.header.Content-Type",
+                "integration.request.header.Accept": "method.request.header.Accept",
+            },
+            integration_responses=[
+                apigw.IntegrationResponse(
+                    status_code="200",
+                    response_parameters={
+                        "method.response.header.Content-Type": "integration.response.header.Content-Type",
+                        f"method.response.header.{HEADER_LENGTH_HEADER}": (
+                            f"integration.response.header.{SAGEMAKER_CUSTOM_ATTRIBUTES}"
+                        ),
+                    },
+                ),
+                _error_response(MODEL_ERROR_PATTERN, "400", model_error_template(name)),
+                _error_response(
+                    PAYLOAD_TOO_LARGE_PATTERN,
+                    "413",
+                    error_body(
+                        f"the request for model {name} is over SageMaker's payload limit for one "
+                        "invocation (6 MB): send fewer rows per request"
+                    ),
+                ),
+                _error_response(
+                    UPSTREAM_ERROR_PATTERN,
+                    "503",
+                    error_body(f"the GPU endpoint of model {name} is unavailable or busy; retry shortly"),
+                ),
+            ],
+        ),
+    )
+
+
+def _error_response(pattern: str, status: str, template: str) -> apigw.IntegrationResponse:
+    """An error answer in OIP JSON; the body reaches ``template`` as text."""
+    return apigw.IntegrationResponse(
+        selection_pattern=pattern,
+        status_code=status,
+        response_parameters=JSON_CONTENT,
+        response_templates={"application/json": template},
+        content_handling=apigw.ContentHandling.CONVERT_TO_TEXT,
+    )
+
+
+def _infer_method(
+    api: InferenceApi, resource: apigw.IResource, integration: apigw.Integration
+) -> apigw.Method:
+    header = "method.response.header.Content-Type"
+    responses = [
+        apigw.MethodResponse(
+            status_code="200",
+            response_parameters={header: True, f"method.response.header.{HEADER_LENGTH_HEADER}": True},
+        ),
+        *(
+            apigw.MethodResponse(
+                status_code=status,
+                response_parameters={header: True},
+                response_models={"application/json": apigw.Model.EMPTY_MODEL},
+            )
+            for status in SAGEMAKER_ERROR_STATUSES
+        ),
+    ]
+    return api.add_method(
+        resource,
+        "POST",
+        integration,
+        method_responses=responses,
+        request_parameters={f"method.request.header.{h}": False for h in SAGEMAKER_REQUEST_HEADERS},
+    )
