@@ -321,7 +321,7 @@ def test_a_broken_catalog_stops_the_upload_before_anything_is_sent(s3, packaged_
     catalog = tmp_path / "catalog.json"
     catalog.write_text("{not json")
     code, _, err = cli(capsys, "upload", packaged_mlp, f"s3://{BUCKET}/models", "--catalog", catalog)
-    assert code == 1 and "is not usable" in one_error_line(err)
+    assert code == 1 and f"catalog {catalog} is not valid JSON" in one_error_line(err)
     assert s3.list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0
 
 
@@ -491,6 +491,7 @@ def test_catalog_validate_reports_every_bad_entry(iris_package, tmp_path, capsys
                     {"name": "iris", "version": "1", "manifest": good},
                     {"name": "broken", "version": "1", "manifest": bad_digest},
                     {"name": "iris", "version": "2", "manifest": good},
+                    {"name": "iris", "version": "1", "manifest": good},
                 ]
             }
         )
@@ -498,9 +499,12 @@ def test_catalog_validate_reports_every_bad_entry(iris_package, tmp_path, capsys
     code, stdout, err = cli(capsys, "catalog", "validate", "--catalog", catalog)
     assert code == 1
     assert "ok   iris@1  tier lambda" in stdout
-    assert "FAIL broken@1: manifest for broken@1: stored and model digests need a 64-hex sha256" in stdout
-    assert "FAIL iris@2: the entry says iris@2 but its manifest describes iris@1" in stdout
-    assert "iris is listed more than once" in stdout
-    assert "1 of 3 entries valid" in err
+    assert (
+        "FAIL broken@1: models[1] is not a valid manifest: manifest for broken@1: stored and model digests "
+        "need a 64-hex sha256" in stdout
+    )
+    assert "FAIL iris@2: models[2]: the entry says iris@2 but its manifest describes iris@1" in stdout
+    assert "FAIL iris@1: iris is listed more than once" in stdout
+    assert "1 of 4 entries valid" in err
     code, stdout, _ = cli(capsys, "catalog", "validate", "--catalog", tmp_path / "absent.json")
     assert code == 0 and "no models" in stdout

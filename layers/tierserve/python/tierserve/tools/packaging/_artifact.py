@@ -22,7 +22,7 @@ from typing import Any
 
 import zstandard
 
-from tierserve.catalog import COMPRESSIONS, MANIFEST_NAME, Digest, Manifest, TensorSpec
+from tierserve.catalog import COMPRESSIONS, MANIFEST_NAME, Digest, Manifest, ManifestError, TensorSpec
 from tierserve.protocol import ONNX_TO_DATATYPE
 
 DEFAULT_ZSTD_LEVEL = 10
@@ -273,13 +273,15 @@ def read_package(directory: Path) -> PackagedModel:
 
     Raises:
         FileNotFoundError: no manifest or artifact there.
-        ManifestError: the manifest does not parse.
+        ManifestError: "<path> is not a valid manifest: <what>".
         ValueError: the artifact's size or sha256 differs from the manifest.
     """
-    import json
-
     directory = Path(directory)
-    manifest = Manifest.from_dict(json.loads((directory / MANIFEST_NAME).read_text()))
+    path = directory / MANIFEST_NAME
+    try:
+        manifest = Manifest.from_json(path.read_bytes())
+    except ManifestError as error:
+        raise ManifestError(f"{path} is not a valid manifest: {error}") from None
     artifact = directory / manifest.artifact
     if not artifact.is_file():
         raise FileNotFoundError(f"{artifact} is missing")

@@ -280,7 +280,9 @@ def run_upload(args: argparse.Namespace) -> int:
         raise PackagingError(
             f"{args.package_dir} is not a package ({error.filename or error}): make one with `tierserve package`"
         ) from None
-    except (ValueError, ManifestError) as error:
+    except ManifestError as error:
+        raise PackagingError(f"{error}; package the model again (tierserve package)") from None
+    except ValueError as error:
         raise PackagingError(
             f"{args.package_dir} is not a usable package ({error}): package the model again"
         ) from None
