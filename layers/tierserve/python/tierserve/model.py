@@ -1,5 +1,8 @@
 """The model interface every tier implements, and its onnxruntime implementation.
 
+Importing this module turns onnxruntime's telemetry off (``disable_telemetry_events``); every
+entry point imports it before creating a session.
+
 A model answers ``metadata``, ``ready`` and ``predict``; the SageMaker client (GPU tier,
 seen from the worker) is another implementation, never a branch inside a handler.
 """
@@ -20,6 +23,11 @@ import onnxruntime as ort
 from tierserve.catalog import Manifest, TensorSpec
 from tierserve.errors import ArtifactRejected, BadRequest, ModelUnavailable
 from tierserve.protocol import ONNX_TO_DATATYPE, model_metadata
+
+# The one place tierserve imports onnxruntime before using it: the Lambda handlers, the GPU
+# server, the worker, the local stack and the command line all come through here (the packager
+# imports ``ort`` from this module), so no process of ours sends telemetry events.
+ort.disable_telemetry_events()
 
 CPU_PROVIDERS = ("CPUExecutionProvider",)
 RUN_ERROR_LIMIT = 300  # characters of onnxruntime's message a client sees

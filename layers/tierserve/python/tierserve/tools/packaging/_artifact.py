@@ -71,7 +71,7 @@ def sha256_file(path: Path) -> str:
 
 def signature_of(model_path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """Inputs and outputs of a model as onnxruntime sees them (symbolic dims become -1)."""
-    import onnxruntime as ort
+    from tierserve.model import ort  # onnxruntime, its telemetry off
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

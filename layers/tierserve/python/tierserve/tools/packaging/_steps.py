@@ -156,7 +156,7 @@ def package(
 def _build(
     source: Path, staging: Path, work: Path, options: PackageOptions, say: Callable[[str], None]
 ) -> PackageReport:
-    import onnxruntime as ort
+    from tierserve.model import ort  # onnxruntime, its telemetry off
 
     notes: list[str] = []
     say(f"checking {source}")
@@ -380,7 +380,7 @@ def _check_signature(model: Path, inputs: tuple[TensorSpec, ...], outputs: tuple
 
 def _reference_session(path: Path, threads: int) -> Any:
     """The original as an unpackaged deployment would open it: all optimizations at load."""
-    import onnxruntime as ort
+    from tierserve.model import ort  # onnxruntime, its telemetry off
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
