@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 
 from support.common import BUCKET, REPO_ROOT, count_s3_calls
+from support.sklearn_models import sklearn_classifier
 from tierserve import store
 from tierserve.catalog import Catalog, Digest, Manifest
 from tierserve.registry import ModelRegistry
@@ -508,3 +509,13 @@ def test_catalog_validate_reports_every_bad_entry(iris_package, tmp_path, capsys
     assert "1 of 4 entries valid" in err
     code, stdout, _ = cli(capsys, "catalog", "validate", "--catalog", tmp_path / "absent.json")
     assert code == 0 and "no models" in stdout
+
+
+def test_a_default_skl2onnx_classifier_is_packaged_with_a_probability_tensor(tmp_path, capsys):
+    source, _ = sklearn_classifier(tmp_path / "clf.onnx", zipmap=True)
+    out = tmp_path / "pkg"
+    code, stdout, err = cli(capsys, "package", source, "--name", "clf", "--version", "1", "--out", out)
+    assert code == 0, err
+    assert "note: output 'output_probability' was a ZipMap" in stdout
+    outputs = {o.name: o for o in read_package(out).manifest.outputs}
+    assert (outputs["output_probability"].datatype, outputs["output_probability"].shape) == ("FP32", (-1, 3))

@@ -70,25 +70,48 @@ def sha256_file(path: Path) -> str:
 
 
 def signature_of(model_path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Inputs and outputs of a model as onnxruntime sees them (symbolic dims become -1)."""
+    """Inputs and outputs of a model as onnxruntime sees them (symbolic dims become -1).
+
+    Raises:
+        InvalidModel: an input or output that is not a tensor of a v2 datatype (a ZipMap's
+            sequence of maps, say), naming the export option that avoids it.
+    """
     from tierserve.model import ort  # onnxruntime, its telemetry off
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    return _specs(session.get_inputs()), _specs(session.get_outputs())
+    return _specs(session.get_inputs(), "input", model_path), _specs(
+        session.get_outputs(), "output", model_path
+    )
 
 
-def _specs(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
+def _specs(args: Sequence[Any], kind: str, model_path: Path) -> tuple[TensorSpec, ...]:
     return tuple(
         TensorSpec(
             arg.name,
-            ONNX_TO_DATATYPE.get(arg.type, arg.type),
+            _datatype(arg, kind, model_path),
             tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or [])),
         )
         for arg in args
     )
+
+
+def _datatype(arg: Any, kind: str, model_path: Path) -> str:
+    """The v2 datatype of one input or output; anything but a tensor of a v2 datatype is refused."""
+    from tierserve.tools.packaging._errors import InvalidModel
+    from tierserve.tools.packaging._validate import NO_ZIPMAP
+
+    datatype = ONNX_TO_DATATYPE.get(arg.type)
+    if datatype is not None:
+        return datatype
+    hint = (
+        f" (a ZipMap's sequence of maps: {NO_ZIPMAP})"
+        if arg.type.startswith("seq(map(")
+        else ": export the model with tensor inputs and outputs of a v2 datatype"
+    )
+    raise InvalidModel(f"{model_path}: {kind} {arg.name!r} is {arg.type}, which tierserve cannot serve{hint}")
 
 
 def compress_file(source: Path, destination: Path, compression: str, level: int = DEFAULT_ZSTD_LEVEL) -> None:

@@ -161,6 +161,7 @@ def _build(
     notes: list[str] = []
     say(f"checking {source}")
     validated = check_model(source, work)
+    notes += validated.notes
     try:
         inputs, outputs = signature_of(validated.path)
     except Exception as error:  # onnxruntime's own exception family
