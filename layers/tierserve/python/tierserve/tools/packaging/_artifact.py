@@ -61,6 +61,11 @@ class LevelChoice:
     trials: tuple[dict[str, float], ...] = field(default_factory=tuple)
 
 
+def size_text(size: int) -> str:
+    """A byte count as the reports print it: ``12.35 MB`` from 1 MB (10^6 bytes) up, ``4.2 kB`` below."""
+    return f"{size / 1e6:,.2f} MB" if size >= 1_000_000 else f"{size / 1e3:,.1f} kB"
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
