@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -296,23 +297,48 @@ def install_dir(staging: Path, out_dir: Path) -> None:
         os.replace(staging, out_dir)
 
 
+def package_file(directory: Path, name: str) -> Path:
+    """``directory / name`` if it is the package's own file: a plain file in that very folder,
+    not a symlink (which could lead anywhere, and have that file uploaded as the model). The
+    folder itself may be reached through a symlink.
+
+    Raises:
+        FileNotFoundError: no such file.
+        InvalidModel: a symlink, not a plain file (a FIFO, a device, a folder), or outside.
+    """
+    from tierserve.tools.packaging._errors import InvalidModel
+
+    path = Path(directory) / name
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing") from None
+    if stat.S_ISLNK(mode) or not stat.S_ISREG(mode) or path.resolve().parent != Path(directory).resolve():
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a plain file in the package folder"
+        raise InvalidModel(
+            f"{path} is {what}: a package holds its own files, and only those are uploaded; "
+            "package the model again (tierserve package) instead of linking to it"
+        )
+    return path
+
+
 def read_package(directory: Path) -> PackagedModel:
     """A package written by :func:`package_model` (or ``tierserve package``), checked on disk.
 
     Raises:
         FileNotFoundError: no manifest or artifact there.
+        InvalidModel: the manifest or the artifact is a symlink, not a plain file, or outside
+            the folder (:func:`package_file`).
         ManifestError: "<path> is not a valid manifest: <what>".
         ValueError: the artifact's size or sha256 differs from the manifest.
     """
     directory = Path(directory)
-    path = directory / MANIFEST_NAME
+    path = package_file(directory, MANIFEST_NAME)
     try:
         manifest = Manifest.from_json(path.read_bytes())
     except ManifestError as error:
         raise ManifestError(f"{path} is not a valid manifest: {error}") from None
-    artifact = directory / manifest.artifact
-    if not artifact.is_file():
-        raise FileNotFoundError(f"{artifact} is missing")
+    artifact = package_file(directory, manifest.artifact)
     if artifact.stat().st_size != manifest.stored.bytes or sha256_file(artifact) != manifest.stored.sha256:
         raise ValueError(f"{artifact} does not match its manifest (size or sha256)")
     return PackagedModel(manifest, artifact)
