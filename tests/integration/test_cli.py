@@ -100,3 +100,19 @@ def test_sizes_under_a_megabyte_are_listed_in_kilobytes(iris_package, tmp_path, 
     model_kb = f"{iris_package.manifest.model.bytes / 1e3:,.1f} kB"
     stored_kb = f"{iris_package.manifest.stored.bytes / 1e3:,.1f} kB zstd"
     assert model_kb in row and stored_kb in row and "0.0 MB" not in row, row
+
+
+def test_a_deeply_nested_event_file_is_a_usage_error(tmp_path, capsys):
+    event = tmp_path / "event.json"
+    event.write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = cli(capsys, "local", "invoke", event, "--work-dir", tmp_path)
+    assert code == 2 and f"tierserve local invoke: {event} is not JSON" in err
+
+
+def test_a_deeply_nested_cdk_json_is_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "cdk.json").write_text('{"context": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, "catalog", "list")
+    assert code == 1 and err.startswith(
+        f"tierserve catalog: error: {tmp_path / 'cdk.json'} cannot be read as JSON"
+    )

@@ -207,7 +207,7 @@ def run_local_invoke(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"tierserve local invoke: cannot read {args.event}: {error.strerror}", file=sys.stderr)
         return EXIT_USAGE
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         print(f"tierserve local invoke: {args.event} is not JSON: {error}", file=sys.stderr)
         return EXIT_USAGE
     key, takes = HANDLER_EVENTS[args.handler]

@@ -67,7 +67,7 @@ def project_config(
     if cdk_json is not None:
         try:
             context = dict(json.loads(cdk_json.read_text()).get("context", {}))
-        except (OSError, ValueError, AttributeError) as error:
+        except (OSError, ValueError, AttributeError, RecursionError) as error:
             raise CatalogProblem(
                 f"{cdk_json} cannot be read as JSON ({error}): fix it or pass --catalog PATH"
             ) from None
