@@ -6,7 +6,7 @@ each with its manifest, so the CDK app synthesizes offline. Both the CDK app and
 local API ask :func:`tier_for` which tier serves a model: they can never disagree.
 
 Manifests are data that can be hostile, so they are read strictly (:meth:`Manifest.from_json`,
-:meth:`Catalog.from_json`): strict JSON (no ``NaN`` or ``Infinity``, no number past a double,
+:meth:`Catalog.load`, both through :func:`load_json`): strict JSON (no ``NaN`` or ``Infinity``, no number past a double,
 no key twice in one object), nested at most :data:`MAX_JSON_DEPTH` levels, and every field of
 its JSON type: booleans are ``true``/``false``, sizes and dimensions are integers in range,
 datatypes are v2 datatypes, names follow their patterns, and no field is unknown. A
@@ -20,6 +20,7 @@ import json
 import math
 import re
 import reprlib
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -122,12 +123,12 @@ def _finite_float(text: str) -> float:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    document = dict(pairs)
-    if len(document) != len(pairs):
-        seen: set[str] = set()
-        twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
-        raise _Refused(f"has the key {reprlib.repr(twice)} twice in one object: keep one")
-    return document
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:  # readers that keep the first and readers that keep the last would disagree
+            raise _Refused(f"has the key {reprlib.repr(key)} twice in one object: keep one")
+        seen.add(key)
+    return dict(pairs)
 
 
 def _depth(value: Any) -> int:
@@ -293,7 +294,6 @@ class Manifest:
                 f'"schema_version" {reprlib.repr(schema)} is not {MANIFEST_SCHEMA_VERSION}, the one this '
                 "tierserve reads: package the model with this version of tierserve"
             )
-        accuracy = _get(data, "accuracy", "accuracy", None)
         manifest = cls(
             name=_string(_get(data, "name", "name"), "name", limit=64),
             version=_string(_get(data, "version", "version"), "version", limit=64),
@@ -310,7 +310,7 @@ class Manifest:
                 _get(data, "quantization", "quantization", "none"), "quantization", limit=MAX_LABEL
             ),
             optimized=_boolean(_get(data, "optimized", "optimized", False), "optimized"),
-            accuracy=_optional_object(accuracy, "accuracy"),
+            accuracy=_optional_object(_get(data, "accuracy", "accuracy", None), "accuracy"),
             tier=None if data.get("tier") is None else _choice(data["tier"], "tier", TIERS),  # type: ignore[arg-type]
             allow_non_finite=_boolean(
                 _get(data, "allow_non_finite", "allow_non_finite", False), "allow_non_finite"
@@ -392,9 +392,9 @@ def _tensors(data: Mapping[str, Any], key: str) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec.from_dict(spec, f"{key}[{index}]") for index, spec in enumerate(specs))
 
 
-def _signature_problems(kind: str, specs: Iterable[TensorSpec]) -> list[str]:
+def _signature_problems(kind: str, specs: tuple[TensorSpec, ...]) -> list[str]:
     """What is wrong with one side of a signature built in code (parsing checks the same)."""
-    problems, names = [], [spec.name for spec in specs]
+    problems: list[str] = []
     for spec in specs:
         if not spec.name:
             problems.append(f"{kind} need names: one has an empty name")
@@ -408,9 +408,9 @@ def _signature_problems(kind: str, specs: Iterable[TensorSpec]) -> list[str]:
                 f"{kind} {reprlib.repr(spec.name)} has shape {reprlib.repr(list(spec.shape))}: "
                 f"dimensions are -1 (any size) or more, at most {MAX_RANK} of them"
             )
-    twice = sorted({name for name in names if names.count(name) > 1})
+    twice = sorted(name for name, count in Counter(spec.name for spec in specs).items() if count > 1)
     if twice:
-        problems.append(f"{kind} {twice} appear more than once: each tensor needs its own name")
+        problems.append(f"{kind} {reprlib.repr(twice)} appear more than once: each tensor needs its own name")
     return problems
 
 
