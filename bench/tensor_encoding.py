@@ -7,6 +7,10 @@ parses and validates it (``parse_infer_request``), the server encodes the 1x1000
 the wire are the bodies as sent, and as API Gateway carries them (binary bodies travel
 base64-encoded inside the Lambda proxy event).
 
+``json-stdlib`` is the JSON encoding with the protocol's JSON pair (``loads``/``dumps``, orjson)
+swapped for the standard library's (``json.loads``, ``stdlib_dumps``) in the same run: what
+tierserve measured before orjson, and the ratio the report gives for JSON.
+
 ``--http`` adds the whole round trip through the local API on 127.0.0.1: real HTTP, the
 API Gateway proxy event, the Lambda handler and onnxruntime.
 
@@ -17,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -31,6 +38,10 @@ from bench.common import WORK_DIR, S3Server, fmt_ms, plot_bars, repeat, say, sum
 BUCKET = "bench-models"
 SHAPE = (1, 3, 224, 224)
 ENCODINGS = ("json", "binary")
+# What the steps of each encoding measure: (wire format, the protocol's JSON pair or the stdlib's).
+VARIANTS = {"json": ("json", False), "json-stdlib": ("json", True), "binary": ("binary", False)}
+# The steps that turn the input tensor into JSON and back: the request, 150,528 values.
+REQUEST_STEPS = ("client_encode_request", "server_parse_request")
 
 
 def build_convnet() -> Path:
@@ -43,6 +54,29 @@ def build_convnet() -> Path:
 
 
 def encode_steps(manifest: Any, image: np.ndarray, outputs: dict[str, np.ndarray], iterations: int) -> dict:
+    """Every step of every variant (``VARIANTS``), timed in this one run."""
+    results: dict[str, Any] = {}
+    for variant, (encoding, stdlib) in VARIANTS.items():
+        with stdlib_json() if stdlib else contextlib.nullcontext():
+            results[variant] = _encoding_steps(manifest, image, outputs, iterations, encoding == "binary")
+    return results
+
+
+@contextlib.contextmanager
+def stdlib_json() -> Iterator[None]:
+    """The protocol with the standard library's JSON in place of its orjson pair."""
+    from tierserve import protocol
+
+    with (
+        mock.patch.object(protocol, "loads", json.loads),
+        mock.patch.object(protocol, "dumps", protocol.stdlib_dumps),
+    ):
+        yield
+
+
+def _encoding_steps(
+    manifest: Any, image: np.ndarray, outputs: dict[str, np.ndarray], iterations: int, binary: bool
+) -> dict[str, Any]:
     from tierserve.protocol import (
         decode_infer_response,
         encode_infer_request,
@@ -51,46 +85,43 @@ def encode_steps(manifest: Any, image: np.ndarray, outputs: dict[str, np.ndarray
     )
 
     input_name = manifest.inputs[0].name
-    results: dict[str, Any] = {}
-    for encoding in ENCODINGS:
-        binary = encoding == "binary"
 
-        def client_encode(binary: bool = binary) -> Any:
-            return encode_infer_request({input_name: image}, binary=binary, binary_outputs=binary)
+    def client_encode() -> Any:
+        return encode_infer_request({input_name: image}, binary=binary, binary_outputs=binary)
 
-        request_body = client_encode()
+    request_body = client_encode()
 
-        def server_parse(body: Any = request_body) -> Any:
-            return parse_infer_request(body.body, body.headers, manifest, max_bytes=64 << 20)
+    def server_parse() -> Any:
+        return parse_infer_request(request_body.body, request_body.headers, manifest, max_bytes=64 << 20)
 
-        parsed = server_parse()
-        np.testing.assert_array_equal(parsed.inputs[input_name], image)
+    parsed = server_parse()
+    np.testing.assert_array_equal(parsed.inputs[input_name], image)
 
-        def server_encode(request: Any = parsed) -> Any:
-            return encode_infer_response(request, outputs, model_name="convnet", model_version="1")
+    def server_encode() -> Any:
+        return encode_infer_response(parsed, outputs, model_name="convnet", model_version="1")
 
-        response_body = server_encode()
+    response_body = server_encode()
 
-        def client_decode(response: Any = response_body) -> Any:
-            return decode_infer_response(response.body, response.headers)
+    def client_decode() -> Any:
+        return decode_infer_response(response_body.body, response_body.headers)
 
-        decoded = client_decode()
-        for name, array in outputs.items():
-            np.testing.assert_allclose(decoded[name], array, rtol=1e-6)
-        steps = {
-            "client_encode_request": summarize(repeat(client_encode, iterations, warmup=3)),
-            "server_parse_request": summarize(repeat(server_parse, iterations, warmup=3)),
-            "server_encode_response": summarize(repeat(server_encode, iterations, warmup=3)),
-            "client_decode_response": summarize(repeat(client_decode, iterations, warmup=3)),
-        }
-        results[encoding] = {
-            "request_bytes": len(request_body.body),
-            "response_bytes": len(response_body.body),
-            "request_bytes_via_api_gateway": _api_gateway_size(request_body.body, binary),
-            "steps_ms": steps,
-            "total_p50_ms": sum(s["p50"] for s in steps.values()),
-        }
-    return results
+    decoded = client_decode()
+    for name, array in outputs.items():
+        np.testing.assert_array_equal(decoded[name], array)
+    steps = {
+        "client_encode_request": summarize(repeat(client_encode, iterations, warmup=3)),
+        "server_parse_request": summarize(repeat(server_parse, iterations, warmup=3)),
+        "server_encode_response": summarize(repeat(server_encode, iterations, warmup=3)),
+        "client_decode_response": summarize(repeat(client_decode, iterations, warmup=3)),
+    }
+    return {
+        "request_bytes": len(request_body.body),
+        "response_bytes": len(response_body.body),
+        "request_bytes_via_api_gateway": _api_gateway_size(request_body.body, binary),
+        "steps_ms": steps,
+        "request_p50_ms": sum(steps[name]["p50"] for name in REQUEST_STEPS),
+        "total_p50_ms": sum(s["p50"] for s in steps.values()),
+    }
 
 
 def _api_gateway_size(body: bytes, binary: bool) -> int:
@@ -194,6 +225,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["json_vs_binary_request_bytes"] = (
         results["steps"]["json"]["request_bytes"] / results["steps"]["binary"]["request_bytes"]
     )
+    stdlib, fast = results["steps"]["json-stdlib"], results["steps"]["json"]
+    results["orjson_request_speedup"] = stdlib["request_p50_ms"] / fast["request_p50_ms"]
+    results["orjson_total_speedup"] = stdlib["total_p50_ms"] / fast["total_p50_ms"]
     return results
 
 
@@ -204,15 +238,22 @@ def report(results: dict[str, Any]) -> str:
     ]
     for encoding, figures in results["steps"].items():
         lines.append(
-            f"  {encoding:6s} request {figures['request_bytes']:>10,} B (via API Gateway "
+            f"  {encoding:11s} request {figures['request_bytes']:>10,} B (via API Gateway "
             f"{figures['request_bytes_via_api_gateway']:,} B), response {figures['response_bytes']:,} B"
         )
         for step, stats in figures["steps_ms"].items():
-            lines.append(f"         {step:24s} {fmt_ms(stats['p50'])} / {fmt_ms(stats['p99'])}")
-        lines.append(f"         {'sum of p50s':24s} {fmt_ms(figures['total_p50_ms'])}")
+            lines.append(f"              {step:24s} {fmt_ms(stats['p50'])} / {fmt_ms(stats['p99'])}")
+        lines.append(f"              {'sum of p50s':24s} {fmt_ms(figures['total_p50_ms'])}")
     lines.append(
         f"  binary is {results['binary_speedup']:.1f}x faster to encode+decode and "
         f"{results['json_vs_binary_request_bytes']:.1f}x smaller on the wire than JSON"
+    )
+    lines.append(
+        f"  JSON with orjson vs the standard library: the request tensor encoded + parsed "
+        f"{results['orjson_request_speedup']:.1f}x faster "
+        f"({fmt_ms(results['steps']['json-stdlib']['request_p50_ms'])} -> "
+        f"{fmt_ms(results['steps']['json']['request_p50_ms'])}), all four steps "
+        f"{results['orjson_total_speedup']:.1f}x"
     )
     if "session_run_ms" in results:
         lines.append(f"  (the convnet's session.run alone: p50 {fmt_ms(results['session_run_ms']['p50'])})")
@@ -244,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot_bars(
         "tensor_encoding",
         "1x3x224x224 FP32: encode + parse + encode + decode (sum of p50 ms)",
-        {e: results["steps"][e]["total_p50_ms"] for e in ENCODINGS},
+        {v: results["steps"][v]["total_p50_ms"] for v in VARIANTS},
     )
     say(f"tensor_encoding: results in {path}")
     return results

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import onnxruntime as ort
 import pytest
 
 from support.common import BUCKET, REPO_ROOT, count_s3_calls
+from support.sklearn_models import sklearn_classifier
 from tierserve import store
 from tierserve.catalog import Catalog, Digest, Manifest
 from tierserve.registry import ModelRegistry
@@ -26,6 +28,7 @@ from tierserve.tools.cli import main
 from tierserve.tools.packaging import (
     BucketForbidden,
     BucketNotFound,
+    InvalidModel,
     PackagedModel,
     VersionConflict,
     generate_inputs,
@@ -321,7 +324,7 @@ def test_a_broken_catalog_stops_the_upload_before_anything_is_sent(s3, packaged_
     catalog = tmp_path / "catalog.json"
     catalog.write_text("{not json")
     code, _, err = cli(capsys, "upload", packaged_mlp, f"s3://{BUCKET}/models", "--catalog", catalog)
-    assert code == 1 and "is not usable" in one_error_line(err)
+    assert code == 1 and f"catalog {catalog} is not valid JSON" in one_error_line(err)
     assert s3.list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0
 
 
@@ -491,6 +494,7 @@ def test_catalog_validate_reports_every_bad_entry(iris_package, tmp_path, capsys
                     {"name": "iris", "version": "1", "manifest": good},
                     {"name": "broken", "version": "1", "manifest": bad_digest},
                     {"name": "iris", "version": "2", "manifest": good},
+                    {"name": "iris", "version": "1", "manifest": good},
                 ]
             }
         )
@@ -498,9 +502,69 @@ def test_catalog_validate_reports_every_bad_entry(iris_package, tmp_path, capsys
     code, stdout, err = cli(capsys, "catalog", "validate", "--catalog", catalog)
     assert code == 1
     assert "ok   iris@1  tier lambda" in stdout
-    assert "FAIL broken@1: manifest for broken@1: stored and model digests need a 64-hex sha256" in stdout
-    assert "FAIL iris@2: the entry says iris@2 but its manifest describes iris@1" in stdout
-    assert "iris is listed more than once" in stdout
-    assert "1 of 3 entries valid" in err
-    code, stdout, _ = cli(capsys, "catalog", "validate", "--catalog", tmp_path / "absent.json")
-    assert code == 0 and "no models" in stdout
+    assert (
+        "FAIL broken@1: models[1] is not a valid manifest: manifest for broken@1: stored and model digests "
+        "need a 64-hex sha256" in stdout
+    )
+    assert "FAIL iris@2: models[2]: the entry says iris@2 but its manifest describes iris@1" in stdout
+    assert "FAIL iris@1: iris is listed more than once" in stdout
+    assert "1 of 4 entries valid" in err
+    code, _, err = cli(capsys, "catalog", "validate", "--catalog", tmp_path / "absent.json")
+    assert code == 1 and "no catalog at" in err  # a path given on purpose that is not there
+
+
+def test_a_default_skl2onnx_classifier_is_packaged_with_a_probability_tensor(tmp_path, capsys):
+    source, _ = sklearn_classifier(tmp_path / "clf.onnx", zipmap=True)
+    out = tmp_path / "pkg"
+    code, stdout, err = cli(capsys, "package", source, "--name", "clf", "--version", "1", "--out", out)
+    assert code == 0, err
+    assert "note: output 'output_probability' was a ZipMap" in stdout
+    outputs = {o.name: o for o in read_package(out).manifest.outputs}
+    assert (outputs["output_probability"].datatype, outputs["output_probability"].shape) == ("FP32", (-1, 3))
+
+
+def linked_package(iris_package: PackagedModel, tmp_path: Path, link: str) -> Path:
+    """A copy of the iris package whose artifact (or manifest) is a symlink: to a file outside the
+    folder that holds the very bytes its manifest describes, or to a copy inside the folder."""
+    folder, outside = tmp_path / "pkg", tmp_path / "elsewhere"
+    folder.mkdir()
+    outside.mkdir()
+    artifact, manifest = iris_package.artifact.name, "manifest.json"
+    shutil.copy(iris_package.artifact, outside / artifact)
+    shutil.copy(iris_package.directory / manifest, outside / manifest)
+    if link == "artifact-outside":
+        (folder / artifact).symlink_to(outside / artifact)
+        shutil.copy(outside / manifest, folder / manifest)
+    elif link == "artifact-inside":
+        shutil.copy(outside / artifact, folder / "copy.zst")
+        (folder / artifact).symlink_to("copy.zst")
+        shutil.copy(outside / manifest, folder / manifest)
+    elif link == "manifest":
+        shutil.copy(outside / artifact, folder / artifact)
+        (folder / manifest).symlink_to(outside / manifest)
+    return folder
+
+
+@pytest.mark.parametrize("link", ["artifact-outside", "artifact-inside", "manifest"])
+def test_upload_refuses_a_package_with_a_symlink_and_sends_nothing(s3, iris_package, tmp_path, capsys, link):
+    folder = linked_package(iris_package, tmp_path, link)
+    code, _, err = cli(capsys, "upload", folder, f"s3://{BUCKET}/models", "--no-register")
+    assert code == 1
+    line = one_error_line(err)
+    assert "is a symbolic link: a package holds its own files" in line, line
+    assert s3.list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0
+
+
+def test_upload_package_refuses_a_symlinked_artifact_however_it_is_called(s3, iris_package, tmp_path):
+    folder = linked_package(iris_package, tmp_path, "artifact-outside")
+    packaged = PackagedModel(iris_package.manifest, folder / iris_package.artifact.name)
+    with pytest.raises(InvalidModel, match="is a symbolic link"):
+        upload_package(packaged, s3, BUCKET, "models")
+    assert s3.list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0
+
+
+def test_a_package_folder_reached_through_a_symlink_uploads(s3, iris_package, tmp_path, capsys):
+    (tmp_path / "current").symlink_to(iris_package.directory, target_is_directory=True)
+    code, stdout, err = cli(capsys, "upload", tmp_path / "current", f"s3://{BUCKET}/models", "--no-register")
+    assert code == 0, err
+    assert "uploaded: s3://test-models/models/iris/1/manifest.json" in stdout

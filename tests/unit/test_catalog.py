@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+from support.manifests import HOSTILE_MANIFESTS, manifest_text, raw_manifest
 from tierserve.catalog import (
     Catalog,
     Manifest,
@@ -16,22 +18,6 @@ from tierserve.catalog import (
 )
 
 MB = 1024 * 1024
-
-
-def raw_manifest(**overrides: object) -> dict:
-    data = {
-        "name": "iris",
-        "version": "1",
-        "format": "onnx",
-        "compression": "zstd",
-        "artifact": "model.onnx.zst",
-        "stored": {"sha256": "a" * 64, "bytes": 10},
-        "model": {"sha256": "b" * 64, "bytes": 20},
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
-        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
-    }
-    data.update(overrides)
-    return data
 
 
 def sized(model_mb: float, **overrides: object) -> Manifest:
@@ -57,7 +43,7 @@ def test_round_trip_through_json():
         ({"artifact": "..\\model.onnx"}, "plain file name"),
         ({"stored": {"sha256": "xyz", "bytes": 1}}, "sha256"),
         ({"tier": "fpga"}, "tier"),
-        ({"inputs": []}, "at least one input"),
+        ({"inputs": []}, '"inputs" must be a list of at least one tensor'),
     ],
 )
 def test_invalid_manifests_name_the_field(override, fragment):
@@ -68,7 +54,7 @@ def test_invalid_manifests_name_the_field(override, fragment):
 def test_missing_field_is_a_manifest_error():
     data = raw_manifest()
     del data["stored"]
-    with pytest.raises(ManifestError, match="missing or has a malformed field"):
+    with pytest.raises(ManifestError, match='"stored" is missing'):
         Manifest.from_dict(data)
 
 
@@ -93,26 +79,39 @@ def test_lambda_memory_grows_with_the_model_and_is_clamped():
 
 
 @pytest.mark.parametrize(
-    "catalog",
-    [{"models": {"iris": {}}}, {"models": [{"name": "iris"}]}, []],
-    ids=["models-not-a-list", "entry-without-manifest", "not-an-object"],
+    ("catalog", "fragment"),
+    [
+        ({"models": {"iris": {}}}, "a catalog is"),
+        ([], "a catalog is"),
+        ({"models": [], "extra": 1}, "a catalog is"),
+        ({"models": [{"name": "iris"}]}, r'"models\[0\].manifest" is missing'),
+        ({"models": [["iris"]]}, r"models\[0\] must be a JSON object"),
+    ],
+    ids=[
+        "models-not-a-list",
+        "not-an-object",
+        "unknown-key",
+        "entry-without-manifest",
+        "entry-not-an-object",
+    ],
 )
-def test_malformed_catalogs_are_manifest_errors(catalog):
-    with pytest.raises(ManifestError, match="a catalog is"):
+def test_malformed_catalogs_are_manifest_errors(catalog, fragment):
+    with pytest.raises(ManifestError, match=fragment):
         Catalog.from_dict(catalog)
 
 
-def test_string_sizes_are_parsed_and_garbage_is_a_manifest_error():
-    assert Manifest.from_dict(raw_manifest(stored={"sha256": "a" * 64, "bytes": "10"})).stored.bytes == 10
-    with pytest.raises(ManifestError):
-        Manifest.from_dict(raw_manifest(stored={"sha256": "a" * 64, "bytes": "ten"}))
+def test_sizes_must_be_json_integers():
+    with pytest.raises(ManifestError, match=r'"stored.bytes" must be a whole number \(a JSON integer\)'):
+        Manifest.from_dict(raw_manifest(stored={"sha256": "a" * 64, "bytes": "10"}))
+    with pytest.raises(ManifestError, match=r'"model.bytes"'):
+        Manifest.from_dict(raw_manifest(model={"sha256": "b" * 64, "bytes": True}))
 
 
 def test_catalog_rejects_duplicates_and_mismatched_entries():
     entry = {"name": "iris", "version": "1", "manifest": raw_manifest()}
     with pytest.raises(ManifestError, match="more than once"):
         Catalog.from_dict({"models": [entry, entry]})
-    with pytest.raises(ManifestError, match="disagrees"):
+    with pytest.raises(ManifestError, match="the entry says iris@2 but its manifest describes iris@1"):
         Catalog.from_dict({"models": [{**entry, "version": "2"}]})
 
 
@@ -138,3 +137,43 @@ def test_missing_catalog_is_empty_and_broken_one_is_explained(tmp_path):
 def test_manifest_key_layout():
     assert manifest_key("models", "iris", "3") == "models/iris/3/manifest.json"
     assert manifest_key("", "iris", "3") == "iris/3/manifest.json"
+
+
+@pytest.mark.parametrize(("text", "fragment"), HOSTILE_MANIFESTS.values(), ids=HOSTILE_MANIFESTS)
+def test_hostile_manifests_are_manifest_errors_that_name_the_problem(text, fragment):
+    with pytest.raises(ManifestError) as caught:
+        Manifest.from_json(text)
+    assert re.search(fragment, str(caught.value)), str(caught.value)
+    assert len(str(caught.value)) < 400
+
+
+def test_invalid_utf8_is_a_manifest_error():
+    with pytest.raises(ManifestError, match="not UTF-8"):
+        Manifest.from_json(manifest_text().encode().replace(b'"iris"', b'"ir\xffis"'))
+
+
+IN_A_CATALOG = {k: v for k, v in HOSTILE_MANIFESTS.items() if k != "over-a-megabyte"}
+
+
+@pytest.mark.parametrize(("text", "fragment"), IN_A_CATALOG.values(), ids=IN_A_CATALOG)
+def test_a_catalog_holding_a_hostile_manifest_names_the_problem(tmp_path, text, fragment):
+    path = tmp_path / "catalog.json"
+    path.write_text('{"models": [{"name": "iris", "version": "1", "manifest": ' + text + "}]}")
+    with pytest.raises(ManifestError) as caught:
+        Catalog.load(path)
+    message = str(caught.value)
+    assert message.startswith(f"catalog {path}") and re.search(fragment, message), message
+
+
+def test_a_manifest_is_written_as_the_strict_reader_reads_it():
+    manifest = Manifest.from_dict(raw_manifest(accuracy={"outputs": {"y": {"cosine": 0.999}}}, tier="gpu"))
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    poisoned = Manifest.from_dict(raw_manifest(accuracy={"cosine": float("nan")}))
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        poisoned.to_json()
+
+
+def test_optional_fields_may_be_null_or_absent():
+    manifest = Manifest.from_dict(raw_manifest(tier=None, accuracy=None, extra=None))
+    assert (manifest.tier, manifest.accuracy, manifest.extra) == (None, None, {})
+    assert manifest.allow_non_finite is False and manifest.optimized is False

@@ -115,7 +115,7 @@ def test_requirements_are_pinned_and_agree_with_the_lambda_image():
     lambda_image = pins(REPO_ROOT / "functions" / "inference" / "requirements.txt")
     assert "onnxruntime-gpu" in gpu and "onnxruntime" not in gpu  # the two packages clash
     shared = set(gpu) & set(lambda_image)
-    assert {"numpy", "boto3", "aws-lambda-powertools", "zstandard"} <= shared
+    assert {"numpy", "boto3", "aws-lambda-powertools", "zstandard", "orjson"} <= shared
     assert {n: gpu[n] for n in shared} == {n: lambda_image[n] for n in shared}
 
 

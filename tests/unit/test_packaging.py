@@ -13,8 +13,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from support.sklearn_models import sklearn_classifier
 from tierserve.catalog import MANIFEST_NAME, Digest, Manifest, TensorSpec
 from tierserve.model import create_session
+from tierserve.store import ArtifactStore, FileSource
 from tierserve.tools.packaging import (
     AccuracyOutOfBudget,
     InvalidModel,
@@ -377,3 +379,50 @@ def test_the_artifact_is_stored_under_a_name_from_its_content(iris_package, arti
     assert stored_artifact_name(manifest) == stored_name
     renamed = dataclasses.replace(manifest, artifact=stored_name)
     assert Manifest.from_dict(json.loads(renamed.to_json())).artifact == stored_name  # readers accept it
+
+
+# ---------------------------------------------------------------- skl2onnx classifiers and ZipMap
+
+
+@pytest.mark.parametrize("string_labels", [False, True], ids=["int-labels", "string-labels"])
+@pytest.mark.parametrize("zipmap", [True, False], ids=["zipmap", "zipmap-false"])
+def test_skl2onnx_classifiers_are_packaged_and_served_with_a_probability_tensor(
+    tmp_path, zipmap, string_labels
+):
+    source, classifier = sklearn_classifier(tmp_path / "clf.onnx", zipmap=zipmap, string_labels=string_labels)
+    report = package(source, tmp_path / "models" / "clf" / "1", PackageOptions(name="clf", version="1"))
+    label, probability = ("output_label", "output_probability") if zipmap else ("label", "probabilities")
+    outputs = {spec.name: spec for spec in report.manifest.outputs}
+    assert outputs[probability] == TensorSpec(probability, "FP32", (-1, 3))  # ZipMap's output keeps its name
+    assert outputs[label].datatype == ("BYTES" if string_labels else "INT64")
+    assert report.accuracy["within_budget"] is True
+    assert any("was a ZipMap" in note and "zipmap=False" in note for note in report.notes) is zipmap
+    # As the serving core opens it: fetched and verified from the package folder, signature checked.
+    store = ArtifactStore(FileSource(tmp_path / "models"), tmp_path / "cache", 1 << 30)
+    session = create_session(store.fetch(report.manifest).path, report.manifest, threads=1)
+    rows = np.random.default_rng(0).uniform(0, 7, (5, 4)).astype(np.float32)
+    labels, probabilities = session.run([label, probability], {"X": rows})
+    np.testing.assert_allclose(probabilities, classifier.predict_proba(rows), atol=1e-5)
+    assert list(labels) == list(classifier.predict(rows))
+
+
+def test_a_zipmap_that_cannot_become_its_tensor_is_refused_naming_zipmap_false(tmp_path):
+    source, _ = sklearn_classifier(tmp_path / "clf.onnx", zipmap=True)
+    model = onnx.load(str(source))
+    zipmap = next(node for node in model.graph.node if node.op_type == "ZipMap")
+    model.graph.output.append(helper.make_tensor_value_info(zipmap.input[0], TensorProto.FLOAT, [None, 3]))
+    onnx.save(model, str(source))  # its probabilities are a graph output as well
+    with pytest.raises(InvalidModel) as refused:
+        package(source, tmp_path / "pkg", PackageOptions(name="clf", version="1"))
+    assert "output 'output_probability' is a ZipMap" in refused.value.message
+    assert "{'zipmap': False}" in refused.value.message
+    assert not (tmp_path / "pkg").exists() and _leftovers(tmp_path) == []
+
+
+def test_the_plain_packaging_step_refuses_a_sequence_of_maps_naming_zipmap_false(tmp_path):
+    source, _ = sklearn_classifier(tmp_path / "clf.onnx", zipmap=True)
+    with pytest.raises(InvalidModel) as refused:
+        package_model(source, name="clf", version="1", out_dir=tmp_path / "pkg")
+    message = refused.value.message
+    assert "output 'output_probability' is seq(map(int64,tensor(float)))" in message
+    assert "{'zipmap': False}" in message

@@ -367,3 +367,100 @@ def test_errors_echo_client_values_bounded(raw):
 def test_an_integer_too_long_for_python_is_a_bad_request():
     with pytest.raises(BadRequest, match="too many digits"):
         parse(body(x_input())[:-1] + b', "extra": ' + b"1" * 5000 + b"}")
+
+
+# ---------------------------------------------------------------- the JSON pair (orjson, stdlib fallback)
+
+
+def test_fp32_numbers_are_written_in_their_shortest_form_and_read_back_exactly():
+    array = np.array([[0.1, 1 / 3, -2.5e-8, 3.4028235e38]], np.float32)
+    encoded = encode_infer_request({"x": array})
+    assert b"0.1," in encoded.body and b"0.10000000149011612" not in encoded.body
+    spec = manifest(TensorSpec("x", "FP32", (-1, 4)))
+    np.testing.assert_array_equal(parse(encoded.body, spec).inputs["x"], array)
+
+
+def test_non_finite_outputs_come_back_as_nan_on_the_client():
+    request = parse(body(x_input()))
+    outputs = {"y": np.array([np.nan, np.inf, 1.0], np.float32), "label": np.array([3], np.int64)}
+    response = encode_infer_response(request, outputs, model_name="m", model_version="1")
+    assert json.loads(response.body)["outputs"][0]["data"] == [None, None, 1.0]
+    decoded = decode_infer_response(response.body, response.headers)
+    assert np.isnan(decoded["y"][:2]).all() and decoded["y"][2] == 1.0
+    assert decoded["label"].tolist() == [3]
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(6, dtype=np.float32).reshape(2, 3)[:, ::2],  # not contiguous
+        np.array([1, 2, 3], dtype=">i4"),  # big-endian
+        np.array([1.5, -2.0], dtype=">f8"),
+        np.array([np.nan, 2.0], dtype=np.float16),
+        np.array([True, False]),
+        np.array([2**64 - 1], dtype=np.uint64),
+    ],
+    ids=["strided", "big-endian-int", "big-endian-float", "fp16-nan", "bool", "uint64-max"],
+)
+def test_every_array_layout_is_written_as_the_standard_library_would_read_it(array):
+    request = InferenceRequest(inputs={})
+    response = encode_infer_response(request, {"y": array}, model_name="m", model_version="1")
+    expected = [None if isinstance(v, float) and v != v else v for v in array.reshape(-1).tolist()]
+    assert json.loads(response.body)["outputs"][0]["data"] == expected
+
+
+def test_a_lone_surrogate_in_the_id_is_read_and_echoed_escaped():
+    request = parse(body(x_input())[:-1] + b', "id": "\\ud800-7"}')
+    assert request.id == "\ud800-7"
+    response = encode_infer_response(
+        request, {"y": np.zeros((1, 3), np.float32)}, model_name="m", model_version="1"
+    )
+    assert b'"\\ud800-7"' in response.body
+    assert json.loads(response.body)["id"] == "\ud800-7"
+
+
+def test_a_key_given_twice_keeps_its_last_value():
+    raw = b'{"inputs": [{"name": "z"}], "inputs": [' + json.dumps(x_input()).encode() + b"]}"
+    assert parse(raw).inputs["x"].shape == (2, 4)
+
+
+def test_utf16_bodies_are_still_decoded():
+    assert parse(body(x_input()).decode().encode("utf-16")).inputs["x"].shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "literal", "fragment"),
+    [
+        ("FP32", b"1e400", "NaN or infinity"),
+        ("INT64", b"18446744073709551616", "outside the INT64 range"),
+        ("UINT64", b"-1", "outside the UINT64 range"),
+        ("INT64", b"1e30", "outside the INT64 range"),
+        ("INT64", b"2.5", "whole numbers"),
+    ],
+)
+def test_numbers_past_a_double_or_a_datatype_are_refused(datatype, literal, fragment):
+    spec = manifest(TensorSpec("t", datatype, (1,)))
+    raw = b'{"inputs": [{"name": "t", "shape": [1], "datatype": "%s", "data": [%s]}]}' % (
+        datatype.encode(),
+        literal,
+    )
+    with pytest.raises(BadRequest, match=fragment):
+        parse(raw, spec)
+
+
+def test_integers_past_64_bits_are_read_as_the_nearest_double_by_a_float_tensor():
+    spec = manifest(TensorSpec("t", "FP64", (1,)))
+    raw = b'{"inputs": [{"name": "t", "shape": [1], "datatype": "FP64", "data": [18446744073709551616]}]}'
+    assert parse(raw, spec).inputs["t"].tolist() == [2.0**64]
+
+
+def test_the_json_pair_falls_back_to_the_standard_library_where_orjson_refuses():
+    from tierserve.protocol import dumps, loads, stdlib_dumps
+
+    assert loads(b"[NaN, Infinity]")[1] == float("inf")
+    assert loads('{"a": "\\ud800"}') == {"a": "\ud800"}
+    assert dumps({"a": "\ud800"}) == stdlib_dumps({"a": "\ud800"}) == b'{"a":"\\ud800"}'
+    assert dumps({"big": 2**70}) == b'{"big":1180591620717411303424}'
+    document = {"x": np.array([np.nan, 0.5], np.float32), "n": np.int64(3), "f": np.float32(np.inf)}
+    expected = {"x": [None, 0.5], "n": 3, "f": None}
+    assert json.loads(dumps(document)) == json.loads(stdlib_dumps(document)) == expected

@@ -5,6 +5,9 @@ models packaged into a local folder (``file://``)."""
 from __future__ import annotations
 
 import gc
+import json
+import re
+import shutil
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -179,3 +182,52 @@ def test_an_evicted_batching_model_is_closed_and_lets_go_of_its_session(model_ro
     gc.collect()
     assert session() is None, "nothing may keep an evicted model's session (GPU memory) alive"
     registry.clear()
+
+
+def tampered(manifest: dict, case: str) -> dict:
+    """``manifest`` (as JSON data) with its signature changed as ``case`` says."""
+    inputs, outputs = manifest["inputs"], manifest["outputs"]
+    if case == "datatype":
+        inputs[0]["datatype"] = "FP64"
+    elif case == "name":
+        inputs[0]["name"] = "features"
+    elif case == "rank":
+        inputs[0]["shape"] = [-1, 16, 1]
+    elif case == "fixed-dimension":
+        inputs[0]["shape"] = [-1, 15]
+    elif case == "extra-output":
+        manifest["outputs"] = [*outputs, {"name": "label", "datatype": "INT64", "shape": [-1]}]
+    return manifest
+
+
+SIGNATURE_MISMATCHES = {
+    "datatype": "input 'input' is FP32 in the model, FP64 in the manifest",
+    "name": "input 'features' is in the manifest, not in the model; the model's input 'input' is not in the manifest",
+    "rank": "input 'input' has rank 2 in the model, 3 in the manifest",
+    "fixed-dimension": "input 'input' has dimension 1 of 16 in the model, 15 in the manifest",
+    "extra-output": "output 'label' is in the manifest, not in the model",
+}
+
+
+@pytest.mark.parametrize(("case", "fragment"), SIGNATURE_MISMATCHES.items(), ids=SIGNATURE_MISMATCHES)
+def test_a_manifest_that_does_not_match_its_session_is_refused_and_nothing_stays(
+    model_root, cache_dir, tmp_path, case, fragment
+):
+    root = tmp_path / "store"
+    shutil.copytree(model_root / "mlp-a", root / "mlp-a")
+    manifest_path = root / "mlp-a" / "1" / "manifest.json"
+    original = manifest_path.read_text()
+    manifest_path.write_text(json.dumps(tampered(json.loads(original), case)))
+    registry = make_registry(root, cache_dir, budget_mb=8)
+    ref = registry.resolve("mlp-a")
+    with pytest.raises(ArtifactRejected) as raised:
+        registry.get(ref)
+    assert raised.value.status_code == 503
+    assert re.search(fragment, raised.value.message), raised.value.message
+    assert "mlp-a@1: its manifest does not match the model" in raised.value.message
+    assert "Package the model again" in raised.value.message
+    assert registry.loaded(ref) is None and registry.memory_bytes() == (0, 0)
+    assert ref not in registry._manifests, "the refused manifest is read again next time"
+    assert not list(cache_dir.glob("*.onnx")), "nothing of the refused model stays in the disk cache"
+    manifest_path.write_text(original)  # fixed in place: the next request reads and serves it
+    assert registry.get(ref).predict({"input": np.ones((1, 16), np.float32)})["probabilities"].shape == (1, 5)

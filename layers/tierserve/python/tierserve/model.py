@@ -1,5 +1,8 @@
 """The model interface every tier implements, and its onnxruntime implementation.
 
+Importing this module turns onnxruntime's telemetry off (``disable_telemetry_events``); every
+entry point imports it before creating a session.
+
 A model answers ``metadata``, ``ready`` and ``predict``; the SageMaker client (GPU tier,
 seen from the worker) is another implementation, never a branch inside a handler.
 """
@@ -7,6 +10,7 @@ seen from the worker) is another implementation, never a branch inside a handler
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,12 +20,18 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from tierserve.catalog import Manifest
-from tierserve.errors import BadRequest, ModelUnavailable
-from tierserve.protocol import model_metadata
+from tierserve.catalog import Manifest, TensorSpec
+from tierserve.errors import ArtifactRejected, BadRequest, ModelUnavailable
+from tierserve.protocol import ONNX_TO_DATATYPE, model_metadata
+
+# The one place tierserve imports onnxruntime before using it: the Lambda handlers, the GPU
+# server, the worker, the local stack and the command line all come through here (the packager
+# imports ``ort`` from this module), so no process of ours sends telemetry events.
+ort.disable_telemetry_events()
 
 CPU_PROVIDERS = ("CPUExecutionProvider",)
 RUN_ERROR_LIMIT = 300  # characters of onnxruntime's message a client sees
+SIGNATURE_PROBLEMS_SHOWN = 5
 
 # "... while running GatherElements node. Name:'g' Status Message: <what went wrong>"
 _NODE_FAILURE = re.compile(r"while running (\w+) node\. Name:'([^']*)' Status Message: (.*)", re.DOTALL)
@@ -86,17 +96,88 @@ def create_session(
     uses for its initializers (``use_ort_model_bytes_for_initializers``): no second copy of
     the weights. The path, never Python bytes: pybind copies bytes into a temporary that is
     gone once the call returns, and initializers pointing into it read freed memory.
+
+    Raises:
+        ModelUnavailable: onnxruntime cannot open the file.
+        ArtifactRejected: the session's inputs or outputs are not the manifest's
+            (:func:`check_signature`).
     """
     options = session_options(manifest, threads)
     try:
         if manifest.format == "ort":
             options.add_session_config_entry("session.use_ort_model_bytes_for_initializers", "1")
-        return ort.InferenceSession(str(path), options, providers=list(providers))
+        session = ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... family
         raise ModelUnavailable(
             f"onnxruntime cannot load {manifest.name}@{manifest.version} ({type(error).__name__}): "
             "check the model with `tierserve package` (onnx checker) and re-upload it"
         ) from None
+    check_signature(manifest, session)
+    return session
+
+
+def check_signature(manifest: Manifest, session: ort.InferenceSession) -> None:
+    """Refuse a session whose inputs or outputs are not what the manifest declares: the same
+    names, datatypes and ranks, and no fixed dimension that differs. A manifest that promises
+    another signature would have every request refused as the client's fault.
+
+    Raises:
+        ArtifactRejected: naming each mismatch (the first few) and the fix.
+    """
+    problems = [
+        *_mismatches("input", manifest.inputs, session.get_inputs()),
+        *_mismatches("output", manifest.outputs, session.get_outputs()),
+    ]
+    if problems:
+        shown = "; ".join(problems[:SIGNATURE_PROBLEMS_SHOWN])
+        more = (
+            f"; and {len(problems) - SIGNATURE_PROBLEMS_SHOWN} more"
+            if len(problems) > SIGNATURE_PROBLEMS_SHOWN
+            else ""
+        )
+        raise ArtifactRejected(
+            f"{manifest.name}@{manifest.version}: its manifest does not match the model: {shown}{more}. "
+            "Package the model again (tierserve package writes the signature from the model) and upload "
+            "it as a new version"
+        )
+
+
+def _mismatches(kind: str, declared: Sequence[TensorSpec], actual: Sequence[Any]) -> list[str]:
+    """How the manifest's ``declared`` tensors differ from the session's ``actual`` ones."""
+    found = {arg.name: arg for arg in actual}
+    problems = [
+        f"{kind} {reprlib.repr(spec.name)} is in the manifest, not in the model"
+        for spec in declared
+        if spec.name not in found
+    ]
+    names = {spec.name for spec in declared}
+    problems += [
+        f"the model's {kind} {reprlib.repr(name)} is not in the manifest"
+        for name in found
+        if name not in names
+    ]
+    for spec in declared:
+        arg = found.get(spec.name)
+        if arg is None:
+            continue
+        datatype = ONNX_TO_DATATYPE.get(arg.type, arg.type)
+        if datatype != spec.datatype:
+            problems.append(
+                f"{kind} {reprlib.repr(spec.name)} is {datatype} in the model, {spec.datatype} in the manifest"
+            )
+        dims = list(arg.shape or [])
+        if len(dims) != len(spec.shape):
+            problems.append(
+                f"{kind} {reprlib.repr(spec.name)} has rank {len(dims)} in the model, {len(spec.shape)} in the manifest"
+            )
+            continue
+        for axis, (have, want) in enumerate(zip(dims, spec.shape, strict=True)):
+            if isinstance(have, int) and have >= 0 and want >= 0 and have != want:
+                problems.append(
+                    f"{kind} {reprlib.repr(spec.name)} has dimension {axis} of {have} in the model, "
+                    f"{want} in the manifest"
+                )
+    return problems
 
 
 class OnnxModel:

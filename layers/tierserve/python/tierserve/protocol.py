@@ -3,6 +3,25 @@
 Wire types stay apart from compute: this module knows JSON, the binary tensor data
 extension and datatypes; it never runs a model. A request is validated against the
 model's signature (names, datatypes, shapes, sizes, finiteness) before anything runs.
+
+JSON goes through one pair, :func:`loads` and :func:`dumps`, built on orjson (several times
+faster than the standard library on tensors; ``bench/tensor_encoding.py``). Where orjson
+refuses a body the standard library would take, the standard library decides, so what the
+protocol takes and answers stays what it was:
+
+- ``NaN``, ``Infinity`` and ``-Infinity`` are read (a model whose manifest allows non-finite
+  inputs takes them; any other answers that the input "contains NaN or infinity");
+- numbers past a double (``1e400``) are read as infinity; integers too long for Python (over
+  4,300 digits) are a bad request;
+- lone surrogates (``"\\ud800"``) are read as such; UTF-16 and UTF-32 bodies are decoded;
+- a body nested too deeply to parse is a bad request that says so;
+- a key given twice keeps its last value (as both parsers do);
+- integers past 64 bits are read as the nearest double, as a float tensor takes them; an
+  integer tensor refuses them as out of its range.
+
+Responses write non-finite floats as ``null``, numbers of FP32 and FP16 tensors in their
+shortest form (the same value once read back), and text as UTF-8; a string orjson cannot
+write (a lone surrogate echoed from a request id) is written by the standard library, escaped.
 """
 
 from __future__ import annotations
@@ -17,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from tierserve import __version__
 from tierserve.catalog import Manifest, TensorSpec
@@ -86,6 +106,49 @@ def _short(value: Any, limit: int = ECHO_LIMIT) -> str:
     (depth- and length-bounded, so a hostile value costs nothing to quote)."""
     text = _ECHO.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse one JSON document: orjson, or the standard library where orjson refuses it (see
+    the module docstring for what that keeps).
+
+    Raises:
+        The standard library's errors: ``json.JSONDecodeError``, ``UnicodeDecodeError``,
+        ``RecursionError`` (nested too deeply), ``ValueError`` (an integer of over 4,300 digits).
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
+def dumps(document: Any) -> bytes:
+    """Compact JSON as UTF-8 bytes: orjson, with numpy arrays and scalars written natively
+    (non-finite floats as ``null``). A document orjson cannot write (a string with a lone
+    surrogate, an integer past 64 bits) is written by :func:`stdlib_dumps`."""
+    try:
+        return orjson.dumps(document, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError:
+        return stdlib_dumps(document)
+
+
+def stdlib_dumps(document: Any) -> bytes:
+    """What :func:`dumps` writes, by the standard library alone (ASCII, numpy arrays as lists):
+    the fallback, and the baseline the benchmark measures against."""
+    return json.dumps(document, separators=(",", ":"), default=_plain).encode()
+
+
+def _plain(value: Any) -> Any:
+    """A numpy value the JSON writers do not take as it is, as plain Python."""
+    if isinstance(value, np.ndarray):
+        flat = value.reshape(-1)
+        if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+            return [v if math.isfinite(v) else None for v in flat.tolist()]
+        return flat.tolist()
+    if isinstance(value, np.generic):
+        item = value.item()
+        return None if isinstance(item, float) and not math.isfinite(item) else item
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -214,7 +277,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
     if not body:
         raise BadRequest('request body is empty: send a v2 infer request, e.g. {"inputs": [...]}')
     try:
-        document = json.loads(body[:json_length])
+        document = loads(body[:json_length])
     except RecursionError:
         raise BadRequest(
             "request body is nested too deeply to parse: send tensor data flat (row-major) "
@@ -452,29 +515,35 @@ def _coerce(values: np.ndarray, datatype: str, name: str) -> np.ndarray:
     if kind == "b":
         raise BadRequest(_booleans_message(name, datatype))
     if dtype.kind in "iu":
-        if kind == "f":
-            raise BadRequest(f"input {_short(name)} is {datatype}: send whole numbers, not decimals")
         info = np.iinfo(dtype)
-        if values.size and (values.min() < info.min or values.max() > info.max):
+        # An integer past 64 bits reaches here as a float (orjson reads it as the nearest double).
+        whole = kind != "f" or bool(np.all(np.isfinite(values)) and np.all(values == np.trunc(values)))
+        if values.size and whole and (values.min() < info.min or values.max() > info.max):
             raise BadRequest(
                 f"input {_short(name)} has values outside the {datatype} range [{info.min}, {info.max}]"
             )
+        if kind == "f":
+            raise BadRequest(f"input {_short(name)} is {datatype}: send whole numbers, not decimals")
     elif dtype.itemsize < 8:  # FP16, FP32: a JSON number can be finite and still too large
-        _check_float_range(values, dtype, datatype, name)
+        return _narrowed(values, dtype, datatype, name)
     return values.astype(dtype, copy=False)
 
 
-def _check_float_range(values: np.ndarray, dtype: np.dtype, datatype: str, name: str) -> None:
-    """A finite number too large for ``dtype`` would become infinity in the cast: say so, rather
-    than blame the client for an infinity it did not send."""
-    wide = values.astype(np.float64, copy=False)
-    finite = wide[np.isfinite(wide)]
-    largest = float(np.finfo(dtype).max)
-    if finite.size and float(np.abs(finite).max()) > largest:
+def _narrowed(values: np.ndarray, dtype: np.dtype, datatype: str, name: str) -> np.ndarray:
+    """``values`` cast to ``dtype``. A finite number the cast turns into infinity is too large
+    for it: say so, rather than blame the client for an infinity it did not send. (A number
+    just past the largest finite one that rounds down to it, such as FP32's largest written in
+    its shortest form, ``3.4028235e38``, is in range.)"""
+    with np.errstate(over="ignore"):
+        narrowed = values.astype(dtype, copy=False)
+    overflowed = np.isinf(narrowed)
+    if overflowed.any() and np.isfinite(values[overflowed]).any():
+        largest = float(np.finfo(dtype).max)
         raise BadRequest(
             f"input {_short(name)} has values outside the {datatype} range [{-largest:g}, {largest:g}]: "
             "scale them into range"
         )
+    return narrowed
 
 
 def _json_kind(values: np.ndarray) -> str:
@@ -571,7 +640,7 @@ def _encode_tensor(name: str, array: np.ndarray, binary: bool, chunks: list[byte
 
 def _encoded_body(document: dict[str, Any], chunks: list[bytes]) -> EncodedResponse:
     """JSON alone, or the JSON header followed by the binary chunks (the binary extension)."""
-    head = json.dumps(document, separators=(",", ":")).encode()
+    head = dumps(document)
     if not chunks:
         return EncodedResponse(head, {"Content-Type": JSON_CONTENT_TYPE})
     return EncodedResponse(
@@ -580,13 +649,13 @@ def _encoded_body(document: dict[str, Any], chunks: list[bytes]) -> EncodedRespo
     )
 
 
-def _json_data(array: np.ndarray) -> list[Any]:
+def _json_data(array: np.ndarray) -> list[Any] | np.ndarray:
+    """A tensor's ``data``: text as a list of strings; numbers as a flat, contiguous,
+    native-endian array, which :func:`dumps` writes without making Python numbers of it."""
     flat = array.reshape(-1)
-    if flat.dtype.kind in "OS":
+    if flat.dtype.kind in "OSU":
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
-    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
-        return [v if math.isfinite(v) else None for v in flat.tolist()]
-    return flat.tolist()
+    return np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("="))
 
 
 def encode_binary(array: np.ndarray) -> bytes:
@@ -614,9 +683,10 @@ def decode_infer_response(body: bytes, headers: Mapping[str, str] | None) -> dic
             offset += size
         elif tensor["datatype"] == "BYTES":
             arrays[tensor["name"]] = np.array(tensor["data"], dtype=object).reshape(shape)
-        else:
-            data = [math.nan if v is None else v for v in tensor["data"]]
-            arrays[tensor["name"]] = np.asarray(data, dtype=DATATYPES[tensor["datatype"]]).reshape(shape)
+        else:  # numpy reads a null as NaN for a float datatype
+            arrays[tensor["name"]] = np.asarray(tensor["data"], dtype=DATATYPES[tensor["datatype"]]).reshape(
+                shape
+            )
     return arrays
 
 

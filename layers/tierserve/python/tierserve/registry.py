@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from tierserve.catalog import Manifest
-from tierserve.errors import ModelNotFound, ModelUnavailable, Overloaded
+from tierserve.errors import ArtifactRejected, ModelNotFound, ModelUnavailable, Overloaded
 from tierserve.model import (
     CPU_PROVIDERS,
     LoadTimings,
@@ -150,6 +150,9 @@ class ModelRegistry:
                 )
             timings = LoadTimings(fetched.fetch_ms, fetched.decompress_ms, session_ms[0], fetched.cache_hit)
             model = self._model_factory(manifest, session, timings)
+        except ArtifactRejected:
+            self._forget(ref, manifest)
+            raise
         finally:  # the reservation becomes the loaded model, or is released if the load failed
             with self._room:
                 if model is not None:
@@ -171,6 +174,13 @@ class ModelRegistry:
             },
         )
         return model
+
+    def _forget(self, ref: ModelRef, manifest: Manifest) -> None:
+        """A model refused at load (its manifest does not match its session) leaves nothing
+        behind: the manifest is read again on the next request and the file leaves the disk cache."""
+        with self._lock:
+            self._manifests.pop(ref, None)
+        self.store.cache_path(manifest).unlink(missing_ok=True)
 
     def _cost_within_budget(self, manifest: Manifest) -> int:
         """The model's cost in bytes, or a 503 when it could never fit the budget."""

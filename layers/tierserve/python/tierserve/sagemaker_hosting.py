@@ -27,7 +27,6 @@ Where the model comes from, first match wins:
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -199,7 +198,7 @@ def model_dir_ref(model_dir: Path) -> ModelRef:
     """
     path = model_dir / MANIFEST_NAME
     try:
-        manifest = Manifest.from_dict(json.loads(path.read_text()))
+        manifest = Manifest.from_json(path.read_bytes())
     except FileNotFoundError:
         raise ModelUnavailable(
             f"no model configured: set {MODEL_BUCKET_ENV} and {MODELS_ENV}, or put a packaged model "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import json
 import os
 import queue
 import threading
@@ -182,7 +181,7 @@ class ArtifactStore:
                 f"{self.source.describe(key)} is over {MAX_MANIFEST_BYTES} bytes: not a manifest"
             )
         try:
-            manifest = Manifest.from_dict(json.loads(raw))
+            manifest = Manifest.from_json(raw)
         except (ValueError, ManifestError) as error:
             raise ArtifactRejected(f"{self.source.describe(key)} is not a valid manifest: {error}") from None
         if (manifest.name, manifest.version) != (name, version):

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tierserve import __version__
+
 EXAMPLES = """\
 A model goes from an ONNX file to a served API in three steps:
   1. try it locally    tierserve local            (then: curl localhost:3000/v2/models/iris)
@@ -22,11 +24,14 @@ examples:
     tierserve local invoke events/infer-json.json # the handler under Lambda's runtime emulator
     tierserve package model.onnx --name iris --version 1 --quantization int8 --upload s3://BUCKET/models
     tierserve catalog validate
+    tierserve --version
 
 `tierserve COMMAND --help` explains each command, with examples.
 """
 
 EXIT_USAGE = 2
+# What a shell reports for a writer whose reader went away (128 + SIGPIPE): `tierserve ... | head`.
+EXIT_BROKEN_PIPE = 141
 # What each handler of the Lambda image takes: a key its events have, and an example.
 HANDLER_EVENTS = {
     "api.handler": ("httpMethod", "an API Gateway proxy event such as events/infer-json.json"),
@@ -41,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES,
     )
+    parser.add_argument("--version", action="version", version=f"tierserve {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     local = commands.add_parser(
         "local",
@@ -201,7 +207,7 @@ def run_local_invoke(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"tierserve local invoke: cannot read {args.event}: {error.strerror}", file=sys.stderr)
         return EXIT_USAGE
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         print(f"tierserve local invoke: {args.event} is not JSON: {error}", file=sys.stderr)
         return EXIT_USAGE
     key, takes = HANDLER_EVENTS[args.handler]
@@ -225,6 +231,21 @@ def run_local_invoke(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``tierserve`` command; returns its exit code. Output piped into a reader that
+    stops early (``| head``) ends the command quietly, as other command-line tools do."""
+    try:
+        try:
+            code = _run(argv)
+        finally:  # also after --help and --version, which exit from argparse
+            sys.stdout.flush()  # a pipe that closed shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to write, and nothing to complain about
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ from typing import Any
 
 import zstandard
 
-from tierserve.catalog import COMPRESSIONS, MANIFEST_NAME, Digest, Manifest, TensorSpec
+from tierserve.catalog import COMPRESSIONS, MANIFEST_NAME, Digest, Manifest, ManifestError, TensorSpec
 from tierserve.protocol import ONNX_TO_DATATYPE
 
 DEFAULT_ZSTD_LEVEL = 10
@@ -61,6 +62,11 @@ class LevelChoice:
     trials: tuple[dict[str, float], ...] = field(default_factory=tuple)
 
 
+def size_text(size: int) -> str:
+    """A byte count as the reports print it: ``12.35 MB`` from 1 MB (10^6 bytes) up, ``4.2 kB`` below."""
+    return f"{size / 1e6:,.2f} MB" if size >= 1_000_000 else f"{size / 1e3:,.1f} kB"
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
@@ -70,25 +76,48 @@ def sha256_file(path: Path) -> str:
 
 
 def signature_of(model_path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Inputs and outputs of a model as onnxruntime sees them (symbolic dims become -1)."""
-    import onnxruntime as ort
+    """Inputs and outputs of a model as onnxruntime sees them (symbolic dims become -1).
+
+    Raises:
+        InvalidModel: an input or output that is not a tensor of a v2 datatype (a ZipMap's
+            sequence of maps, say), naming the export option that avoids it.
+    """
+    from tierserve.model import ort  # onnxruntime, its telemetry off
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    return _specs(session.get_inputs()), _specs(session.get_outputs())
+    return _specs(session.get_inputs(), "input", model_path), _specs(
+        session.get_outputs(), "output", model_path
+    )
 
 
-def _specs(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
+def _specs(args: Sequence[Any], kind: str, model_path: Path) -> tuple[TensorSpec, ...]:
     return tuple(
         TensorSpec(
             arg.name,
-            ONNX_TO_DATATYPE.get(arg.type, arg.type),
+            _datatype(arg, kind, model_path),
             tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or [])),
         )
         for arg in args
     )
+
+
+def _datatype(arg: Any, kind: str, model_path: Path) -> str:
+    """The v2 datatype of one input or output; anything but a tensor of a v2 datatype is refused."""
+    from tierserve.tools.packaging._errors import InvalidModel
+    from tierserve.tools.packaging._validate import NO_ZIPMAP
+
+    datatype = ONNX_TO_DATATYPE.get(arg.type)
+    if datatype is not None:
+        return datatype
+    hint = (
+        f" (a ZipMap's sequence of maps: {NO_ZIPMAP})"
+        if arg.type.startswith("seq(map(")
+        else ": export the model with tensor inputs and outputs of a v2 datatype"
+    )
+    raise InvalidModel(f"{model_path}: {kind} {arg.name!r} is {arg.type}, which tierserve cannot serve{hint}")
 
 
 def compress_file(source: Path, destination: Path, compression: str, level: int = DEFAULT_ZSTD_LEVEL) -> None:
@@ -268,21 +297,48 @@ def install_dir(staging: Path, out_dir: Path) -> None:
         os.replace(staging, out_dir)
 
 
+def package_file(directory: Path, name: str) -> Path:
+    """``directory / name`` if it is the package's own file: a plain file in that very folder,
+    not a symlink (which could lead anywhere, and have that file uploaded as the model). The
+    folder itself may be reached through a symlink.
+
+    Raises:
+        FileNotFoundError: no such file.
+        InvalidModel: a symlink, not a plain file (a FIFO, a device, a folder), or outside.
+    """
+    from tierserve.tools.packaging._errors import InvalidModel
+
+    path = Path(directory) / name
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing") from None
+    if stat.S_ISLNK(mode) or not stat.S_ISREG(mode) or path.resolve().parent != Path(directory).resolve():
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a plain file in the package folder"
+        raise InvalidModel(
+            f"{path} is {what}: a package holds its own files, and only those are uploaded; "
+            "package the model again (tierserve package) instead of linking to it"
+        )
+    return path
+
+
 def read_package(directory: Path) -> PackagedModel:
     """A package written by :func:`package_model` (or ``tierserve package``), checked on disk.
 
     Raises:
         FileNotFoundError: no manifest or artifact there.
-        ManifestError: the manifest does not parse.
+        InvalidModel: the manifest or the artifact is a symlink, not a plain file, or outside
+            the folder (:func:`package_file`).
+        ManifestError: "<path> is not a valid manifest: <what>".
         ValueError: the artifact's size or sha256 differs from the manifest.
     """
-    import json
-
     directory = Path(directory)
-    manifest = Manifest.from_dict(json.loads((directory / MANIFEST_NAME).read_text()))
-    artifact = directory / manifest.artifact
-    if not artifact.is_file():
-        raise FileNotFoundError(f"{artifact} is missing")
+    path = package_file(directory, MANIFEST_NAME)
+    try:
+        manifest = Manifest.from_json(path.read_bytes())
+    except ManifestError as error:
+        raise ManifestError(f"{path} is not a valid manifest: {error}") from None
+    artifact = package_file(directory, manifest.artifact)
     if artifact.stat().st_size != manifest.stored.bytes or sha256_file(artifact) != manifest.stored.sha256:
         raise ValueError(f"{artifact} does not match its manifest (size or sha256)")
     return PackagedModel(manifest, artifact)

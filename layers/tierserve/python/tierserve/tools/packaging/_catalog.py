@@ -18,9 +18,12 @@ from typing import Any
 from tierserve.catalog import (
     DEFAULT_LAMBDA_MAX_MODEL_MB,
     MANIFEST_NAME,
+    MAX_CATALOG_BYTES,
     Catalog,
+    CatalogEntry,
     Manifest,
     ManifestError,
+    load_json,
     tier_for,
 )
 from tierserve.tools.packaging._errors import CatalogProblem
@@ -64,7 +67,7 @@ def project_config(
     if cdk_json is not None:
         try:
             context = dict(json.loads(cdk_json.read_text()).get("context", {}))
-        except (OSError, ValueError, AttributeError) as error:
+        except (OSError, ValueError, AttributeError, RecursionError) as error:
             raise CatalogProblem(
                 f"{cdk_json} cannot be read as JSON ({error}): fix it or pass --catalog PATH"
             ) from None
@@ -86,12 +89,11 @@ def project_config(
 
 
 def load_catalog(path: Path) -> Catalog:
+    """The catalog at ``path`` (missing: empty), or a :class:`CatalogProblem` that says what is wrong."""
     try:
         return Catalog.load(path)
-    except (ManifestError, OSError) as error:
-        raise CatalogProblem(
-            f"catalog {path} is not usable ({error}): fix it, or run `tierserve catalog validate`"
-        ) from None
+    except ManifestError as error:
+        raise CatalogProblem(f"{error}: fix it, or run `tierserve catalog validate`") from None
 
 
 def register(manifest: Manifest, path: Path) -> Catalog:
@@ -122,39 +124,34 @@ def validate_catalog(
 ) -> list[EntryCheck]:
     """Check every entry on its own, so one bad entry does not hide the others.
 
-    Each manifest must parse (digests are 64-hex sha256 with a positive size), its name and
-    version must match the entry, names must be unique, and the tier is decided by
-    :func:`tier_for`. With ``s3``, the manifest and artifact must exist there and match.
+    The file must be strict JSON (:func:`tierserve.catalog.load_json`); each entry's manifest
+    must be valid (:meth:`CatalogEntry.from_dict`: every field of its type, digests of 64 hex
+    and a positive size), its name and version must match the entry, names must be unique,
+    and the tier is decided by :func:`tier_for`. With ``s3``, the manifest and artifact must
+    exist there and match.
     """
     try:
-        raw = json.loads(path.read_text())
+        with path.open("rb") as handle:
+            text = handle.read(MAX_CATALOG_BYTES + 1)
     except FileNotFoundError:
         return []  # no catalog is an empty one (Catalog.load agrees): nothing deploys, nothing is wrong
-    except (OSError, ValueError) as error:
-        raise CatalogProblem(
-            f"catalog {path} is not valid JSON ({error}): fix it by hand or restore it"
-        ) from None
+    except OSError as error:
+        raise CatalogProblem(f"catalog {path} cannot be read ({error.strerror or error})") from None
+    try:
+        raw = load_json(text, f"catalog {path}", MAX_CATALOG_BYTES)
+    except ManifestError as error:
+        raise CatalogProblem(f"{error}: fix it by hand or restore it") from None
     entries = raw.get("models") if isinstance(raw, dict) else None
     if not isinstance(entries, list):
         raise CatalogProblem(f'catalog {path} must be an object with a "models" list')
     client = client_factory() if (s3 is not None and client_factory is not None) else None
     checks, seen = [], set()
     for index, entry in enumerate(entries):
-        label = f"#{index + 1}"
+        label = _label(entry, index)
         problems: list[str] = []
         tier = None
         try:
-            if not isinstance(entry, dict):
-                raise ManifestError("an entry must be an object with name, version and manifest")
-            label = f"{entry.get('name', '?')}@{entry.get('version', '?')}"
-            manifest = Manifest.from_dict(entry.get("manifest") or {})
-            if (str(entry.get("name", manifest.name)), str(entry.get("version", manifest.version))) != (
-                manifest.name,
-                manifest.version,
-            ):
-                problems.append(
-                    f"the entry says {label} but its manifest describes {manifest.name}@{manifest.version}"
-                )
+            manifest = CatalogEntry.from_dict(entry, index).manifest
             if manifest.name in seen:
                 problems.append(
                     f"{manifest.name} is listed more than once: keep one deployed version per model"
@@ -169,14 +166,20 @@ def validate_catalog(
     return checks
 
 
+def _label(entry: Any, index: int) -> str:
+    """``name@version`` as the entry says them, when they are short strings; else ``#n``."""
+    said = [entry.get(key) for key in ("name", "version")] if isinstance(entry, dict) else []
+    if said and all(isinstance(part, str) and 0 < len(part) <= 64 for part in said):
+        return f"{said[0]}@{said[1]}"
+    return f"#{index + 1}"
+
+
 def _check_s3(client: Any, where: S3Location, manifest: Manifest) -> list[str]:
     manifest_key = where.key(manifest.key_prefix, MANIFEST_NAME)
     artifact_key = where.key(manifest.key_prefix, manifest.artifact)
     problems = []
     try:
-        stored = Manifest.from_dict(
-            json.loads(client.get_object(Bucket=where.bucket, Key=manifest_key)["Body"].read())
-        )
+        stored = Manifest.from_json(client.get_object(Bucket=where.bucket, Key=manifest_key)["Body"].read())
         if (stored.stored, stored.model) != (manifest.stored, manifest.model):
             problems.append(
                 f"s3://{where.bucket}/{manifest_key} describes other bytes than the catalog (re-upload or fix the catalog)"

@@ -28,6 +28,7 @@ from tierserve.tools.packaging._artifact import (
     install_dir,
     sha256_file,
     signature_of,
+    size_text,
     staging_dir_for,
     write_manifest,
     write_package,
@@ -112,8 +113,16 @@ class PackageReport:
         level = f" level {self.level.level}" if self.level else ""
         rows = [
             ("", "original", "packaged"),
-            ("model size", _mb(self.source_bytes), f"{_mb(m.model.bytes)} ({m.format}, {m.quantization})"),
-            ("stored size", _mb(self.source_bytes), f"{_mb(m.stored.bytes)} ({m.compression}{level})"),
+            (
+                "model size",
+                size_text(self.source_bytes),
+                f"{size_text(m.model.bytes)} ({m.format}, {m.quantization})",
+            ),
+            (
+                "stored size",
+                size_text(self.source_bytes),
+                f"{size_text(m.stored.bytes)} ({m.compression}{level})",
+            ),
             ("stored / original", "", f"{self.stored_ratio:.3f}  ({1 / self.stored_ratio:.1f}x smaller)"),
             ("session load", f"{self.before.load_ms:,.1f} ms", f"{self.after.load_ms:,.1f} ms"),
             ("batch-1 latency", f"{self.before.latency_ms:,.3f} ms", f"{self.after.latency_ms:,.3f} ms"),
@@ -156,11 +165,12 @@ def package(
 def _build(
     source: Path, staging: Path, work: Path, options: PackageOptions, say: Callable[[str], None]
 ) -> PackageReport:
-    import onnxruntime as ort
+    from tierserve.model import ort  # onnxruntime, its telemetry off
 
     notes: list[str] = []
     say(f"checking {source}")
     validated = check_model(source, work)
+    notes += validated.notes
     try:
         inputs, outputs = signature_of(validated.path)
     except Exception as error:  # onnxruntime's own exception family
@@ -380,7 +390,7 @@ def _check_signature(model: Path, inputs: tuple[TensorSpec, ...], outputs: tuple
 
 def _reference_session(path: Path, threads: int) -> Any:
     """The original as an unpackaged deployment would open it: all optimizations at load."""
-    import onnxruntime as ort
+    from tierserve.model import ort  # onnxruntime, its telemetry off
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -398,10 +408,6 @@ def _candidate_session(path: Path, manifest: Manifest, threads: int) -> Any:
 
 def _source_bytes(validated: Any) -> int:
     return validated.source.stat().st_size + sum(p.stat().st_size for p in validated.external_files)
-
-
-def _mb(size: int) -> str:
-    return f"{size / 1e6:,.2f} MB" if size >= 1_000_000 else f"{size / 1e3:,.1f} kB"
 
 
 def _describe_metrics(metrics: Mapping[str, Any]) -> str:

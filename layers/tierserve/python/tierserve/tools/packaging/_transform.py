@@ -45,6 +45,8 @@ def quantize(
         QuantizationUnsupported: the quantizer failed, changed nothing, or left a model that
             onnxruntime cannot run.
     """
+    import tierserve.model  # noqa: F401  (onnxruntime's telemetry off before its quantizers load)
+
     if quantization == "none":
         return validated.path, "none"
     if quantization == "int8" and calibration is not None:
@@ -142,7 +144,7 @@ def _check_changed(target: Path, label: str, validated: ValidatedModel) -> None:
 
 
 def _check_loads(target: Path, label: str) -> None:
-    import onnxruntime as ort
+    from tierserve.model import ort  # onnxruntime, its telemetry off
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -163,7 +165,7 @@ def optimize(source: Path, workdir: Path, *, ort_format: bool = False) -> Path:
     out: they depend on the host's instruction set, and the packaging host is not the Lambda
     host. The loader then skips optimization (``manifest.optimized``).
     """
-    import onnxruntime as ort
+    from tierserve.model import ort  # onnxruntime, its telemetry off
 
     target = workdir / ("optimized.ort" if ort_format else "optimized.onnx")
     options = ort.SessionOptions()

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 from tierserve.catalog import MANIFEST_NAME, Manifest, ManifestError
 from tierserve.settings import DEFAULT_MODEL_PREFIX
 from tierserve.store import error_code
-from tierserve.tools.packaging._artifact import PackagedModel
+from tierserve.tools.packaging._artifact import PackagedModel, package_file
 from tierserve.tools.packaging._errors import (
     BucketForbidden,
     BucketNotFound,
@@ -136,10 +136,12 @@ def upload_package(
     """Upload the artifact, then the manifest. See the module docstring for the rules.
 
     Raises:
+        InvalidModel: the artifact is a symlink or not a plain file of the package folder.
         VersionConflict: the version holds a different model (or another tier override).
         BucketNotFound / BucketForbidden / BucketUnreachable / UploadFailed: S3's answer,
             as one line that says what to do.
     """
+    package_file(packaged.directory, packaged.artifact.name)  # no symlink out of the package is sent
     where = S3Location(bucket, prefix.strip("/"))
     manifest = replace(packaged.manifest, artifact=stored_artifact_name(packaged.manifest))
     manifest_uri = where.uri(manifest.key_prefix, MANIFEST_NAME)

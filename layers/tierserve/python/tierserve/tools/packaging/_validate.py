@@ -6,6 +6,13 @@ The model must parse, pass ``onnx.checker``, use a default-domain opset in the s
 range, and keep any external data inside its own folder: no absolute paths, no ``..``, no
 symlink that leads out. A model with external data is rewritten as one self-contained file
 (the artifact is a single file).
+
+tierserve serves tensors. A classifier converted by skl2onnx with its defaults ends in a
+``ZipMap`` (probabilities as a sequence of maps, one per row): that output is served as the
+probability tensor the ZipMap reads, ``FP32 [-1, classes]``, under the same name, its columns
+in the order of the classifier's classes (the report says so). A ZipMap that cannot be
+turned into a tensor this way is refused with the export option that avoids it
+(``zipmap=False``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,11 @@ from typing import Any
 from tierserve.tools.packaging._errors import InvalidModel
 
 MIN_OPSET = 7
+ML_DOMAIN = "ai.onnx.ml"
+NO_ZIPMAP = (
+    "convert the classifier with skl2onnx's options={id(model): {'zipmap': False}} (or "
+    "to_onnx(..., options={'zipmap': False})) so it outputs a probability tensor"
+)
 # onnx refuses to serialize a protobuf over 2 GB; the artifact is one file.
 MAX_SINGLE_FILE_BYTES = 2 * 1024**3 - 64 * 1024**2
 
@@ -38,6 +50,7 @@ class ValidatedModel:
     opset: int | None
     op_types: tuple[str, ...]
     external_files: tuple[Path, ...]
+    notes: tuple[str, ...] = ()
 
     def describe_ops(self, limit: int = 8) -> str:
         shown = ", ".join(self.op_types[:limit])
@@ -84,7 +97,78 @@ def check_model(path: Path, workdir: Path) -> ValidatedModel:
     working = path
     if external:
         working = _materialize(path, workdir, external)
-    return ValidatedModel(working, path, opset, op_types, tuple(external))
+    working, notes = _tensors_for_zipmaps(working, workdir)
+    return ValidatedModel(working, path, opset, op_types, tuple(external), notes)
+
+
+def _tensors_for_zipmaps(path: Path, workdir: Path) -> tuple[Path, tuple[str, ...]]:
+    """``path`` with each ZipMap that makes a graph output removed, its probability tensor
+    becoming that output (see the module docstring), written to ``workdir``; ``path`` itself
+    when it has none.
+
+    Raises:
+        InvalidModel: a ZipMap output that cannot be served as its tensor; names ``zipmap=False``.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    outputs = {output.name: output for output in model.graph.output}
+    zipmaps = [
+        node
+        for node in model.graph.node
+        if node.op_type == "ZipMap" and node.domain == ML_DOMAIN and node.output[0] in outputs
+    ]
+    if not zipmaps:
+        return path, ()
+    notes = []
+    for node in zipmaps:
+        name, source = node.output[0], node.input[0]
+        classes = next(
+            (len(a.ints) or len(a.strings) for a in node.attribute if a.name.startswith("classlabels_")), 0
+        )
+        why = _why_not_unzippable(model, name, source)
+        if why:
+            raise InvalidModel(
+                f"{path}: output {name!r} is a ZipMap (a sequence of maps, one per row), {why}: {NO_ZIPMAP}"
+            )
+        model.graph.node.remove(node)
+        for other in model.graph.node:
+            other.output[:] = [name if item == source else item for item in other.output]
+            other.input[:] = [name if item == source else item for item in other.input]
+        for info in model.graph.value_info:
+            if info.name == source:
+                model.graph.value_info.remove(info)
+                break
+        outputs[name].type.CopyFrom(
+            onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, [None, classes or None])
+        )
+        notes.append(
+            f"output {name!r} was a ZipMap (a sequence of maps, one per row): it is served as its "
+            f"probability tensor, FP32 [-1, {classes or -1}], columns in the order of the classifier's "
+            "classes (to keep the maps out of the model, convert with skl2onnx's zipmap=False)"
+        )
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as error:
+        raise InvalidModel(
+            f"{path}: its ZipMap outputs cannot be served as tensors ({_first_line(error)}): {NO_ZIPMAP}"
+        ) from None
+    target = workdir / "tensors.onnx"
+    onnx.save(model, str(target))
+    return target, tuple(notes)
+
+
+def _why_not_unzippable(model: Any, name: str, source: str) -> str:
+    """Why the ZipMap from ``source`` to graph output ``name`` cannot give way to ``source``, or ''."""
+    if any(name in node.input for node in model.graph.node):
+        return "which other nodes read"
+    if any(
+        source == item.name for item in (*model.graph.input, *model.graph.output, *model.graph.initializer)
+    ):
+        return "whose probabilities are a graph input, output or initializer"
+    if sum(source in node.output for node in model.graph.node) != 1:
+        return "whose probabilities no single node makes"
+    return ""
 
 
 def _check_external_data(model: Any, path: Path) -> list[Path]:

@@ -280,7 +280,9 @@ def run_upload(args: argparse.Namespace) -> int:
         raise PackagingError(
             f"{args.package_dir} is not a package ({error.filename or error}): make one with `tierserve package`"
         ) from None
-    except (ValueError, ManifestError) as error:
+    except ManifestError as error:
+        raise PackagingError(f"{error}; package the model again (tierserve package)") from None
+    except ValueError as error:
         raise PackagingError(
             f"{args.package_dir} is not a usable package ({error}): package the model again"
         ) from None
@@ -310,6 +312,7 @@ def _ship(packaged: Any, destination: Any, config: Any) -> None:
 
 
 def run_catalog_list(args: argparse.Namespace) -> int:
+    from tierserve.tools.packaging._artifact import size_text
     from tierserve.tools.packaging._catalog import load_catalog
 
     config = _config(args.catalog)
@@ -325,8 +328,8 @@ def run_catalog_list(args: argparse.Namespace) -> int:
                 m.name,
                 m.version,
                 tier_for(m, config.lambda_max_model_mb) + (" (override)" if m.tier else ""),
-                f"{m.model.bytes / 1e6:,.1f} MB",
-                f"{m.stored.bytes / 1e6:,.1f} MB {m.compression}",
+                size_text(m.model.bytes),
+                f"{size_text(m.stored.bytes)} {m.compression}",
                 m.quantization,
                 m.format + (" optimized" if m.optimized else ""),
             )
@@ -383,8 +386,14 @@ def run_catalog_validate(args: argparse.Namespace) -> int:
 
 
 def _config(catalog: Path | None) -> Any:
-    from tierserve.tools.packaging import project_config
+    """The project's configuration; a catalog named with --catalog must exist (the one cdk.json
+    names may not yet: that is a project with no models)."""
+    from tierserve.tools.packaging import CatalogProblem, project_config
 
+    if catalog is not None and not catalog.exists():
+        raise CatalogProblem(
+            f"no catalog at {catalog}: check the path, or leave out --catalog for the one cdk.json names"
+        )
     return project_config(catalog)
 
 
@@ -401,6 +410,8 @@ def _guarded(
         except PackagingError as error:
             print(f"tierserve {command}: error: {error.message}", file=sys.stderr)
             return error.exit_code
+        except BrokenPipeError:
+            raise  # the reader of our output went away: tierserve.tools.cli.main ends quietly
         except KeyboardInterrupt:
             print(f"tierserve {command}: interrupted; nothing was left half-written", file=sys.stderr)
             return 130
