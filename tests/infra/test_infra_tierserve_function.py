@@ -170,5 +170,13 @@ def test_image_requirements_are_pinned_to_what_the_tests_run(repo_root):
             name, _, version = line.partition("==")
             assert version, f"{line!r} is not pinned with =="
             pins[name] = version
-    for name in ("onnxruntime", "numpy", "zstandard", "orjson", "aws-lambda-powertools", "aws-xray-sdk", "boto3"):
+    for name in (
+        "onnxruntime",
+        "numpy",
+        "zstandard",
+        "orjson",
+        "aws-lambda-powertools",
+        "aws-xray-sdk",
+        "boto3",
+    ):
         assert pins[name] == importlib.metadata.version(name), name
