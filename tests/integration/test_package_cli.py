@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 
 from support.common import BUCKET, REPO_ROOT, count_s3_calls
-from tierserve import store
+from tierserve import aws
 from tierserve.catalog import Catalog, Digest, Manifest
 from tierserve.registry import ModelRegistry
 from tierserve.settings import ModelRef, Settings
@@ -181,8 +181,8 @@ def test_large_artifacts_go_multipart_and_verify_on_fetch(s3, embedded_s3, tmp_p
     )
     assert calls.count("UploadPart") == 3 and calls[-1] == "PutObject"
     assert result.manifest.artifact == f"model-{digest.sha256[:16]}.onnx"
-    store.clear_clients()
-    fetched = ArtifactStore(S3Source(BUCKET, "models", store.default_s3_client), cache_dir, 1 << 30).fetch(
+    aws.clear_clients()
+    fetched = ArtifactStore(S3Source(BUCKET, "models", aws.s3_client), cache_dir, 1 << 30).fetch(
         result.manifest
     )
     assert fetched.path.stat().st_size == digest.bytes
@@ -215,8 +215,8 @@ def manifest_in_s3(s3, name: str = "mlp") -> Manifest:
 
 def fetch_from_s3(manifest: Manifest, cache_dir: Path) -> Path:
     """What a function does with the manifest: fetch the artifact it names and verify both digests."""
-    store.clear_clients()
-    source = S3Source(BUCKET, "models", store.default_s3_client)
+    aws.clear_clients()
+    source = S3Source(BUCKET, "models", aws.s3_client)
     return ArtifactStore(source, cache_dir, 1 << 30).fetch(manifest).path
 
 
@@ -349,7 +349,6 @@ def test_an_unreachable_endpoint_fails_in_one_line(s3, packaged_mlp, capsys, mon
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed_port}")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     code, _, err = cli(capsys, "upload", packaged_mlp, f"s3://{BUCKET}/models", "--no-register")
     assert code == 1
     assert "cannot reach S3 for s3://test-models/models" in one_error_line(err)

@@ -24,7 +24,7 @@ from tierserve.catalog import (
     tier_for,
 )
 from tierserve.tools.packaging._errors import CatalogProblem
-from tierserve.tools.packaging._upload import S3Location, _code, upload_error
+from tierserve.tools.packaging._upload import S3Location, object_missing, upload_error
 
 CDK_JSON = "cdk.json"
 DEFAULT_CATALOG = "catalog.json"
@@ -197,6 +197,6 @@ def _check_s3(client: Any, where: S3Location, manifest: Manifest) -> list[str]:
 
 
 def _missing_or_error(error: BaseException, where: S3Location, key: str) -> str:
-    if _code(error) in {"NoSuchKey", "404", "NotFound"}:
+    if object_missing(error):
         return f"s3://{where.bucket}/{key} is missing: upload it (tierserve upload PACKAGE_DIR s3://{where.bucket}/{where.prefix})"
     raise upload_error(error, where)
