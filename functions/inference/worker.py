@@ -35,13 +35,15 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from tierserve.aws import Deadline, OutOfTime
 from tierserve.s3_pipeline import Pipeline
+from tierserve.settings import exit_on_bad_settings
 from tierserve.telemetry import logger, metrics, tracer
 
 # Kept back from the invocation's remaining time: the calls end this much before Lambda's
 # timeout, the handler half of it, leaving time to report the batch and flush metrics.
 DEADLINE_MARGIN_S = 5.0
 
-pipeline = Pipeline.from_env()  # settings read once; models load on first use (or preload)
+with exit_on_bad_settings():  # a bad variable is one line in the init log, not a traceback
+    pipeline = Pipeline.from_env()  # settings read once; models load on first use (or preload)
 executor = ThreadPoolExecutor(pipeline.settings.concurrency, thread_name_prefix="tierserve-worker")
 # A batch where every record failed is reported like any other, not raised: the result is the
 # same (SQS redelivers them all) without counting a function error.

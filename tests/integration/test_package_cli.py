@@ -23,6 +23,7 @@ from tierserve.registry import ModelRegistry
 from tierserve.settings import ModelRef, Settings
 from tierserve.store import ArtifactStore, S3Source
 from tierserve.tools.cli import main
+from tierserve.tools.local import samples
 from tierserve.tools.packaging import (
     BucketForbidden,
     BucketNotFound,
@@ -402,14 +403,15 @@ def test_quantization_and_budget_failures_exit_non_zero(iris_onnx, mlp_onnx, tmp
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_cdk_json_names_the_catalog_and_the_tier_threshold(s3, mlp_onnx, tmp_path, capsys, monkeypatch):
+def test_cdk_json_names_the_catalog_and_the_tier_threshold(s3, tmp_path, capsys, monkeypatch):
+    wide = samples.mlp(tmp_path / "wide.onnx", features=16, hidden=512, layers=3, classes=5)  # 2 MB
     project = tmp_path / "project"
     (project / "deploy").mkdir(parents=True)
-    context = {"catalog": "deploy/models.json", "lambda_max_model_mb": 0.001}
+    context = {"catalog": "deploy/models.json", "lambda_max_model_mb": 1}  # whole MB, as cdk synth wants
     (project / "cdk.json").write_text(json.dumps({"app": "python3 app.py", "context": context}))
     monkeypatch.chdir(project / "deploy")
     code, stdout, err = cli(
-        capsys, "package", mlp_onnx, "--name", "mlp", "--version", "2", "--upload", f"s3://{BUCKET}"
+        capsys, "package", wide, "--name", "mlp", "--version", "2", "--upload", f"s3://{BUCKET}"
     )
     assert code == 0, err
     assert "tier gpu (by size)" in stdout and "not optimized offline" in stdout

@@ -39,6 +39,7 @@ from tierserve.s3_pipeline import (
 from tierserve.s3_pipeline.errors import data_error
 from tierserve.s3_pipeline.results import META_PROCESSED_AT, META_SEQUENCER
 from tierserve.sagemaker_model import parse_custom_attributes, sagemaker_error
+from tierserve.settings import SettingsError
 
 
 def manifest(*inputs: TensorSpec, name: str = "m") -> Manifest:
@@ -462,7 +463,7 @@ def test_pipeline_settings_from_the_environment():
 
 @pytest.mark.parametrize("text", ["big", "big=", "=ep"])
 def test_malformed_endpoint_lists_fail_at_init(text):
-    with pytest.raises(ValueError, match="model=endpoint-name"):
+    with pytest.raises(SettingsError, match=f"TIERSERVE_GPU_ENDPOINTS='{text}' has .* model=endpoint-name"):
         PipelineSettings.from_env({"TIERSERVE_GPU_ENDPOINTS": text})
 
 
