@@ -159,7 +159,7 @@ def grant_model_read(
     A missing manifest or artifact is never a 404 for the client: the store maps S3's NoSuchKey
     to a 503 that says to upload the model or fix the deployed version, and AccessDenied (what
     S3 answers for a missing key to a caller it does not let list the bucket) to a 503 that
-    names the role's permissions (``tierserve.store.s3_error``). Acknowledges the one wildcard
+    names the role's permissions (``tierserve.store.artifact_error``). Acknowledges the one wildcard
     this needs (object keys under the version's prefix) on the grantee's principal, so cdk-nag
     sees the reason next to the grant.
     """

@@ -115,6 +115,7 @@ def test_unset_and_empty_mean_the_default_and_good_values_parse():
     assert (
         Settings.from_env({"TIERSERVE_MODEL_ROOT": "file:///srv/models"}).model_root == "file:///srv/models"
     )
+    assert Settings.from_env({"TIERSERVE_MODEL_PREFIX": "/"}).model_prefix == ""  # the bucket's root
     assert ServerSettings.from_env({"TIERSERVE_TRT_FP16": "OFF"}).providers.trt_fp16 is False
     assert ServerSettings.from_env({"TIERSERVE_MAX_QUEUE_DELAY_MS": "0"}).batching.max_queue_delay_ms == 0
 

@@ -199,8 +199,8 @@ def bucket(name: str, *, unset: str) -> Variable[str]:
 
 
 def _key_prefix(text: str) -> str:
-    prefix = text.strip("/")
-    if "://" in prefix or any(part in ("", ".", "..") for part in prefix.split("/")):
+    prefix = text.strip("/")  # "/" alone: the bucket's root
+    if "://" in prefix or (prefix and any(part in ("", ".", "..") for part in prefix.split("/"))):
         raise ValueError("is not an S3 key prefix")
     return prefix
 

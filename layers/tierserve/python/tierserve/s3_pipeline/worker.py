@@ -13,7 +13,8 @@ the message carries, exactly one of these happens:
   marker, an input deleted or overwritten since the event, an older event than the result
   already written (S3 ``sequencer``), or a duplicate delivery of one already served.
 - **raised**: a transient fault (:func:`tierserve.errors.is_retryable`: S3 or the GPU
-  endpoint down or slow) or a message that can never be read (:class:`PoisonMessage`). The
+  endpoint down or slow, or no time left before the invocation's deadline:
+  :class:`~tierserve.aws.OutOfTime`) or a message that can never be read (:class:`PoisonMessage`). The
   worker reports the message as a batch item failure; SQS redelivers it and moves it to the
   dead-letter queue after ``maxReceiveCount`` receives. Nothing is written.
 
