@@ -214,8 +214,7 @@ class ArtifactStore:
         """
         where = self.source.describe(key)
         start = time.perf_counter()
-        setting = getattr(self.source, "setting", MODEL_BUCKET_ENV)
-        reader = _PrefetchingReader(self.source.open(key), where, manifest.stored.bytes, setting)
+        reader = _PrefetchingReader(self.source.open(key), where, max_bytes=manifest.stored.bytes)
         written = 0
         try:
             with (
@@ -277,8 +276,8 @@ class _PrefetchingReader:
     Memory stays bounded: at most PREFETCH_CHUNKS chunks wait in the queue.
     """
 
-    def __init__(self, body: IO[bytes], where: str, max_bytes: int, setting: str = MODEL_BUCKET_ENV) -> None:
-        self._body, self._where, self._max_bytes, self._setting = body, where, max_bytes, setting
+    def __init__(self, body: IO[bytes], where: str, max_bytes: int) -> None:
+        self._body, self._where, self._max_bytes = body, where, max_bytes
         self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=PREFETCH_CHUNKS)
         self._chunk, self._position = b"", 0
         self._done = False
@@ -344,7 +343,7 @@ class _PrefetchingReader:
             self._done = True
             return False
         if isinstance(item, BaseException):
-            raise artifact_error(item, self._where, self._setting)
+            raise artifact_error(item, self._where)  # mid-stream: a dropped connection or a timeout
         self._chunk, self._position = item, 0
         return True
 
