@@ -131,13 +131,13 @@ class ColdStart:
 
     def ours(self, store_module: Any = None) -> tuple[float, dict[str, float]]:
         """``store_module``: another copy of tierserve/store.py to load with (before/after)."""
-        from tierserve import store
+        from tierserve import aws
         from tierserve.registry import ModelRegistry
 
         shutil.rmtree(self.cache_dir, ignore_errors=True)
         factory = None
         if store_module is not None:
-            source = store_module.S3Source(BUCKET, PREFIX, store.default_s3_client)
+            source = store_module.S3Source(BUCKET, PREFIX, aws.s3_client)
             factory = lambda: store_module.ArtifactStore(source, self.cache_dir, 1 << 34)  # noqa: E731
         registry = ModelRegistry(self.settings, store_factory=factory)
         with timer() as total:
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    from tierserve import store
+    from tierserve import aws
 
     model_path = build_model(args.hidden, args.layers, args.features)
     # Work files (cache, naive download) under the system temp folder, as /tmp in Lambda.
@@ -194,9 +194,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         S3Server(args.s3, throttle_mb_per_s=args.throttle_mb_per_s) as server,
         tempfile.TemporaryDirectory(prefix="tierserve-bench-") as tmp,
     ):
-        store.clear_clients()
+        aws.clear_clients()
         bench = ColdStart(server, model_path, Path(tmp), packaging=args.packaging, threads=args.threads)
-        store.default_s3_client().head_bucket(Bucket=BUCKET)  # ours: client created, connection open
+        aws.s3_client().head_bucket(Bucket=BUCKET)  # ours: client created, connection open
         runs = {
             "floor_path": lambda: bench.floor("path"),
             "floor_bytes": lambda: bench.floor("bytes"),
@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     phases[name].setdefault(phase, []).append(ms)
             say(f"  round {round_index + 1}: " + "  ".join(f"{n} {totals[n][-1]:.0f}" for n in names))
         manifest = bench.manifest
-    store.clear_clients()
+    aws.clear_clients()
 
     summary = {name: summarize(samples) for name, samples in totals.items()}
     floor_name = min(("floor_path", "floor_bytes"), key=lambda n: summary[n]["median"])

@@ -230,15 +230,10 @@ class S3Server:
                 self._process.kill()
 
     def client(self) -> Any:
-        """A boto3 S3 client for the embedded S3, configured like the loader's own."""
-        import boto3
-        from botocore.config import Config
+        """A boto3 S3 client for the embedded S3, with the loader's own policy (tierserve.aws)."""
+        from tierserve import aws
 
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            config=Config(retries={"mode": "standard", "max_attempts": 3}, max_pool_connections=16),
-        )
+        return aws.client("s3", endpoint_url=self.endpoint)
 
 
 def _serve_s3(throttle_mb_per_s: float) -> None:

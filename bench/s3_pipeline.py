@@ -141,14 +141,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows = np.resize(samples.iris_rows(), (args.inputs * args.rows, 4)).astype(np.float32)
         bodies = [encode(args.format, rows[i * args.rows : (i + 1) * args.rows]) for i in range(args.inputs)]
         keys = [f"inputs/{NAME}/bench/{i:06d}.{args.format}" for i in range(args.inputs)]
-        from tierserve import store
+        from tierserve import aws
 
         s3_calls: dict[str, int] = {}
 
         def count_call(model: Any, **_: Any) -> None:
             s3_calls[model.name] = s3_calls.get(model.name, 0) + 1
 
-        store.default_s3_client().meta.events.register("before-call.s3", count_call)
+        aws.s3_client().meta.events.register("before-call.s3", count_call)
         say(
             f"pipeline: {args.inputs} .{args.format} inputs ({args.rows} row(s) each) in waves of "
             f"{args.wave}, one worker draining the queue after each wave"

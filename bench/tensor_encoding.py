@@ -134,7 +134,7 @@ def http_round_trips(
 ) -> dict[str, Any]:
     import http.client
 
-    from tierserve import store
+    from tierserve import aws
     from tierserve.protocol import decode_infer_response, encode_infer_request
     from tierserve.settings import CACHE_DIR_ENV, MODEL_BUCKET_ENV, MODELS_ENV, PRELOAD_ENV
     from tierserve.tools.local.api_server import LocalApi
@@ -144,7 +144,7 @@ def http_round_trips(
     client = server.client()
     client.create_bucket(Bucket=BUCKET)
     upload(package, client, BUCKET, "models")
-    store.clear_clients()
+    aws.clear_clients()
     handler = load_handler(
         {
             MODEL_BUCKET_ENV: BUCKET,
@@ -178,7 +178,7 @@ def http_round_trips(
     finally:
         connection.close()
         api.stop()
-        store.clear_clients()
+        aws.clear_clients()
     return results
 
 

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    from tierserve import store, telemetry
+    from tierserve import aws, telemetry
     from tierserve.settings import CACHE_DIR_ENV, MODEL_BUCKET_ENV, MODELS_ENV, PRELOAD_ENV
     from tierserve.tools.local import samples
     from tierserve.tools.local.apigw import LocalLambdaContext
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         client.create_bucket(Bucket=BUCKET)
         packaged = package_model(source, name="iris", version="1", out_dir=Path(tmp) / "package")
         upload(packaged, client, BUCKET, "models")
-        store.clear_clients()
+        aws.clear_clients()
         for setting in args.settings:
             os.environ.update(SETTINGS[setting])  # metrics: read at each flush
             telemetry.logger.setLevel("WARNING")  # keep the init's "model loaded" line out of the report
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
             results["settings"][setting] = per_event
             say(f"warm_overhead: {setting} done")
-    store.clear_clients()
+    aws.clear_clients()
     overheads = [e["overhead_p50_ms"] for s in results["settings"].values() for e in s.values()]
     results["target_overhead_p50_ms"] = TARGET_OVERHEAD_MS
     results["met"] = max(overheads) <= TARGET_OVERHEAD_MS

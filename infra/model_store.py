@@ -177,7 +177,7 @@ def grant_model_read(
     A missing manifest or artifact is never a 404 for the client: the store maps S3's NoSuchKey
     to a 503 that says to upload the model or fix the deployed version, and AccessDenied (what
     S3 answers for a missing key to a caller it does not let list the bucket) to a 503 that
-    names the role's permissions (``tierserve.store.s3_error``). The listing reveals key names
+    names the role's permissions (``tierserve.store.artifact_error``). The listing reveals key names
     under the version's folder, never bytes; it is what lets S3 tell a missing key (404) from
     a forbidden one.
     """

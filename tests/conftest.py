@@ -1,6 +1,6 @@
 """Fixtures shared by every suite: an embedded S3 (moto's server on 127.0.0.1), sample
 models built by the tests themselves, packaged models uploaded to it, and a clean
-warm-start cache for every test."""
+warm-start cache and fresh boto3 clients for every test."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
 from support.common import BUCKET  # noqa: E402
-from tierserve import store  # noqa: E402
+from tierserve import aws  # noqa: E402
 from tierserve.tools.local import samples  # noqa: E402
 from tierserve.tools.local.embedded_s3 import EmbeddedS3  # noqa: E402
 from tierserve.tools.packaging import PackagedModel, package_model, upload_package  # noqa: E402
@@ -36,18 +36,25 @@ def embedded_s3() -> Iterator[EmbeddedS3]:
 
 
 @pytest.fixture
-def s3(embedded_s3: EmbeddedS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+def s3(embedded_s3: EmbeddedS3, monkeypatch: pytest.MonkeyPatch) -> object:
     """A fresh, empty S3 (bucket ``test-models``) that this process's boto3 clients reach."""
     import requests
 
     requests.post(f"{embedded_s3.endpoint}/moto-api/reset", timeout=10)
     for key, value in embedded_s3.env.items():
         monkeypatch.setenv(key, value)
-    store.clear_clients()
+    aws.clear_clients()  # the environment changed: clients are made again from it
     client = embedded_s3.client()
     client.create_bucket(Bucket=BUCKET)
-    yield client
-    store.clear_clients()
+    return client
+
+
+@pytest.fixture(autouse=True)
+def fresh_aws_clients() -> Iterator[None]:
+    """No test sees another test's boto3 clients (their endpoints, hooks or counters)."""
+    aws.clear_clients()
+    yield
+    aws.clear_clients()
 
 
 @pytest.fixture(scope="session")

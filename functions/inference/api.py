@@ -14,10 +14,11 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from tierserve.dataplane import DataPlane
 from tierserve.registry import ModelRegistry
 from tierserve.routes import build_resolver
-from tierserve.settings import Settings
+from tierserve.settings import Settings, exit_on_bad_settings
 from tierserve.telemetry import logger, metrics, tracer
 
-registry = ModelRegistry(Settings.from_env())
+with exit_on_bad_settings():  # a bad variable is one line in the init log, not a traceback
+    registry = ModelRegistry(Settings.from_env())
 app = build_resolver(DataPlane(registry))
 registry.preload()
 

@@ -10,12 +10,19 @@ mapping must enable ``ReportBatchItemFailures``.
 The records of a batch are served concurrently (``TIERSERVE_WORKER_CONCURRENCY`` threads):
 most of the time goes to S3 round trips, and the pipeline's conditional writes keep two
 records for the same key from overwriting each other's newer result.
+
+The invocation never outlasts itself: its remaining time, less a margin, is a deadline that
+bounds every S3 and SageMaker call of its records (``tierserve.aws``), and a record still
+running at the deadline is reported as failed, so the handler always answers before Lambda
+would kill the whole batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from aws_lambda_powertools.utilities.batch import (
@@ -26,10 +33,17 @@ from aws_lambda_powertools.utilities.batch import (
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from tierserve.aws import Deadline, OutOfTime
 from tierserve.s3_pipeline import Pipeline
+from tierserve.settings import exit_on_bad_settings
 from tierserve.telemetry import logger, metrics, tracer
 
-pipeline = Pipeline.from_env()  # settings read once; models load on first use (or preload)
+# Kept back from the invocation's remaining time: the calls end this much before Lambda's
+# timeout, the handler half of it, leaving time to report the batch and flush metrics.
+DEADLINE_MARGIN_S = 5.0
+
+with exit_on_bad_settings():  # a bad variable is one line in the init log, not a traceback
+    pipeline = Pipeline.from_env()  # settings read once; models load on first use (or preload)
 executor = ThreadPoolExecutor(pipeline.settings.concurrency, thread_name_prefix="tierserve-worker")
 # A batch where every record failed is reported like any other, not raised: the result is the
 # same (SQS redelivers them all) without counting a function error.
@@ -37,14 +51,28 @@ processor = AsyncBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_
 pipeline.registry.preload()
 
 
-async def record_handler(record: SQSRecord) -> None:
-    await asyncio.get_running_loop().run_in_executor(executor, pipeline.handle_message, record.body)
+async def record_handler(record: SQSRecord, deadline: Deadline) -> None:
+    work = asyncio.get_running_loop().run_in_executor(
+        executor, pipeline.handle_message, record.body, deadline
+    )
+    try:
+        await asyncio.wait_for(work, timeout=max(0.0, deadline.hard_at - time.monotonic()))
+    except TimeoutError:
+        logger.warning(
+            "record still running at the invocation's deadline: reported as failed, SQS delivers it again",
+            extra={"message_id": record.message_id},
+        )
+        raise OutOfTime("the record did not finish before the invocation's deadline") from None
 
 
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler(capture_response=False)
 @metrics.log_metrics(capture_cold_start_metric=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    deadline = Deadline.for_invocation(context, DEADLINE_MARGIN_S)
     return async_process_partial_response(
-        event=event, record_handler=record_handler, processor=processor, context=context
+        event=event,
+        record_handler=partial(record_handler, deadline=deadline),
+        processor=processor,
+        context=context,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,72 @@ def test_keys_that_must_agree_are_checked_together(context, names):
 def test_an_empty_alarm_email_is_the_example_in_the_message():
     with pytest.raises(ConfigError, match='-c alarm_email=""'):
         from_mapping({"alarm_email": "not-an-address"})
+
+
+# ---------------------------------------------------------------- one reader for synth and the tools
+
+BAD_CONTEXT = [
+    ("lambda_max_model_mb", "big"),
+    ("lambda_max_model_mb", 0.001),
+    ("catalog", ""),
+    ("auth", "oauth"),
+    ("gpu_max_batch_size", 0),
+]
+
+
+@pytest.fixture(scope="module")
+def app_main(repo_root):
+    return runpy.run_path(str(repo_root / "app.py"), run_name="tierserve_app")["main"]
+
+
+def project_with(tmp_path: Path, context: dict) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "cdk.json").write_text(json.dumps({"app": "python3 app.py", "context": context}))
+    return project
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_CONTEXT)
+def test_synth_tierserve_local_and_catalog_list_refuse_a_bad_value_alike(
+    app_main, make_app, tmp_path, capsys, monkeypatch, key, value
+):
+    from tierserve.tools import cli
+    from tierserve.tools.local import stack
+
+    with pytest.raises(ConfigError) as expected:
+        from_mapping({key: value})
+    message = str(expected.value)
+
+    with pytest.raises(SystemExit) as synth:
+        app_main(make_app(**{key: value}))
+    assert message in str(synth.value.code)
+
+    project = project_with(tmp_path, {key: value})
+    monkeypatch.setattr(stack, "CDK_JSON", project / "cdk.json")
+    assert cli.main(["local", "--work-dir", str(tmp_path / "work")]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # refused before anything was built
+
+    monkeypatch.chdir(project)
+    assert cli.main(["catalog", "list"]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_the_tools_read_the_catalog_and_threshold_synth_reads(tmp_path, monkeypatch):
+    from tierserve.tools.local import stack
+    from tierserve.tools.packaging import project_config
+
+    project = project_with(tmp_path, {"catalog": "deploy/models.json", "lambda_max_model_mb": "64"})
+    (project / "deploy").mkdir()
+    config = project_config(start=project / "deploy")
+    assert (config.catalog_path, config.lambda_max_model_mb) == (project / "deploy" / "models.json", 64)
+    assert stack.lambda_max_model_mb(project / "cdk.json") == 64
+    assert stack.lambda_max_model_mb(tmp_path / "absent.json") == InfraConfig().lambda_max_model_mb
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"context": ["a"]}', "[]"])
+def test_a_cdk_json_that_is_no_json_object_is_refused_with_its_path(tmp_path, text):
+    path = tmp_path / "cdk.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{path}.*fix it"):
+        InfraConfig.from_cdk_json(path)

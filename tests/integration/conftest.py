@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from support.common import Invoke, make_invoke
-from tierserve import store
+from tierserve import aws
 
 
 @pytest.fixture
@@ -25,4 +25,4 @@ def restore_environ() -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
-    store.clear_clients()
+    aws.clear_clients()

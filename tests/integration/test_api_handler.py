@@ -11,7 +11,7 @@ import pytest
 
 from support.common import BUCKET, count_s3_calls, load_event, make_invoke
 from support.gpu import gather_model, package
-from tierserve import store
+from tierserve import aws
 from tierserve.dataplane import PROXY_ENVELOPE_BYTES
 from tierserve.protocol import decode_infer_response
 from tierserve.settings import MB
@@ -57,14 +57,14 @@ def test_versioned_route_and_flat_data(invoke):
 
 def test_second_request_in_the_same_environment_makes_no_s3_call(invoke):
     assert invoke(load_event("infer-json"))[0] == 200
-    calls = count_s3_calls(store.default_s3_client())
+    calls = count_s3_calls(aws.s3_client())
     for _ in range(3):
         assert invoke(load_event("infer-json"))[0] == 200
     assert calls == []
 
 
 def test_first_request_reads_manifest_then_artifact(invoke):
-    calls = count_s3_calls(store.default_s3_client())
+    calls = count_s3_calls(aws.s3_client())
     assert invoke(load_event("infer-json"))[0] == 200
     assert calls == ["GetObject", "GetObject"]
 

@@ -10,11 +10,11 @@ import pytest
 
 from support.common import BUCKET, load_event, make_invoke
 from support.flaky import FlakyProxy
-from tierserve import store
+from tierserve import aws
 from tierserve.catalog import Digest, Manifest
 from tierserve.errors import ModelUnavailable
 from tierserve.registry import ModelRegistry
-from tierserve.settings import Settings
+from tierserve.settings import ModelRef, Settings
 from tierserve.tools.local import samples
 from tierserve.tools.packaging import compress_file, package_model, sha256_file, upload
 
@@ -97,7 +97,7 @@ def test_s3_unavailable_is_503_and_the_next_request_recovers(
     proxy = FlakyProxy(embedded_s3.endpoint)
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
-        store.clear_clients()
+        aws.clear_clients()
         invoke = make_invoke(monkeypatch, cache_dir)
         proxy.down = True
         status, _, body = invoke(load_event("infer-json"))
@@ -115,7 +115,7 @@ def test_s3_failing_mid_download_loses_nothing(embedded_s3, s3, uploaded_iris, c
     proxy = FlakyProxy(embedded_s3.endpoint)
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
-        store.clear_clients()
+        aws.clear_clients()
         invoke = make_invoke(monkeypatch, cache_dir)
         proxy.fail_next = 2  # transient: botocore's own retries absorb it
         status, _, body = invoke(load_event("infer-json"))
@@ -158,3 +158,22 @@ def test_lru_keeps_models_within_the_budget(s3, tmp_path, cache_dir):
     assert registry.loaded(first) is None and registry.loaded(second) is not None
     registry.get(first)
     assert registry.loaded(first) is not None and registry.loaded(second) is None
+
+
+@pytest.mark.parametrize(
+    ("configured", "setting"),
+    [
+        ({"model_bucket": "no-such-models"}, "TIERSERVE_MODEL_BUCKET"),
+        ({"model_root": "s3://no-such-models/models"}, "TIERSERVE_MODEL_ROOT"),
+    ],
+)
+def test_a_model_bucket_that_does_not_exist_names_the_setting_that_chose_it(
+    s3, cache_dir, configured, setting
+):
+    registry = ModelRegistry(Settings(models=(ModelRef("iris", "1"),), cache_dir=cache_dir, **configured))
+    with pytest.raises(ModelUnavailable) as raised:
+        registry.manifest(ModelRef("iris", "1"))
+    assert (
+        "the bucket of s3://no-such-models/models/iris/1/manifest.json does not exist" in raised.value.message
+    )
+    assert f"check {setting}" in raised.value.message and "DATA_BUCKET" not in raised.value.message

@@ -20,7 +20,7 @@ import pytest
 from support.common import BUCKET, load_event, make_invoke
 from support.flaky import FlakyProxy
 from support.gpu import InProcessServer, fp16_model, gather_model, load, package, request
-from tierserve import store
+from tierserve import aws
 from tierserve.model import translate_run_error
 from tierserve.protocol import decode_infer_response, encode_infer_request
 from tierserve.sagemaker_hosting import CUSTOM_ATTRIBUTES
@@ -257,7 +257,7 @@ def test_ping_is_503_until_the_model_is_loaded_and_warmed(
     proxy = FlakyProxy(embedded_s3.endpoint)
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
-        store.clear_clients()
+        aws.clear_clients()
         proxy.down = True  # S3 answers SlowDown: loading fails and is retried
         server = start_server(
             {

@@ -184,3 +184,19 @@ def test_an_emulator_that_is_gone_is_a_clear_error_not_a_traceback(start_functio
     function.process.wait()
     with pytest.raises(RuntimeError, match=r"the function gave no answer .*; see .*api\.handler\.log"):
         function.invoke(load_event("metadata"))
+
+
+@pytest.mark.parametrize(
+    ("handler", "event"), [("api.handler", "health-live"), ("worker.handler", "sqs-s3-test-event")]
+)
+def test_a_bad_variable_at_init_is_one_clear_line_in_the_log(start_function, handler, event):
+    function = start_function(handler, TIERSERVE_THREADS="x")
+    with pytest.raises(RuntimeError, match="the function failed"):
+        function.invoke(load_event(event))
+    log = function.log_path.read_text()
+    ours = {line for line in log.splitlines() if "(rapid)" not in line and not line.startswith("START ")}
+    assert ours == {
+        "tierserve: TIERSERVE_THREADS='x' is not a whole number; set it to 1 to 256, or unset it for "
+        "one per 1,769 MB of memory (Lambda) or one per CPU (GPU server)"
+    }, log
+    assert "Traceback" not in log and "Runtime exited with error: exit status 1" in log

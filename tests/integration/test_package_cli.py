@@ -19,12 +19,13 @@ import pytest
 
 from support.common import BUCKET, REPO_ROOT, count_s3_calls
 from support.sklearn_models import sklearn_classifier
-from tierserve import store
+from tierserve import aws
 from tierserve.catalog import Catalog, Digest, Manifest
 from tierserve.registry import ModelRegistry
 from tierserve.settings import ModelRef, Settings
 from tierserve.store import ArtifactStore, S3Source
 from tierserve.tools.cli import main
+from tierserve.tools.local import samples
 from tierserve.tools.packaging import (
     BucketForbidden,
     BucketNotFound,
@@ -184,8 +185,8 @@ def test_large_artifacts_go_multipart_and_verify_on_fetch(s3, embedded_s3, tmp_p
     )
     assert calls.count("UploadPart") == 3 and calls[-1] == "PutObject"
     assert result.manifest.artifact == f"model-{digest.sha256[:16]}.onnx"
-    store.clear_clients()
-    fetched = ArtifactStore(S3Source(BUCKET, "models", store.default_s3_client), cache_dir, 1 << 30).fetch(
+    aws.clear_clients()
+    fetched = ArtifactStore(S3Source(BUCKET, "models", aws.s3_client), cache_dir, 1 << 30).fetch(
         result.manifest
     )
     assert fetched.path.stat().st_size == digest.bytes
@@ -218,8 +219,8 @@ def manifest_in_s3(s3, name: str = "mlp") -> Manifest:
 
 def fetch_from_s3(manifest: Manifest, cache_dir: Path) -> Path:
     """What a function does with the manifest: fetch the artifact it names and verify both digests."""
-    store.clear_clients()
-    source = S3Source(BUCKET, "models", store.default_s3_client)
+    aws.clear_clients()
+    source = S3Source(BUCKET, "models", aws.s3_client)
     return ArtifactStore(source, cache_dir, 1 << 30).fetch(manifest).path
 
 
@@ -352,7 +353,6 @@ def test_an_unreachable_endpoint_fails_in_one_line(s3, packaged_mlp, capsys, mon
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed_port}")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     code, _, err = cli(capsys, "upload", packaged_mlp, f"s3://{BUCKET}/models", "--no-register")
     assert code == 1
     assert "cannot reach S3 for s3://test-models/models" in one_error_line(err)
@@ -406,14 +406,15 @@ def test_quantization_and_budget_failures_exit_non_zero(iris_onnx, mlp_onnx, tmp
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_cdk_json_names_the_catalog_and_the_tier_threshold(s3, mlp_onnx, tmp_path, capsys, monkeypatch):
+def test_cdk_json_names_the_catalog_and_the_tier_threshold(s3, tmp_path, capsys, monkeypatch):
+    wide = samples.mlp(tmp_path / "wide.onnx", features=16, hidden=512, layers=3, classes=5)  # 2 MB
     project = tmp_path / "project"
     (project / "deploy").mkdir(parents=True)
-    context = {"catalog": "deploy/models.json", "lambda_max_model_mb": 0.001}
+    context = {"catalog": "deploy/models.json", "lambda_max_model_mb": 1}  # whole MB, as cdk synth wants
     (project / "cdk.json").write_text(json.dumps({"app": "python3 app.py", "context": context}))
     monkeypatch.chdir(project / "deploy")
     code, stdout, err = cli(
-        capsys, "package", mlp_onnx, "--name", "mlp", "--version", "2", "--upload", f"s3://{BUCKET}"
+        capsys, "package", wide, "--name", "mlp", "--version", "2", "--upload", f"s3://{BUCKET}"
     )
     assert code == 0, err
     assert "tier gpu (by size)" in stdout and "not optimized offline" in stdout

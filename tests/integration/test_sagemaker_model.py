@@ -16,7 +16,7 @@ import requests
 from botocore.config import Config
 
 from support.sagemaker import SageMakerDouble, model_error, service_error, start_container
-from tierserve import sagemaker_model as remote
+from tierserve import aws
 from tierserve.errors import (
     BadRequest,
     ModelNotFound,
@@ -31,13 +31,6 @@ from tierserve.sagemaker_model import SageMakerModel, parse_custom_attributes
 from tierserve.tools.local.embedded_s3 import LOCAL_CREDENTIALS
 
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32)
-
-
-@pytest.fixture(autouse=True)
-def fresh_clients():
-    remote.clear_clients()
-    yield
-    remote.clear_clients()
 
 
 @pytest.fixture
@@ -173,7 +166,7 @@ def test_the_default_client_retries_a_bounded_number_of_times(double, iris_packa
     double.fail_with = service_error(503, "ServiceUnavailable")
     with pytest.raises(UpstreamUnavailable):
         model.predict({"input": ROWS})
-    assert len(double.calls) == remote.MAX_ATTEMPTS
+    assert len(double.calls) == aws.POLICIES["sagemaker-runtime"].attempts
 
 
 def test_a_slow_endpoint_is_an_upstream_timeout(double, iris_package):
@@ -234,7 +227,7 @@ def moto_runtime(s3, embedded_s3, monkeypatch):
 
 def captured_requests() -> list[object]:
     sent: list[object] = []
-    remote.default_sagemaker_client().meta.events.register(
+    aws.sagemaker_runtime_client().meta.events.register(
         "before-send.sagemaker-runtime.InvokeEndpoint", lambda request, **_: sent.append(request)
     )
     return sent

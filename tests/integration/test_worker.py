@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable
 from urllib.parse import quote_plus, unquote_plus
@@ -20,10 +21,9 @@ from sklearn.datasets import load_iris
 
 from support.common import BUCKET, count_s3_calls, load_event, printed_document
 from support.flaky import FlakyProxy
-from support.sagemaker import SageMakerDouble, model_error, service_error, start_container
-from tierserve import sagemaker_model as remote
-from tierserve import store
-from tierserve.errors import UpstreamUnavailable
+from support.sagemaker import SageMakerDouble, container_error, model_error, service_error, start_container
+from tierserve import aws
+from tierserve.errors import ModelUnavailable, UpstreamUnavailable
 from tierserve.settings import (
     CACHE_DIR_ENV,
     DATA_BUCKET_ENV,
@@ -35,6 +35,7 @@ from tierserve.settings import (
     MODELS_ENV,
     PRELOAD_ENV,
     ROW_BATCH_SIZE_ENV,
+    WORKER_CONCURRENCY_ENV,
 )
 from tierserve.tools.local import samples
 from tierserve.tools.local.apigw import LocalLambdaContext
@@ -104,14 +105,14 @@ class Worker:
         record["s3"]["object"] = item
         return json.dumps(body)
 
-    def deliver(self, *bodies: str) -> list[int]:
+    def deliver(self, *bodies: str, context: LocalLambdaContext | None = None) -> list[int]:
         """Invoke the handler with one SQS batch; the indexes of the messages it reported failed."""
         template = load_event("sqs-s3-put")["Records"][0]
         records = []
         for body in bodies:
             self._ids += 1
             records.append({**template, "messageId": f"message-{self._ids}", "body": body})
-        response = self.handler({"Records": records}, LocalLambdaContext())
+        response = self.handler({"Records": records}, context or LocalLambdaContext())
         failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
         return [i for i, record in enumerate(records) if record["messageId"] in failed]
 
@@ -156,8 +157,7 @@ def make_worker(s3, uploaded_iris, data_bucket, cache_dir, monkeypatch) -> Calla
             monkeypatch.delenv(name, raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        store.clear_clients()
-        remote.clear_clients()
+        aws.clear_clients()  # made again from this environment
         return Worker(s3, load_handler({}, module="worker"))
 
     return make
@@ -408,7 +408,7 @@ def test_when_every_message_fails_each_is_reported_not_raised(worker):
 def flaky(s3, embedded_s3, monkeypatch):
     proxy = FlakyProxy(embedded_s3.endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)  # only the worker's clients go through it
-    store.clear_clients()
+    aws.clear_clients()
     yield proxy
     proxy.stop()
 
@@ -451,7 +451,7 @@ def fail_s3_once(operation: str, code: str = "SlowDown", status: int = 503) -> l
                 operation,
             )
 
-    store.default_s3_client().meta.events.register(f"before-parameter-build.s3.{operation}", fail)
+    aws.s3_client().meta.events.register(f"before-parameter-build.s3.{operation}", fail)
     return failures
 
 
@@ -521,7 +521,7 @@ def test_duplicate_deliveries_leave_one_output_and_skip_the_work(worker):
     message = worker.put("inputs/iris/x.json", infer_request())
     assert worker.deliver(message, message) == []
     first = worker.s3.get_object(Bucket=DATA, Key="outputs/iris/x.json.json")["Body"].read()
-    calls = count_s3_calls(store.default_s3_client())
+    calls = count_s3_calls(aws.s3_client())
     assert worker.deliver(message) == []
     assert calls == ["HeadObject", "HeadObject"]  # seen as a duplicate: no GetObject, no PutObject
     assert worker.s3.get_object(Bucket=DATA, Key="outputs/iris/x.json.json")["Body"].read() == first
@@ -675,6 +675,130 @@ def test_a_gpu_endpoint_that_is_down_is_retried_and_one_that_refuses_is_an_error
     assert worker.deliver(message) == []
     assert "does not like" in worker.read("errors/iris/x.json.json")["error"]
     assert_one_result_per_input(worker.s3)
+
+
+# ---------------------------------------------------------------- hostile answers from the GPU tier
+
+NESTED = "[" * 100_000 + "]" * 100_000
+MODEL_ERROR_HEADERS = {"x-amzn-ErrorType": "ModelError", "Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (NESTED, "[[["),
+        ("x" * 5_000_000, "xxx"),
+        ('{"error": {"nested": [1, 2]}}', '{"error": {"nested": [1, 2]}}'),
+        ('{"error": 1e400}', '{"error": 1e400}'),
+        ('{"error": "bad \\ud800 input\\u0000"}', "bad \\ud800 input"),
+    ],
+    ids=["nested", "huge", "error-not-text", "error-1e400", "surrogate"],
+)
+def test_a_hostile_error_body_from_the_gpu_server_still_leaves_an_error_document(gpu, body, fragment):
+    worker, double = gpu
+    double.fail_with = container_error(400, body)
+    assert worker.deliver(worker.put("inputs/iris/x.json", infer_request())) == []
+    document = worker.read("errors/iris/x.json.json")
+    assert document["status"] == 400 and fragment in document["error"]
+    assert len(document["error"]) <= 500
+    assert_one_result_per_input(worker.s3)
+
+
+@pytest.mark.parametrize(
+    ("status", "raw", "fragment"),
+    [
+        (424, NESTED.encode(), "cannot be read"),
+        (424, b"\xff\xfe\x00 not UTF-8", "cannot be read"),
+        (424, b"[1, 2]", "cannot be read"),
+        (424, b'{"OriginalStatusCode": 1e400, "OriginalMessage": "x"}', "cannot be read"),
+        (424, b'{"OriginalStatusCode": "four hundred", "OriginalMessage": "x"}', "cannot be read"),
+        (500, b"<html>" + b"x" * 1_000_000 + b"</html>", "unavailable"),
+    ],
+    ids=["nested", "not-utf8", "array", "status-1e400", "status-text", "huge-html-500"],
+)
+def test_a_sagemaker_answer_that_cannot_be_read_is_a_typed_transient_fault(gpu, status, raw, fragment):
+    """No error escapes the mapping: the record is retried (as any upstream fault), nothing is
+    written, and the error is the typed one the worker logs."""
+    from tierserve.s3_pipeline import S3Object
+
+    worker, double = gpu
+    double.reply_with = (status, MODEL_ERROR_HEADERS, raw)
+    message = worker.put("inputs/iris/x.json", infer_request())
+    etag = worker.s3.head_object(Bucket=DATA, Key="inputs/iris/x.json")["ETag"].strip('"')
+    with pytest.raises(UpstreamUnavailable, match=fragment):
+        worker.module.pipeline.handle(S3Object(DATA, "inputs/iris/x.json", etag=etag))
+    assert worker.deliver(message) == [0]
+    assert keys(worker.s3) == ["inputs/iris/x.json"]
+
+
+# ---------------------------------------------------------------- the invocation's deadline
+
+
+def short_invocation(timeout_ms: int = 4_000) -> LocalLambdaContext:
+    return LocalLambdaContext(function_name="tierserve-worker", timeout_ms=timeout_ms)
+
+
+def test_a_stalled_gpu_endpoint_is_reported_failed_before_the_invocation_ends(gpu):
+    """botocore alone would wait 3 x 65 s on a hung endpoint; the invocation has 4 s."""
+    worker, double = gpu
+    message = worker.put("inputs/iris/x.json", infer_request())
+    double.delay_s = 120
+    context = short_invocation()
+    assert worker.deliver(message, context=context) == [0]
+    assert context.get_remaining_time_in_millis() > 0  # answered before Lambda's timeout
+    assert keys(worker.s3) == ["inputs/iris/x.json"]  # nothing written
+    assert double.calls  # it did try
+
+
+def test_records_still_waiting_for_a_thread_at_the_deadline_are_failed_too(gpu, make_worker):
+    _, double = gpu
+    worker = make_worker(**{GPU_ENDPOINTS_ENV: "iris=iris-gpu", WORKER_CONCURRENCY_ENV: "1"})
+    messages = [worker.put(f"inputs/iris/{n}.json", infer_request()) for n in range(3)]
+    double.delay_s = 120
+    context = short_invocation()
+    assert worker.deliver(*messages, context=context) == [0, 1, 2]
+    assert context.get_remaining_time_in_millis() > 0
+    assert not [k for k in keys(worker.s3) if not k.startswith("inputs/")]
+
+
+def test_a_stalled_s3_is_reported_failed_before_the_invocation_ends(flaky, worker):
+    message = worker.put("inputs/iris/x.json", infer_request())
+    flaky.stalled = True
+    context = short_invocation()
+    assert worker.deliver(message, context=context) == [0]
+    assert context.get_remaining_time_in_millis() > 0
+    assert flaky.requests >= 1
+    flaky.stalled = False
+    assert keys(worker.s3) == ["inputs/iris/x.json"]
+    assert worker.deliver(message) == []  # S3 is back: served on redelivery
+    assert_one_result_per_input(worker.s3)
+
+
+def test_a_record_still_running_at_the_deadline_is_reported_not_killed(worker, monkeypatch):
+    """Work that never consults the deadline (a model run that takes too long): the handler
+    still answers in time, and the record is a batch item failure."""
+    release = threading.Event()
+    monkeypatch.setattr(worker.module.pipeline, "handle_message", lambda body, deadline: release.wait(30))
+    context = short_invocation()
+    try:
+        assert worker.deliver(worker.put("inputs/iris/x.json", infer_request()), context=context) == [0]
+        assert context.get_remaining_time_in_millis() > 0
+    finally:
+        release.set()
+    assert keys(worker.s3) == ["inputs/iris/x.json"]
+
+
+def test_results_for_a_data_bucket_that_does_not_exist_name_its_setting(make_worker):
+    from tierserve.s3_pipeline import S3Object
+
+    worker = make_worker(**{DATA_BUCKET_ENV: "no-such-results"})
+    put = worker.s3.put_object(Bucket=DATA, Key="inputs/iris/x.json", Body=infer_request())
+    with pytest.raises(ModelUnavailable) as raised:
+        worker.module.pipeline.handle(S3Object(DATA, "inputs/iris/x.json", etag=put["ETag"].strip('"')))
+    assert "s3://no-such-results/outputs/iris/x.json.json does not exist: check TIERSERVE_DATA_BUCKET" in (
+        raised.value.message
+    )
+    assert "MODEL_BUCKET" not in raised.value.message
 
 
 # ---------------------------------------------------------------- S3 -> SQS -> worker, for real

@@ -1,8 +1,10 @@
 """A loopback HTTP proxy in front of the embedded S3 that can be switched off.
 
 While ``down`` it answers every request with 503 SlowDown (what S3 itself says under
-load), so botocore's retries run for real and then give up; switched back, requests pass
-through unchanged. Tests use it to prove that a fault is reported and then recovered from.
+load), so botocore's retries run for real and then give up; while ``stalled`` it reads each
+request and answers nothing (until it is stopped), as a hung S3 would; switched back,
+requests pass through unchanged. Tests use it to prove that a fault is reported and then
+recovered from, and that a hung dependency cannot outlast a deadline.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class FlakyProxy:
         parts = urlsplit(upstream)
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.down = False
+        self.stalled = False
+        self._released = threading.Event()
         self.requests = 0
         self.fail_next = 0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -34,6 +38,7 @@ class FlakyProxy:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def stop(self) -> None:
+        self._released.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -55,6 +60,11 @@ class FlakyProxy:
             def _relay(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if proxy.stalled:
+                    proxy.requests += 1
+                    proxy._released.wait(120)  # no answer at all: the client's timeout must end it
+                    self.close_connection = True
+                    return
                 if proxy._should_fail():
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")

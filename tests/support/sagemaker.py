@@ -7,7 +7,9 @@ plays only SageMaker's part: it hands the container the headers SageMaker forwar
 back its ``Content-Type`` and ``X-Amzn-SageMaker-Custom-Attributes``, wraps a container's
 non-2xx answer in ``ModelError`` (424, ``OriginalStatusCode``, ``OriginalMessage``) and
 refuses unknown endpoints. ``fail_with`` makes it answer the errors SageMaker itself sends
-(its status, ``x-amzn-ErrorType`` and JSON body) instead; ``delay_s`` makes it slow.
+(its status, ``x-amzn-ErrorType`` and JSON body) instead, ``reply_with`` any raw answer
+(status, headers, body bytes: a hostile one); ``delay_s`` makes it slow (a stalled endpoint,
+until it is stopped).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import time
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -81,7 +82,9 @@ class SageMakerDouble:
         self.endpoints = dict(endpoints)
         self.fail_with: tuple[int, str, dict[str, Any]] | None = None
         self.fail_times = 0  # 0: fail every call while fail_with is set
+        self.reply_with: tuple[int, dict[str, str], bytes] | None = None
         self.delay_s = 0.0
+        self._stopped = threading.Event()
         self.calls: list[dict[str, Any]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -92,6 +95,7 @@ class SageMakerDouble:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def stop(self) -> None:
+        self._stopped.set()  # a delayed answer gives up
         self._server.shutdown()
         self._server.server_close()
 
@@ -116,7 +120,9 @@ class SageMakerDouble:
         }
         self.calls.append(call)
         if self.delay_s:
-            time.sleep(self.delay_s)
+            self._stopped.wait(self.delay_s)
+        if self.reply_with is not None:
+            return self.reply_with
         failure = self._failure()
         if failure is not None:
             return _error_reply(failure)

@@ -11,6 +11,7 @@ import pytest
 from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
 
 from support.common import load_event
+from tierserve.aws import OutOfTime
 from tierserve.catalog import Digest, Manifest, TensorSpec
 from tierserve.errors import (
     BadRequest,
@@ -35,9 +36,10 @@ from tierserve.s3_pipeline import (
     stale_other_result,
     why_skip,
 )
+from tierserve.s3_pipeline.errors import data_error
 from tierserve.s3_pipeline.results import META_PROCESSED_AT, META_SEQUENCER
 from tierserve.sagemaker_model import parse_custom_attributes, sagemaker_error
-from tierserve.store import error_code, s3_error
+from tierserve.settings import SettingsError
 
 
 def manifest(*inputs: TensorSpec, name: str = "m") -> Manifest:
@@ -461,7 +463,7 @@ def test_pipeline_settings_from_the_environment():
 
 @pytest.mark.parametrize("text", ["big", "big=", "=ep"])
 def test_malformed_endpoint_lists_fail_at_init(text):
-    with pytest.raises(ValueError, match="model=endpoint-name"):
+    with pytest.raises(SettingsError, match=f"TIERSERVE_GPU_ENDPOINTS='{text}' has .* model=endpoint-name"):
         PipelineSettings.from_env({"TIERSERVE_GPU_ENDPOINTS": text})
 
 
@@ -477,24 +479,16 @@ def client_error(code: str, status: int, **extra) -> ClientError:
     return ClientError(response, "InvokeEndpoint")
 
 
+def model_error(status: object, message: object) -> ClientError:
+    return client_error("ModelError", 424, OriginalStatusCode=status, OriginalMessage=message)
+
+
 @pytest.mark.parametrize(
     ("error", "expected", "fragment"),
     [
-        (
-            client_error("ModelError", 424, OriginalStatusCode=400, OriginalMessage='{"error": "bad shape"}'),
-            BadRequest,
-            "bad shape",
-        ),
-        (
-            client_error("ModelError", 424, OriginalStatusCode=413, OriginalMessage="too big"),
-            PayloadTooLarge,
-            "too big",
-        ),
-        (
-            client_error("ModelError", 424, OriginalStatusCode=503, OriginalMessage="{}"),
-            UpstreamUnavailable,
-            "503",
-        ),
+        (model_error(400, '{"error": "bad shape"}'), BadRequest, "bad shape"),
+        (model_error(413, "too big"), PayloadTooLarge, "too big"),
+        (model_error(503, "{}"), UpstreamUnavailable, "503"),
         (client_error("ModelError", 424, OriginalStatusCode=504), UpstreamTimeout, "timed out"),
         (client_error("ModelError", 424, OriginalStatusCode=429), UpstreamUnavailable, "busy"),
         (client_error("ModelNotReadyException", 429), UpstreamUnavailable, "retry"),
@@ -506,12 +500,62 @@ def client_error(code: str, status: int, **extra) -> ClientError:
         (ReadTimeoutError(endpoint_url="http://x"), UpstreamTimeout, "in time"),
         (ConnectTimeoutError(endpoint_url="http://x"), UpstreamTimeout, "in time"),
         (EndpointConnectionError(endpoint_url="http://x"), UpstreamUnavailable, "cannot be reached"),
+        (RecursionError("botocore parsing a nested answer"), UpstreamUnavailable, "cannot be read"),
+        (OutOfTime("no time left"), UpstreamTimeout, "no time left"),
     ],
 )
 def test_sagemaker_errors_map_to_typed_errors(error, expected, fragment):
     mapped = sagemaker_error(error, "ep")
+    assert isinstance(mapped, expected)
+    assert fragment in mapped.message
+
+
+NESTED = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected", "fragment"),
+    [
+        (400, NESTED, BadRequest, "[[[["),
+        (400, '{"error": ' + NESTED + "}", BadRequest, '{"error": [[['),
+        (400, "x" * 5_000_000, BadRequest, "xxx"),
+        (400, json.dumps({"error": "y" * 1_000_000}), BadRequest, "yyy"),
+        (400, '{"error": {"nested": [1, 2]}}', BadRequest, '{"error": {"nested": [1, 2]}}'),
+        (400, '{"error": 1e400}', BadRequest, "1e400"),
+        (400, '{"error": ' + "9" * 10_000 + "}", BadRequest, "999"),
+        (400, b"\xff\xfe not UTF-8", BadRequest, "not UTF-8"),
+        (400, '{"error": "a lone \\ud800 and\\nlines\\u0000"}', BadRequest, "a lone \\ud800 and lines"),
+        (400, ["not", "text"], BadRequest, "refused the input (400)"),
+        (1e400, "{}", UpstreamUnavailable, "no status"),
+        ("500", "{}", UpstreamUnavailable, "failed (500)"),
+        ({"status": 400}, "{}", UpstreamUnavailable, "no status"),
+        (True, "{}", UpstreamUnavailable, "no status"),
+        (10**30, "{}", UpstreamUnavailable, "no status"),
+    ],
+    ids=[
+        "nested",
+        "nested-error",
+        "huge",
+        "huge-error",
+        "error-object",
+        "error-number",
+        "error-huge-integer",
+        "bytes-not-utf8",
+        "surrogate-and-controls",
+        "message-not-text",
+        "status-1e400",
+        "status-text",
+        "status-object",
+        "status-bool",
+        "status-huge",
+    ],
+)
+def test_every_hostile_container_answer_maps_to_a_typed_error(status, body, expected, fragment):
+    mapped = sagemaker_error(model_error(status, body), "ep")
     assert type(mapped) is expected
     assert fragment in mapped.message
+    assert len(mapped.message) <= 500 and "\n" not in mapped.message
+    mapped.message.encode("utf-8")  # printable: no lone surrogate left to break a log line
 
 
 def test_custom_attributes_parse():
@@ -523,36 +567,27 @@ def test_custom_attributes_parse():
     assert parse_custom_attributes(None) == {}
 
 
-# ---------------------------------------------------------------- S3 errors
+# ---------------------------------------------------------------- S3 errors on data objects
 
 
-class NotBotocore(Exception):
-    response = None  # e.g. an HTTP library's error: a response attribute that is not a dict
-
-
-@pytest.mark.parametrize(
-    ("error", "code"),
-    [
-        (client_error("NoSuchKey", 404), "NoSuchKey"),
-        (ClientError({"ResponseMetadata": {"HTTPStatusCode": 503}}, "HeadObject"), "503"),
-        (ClientError({"Error": {"Code": ""}, "ResponseMetadata": {}}, "HeadObject"), ""),
-        (NotBotocore("boom"), ""),
-        (ValueError("no response at all"), ""),
-        (EndpointConnectionError(endpoint_url="http://x"), ""),
-    ],
-    ids=["code", "status-only", "empty", "response-none", "plain", "connection"],
-)
-def test_error_code_reads_botocore_errors_and_anything_else(error, code):
-    assert error_code(error) == code
-
-
-def test_s3_error_names_the_action_and_survives_errors_without_a_response():
-    assert "while reading s3://b/k" in s3_error(client_error("SlowDown", 503), "s3://b/k").message
-    writing = s3_error(client_error("SlowDown", 503), "s3://b/k", action="writing")
+def test_data_errors_name_the_action_and_the_worker_role():
+    assert "while reading s3://b/k" in data_error(client_error("SlowDown", 503), "s3://b/k").message
+    writing = data_error(client_error("SlowDown", 503), "s3://b/k", action="writing")
     assert type(writing) is UpstreamUnavailable and "while writing s3://b/k (SlowDown)" in writing.message
-    deleting = s3_error(ReadTimeoutError(endpoint_url="http://x"), "s3://b/k", action="deleting")
+    deleting = data_error(ReadTimeoutError(endpoint_url="http://x"), "s3://b/k", action="deleting")
     assert type(deleting) is UpstreamTimeout and "while deleting s3://b/k" in deleting.message
-    denied = s3_error(client_error("AccessDenied", 403), "s3://b/k", action="writing")
-    assert type(denied) is ModelUnavailable and "s3:PutObject" in denied.message
-    assert "s3:GetObject" in s3_error(client_error("AccessDenied", 403), "s3://b/k").message
-    assert type(s3_error(NotBotocore("boom"), "s3://b/k")) is UpstreamUnavailable
+    denied = data_error(client_error("AccessDenied", 403), "s3://b/k", action="writing")
+    assert type(denied) is ModelUnavailable and "worker's role must allow s3:PutObject" in denied.message
+    assert "s3:GetObject" in data_error(client_error("AccessDenied", 403), "s3://b/k").message
+    assert type(data_error(ValueError("no botocore error"), "s3://b/k")) is UpstreamUnavailable
+
+
+def test_a_missing_data_bucket_names_the_data_setting_never_the_model_bucket():
+    missing = client_error("NoSuchBucket", 404)
+    configured = data_error(
+        missing, "s3://results/outputs/x.json", "writing", bucket_setting="TIERSERVE_DATA_BUCKET"
+    )
+    assert "check TIERSERVE_DATA_BUCKET" in configured.message
+    from_event = data_error(missing, "s3://inputs-bucket/outputs/x.json", "writing")
+    assert "deleted after the event" in from_event.message
+    assert "MODEL_BUCKET" not in configured.message + from_event.message

@@ -85,6 +85,12 @@ from tierserve.settings import (
     TRT_FP16_ENV,
     ModelRef,
     Settings,
+    Variable,
+    choice,
+    flag,
+    number,
+    path,
+    whole,
 )
 from tierserve.store import ArtifactStore, FileSource
 from tierserve.telemetry import flush_metrics, logger, stopwatch
@@ -98,6 +104,51 @@ DEFAULT_DRAIN_TIMEOUT_S = 30.0
 RESERVED_HOST_MB = 1024
 LOAD_RETRY_S = (1.0, 30.0)  # first and longest wait between load attempts
 METRICS_FLUSH_S = 60.0
+
+
+def _providers(text: str) -> tuple[str, ...] | None:
+    try:
+        return ProviderConfig.parse_requested(text)
+    except ValueError:
+        raise ValueError("names an execution provider this server does not know") from None
+
+
+PORT = whole(PORT_ENV, high=65535, unset=f"the default, {DEFAULT_PORT} (SageMaker's)")
+MODEL_DIR = path(MODEL_DIR_ENV, unset=f"the default, {DEFAULT_MODEL_DIR}")
+MAX_BATCH_SIZE = whole(MAX_BATCH_SIZE_ENV, high=4096, unset=f"the default, {DEFAULT_MAX_BATCH_SIZE}")
+MAX_QUEUE_DELAY_MS = number(
+    MAX_QUEUE_DELAY_MS_ENV,
+    unit="milliseconds",
+    zero=True,
+    unset=f"the default, {DEFAULT_MAX_QUEUE_DELAY_MS:g}",
+)
+MAX_QUEUE_SIZE = whole(MAX_QUEUE_SIZE_ENV, unset=f"the default, {DEFAULT_MAX_QUEUE_SIZE}")
+RUN_TIMEOUT_S = number(RUN_TIMEOUT_S_ENV, unit="seconds", unset=f"the default, {DEFAULT_RUN_TIMEOUT_S:g}")
+PROVIDERS = Variable(
+    PROVIDERS_ENV,
+    _providers,
+    "auto, or a list such as cuda,cpu (tensorrt, cuda, cpu or full onnxruntime names)",
+    "auto (TensorRT, CUDA, CPU as available)",
+)
+TRT_FP16 = flag(TRT_FP16_ENV, unset="true")
+TRT_CACHE_DIR = path(TRT_CACHE_DIR_ENV, unset=f"the default, {DEFAULT_TRT_CACHE_DIR}")
+IO_BINDING = choice(IO_BINDING_ENV, IO_BINDING_MODES, unset="auto (on when a GPU provider leads)")
+DRAIN_TIMEOUT_S = number(
+    DRAIN_TIMEOUT_S_ENV, unit="seconds", zero=True, unset=f"the default, {DEFAULT_DRAIN_TIMEOUT_S:g}"
+)
+VARIABLES: tuple[Variable, ...] = (
+    PORT,
+    MODEL_DIR,
+    MAX_BATCH_SIZE,
+    MAX_QUEUE_DELAY_MS,
+    MAX_QUEUE_SIZE,
+    RUN_TIMEOUT_S,
+    PROVIDERS,
+    TRT_FP16,
+    TRT_CACHE_DIR,
+    IO_BINDING,
+    DRAIN_TIMEOUT_S,
+)
 
 
 @dataclass(frozen=True)
@@ -116,56 +167,28 @@ class ServerSettings:
         """Read the environment (default ``os.environ``); keyword overrides win.
 
         Raises:
-            ValueError: a value that does not parse, or batching limits out of range; the
-                message names the variable.
+            SettingsError: a variable of :data:`VARIABLES` holds a value it cannot have; the
+                message names the variable, the value and the fix.
         """
         env = os.environ if environ is None else environ
         settings = cls(
-            port=_read(env, PORT_ENV, DEFAULT_PORT, int),
-            model_dir=_read(env, MODEL_DIR_ENV, Path(DEFAULT_MODEL_DIR), Path),
-            batching=_read_batching(env),
-            providers=ProviderConfig(
-                requested=_read(env, PROVIDERS_ENV, None, ProviderConfig.parse_requested),
-                trt_fp16=_read(env, TRT_FP16_ENV, True, _flag),
-                trt_cache_dir=_read(env, TRT_CACHE_DIR_ENV, Path(DEFAULT_TRT_CACHE_DIR), Path),
+            port=PORT.read(env, DEFAULT_PORT),
+            model_dir=MODEL_DIR.read(env, Path(DEFAULT_MODEL_DIR)),
+            batching=BatchingConfig(
+                max_batch_size=MAX_BATCH_SIZE.read(env, DEFAULT_MAX_BATCH_SIZE),
+                max_queue_delay_ms=MAX_QUEUE_DELAY_MS.read(env, DEFAULT_MAX_QUEUE_DELAY_MS),
+                max_queue_size=MAX_QUEUE_SIZE.read(env, DEFAULT_MAX_QUEUE_SIZE),
+                run_timeout_s=RUN_TIMEOUT_S.read(env, DEFAULT_RUN_TIMEOUT_S),
             ),
-            io_binding=_read(env, IO_BINDING_ENV, "auto", _io_binding),
-            drain_timeout_s=_read(env, DRAIN_TIMEOUT_S_ENV, DEFAULT_DRAIN_TIMEOUT_S, float),
+            providers=ProviderConfig(
+                requested=PROVIDERS.read(env, None),
+                trt_fp16=TRT_FP16.read(env, True),
+                trt_cache_dir=TRT_CACHE_DIR.read(env, Path(DEFAULT_TRT_CACHE_DIR)),
+            ),
+            io_binding=IO_BINDING.read(env, "auto"),
+            drain_timeout_s=DRAIN_TIMEOUT_S.read(env, DEFAULT_DRAIN_TIMEOUT_S),
         )
         return replace(settings, **overrides) if overrides else settings
-
-
-def _read(env: Mapping[str, str], name: str, default: Any, parse: Callable[[str], Any]) -> Any:
-    value = env.get(name)
-    if not value:
-        return default
-    try:
-        return parse(value)
-    except ValueError as error:
-        raise ValueError(f"{name}={value!r}: {error}") from None
-
-
-def _read_batching(env: Mapping[str, str]) -> BatchingConfig:
-    return BatchingConfig(
-        max_batch_size=_read(env, MAX_BATCH_SIZE_ENV, DEFAULT_MAX_BATCH_SIZE, int),
-        max_queue_delay_ms=_read(env, MAX_QUEUE_DELAY_MS_ENV, DEFAULT_MAX_QUEUE_DELAY_MS, float),
-        max_queue_size=_read(env, MAX_QUEUE_SIZE_ENV, DEFAULT_MAX_QUEUE_SIZE, int),
-        run_timeout_s=_read(env, RUN_TIMEOUT_S_ENV, DEFAULT_RUN_TIMEOUT_S, float),
-    )
-
-
-def _flag(value: str) -> bool:
-    if value.lower() in {"1", "true", "yes", "on"}:
-        return True
-    if value.lower() in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError("not a boolean; use true or false")
-
-
-def _io_binding(value: str) -> str:
-    if value.lower() not in IO_BINDING_MODES:
-        raise ValueError(f"use one of {list(IO_BINDING_MODES)}")
-    return value.lower()
 
 
 # ---------------------------------------------------------------- where the model comes from
@@ -215,9 +238,9 @@ def server_model_settings(environ: Mapping[str, str] | None = None) -> Settings:
     derive both from the function's memory size, which a SageMaker instance does not have)."""
     env = os.environ if environ is None else environ
     overrides: dict[str, Any] = {}
-    if not env.get(MEMORY_BUDGET_ENV):
+    if not (env.get(MEMORY_BUDGET_ENV) or "").strip():
         overrides["memory_budget_mb"] = max(host_memory_mb() - RESERVED_HOST_MB, 512)
-    if not env.get(THREADS_ENV):
+    if not (env.get(THREADS_ENV) or "").strip():
         overrides["threads"] = len(os.sched_getaffinity(0))
     return Settings.from_env(env, **overrides)
 

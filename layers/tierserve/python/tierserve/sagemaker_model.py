@@ -18,27 +18,30 @@ Wire contract with the GPU server (``functions/gpu_server``, ``POST /invocations
 - errors: the container answers ``{"error": message}`` with the OIP status; SageMaker turns
   any non-2xx into ``ModelError`` (424) carrying ``OriginalStatusCode`` and ``OriginalMessage``.
 
-Failures become typed errors here, at the boundary::
+Every answer becomes a typed error here, at the boundary (read by
+:func:`tierserve.aws.classify`; the container's status and body are untrusted)::
 
     ModelError 413 from the container     -> PayloadTooLarge
     ModelError 404 from the container     -> ModelNotFound (the endpoint serves other models)
     ModelError 408/429 from the container -> UpstreamTimeout / UpstreamUnavailable
-    ModelError other 4xx                  -> BadRequest (the container's message)
-    ModelError 5xx, ModelNotReady,
-      throttling, 5xx, lost connections   -> UpstreamUnavailable   (retryable)
-    read/connect timeouts                 -> UpstreamTimeout       (retryable)
+    ModelError other 4xx                  -> BadRequest (the container's message, one bounded line)
+    ModelError 5xx or no valid status,
+      ModelNotReady, throttling, 5xx,
+      lost connections, answers that
+      cannot be parsed                    -> UpstreamUnavailable   (retryable)
+    read/connect timeouts, OutOfTime      -> UpstreamTimeout       (retryable)
     unknown endpoint, access denied       -> ModelUnavailable      (fix the deployment)
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from tierserve import aws
 from tierserve.catalog import Manifest
 from tierserve.errors import (
     BadRequest,
@@ -57,27 +60,14 @@ from tierserve.protocol import (
     header,
     model_metadata,
 )
-from tierserve.settings import MB
-from tierserve.store import error_code
+from tierserve.settings import GPU_ENDPOINTS_ENV, MB
 
 MODEL_ATTRIBUTE = "model"  # names the model, for an endpoint that serves several
-# SageMaker real-time endpoints refuse request bodies over 6 MB and answer within 60 s.
+# SageMaker real-time endpoints refuse request bodies over 6 MB (timeouts and retries:
+# tierserve.aws.POLICIES["sagemaker-runtime"]).
 DEFAULT_MAX_PAYLOAD_BYTES = 6 * MB
-CONNECT_TIMEOUT_S = 3
-READ_TIMEOUT_S = 65
-MAX_ATTEMPTS = 3  # in all, the first included
-MAX_MESSAGE_CHARS = 500
-
-_RETRYABLE_CODES = {
-    "ThrottlingException",
-    "Throttling",
-    "ServiceUnavailable",
-    "InternalFailure",
-    "InternalDependencyException",
-    "ModelNotReadyException",
-    "RequestTimeout",
-}
-_DENIED_CODES = {"AccessDeniedException", "AccessDenied", "UnrecognizedClientException"}
+# A container's error body longer than this is not parsed for its "error" text, only cut.
+MAX_PARSED_BODY_CHARS = 64 * 1024
 
 
 class SageMakerModel:
@@ -94,7 +84,7 @@ class SageMakerModel:
         self.manifest = manifest
         self.endpoint_name = endpoint_name
         self.max_payload_bytes = max_payload_bytes
-        self._client_factory = client_factory or default_sagemaker_client
+        self._client_factory = client_factory or aws.sagemaker_runtime_client
 
     def metadata(self) -> dict[str, Any]:
         return model_metadata(self.manifest, sagemaker_endpoint=self.endpoint_name)
@@ -133,7 +123,7 @@ class SageMakerModel:
                 CustomAttributes=f"{HEADER_LENGTH}={length}, {MODEL_ATTRIBUTE}={self.manifest.name}",
             )
             body = response["Body"].read()
-        except Exception as error:  # botocore's tree is wide; translate it in one place
+        except Exception as error:  # botocore's tree is wide; aws.classify reads it
             raise sagemaker_error(error, self.endpoint_name) from error
         return self._decode(body, response)
 
@@ -142,7 +132,15 @@ class SageMakerModel:
         length = header(attributes, HEADER_LENGTH)
         try:
             return decode_infer_response(body, {HEADER_LENGTH: length} if length else None)
-        except (BadRequest, KeyError, TypeError, ValueError) as error:
+        except (
+            BadRequest,
+            KeyError,
+            TypeError,
+            ValueError,
+            ArithmeticError,
+            RecursionError,
+            MemoryError,
+        ) as error:
             # Our request was valid (the container accepted it): a reply we cannot read is a
             # fault of the upstream, not of the input.
             raise UpstreamUnavailable(
@@ -167,37 +165,48 @@ def parse_custom_attributes(value: str | None) -> dict[str, str]:
     return pairs
 
 
-def sagemaker_error(error: Exception, endpoint: str) -> TierserveError:
-    """Translate a botocore error from InvokeEndpoint into the tierserve error it means."""
-    response = getattr(error, "response", None)
-    if isinstance(response, dict):
-        code = error_code(error)
-        message = str((response.get("Error") or {}).get("Message", ""))[:MAX_MESSAGE_CHARS]
-        status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
-        if code == "ModelError":
-            return _container_error(response, endpoint)
-        if code in _RETRYABLE_CODES or status >= 500 or status == 429:
-            return UpstreamUnavailable(
-                f"the GPU endpoint {endpoint} is unavailable ({code or status}); retry shortly"
-            )
-        if code in _DENIED_CODES or status == 403:
-            return ModelUnavailable(
-                f"calling the GPU endpoint {endpoint} is denied: the role must allow "
-                "sagemaker:InvokeEndpoint on it"
-            )
-        return ModelUnavailable(
-            f"SageMaker refused the call to the GPU endpoint {endpoint} ({code or status}: {message}); "
-            "check TIERSERVE_GPU_ENDPOINTS and that the endpoint is InService"
+def sagemaker_error(error: BaseException, endpoint: str) -> TierserveError:
+    """The error for ``error``, raised by InvokeEndpoint on ``endpoint`` (classified by
+    :func:`tierserve.aws.classify`). Never raises, whatever the answer held; a tierserve
+    error passes through unchanged."""
+    if isinstance(error, TierserveError):
+        return error
+    failure = aws.classify(error)
+    if failure.code == "ModelError":
+        response = getattr(error, "response", None)
+        return _container_error(response if isinstance(response, dict) else {}, endpoint)
+    if failure.kind in ("throttled", "unavailable") and failure.answered:
+        return UpstreamUnavailable(
+            f"the GPU endpoint {endpoint} is unavailable ({failure.code}); retry shortly"
         )
-    name = type(error).__name__
-    if "Timeout" in name:
-        return UpstreamTimeout(f"the GPU endpoint {endpoint} did not answer in time; retry")
-    return UpstreamUnavailable(f"the GPU endpoint {endpoint} cannot be reached ({name}); retry shortly")
+    if failure.kind in ("throttled", "unavailable"):
+        return UpstreamUnavailable(
+            f"the GPU endpoint {endpoint} cannot be reached ({failure.code}); retry shortly"
+        )
+    if failure.kind == "timeout":
+        return UpstreamTimeout(f"the GPU endpoint {endpoint} did not answer in time ({failure.code}); retry")
+    if failure.kind == "unreadable":
+        return UpstreamUnavailable(
+            f"the GPU endpoint {endpoint} sent an answer that cannot be read ({failure.code}); "
+            "check the GPU server's logs, then retry"
+        )
+    if failure.kind == "denied":
+        return ModelUnavailable(
+            f"calling the GPU endpoint {endpoint} is denied ({failure.code}): the role must allow "
+            "sagemaker:InvokeEndpoint on it"
+        )
+    detail = f"{failure.code}: {failure.message}" if failure.message else failure.code
+    return ModelUnavailable(
+        f"SageMaker refused the call to the GPU endpoint {endpoint} ({detail}); "
+        f"check {GPU_ENDPOINTS_ENV} and that the endpoint is InService"
+    )
 
 
 def _container_error(response: Mapping[str, Any], endpoint: str) -> TierserveError:
-    status = int(response.get("OriginalStatusCode") or 0)
-    message = _container_message(response.get("OriginalMessage"))
+    """The container's own answer, wrapped by SageMaker in ``ModelError``: its status (an
+    untrusted value, 0 when it is no status) and its OIP error body (any text)."""
+    status = aws.http_status(response.get("OriginalStatusCode"))
+    message = container_message(response.get("OriginalMessage"))
     if status == 413:
         return PayloadTooLarge(message or "the GPU server refused the request as too large")
     if status == 404:
@@ -213,50 +222,20 @@ def _container_error(response: Mapping[str, Any], endpoint: str) -> TierserveErr
     return UpstreamUnavailable(f"the GPU server behind {endpoint} failed ({status or 'no status'}); retry")
 
 
-def _container_message(original: Any) -> str:
-    """The ``error`` field of the container's OIP error body, or its text."""
-    if not original:
+def container_message(original: object) -> str:
+    """The ``error`` text of the container's OIP error body, else the body's text: one bounded,
+    printable line whatever the body is (huge, nested past any depth, not UTF-8, JSON whose
+    ``error`` is no string). Only a body of at most :data:`MAX_PARSED_BODY_CHARS` is parsed."""
+    if isinstance(original, bytes | bytearray):
+        original = bytes(original[:MAX_PARSED_BODY_CHARS]).decode("utf-8", "replace")
+    if not isinstance(original, str) or not original:
         return ""
-    text = str(original)
-    try:
-        document = json.loads(text)
-    except ValueError:
-        return text[:MAX_MESSAGE_CHARS]
+    document: Any = None
+    if len(original) <= MAX_PARSED_BODY_CHARS:
+        try:
+            document = json.loads(original)
+        except (ValueError, RecursionError):  # ValueError covers bad JSON and huge integers
+            document = None
     if isinstance(document, dict) and isinstance(document.get("error"), str):
-        return document["error"][:MAX_MESSAGE_CHARS]
-    return text[:MAX_MESSAGE_CHARS]
-
-
-_client: Any = None
-_client_lock = threading.Lock()
-
-
-def default_sagemaker_client() -> Any:
-    """One sagemaker-runtime client per process, created on first use.
-
-    Bounded retries (standard mode: throttling, 5xx and dropped connections) and explicit
-    timeouts: SageMaker gives an invocation 60 s. Honours AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME.
-    """
-    global _client
-    with _client_lock:
-        if _client is None:
-            import boto3
-            from botocore.config import Config
-
-            _client = boto3.client(
-                "sagemaker-runtime",
-                config=Config(
-                    retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
-                    connect_timeout=CONNECT_TIMEOUT_S,
-                    read_timeout=READ_TIMEOUT_S,
-                    max_pool_connections=16,
-                ),
-            )
-        return _client
-
-
-def clear_clients() -> None:
-    """Forget the process's sagemaker-runtime client (tests call this between set-ups)."""
-    global _client
-    with _client_lock:
-        _client = None
+        return aws.bounded_text(document["error"])
+    return aws.bounded_text(original)

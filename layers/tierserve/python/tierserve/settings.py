@@ -1,16 +1,34 @@
-"""Every environment variable tierserve reads, and the settings object built from them.
+"""Every environment variable tierserve reads, the one reader that parses them, and the
+settings object of the model-serving core.
 
 Config flows one way: ``cdk.json`` context -> ``app.py`` -> construct parameters ->
 function environment -> one :class:`Settings` per process, read once. An explicit
 argument wins over the environment.
+
+Each variable is a :class:`Variable`: its name, how its text becomes a value, what to set it
+to and what leaving it unset means, so a bad value is one line that names the variable, the
+value and the fix (:class:`SettingsError`)::
+
+    TIERSERVE_THREADS='x' is not a whole number; set it to 1 to 256, or unset it for one per
+    1,769 MB of memory (Lambda) or one per CPU (GPU server)
+
+The core's variables are :data:`VARIABLES`; the S3 pipeline (``s3_pipeline/settings.py``) and
+the GPU server (``sagemaker_hosting.py``) declare theirs with the same constructors.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterable, Mapping
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Generic, TypeVar
+
+from tierserve.catalog import NAME_PATTERN, VERSION_PATTERN
 
 MODEL_BUCKET_ENV = "TIERSERVE_MODEL_BUCKET"
 MODEL_PREFIX_ENV = "TIERSERVE_MODEL_PREFIX"
@@ -58,6 +76,182 @@ DEFAULT_MAX_RESPONSE_MB = 6.0
 RESERVED_MEMORY_MB = 384
 
 
+class SettingsError(ValueError):
+    """An environment variable this process cannot use; the message, one line, names the
+    variable, its value and the fix."""
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Variable(Generic[T]):
+    """One environment variable: ``parse`` turns its (stripped) text into a value or raises
+    ValueError saying what is wrong ("is not a whole number"); ``accepted`` says what to set it
+    to, ``unset`` what leaving it unset (or empty) means."""
+
+    name: str
+    parse: Callable[[str], T]
+    accepted: str
+    unset: str
+
+    def read(self, env: Mapping[str, str], default: T) -> T:
+        """The value in ``env``, or ``default`` when the variable is unset or empty.
+
+        Raises:
+            SettingsError: the value does not parse.
+        """
+        raw = env.get(self.name)
+        if raw is None or not raw.strip():
+            return default
+        try:
+            return self.parse(raw.strip())
+        except ValueError as error:
+            raise SettingsError(
+                f"{self.name}={raw!r} {error}; set it to {self.accepted}, or unset it for {self.unset}"
+            ) from None
+
+
+def whole(name: str, *, unset: str, low: int = 1, high: int | None = None) -> Variable[int]:
+    """A whole number from ``low`` (to ``high``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError("is not a whole number") from None
+        if value < low:
+            raise ValueError(f"is under {low}")
+        if high is not None and value > high:
+            raise ValueError(f"is over {high}")
+        return value
+
+    accepted = f"{low} or more" if high is None else f"{low} to {high}"
+    return Variable(name, parse, accepted, unset)
+
+
+def number(name: str, *, unset: str, unit: str = "", zero: bool = False) -> Variable[float]:
+    """A finite number over 0 (from 0 with ``zero``), e.g. a size in MB or a time in seconds."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError("is not a finite number")
+        if value < 0 or (value == 0 and not zero):
+            raise ValueError("is under 0" if value < 0 else "is 0")
+        return value
+
+    accepted = f"a number of {unit} " if unit else "a number "
+    return Variable(name, parse, accepted + ("from 0" if zero else "over 0"), unset)
+
+
+def flag(name: str, *, unset: str) -> Variable[bool]:
+    """``true`` / ``false`` (also 1/0, yes/no, on/off)."""
+
+    def parse(text: str) -> bool:
+        if text.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if text.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError("is not true or false")
+
+    return Variable(name, parse, "true or false", unset)
+
+
+def choice(name: str, choices: tuple[str, ...], *, unset: str) -> Variable[str]:
+    """One of ``choices`` (any case)."""
+
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError(f"is not one of {', '.join(choices)}")
+        return text.lower()
+
+    return Variable(name, parse, ", ".join(choices[:-1]) + f" or {choices[-1]}", unset)
+
+
+def path(name: str, *, unset: str) -> Variable[Path]:
+    """An absolute folder path (a relative one would depend on the working directory)."""
+
+    def parse(text: str) -> Path:
+        if not text.startswith("/"):
+            raise ValueError("is not an absolute path")
+        return Path(text)
+
+    return Variable(name, parse, "an absolute path such as /tmp/tierserve", unset)
+
+
+# S3's rules for bucket names: 3-63 lowercase letters, digits, dots and dashes.
+BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _bucket_name(text: str) -> str:
+    if not BUCKET_PATTERN.match(text):
+        raise ValueError("is not an S3 bucket name (only the name: no s3://, no key)")
+    return text
+
+
+def bucket(name: str, *, unset: str) -> Variable[str]:
+    """An S3 bucket name."""
+    return Variable(name, _bucket_name, "the bucket's name, e.g. my-models", unset)
+
+
+def _key_prefix(text: str) -> str:
+    prefix = text.strip("/")  # "/" alone: the bucket's root
+    if "://" in prefix or (prefix and any(part in ("", ".", "..") for part in prefix.split("/"))):
+        raise ValueError("is not an S3 key prefix")
+    return prefix
+
+
+def _model_location(text: str) -> str:
+    if text.startswith("s3://"):
+        bucket_part, _, prefix = text.removeprefix("s3://").partition("/")
+        if not BUCKET_PATTERN.match(bucket_part):
+            raise ValueError(f"names {bucket_part!r}, which is no S3 bucket name")
+        if prefix.strip("/"):
+            _key_prefix(prefix)
+        return text
+    if text.startswith("file:///"):
+        return text
+    raise ValueError("is not a model location")
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _model_refs(text: str) -> tuple[ModelRef, ...]:
+    refs = []
+    for part in _split(text):
+        name, sep, version = part.partition("@")
+        if not sep or not NAME_PATTERN.match(name) or not VERSION_PATTERN.match(version):
+            raise ValueError(f"has {part!r}, which is no name@version")
+        refs.append(ModelRef(name, version))
+    return tuple(refs)
+
+
+def _model_names(text: str) -> tuple[str, ...]:
+    names = tuple(_split(text))
+    for name in names:
+        if name != "*" and not NAME_PATTERN.match(name):
+            raise ValueError(f"has {name!r}, which is no model name")
+    return names
+
+
+@contextmanager
+def exit_on_bad_settings() -> Iterator[None]:
+    """Stop the process with a bad variable's one line on stderr, and no traceback: Lambda
+    logs that line during init (and reports ``Runtime.ExitError``), where a traceback would
+    bury it."""
+    try:
+        yield
+    except SettingsError as error:
+        print(f"tierserve: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A model a process is configured to serve: ``name`` and its deployed ``version``."""
@@ -102,22 +296,26 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Build settings from ``environ`` (default ``os.environ``); keyword overrides win."""
+        """Build settings from ``environ`` (default ``os.environ``); keyword overrides win.
+
+        Raises:
+            SettingsError: a variable of :data:`VARIABLES` holds a value it cannot have.
+        """
         env = os.environ if environ is None else environ
-        memory_mb = int(env.get(LAMBDA_MEMORY_ENV) or DEFAULT_FUNCTION_MEMORY_MB)
+        memory_mb = FUNCTION_MEMORY.read(env, DEFAULT_FUNCTION_MEMORY_MB)
         settings = cls(
-            model_bucket=env.get(MODEL_BUCKET_ENV) or None,
-            model_root=env.get(MODEL_ROOT_ENV) or None,
-            model_prefix=(env.get(MODEL_PREFIX_ENV) or DEFAULT_MODEL_PREFIX).strip("/"),
-            models=tuple(ModelRef.parse(t) for t in _split(env.get(MODELS_ENV, ""))),
-            preload=tuple(_split(env.get(PRELOAD_ENV, ""))),
+            model_bucket=MODEL_BUCKET.read(env, None),
+            model_root=MODEL_ROOT.read(env, None),
+            model_prefix=MODEL_PREFIX.read(env, DEFAULT_MODEL_PREFIX),
+            models=MODELS.read(env, ()),
+            preload=PRELOAD.read(env, ()),
             function_memory_mb=memory_mb,
-            memory_budget_mb=int(env.get(MEMORY_BUDGET_ENV) or max(memory_mb - RESERVED_MEMORY_MB, 128)),
-            threads=int(env.get(THREADS_ENV) or threads_for_memory(memory_mb)),
-            cache_dir=Path(env.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR),
-            cache_max_mb=int(env.get(CACHE_MAX_MB_ENV) or DEFAULT_CACHE_MAX_MB),
-            max_request_bytes=int(float(env.get(MAX_REQUEST_MB_ENV) or DEFAULT_MAX_REQUEST_MB) * MB),
-            max_response_bytes=int(float(env.get(MAX_RESPONSE_MB_ENV) or DEFAULT_MAX_RESPONSE_MB) * MB),
+            memory_budget_mb=MEMORY_BUDGET.read(env, max(memory_mb - RESERVED_MEMORY_MB, 128)),
+            threads=THREADS.read(env, threads_for_memory(memory_mb)),
+            cache_dir=CACHE_DIR.read(env, Path(DEFAULT_CACHE_DIR)),
+            cache_max_mb=CACHE_MAX_MB.read(env, DEFAULT_CACHE_MAX_MB),
+            max_request_bytes=int(MAX_REQUEST_MB.read(env, DEFAULT_MAX_REQUEST_MB) * MB),
+            max_response_bytes=int(MAX_RESPONSE_MB.read(env, DEFAULT_MAX_RESPONSE_MB) * MB),
         )
         return replace(settings, **overrides) if overrides else settings
 
@@ -134,8 +332,55 @@ def threads_for_memory(memory_mb: int) -> int:
     return max(1, min(6, memory_mb // LAMBDA_MB_PER_VCPU))
 
 
-def _split(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+# ---------------------------------------------------------------- the core's variables
+
+MODEL_BUCKET = bucket(MODEL_BUCKET_ENV, unset=f"none (then {MODEL_ROOT_ENV} says where the models are)")
+MODEL_PREFIX = Variable(
+    MODEL_PREFIX_ENV, _key_prefix, "a key prefix such as models", f"the default, {DEFAULT_MODEL_PREFIX}"
+)
+MODEL_ROOT = Variable(
+    MODEL_ROOT_ENV,
+    _model_location,
+    "s3://BUCKET/PREFIX or file:///FOLDER",
+    f"{MODEL_BUCKET_ENV} and {MODEL_PREFIX_ENV}",
+)
+MODELS = Variable(MODELS_ENV, _model_refs, "name@version,... e.g. iris@1,mlp@2", "no models")
+PRELOAD = Variable(
+    PRELOAD_ENV, _model_names, "model names (iris,mlp) or *", "loading each model on first use"
+)
+FUNCTION_MEMORY = whole(
+    LAMBDA_MEMORY_ENV,
+    low=128,
+    high=10240,
+    unset=f"the default, {DEFAULT_FUNCTION_MEMORY_MB} (Lambda sets it)",
+)
+MEMORY_BUDGET = whole(
+    MEMORY_BUDGET_ENV,
+    unset=f"the memory less {RESERVED_MEMORY_MB} MB (Lambda) or less 1,024 MB (GPU server)",
+)
+THREADS = whole(
+    THREADS_ENV,
+    high=256,
+    unset=f"one per {LAMBDA_MB_PER_VCPU:,} MB of memory (Lambda) or one per CPU (GPU server)",
+)
+CACHE_DIR = path(CACHE_DIR_ENV, unset=f"the default, {DEFAULT_CACHE_DIR}")
+CACHE_MAX_MB = whole(CACHE_MAX_MB_ENV, unset=f"the default, {DEFAULT_CACHE_MAX_MB}")
+MAX_REQUEST_MB = number(MAX_REQUEST_MB_ENV, unit="MB", unset=f"the default, {DEFAULT_MAX_REQUEST_MB:g}")
+MAX_RESPONSE_MB = number(MAX_RESPONSE_MB_ENV, unit="MB", unset=f"the default, {DEFAULT_MAX_RESPONSE_MB:g}")
+VARIABLES: tuple[Variable, ...] = (
+    MODEL_BUCKET,
+    MODEL_PREFIX,
+    MODEL_ROOT,
+    MODELS,
+    PRELOAD,
+    FUNCTION_MEMORY,
+    MEMORY_BUDGET,
+    THREADS,
+    CACHE_DIR,
+    CACHE_MAX_MB,
+    MAX_REQUEST_MB,
+    MAX_RESPONSE_MB,
+)
 
 
 # The S3 pipeline's key layout: inputs/{model}/{path} -> outputs/ or errors/ (never under inputs/).

@@ -20,11 +20,12 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import urlparse
 
 import zstandard
 
+from tierserve import aws
 from tierserve.catalog import Manifest, ManifestError, manifest_key
 from tierserve.errors import (
     ArtifactRejected,
@@ -33,7 +34,7 @@ from tierserve.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from tierserve.settings import MB, Settings
+from tierserve.settings import MB, MODEL_BUCKET_ENV, MODEL_ROOT_ENV, Settings
 
 CHUNK_BYTES = 1 * MB
 PREFETCH_CHUNKS = 16
@@ -50,10 +51,18 @@ class Source(Protocol):
 
 
 class S3Source:
-    """Objects under ``s3://bucket/prefix``; botocore errors become typed tierserve errors."""
+    """Objects under ``s3://bucket/prefix``; botocore errors become typed tierserve errors
+    (:func:`artifact_error`, naming ``setting``, the variable that chose the bucket)."""
 
-    def __init__(self, bucket: str, prefix: str, client_factory: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        client_factory: Callable[[], Any] = aws.s3_client,
+        setting: str = MODEL_BUCKET_ENV,
+    ) -> None:
         self.bucket, self.prefix, self._client_factory = bucket, prefix.strip("/"), client_factory
+        self.setting = setting
 
     def describe(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
@@ -64,8 +73,8 @@ class S3Source:
     def open(self, key: str) -> IO[bytes]:
         try:
             return self._client_factory().get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-        except Exception as error:  # botocore's tree is wide; translate it in one place
-            raise s3_error(error, self.describe(key)) from error
+        except Exception as error:  # botocore's tree is wide; aws.classify reads it
+            raise artifact_error(error, self.describe(key), self.setting) from error
 
 
 class FileSource:
@@ -93,49 +102,27 @@ class FileSource:
             ) from None
 
 
-def error_code(error: BaseException) -> str:
-    """The error code of a botocore ``ClientError`` (``NoSuchKey``, ``SlowDown``, ...), else its
-    HTTP status as text (``"503"``), else ``""``: for connection errors, timeouts and anything
-    that is not a botocore error (even one whose ``response`` attribute is something else)."""
-    response = getattr(error, "response", None)
-    if not isinstance(response, dict):
-        return ""
-    details = response.get("Error")
-    code = str(details.get("Code") or "") if isinstance(details, dict) else ""
-    if code:
-        return code
-    metadata = response.get("ResponseMetadata")
-    status = metadata.get("HTTPStatusCode") if isinstance(metadata, dict) else None
-    return str(status) if status else ""
-
-
-S3Action = Literal["reading", "writing", "deleting"]
-_PERMISSIONS: dict[str, str] = {
-    "reading": "s3:GetObject",
-    "writing": "s3:PutObject",
-    "deleting": "s3:DeleteObject",
-}
-
-
-def s3_error(error: BaseException, where: str, action: S3Action = "reading") -> TierserveError:
-    """Translate a botocore error met while ``action`` the object ``where`` into the tierserve
-    error a client should see."""
-    code = error_code(error)
-    if code in {"NoSuchKey", "404", "NotFound"}:
+def artifact_error(error: BaseException, where: str, setting: str = MODEL_BUCKET_ENV) -> TierserveError:
+    """The error a client sees when reading the model artifact ``where`` failed with ``error``
+    (classified by :func:`tierserve.aws.classify`); ``setting`` names the variable that chose
+    the bucket. A tierserve error passes through unchanged."""
+    if isinstance(error, TierserveError):
+        return error
+    failure = aws.classify(error)
+    if failure.bucket_missing:
+        return ModelUnavailable(f"the bucket of {where} does not exist: check {setting}")
+    if failure.kind == "gone":
         return ModelUnavailable(
             f"{where} does not exist: upload the model (tierserve package ... --upload) "
             "or fix the deployed version"
         )
-    if code in {"AccessDenied", "403", "AllAccessDisabled"}:
+    if failure.kind == "denied":
         return ModelUnavailable(
-            f"access to {where} is denied: the function's role must allow {_PERMISSIONS[action]} there"
+            f"access to {where} is denied ({failure.code}): the function's role must allow s3:GetObject there"
         )
-    if code == "NoSuchBucket":
-        return ModelUnavailable(f"the bucket of {where} does not exist: check TIERSERVE_MODEL_BUCKET")
-    name = type(error).__name__
-    if "Timeout" in name:
-        return UpstreamTimeout(f"S3 did not answer in time while {action} {where}; retry")
-    return UpstreamUnavailable(f"S3 is unavailable while {action} {where} ({code or name}); retry shortly")
+    if failure.kind == "timeout":
+        return UpstreamTimeout(f"S3 did not answer in time while reading {where}; retry")
+    return UpstreamUnavailable(f"S3 is unavailable while reading {where} ({failure.code}); retry shortly")
 
 
 @dataclass(frozen=True)
@@ -163,9 +150,7 @@ class ArtifactStore:
         if settings.model_root:
             source = source_for_uri(settings.model_root, client_factory)
         elif settings.model_bucket:
-            source = S3Source(
-                settings.model_bucket, settings.model_prefix, client_factory or default_s3_client
-            )
+            source = S3Source(settings.model_bucket, settings.model_prefix, client_factory or aws.s3_client)
         else:
             raise ModelUnavailable(
                 "no model location is configured: set TIERSERVE_MODEL_BUCKET (or TIERSERVE_MODEL_ROOT)"
@@ -356,10 +341,8 @@ class _PrefetchingReader:
         if item is None:
             self._done = True
             return False
-        if isinstance(item, ArtifactRejected):
-            raise item
         if isinstance(item, BaseException):
-            raise s3_error(item, self._where)
+            raise artifact_error(item, self._where)  # mid-stream: a dropped connection or a timeout
         self._chunk, self._position = item, 0
         return True
 
@@ -458,44 +441,10 @@ class _decompressing:
 
 
 def source_for_uri(uri: str, client_factory: Callable[[], Any] | None = None) -> Source:
-    """A source for ``s3://bucket/prefix`` or ``file:///folder``."""
+    """A source for ``s3://bucket/prefix`` or ``file:///folder`` (``TIERSERVE_MODEL_ROOT``)."""
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
-        return S3Source(parsed.netloc, parsed.path, client_factory or default_s3_client)
+        return S3Source(parsed.netloc, parsed.path, client_factory or aws.s3_client, MODEL_ROOT_ENV)
     if parsed.scheme == "file":
         return FileSource(Path(parsed.path))
     raise ModelUnavailable(f"model location {uri!r} must start with s3:// or file://")
-
-
-_s3_client: Any = None
-_s3_lock = threading.Lock()
-
-
-def default_s3_client() -> Any:
-    """One S3 client per process, created on first use (so moto can start before it exists).
-
-    Honours AWS_ENDPOINT_URL_S3, which is how the local API points it at its embedded S3.
-    """
-    global _s3_client
-    with _s3_lock:
-        if _s3_client is None:
-            import boto3
-            from botocore.config import Config
-
-            _s3_client = boto3.client(
-                "s3",
-                config=Config(
-                    retries={"mode": "standard", "max_attempts": 3},
-                    connect_timeout=3,
-                    read_timeout=10,
-                    max_pool_connections=16,
-                ),
-            )
-        return _s3_client
-
-
-def clear_clients() -> None:
-    """Forget the process's S3 client (tests call this between moto set-ups)."""
-    global _s3_client
-    with _s3_lock:
-        _s3_client = None

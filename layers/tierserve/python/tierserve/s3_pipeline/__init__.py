@@ -4,6 +4,7 @@
     events.py    SQS message bodies -> the S3 objects they announce; input keys; sequencers
     formats.py   .json / .npy / .jsonl files -> validated model batches, within their bounds
     results.py   the results already written, and conditional writes of new ones
+    errors.py    what a failed S3 call on an input or a result means (from tierserve.aws)
     worker.py    :class:`Pipeline`: one object to its one result (see its docstring)
     settings.py  the worker's ``TIERSERVE_*`` variables
 """

@@ -24,10 +24,10 @@ from tierserve.protocol import (
     parse_infer_request,
     request_from_arrays,
 )
+from tierserve.s3_pipeline.errors import data_error
 from tierserve.s3_pipeline.events import InputKey
 from tierserve.s3_pipeline.settings import PipelineSettings
 from tierserve.settings import MAX_INPUT_MB_ENV, MAX_JSONL_MB_ENV, MAX_ROWS_ENV, MB
-from tierserve.store import s3_error
 
 FORMATS = (".json", ".jsonl", ".npy")
 READ_CHUNK_BYTES = 1 * MB
@@ -310,7 +310,7 @@ def _guarded(chunks: Iterator[bytes], where: str) -> Iterator[bytes]:
         except TierserveError:
             raise
         except Exception as error:
-            raise s3_error(error, where) from error
+            raise data_error(error, where) from error
         yield chunk
 
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from tierserve.errors import UpstreamUnavailable
+from tierserve import aws
+from tierserve.errors import TierserveError, UpstreamUnavailable
+from tierserve.s3_pipeline.errors import S3Action, data_error
 from tierserve.s3_pipeline.events import InputKey, ResultKind, S3Object, compare_sequencers
 from tierserve.settings import ERROR_PREFIX, OUTPUT_PREFIX
-from tierserve.store import error_code, s3_error
 from tierserve.telemetry import PIPELINE_ERROR, PIPELINE_OUTPUT, PIPELINE_SKIPPED, logger, record_count
 
 # What a result object records about the input it answers (S3 user metadata, x-amz-meta-*).
@@ -30,9 +31,7 @@ META_MODEL = "tierserve-model"
 META_PROCESSED_AT = "tierserve-processed-at"
 
 WRITE_ATTEMPTS = 4
-GONE_CODES = {"NoSuchKey", "NoSuchVersion", "NoSuchBucket", "404"}
-CHANGED_CODES = {"PreconditionFailed", "412"}
-RACE_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+RACED = ("changed", "raced")  # a conditional write or delete lost to another writer
 
 
 @dataclass(frozen=True)
@@ -134,11 +133,21 @@ def _answer(item: S3Object, recorded: Iterable[Recorded], model: str) -> Recorde
 
 
 class ResultStore:
-    """Reads and conditionally writes the results of inputs in a data bucket."""
+    """Reads and conditionally writes the results of inputs in a data bucket; ``bucket_setting``
+    names the variable that chose it (None: results go beside their input)."""
 
-    def __init__(self, s3_client_factory: Callable[[], Any], clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        s3_client_factory: Callable[[], Any],
+        clock: Callable[[], float],
+        bucket_setting: str | None = None,
+    ) -> None:
         self._s3 = s3_client_factory
         self._clock = clock
+        self._bucket_setting = bucket_setting
+
+    def _error(self, error: BaseException, where: str, action: S3Action) -> TierserveError:
+        return data_error(error, where, action, self._bucket_setting)
 
     def recorded(self, bucket: str, key: InputKey) -> dict[ResultKind, Recorded]:
         found: dict[ResultKind, Recorded] = {}
@@ -147,9 +156,9 @@ class ResultStore:
             try:
                 head = self._s3().head_object(Bucket=bucket, Key=result_key)
             except Exception as error:
-                if error_code(error) in GONE_CODES:
+                if aws.classify(error).kind == "gone":
                     continue
-                raise s3_error(error, f"s3://{bucket}/{result_key}", "reading") from error
+                raise self._error(error, f"s3://{bucket}/{result_key}", "reading") from error
             found[kind] = Recorded.from_head(kind, head)
         return found
 
@@ -186,8 +195,8 @@ class ResultStore:
                     **condition,
                 )
             except Exception as error:
-                if error_code(error) not in RACE_CODES:
-                    raise s3_error(error, f"s3://{bucket}/{result_key}", "writing") from error
+                if aws.classify(error).kind not in RACED:
+                    raise self._error(error, f"s3://{bucket}/{result_key}", "writing") from error
                 recorded = self.recorded(bucket, key)
                 reason = why_skip(item, recorded.values(), model_label)
                 if reason:
@@ -209,8 +218,8 @@ class ResultStore:
         try:
             self._s3().delete_object(Bucket=bucket, Key=other_key, IfMatch=other.etag)
         except Exception as error:
-            if error_code(error) not in RACE_CODES | GONE_CODES:
-                raise s3_error(error, f"s3://{bucket}/{other_key}", "deleting") from error
+            if aws.classify(error).kind not in (*RACED, "gone"):
+                raise self._error(error, f"s3://{bucket}/{other_key}", "deleting") from error
 
     def remove_stale(
         self,

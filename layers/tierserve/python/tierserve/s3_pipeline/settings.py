@@ -1,4 +1,5 @@
-"""What the S3 pipeline's worker reads beyond the model settings, once per process."""
+"""What the S3 pipeline's worker reads beyond the model settings, once per process, through
+the one settings reader (:mod:`tierserve.settings`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from tierserve.settings import (
     MB,
     ROW_BATCH_SIZE_ENV,
     WORKER_CONCURRENCY_ENV,
+    Variable,
+    bucket,
+    number,
+    whole,
 )
 
 DEFAULT_ROW_BATCH_SIZE = 64
@@ -25,6 +30,49 @@ DEFAULT_MAX_ROWS = 100_000
 DEFAULT_MAX_JSONL_MB = 256.0
 # Records of one SQS batch served at once: the work is mostly waiting on S3.
 DEFAULT_WORKER_CONCURRENCY = 8
+MAX_WORKER_CONCURRENCY = 64
+
+
+def parse_endpoints(text: str) -> dict[str, str]:
+    """``"big=big-endpoint,huge=huge-endpoint"`` -> ``{"big": "big-endpoint", ...}``.
+
+    Raises:
+        ValueError: an entry that is not ``model=endpoint-name``.
+    """
+    endpoints = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, endpoint = (s.strip() for s in part.partition("="))
+        if not sep or not name or not endpoint:
+            raise ValueError(f"has {part!r}, which is no model=endpoint-name")
+        endpoints[name] = endpoint
+    return endpoints
+
+
+DATA_BUCKET = bucket(DATA_BUCKET_ENV, unset="writing each result beside its input (the event's bucket)")
+GPU_ENDPOINTS = Variable(
+    GPU_ENDPOINTS_ENV,
+    parse_endpoints,
+    "model=endpoint-name,... e.g. big=tierserve-big",
+    "serving every model in the worker",
+)
+ROW_BATCH_SIZE = whole(ROW_BATCH_SIZE_ENV, unset=f"the default, {DEFAULT_ROW_BATCH_SIZE}")
+MAX_INPUT_MB = number(MAX_INPUT_MB_ENV, unit="MB", unset=f"the default, {DEFAULT_MAX_INPUT_MB:g}")
+MAX_ROWS = whole(MAX_ROWS_ENV, unset=f"the default, {DEFAULT_MAX_ROWS:,}")
+MAX_JSONL_MB = number(MAX_JSONL_MB_ENV, unit="MB", unset=f"the default, {DEFAULT_MAX_JSONL_MB:g}")
+WORKER_CONCURRENCY = whole(
+    WORKER_CONCURRENCY_ENV, high=MAX_WORKER_CONCURRENCY, unset=f"the default, {DEFAULT_WORKER_CONCURRENCY}"
+)
+VARIABLES: tuple[Variable, ...] = (
+    DATA_BUCKET,
+    GPU_ENDPOINTS,
+    ROW_BATCH_SIZE,
+    MAX_INPUT_MB,
+    MAX_ROWS,
+    MAX_JSONL_MB,
+    WORKER_CONCURRENCY,
+)
 
 
 @dataclass(frozen=True)
@@ -41,33 +89,19 @@ class PipelineSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PipelineSettings:
-        """Read the ``TIERSERVE_*`` pipeline variables (see ``docs/s3-inference.md``); overrides win."""
+        """Read the ``TIERSERVE_*`` pipeline variables (see ``docs/s3-inference.md``); overrides win.
+
+        Raises:
+            SettingsError: a variable of :data:`VARIABLES` holds a value it cannot have.
+        """
         env = os.environ if environ is None else environ
         settings = cls(
-            data_bucket=env.get(DATA_BUCKET_ENV) or None,
-            gpu_endpoints=parse_endpoints(env.get(GPU_ENDPOINTS_ENV, "")),
-            row_batch_size=int(env.get(ROW_BATCH_SIZE_ENV) or DEFAULT_ROW_BATCH_SIZE),
-            max_input_bytes=int(float(env.get(MAX_INPUT_MB_ENV) or DEFAULT_MAX_INPUT_MB) * MB),
-            max_rows=int(env.get(MAX_ROWS_ENV) or DEFAULT_MAX_ROWS),
-            max_jsonl_bytes=int(float(env.get(MAX_JSONL_MB_ENV) or DEFAULT_MAX_JSONL_MB) * MB),
-            concurrency=int(env.get(WORKER_CONCURRENCY_ENV) or DEFAULT_WORKER_CONCURRENCY),
+            data_bucket=DATA_BUCKET.read(env, None),
+            gpu_endpoints=GPU_ENDPOINTS.read(env, {}),
+            row_batch_size=ROW_BATCH_SIZE.read(env, DEFAULT_ROW_BATCH_SIZE),
+            max_input_bytes=int(MAX_INPUT_MB.read(env, DEFAULT_MAX_INPUT_MB) * MB),
+            max_rows=MAX_ROWS.read(env, DEFAULT_MAX_ROWS),
+            max_jsonl_bytes=int(MAX_JSONL_MB.read(env, DEFAULT_MAX_JSONL_MB) * MB),
+            concurrency=WORKER_CONCURRENCY.read(env, DEFAULT_WORKER_CONCURRENCY),
         )
-        settings = dataclasses.replace(settings, **overrides) if overrides else settings
-        if min(settings.row_batch_size, settings.max_rows, settings.concurrency) < 1:
-            raise ValueError(
-                f"{ROW_BATCH_SIZE_ENV}, {MAX_ROWS_ENV} and {WORKER_CONCURRENCY_ENV} must be positive"
-            )
-        return settings
-
-
-def parse_endpoints(text: str) -> dict[str, str]:
-    """``"big=big-endpoint,huge=huge-endpoint"`` -> ``{"big": "big-endpoint", ...}``."""
-    endpoints = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        name, sep, endpoint = (s.strip() for s in part.partition("="))
-        if not sep or not name or not endpoint:
-            raise ValueError(f"{GPU_ENDPOINTS_ENV} entry {part!r} must look like model=endpoint-name")
-        endpoints[name] = endpoint
-    return endpoints
+        return dataclasses.replace(settings, **overrides) if overrides else settings

@@ -13,7 +13,8 @@ the message carries, exactly one of these happens:
   marker, an input deleted or overwritten since the event, an older event than the result
   already written (S3 ``sequencer``), or a duplicate delivery of one already served.
 - **raised**: a transient fault (:func:`tierserve.errors.is_retryable`: S3 or the GPU
-  endpoint down or slow) or a message that can never be read (:class:`PoisonMessage`). The
+  endpoint down or slow, or no time left before the invocation's deadline:
+  :class:`~tierserve.aws.OutOfTime`) or a message that can never be read (:class:`PoisonMessage`). The
   worker reports the message as a batch item failure; SQS redelivers it and moves it to the
   dead-letter queue after ``maxReceiveCount`` receives. Nothing is written.
 
@@ -32,25 +33,26 @@ from typing import Any
 
 import numpy as np
 
+from tierserve import aws
 from tierserve.catalog import Manifest
 from tierserve.errors import ModelNotFound, TierserveError, is_retryable, to_http
 from tierserve.model import Model
 from tierserve.protocol import InferenceRequest, encode_infer_response
 from tierserve.registry import ModelRegistry
+from tierserve.s3_pipeline.errors import data_error
 from tierserve.s3_pipeline.events import InputKey, PoisonMessage, S3Object, parse_input_key, parse_message
 from tierserve.s3_pipeline.formats import check_format, join_batches, read_input
-from tierserve.s3_pipeline.results import (
-    CHANGED_CODES,
-    GONE_CODES,
-    Outcome,
-    ResultStore,
-    skipped,
-    why_skip,
-)
+from tierserve.s3_pipeline.results import Outcome, ResultStore, skipped, why_skip
 from tierserve.s3_pipeline.settings import PipelineSettings
 from tierserve.sagemaker_model import SageMakerModel
-from tierserve.settings import ERROR_PREFIX, INPUT_PREFIX, OUTPUT_PREFIX, ModelRef, Settings
-from tierserve.store import default_s3_client, error_code, s3_error
+from tierserve.settings import (
+    DATA_BUCKET_ENV,
+    ERROR_PREFIX,
+    INPUT_PREFIX,
+    OUTPUT_PREFIX,
+    ModelRef,
+    Settings,
+)
 from tierserve.telemetry import (
     INFERENCE_MS,
     PIPELINE_ROWS,
@@ -82,7 +84,7 @@ class Pipeline:
         registry: ModelRegistry,
         settings: PipelineSettings,
         *,
-        s3_client_factory: Callable[[], Any] = default_s3_client,
+        s3_client_factory: Callable[[], Any] = aws.s3_client,
         remote_factory: Callable[[Manifest, str], Model] = SageMakerModel,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -91,7 +93,9 @@ class Pipeline:
         self._s3 = s3_client_factory
         self._remote_factory = remote_factory
         self._remote: dict[ModelRef, Model] = {}
-        self.results = ResultStore(s3_client_factory, clock)
+        self.results = ResultStore(
+            s3_client_factory, clock, DATA_BUCKET_ENV if settings.data_bucket else None
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Pipeline:
@@ -99,8 +103,11 @@ class Pipeline:
         Nothing touches S3 until the first message."""
         return cls(ModelRegistry(Settings.from_env(environ)), PipelineSettings.from_env(environ))
 
-    def handle_message(self, body: str) -> list[Outcome]:
+    def handle_message(self, body: str, deadline: aws.Deadline | None = None) -> list[Outcome]:
         """Serve every object an SQS message body announces; raise if the message must be retried.
+
+        With a ``deadline`` (the invocation's), every S3 and SageMaker call fits before it,
+        and work that cannot is refused with :class:`~tierserve.aws.OutOfTime` (retryable).
 
         Raises:
             PoisonMessage: the message can never succeed (report it; SQS dead-letters it).
@@ -115,7 +122,8 @@ class Pipeline:
             )
             raise
         try:
-            return [self.handle(item) for item in objects]
+            with aws.within(deadline):
+                return [self.handle(item) for item in objects]
         except (PoisonMessage, TierserveError):
             raise  # logged where they were raised
         except Exception:
@@ -199,6 +207,7 @@ class Pipeline:
     ) -> tuple[dict[str, np.ndarray], int]:
         parts, rows, model = [], 0, None
         for request, count in batches:
+            aws.check_deadline(f"running {ref} on rows after the first {rows:,}")
             model = model or self._model(ref, manifest)
             with stopwatch() as elapsed:
                 parts.append(model.predict(request.inputs, output_names))
@@ -217,12 +226,12 @@ class Pipeline:
         try:
             return self._s3().get_object(**params)
         except Exception as error:
-            code = error_code(error)
-            if code in GONE_CODES:
+            kind = aws.classify(error).kind
+            if kind == "gone":
                 raise _Skip("the input no longer exists") from None
-            if code in CHANGED_CODES:
+            if kind == "changed":
                 raise _Skip("the input was overwritten after this event; its own event serves it") from None
-            raise s3_error(error, f"s3://{item.bucket}/{item.key}") from error
+            raise data_error(error, f"s3://{item.bucket}/{item.key}") from error
 
     def _input_parameters(self, item: S3Object, key: InputKey, rows: int | None) -> dict[str, Any]:
         parameters: dict[str, Any] = {"input_bucket": item.bucket, "input_key": item.key}

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tierserve import __version__
+from tierserve.settings import SettingsError, whole
 
 EXAMPLES = """\
 A model goes from an ONNX file to a served API in three steps:
@@ -32,6 +33,8 @@ examples:
 EXIT_USAGE = 2
 # What a shell reports for a writer whose reader went away (128 + SIGPIPE): `tierserve ... | head`.
 EXIT_BROKEN_PIPE = 141
+DEFAULT_LOCAL_PORT = 3000
+LOCAL_PORT = whole("PORT", high=65535, unset=f"the default, {DEFAULT_LOCAL_PORT}")
 # What each handler of the Lambda image takes: a key its events have, and an example.
 HANDLER_EVENTS = {
     "api.handler": ("httpMethod", "an API Gateway proxy event such as events/infer-json.json"),
@@ -66,9 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  curl -s localhost:3000/v2/models/iris"
         ),
     )
-    local.add_argument(
-        "--port", type=int, default=int(os.environ.get("PORT", "3000")), help="default $PORT or 3000"
-    )
+    local.add_argument("--port", type=int, default=None, help="default $PORT or 3000")
     local.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     local.add_argument(
         "--work-dir",
@@ -137,13 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_local(args: argparse.Namespace) -> int:
+    from tierserve.tools.cdk_context import ConfigError
     from tierserve.tools.local.stack import describe, say, start
 
     try:
-        stack = start(args.work_dir, host=args.host, port=args.port)
+        port = args.port if args.port is not None else LOCAL_PORT.read(os.environ, DEFAULT_LOCAL_PORT)
+        stack = start(args.work_dir, host=args.host, port=port)
+    except (ConfigError, SettingsError) as error:
+        print(f"tierserve local: {error}", file=sys.stderr)
+        return 1
     except OSError as error:
         print(
-            f"tierserve local: cannot listen on {args.host}:{args.port} ({error.strerror}); pick --port",
+            f"tierserve local: cannot listen on {args.host}:{port} ({error.strerror}); pick --port",
             file=sys.stderr,
         )
         return 1
@@ -198,6 +204,7 @@ def run_local_put(args: argparse.Namespace) -> int:
 def run_local_invoke(args: argparse.Namespace) -> int:
     import json
 
+    from tierserve.tools.cdk_context import ConfigError
     from tierserve.tools.local.emulator import FunctionError
     from tierserve.tools.local.stack import invoke_in_emulator
     from tierserve.tools.local.state import LocalStackNotRunning
@@ -222,7 +229,7 @@ def run_local_invoke(args: argparse.Namespace) -> int:
         print(json.dumps(error.payload, indent=2))
         print(f"tierserve local invoke: {error}", file=sys.stderr)
         return 1
-    except (LocalStackNotRunning, RuntimeError) as error:
+    except (LocalStackNotRunning, RuntimeError, ConfigError) as error:
         print(f"tierserve local invoke: {error}", file=sys.stderr)
         return 1
     print(f"{args.handler} answered (log: {log_path}):", file=sys.stderr)

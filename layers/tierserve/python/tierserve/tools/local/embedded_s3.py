@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from typing import Any
+
+from tierserve import aws
 
 LOCAL_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "tierserve-local",
@@ -50,13 +53,20 @@ class EmbeddedS3:
         """Point this process's boto3 clients at the embedded S3 (and never at AWS)."""
         os.environ.update(self.env)
 
-    def client(self, service: str = "s3") -> object:
-        import boto3
+    def client(self, service: str = "s3") -> Any:
+        """A new client for ``service`` at the embedded server, with the local credentials and
+        the service's policy (:func:`tierserve.aws.new_client`): its own, so a test may hang
+        hooks on it. The code under test reaches the server through ``env`` instead."""
+        return aws.new_client(service, endpoint_url=self.endpoint, **_credentials())
 
-        return boto3.client(service, endpoint_url=self.endpoint, **_client_credentials())
+
+def embedded_client(endpoint: str, service: str = "s3") -> Any:
+    """This process's client for the embedded server at ``endpoint`` (:func:`tierserve.aws.client`),
+    for a command that talks to a running ``tierserve local`` (``local put``)."""
+    return aws.client(service, endpoint_url=endpoint, **_credentials())
 
 
-def _client_credentials() -> dict[str, str]:
+def _credentials() -> dict[str, str]:
     return {
         "aws_access_key_id": LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
         "aws_secret_access_key": LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tierserve import aws
 from tierserve.s3_pipeline import META_INPUT_ETAG, InputKey
 from tierserve.settings import ERROR_PREFIX, INPUT_PREFIX, OUTPUT_PREFIX
 from tierserve.telemetry import logger
 from tierserve.tools.local.apigw import LocalLambdaContext
-from tierserve.tools.local.embedded_s3 import LOCAL_CREDENTIALS, EmbeddedS3
+from tierserve.tools.local.embedded_s3 import LOCAL_CREDENTIALS, EmbeddedS3, embedded_client
 from tierserve.tools.local.state import LocalStackNotRunning, read_state, write_state
 
 DATA_BUCKET = "tierserve-data"
@@ -221,18 +222,8 @@ def put_and_wait(
     Raises:
         LocalStackNotRunning: no ``tierserve local`` answers from ``work_dir``.
     """
-    import boto3
-    from botocore.config import Config
-
     state = read_state(work_dir)
-    client = boto3.client(
-        "s3",
-        endpoint_url=state["s3_endpoint"],
-        aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        region_name=REGION,
-        config=Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2),
-    )
+    client = embedded_client(state["s3_endpoint"])
     key = InputKey(model, path or file.name)
     bucket = state["data_bucket"]
     try:
@@ -240,7 +231,7 @@ def put_and_wait(
             Bucket=bucket, Key=f"{INPUT_PREFIX}/{key.model}/{key.path}", Body=file.read_bytes()
         )
     except Exception as error:
-        if "Could not connect" in str(error) or type(error).__name__ == "EndpointConnectionError":
+        if not aws.classify(error).answered:
             raise LocalStackNotRunning(
                 f"nothing answers at {state['s3_endpoint']}: is `tierserve local` running?"
             ) from None
@@ -252,8 +243,10 @@ def put_and_wait(
             result_key = key.result_key(kind)
             try:
                 head = client.head_object(Bucket=bucket, Key=result_key)
-            except client.exceptions.ClientError:
-                continue
+            except Exception as error:
+                if aws.classify(error).kind == "gone":
+                    continue
+                raise
             if head.get("Metadata", {}).get(META_INPUT_ETAG) == etag:
                 body = client.get_object(Bucket=bucket, Key=result_key)["Body"].read()
                 return status, json.loads(body), f"s3://{bucket}/{result_key}"

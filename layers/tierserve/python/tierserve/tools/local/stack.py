@@ -5,7 +5,6 @@ and serve the Open Inference Protocol on 127.0.0.1 through the real Lambda handl
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -14,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB, Catalog, Manifest, tier_for
+from tierserve.catalog import Catalog, Manifest, tier_for
 from tierserve.settings import (
     CACHE_DIR_ENV,
     DATA_BUCKET_ENV,
@@ -24,6 +23,7 @@ from tierserve.settings import (
     PRELOAD_ENV,
     ModelRef,
 )
+from tierserve.tools.cdk_context import InfraConfig
 from tierserve.tools.local import samples
 from tierserve.tools.local.api_server import LocalApi
 from tierserve.tools.local.embedded_s3 import EmbeddedS3, endpoint_env
@@ -32,6 +32,7 @@ from tierserve.tools.local.s3_queue import DATA_BUCKET, LocalPipeline, start_loc
 from tierserve.tools.packaging import PackagedModel, package_model, upload_package
 
 REPO_ROOT = Path(__file__).resolve().parents[6]
+CDK_JSON = REPO_ROOT / "cdk.json"
 HANDLER_DIR = REPO_ROOT / "functions" / "inference"
 LOCAL_BUCKET = "tierserve-models"
 MODEL_PREFIX = "models"
@@ -79,16 +80,14 @@ def package_samples(work_dir: Path, chosen: Sequence[Sample] = SAMPLES) -> list[
     return packaged
 
 
-def lambda_max_model_mb(cdk_json: Path = REPO_ROOT / "cdk.json") -> float:
-    """The tier threshold from cdk.json's context: the local API and the CDK app read one value."""
-    try:
-        return float(
-            json.loads(cdk_json.read_text())["context"].get(
-                "lambda_max_model_mb", DEFAULT_LAMBDA_MAX_MODEL_MB
-            )
-        )
-    except (OSError, KeyError, ValueError):
-        return DEFAULT_LAMBDA_MAX_MODEL_MB
+def lambda_max_model_mb(cdk_json: Path | None = None) -> int:
+    """The tier threshold from cdk.json's context, read and validated by the CDK app's own
+    reader: the local API and ``cdk synth`` read one value, and refuse a bad one alike.
+
+    Raises:
+        ConfigError: cdk.json is not JSON, or a context key is bad (``cdk synth``'s message).
+    """
+    return InfraConfig.from_cdk_json(cdk_json or CDK_JSON).lambda_max_model_mb
 
 
 def load_handler(
@@ -133,7 +132,12 @@ def start(
     chosen: Sequence[Sample] = SAMPLES,
 ) -> LocalStack:
     """Package the samples, start the embedded S3, a GPU server process per gpu-tier model and
-    the local API (which forwards those models to their server); returns once serving."""
+    the local API (which forwards those models to their server); returns once serving.
+
+    Raises:
+        ConfigError: a bad cdk.json, before anything is built.
+    """
+    lambda_max_model_mb()  # a bad cdk.json stops us before anything is built or started
     work_dir = work_dir.resolve()
     packaged = package_samples(work_dir, chosen)
     say("starting the embedded S3 on 127.0.0.1")

@@ -2,12 +2,12 @@
 
 The catalog file is the one ``cdk.json`` names (context ``catalog``, default
 ``catalog.json`` beside ``cdk.json``); ``cdk.json`` is looked for in the current folder and
-its parents, as git looks for ``.git``. An explicit path wins.
+its parents, as git looks for ``.git``, and read by the CDK app's own validated reader
+(:mod:`tierserve.tools.cdk_context`). An explicit path wins.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Callable
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from tierserve.catalog import (
-    DEFAULT_LAMBDA_MAX_MODEL_MB,
     MANIFEST_NAME,
     MAX_CATALOG_BYTES,
     Catalog,
@@ -26,11 +25,9 @@ from tierserve.catalog import (
     load_json,
     tier_for,
 )
+from tierserve.tools.cdk_context import ConfigError, InfraConfig, find_cdk_json
 from tierserve.tools.packaging._errors import CatalogProblem
-from tierserve.tools.packaging._upload import S3Location, _code, upload_error
-
-CDK_JSON = "cdk.json"
-DEFAULT_CATALOG = "catalog.json"
+from tierserve.tools.packaging._upload import S3Location, object_missing, upload_error
 
 
 @dataclass(frozen=True)
@@ -42,39 +39,25 @@ class ProjectConfig:
     cdk_json: Path | None
 
 
-def find_cdk_json(start: Path) -> Path | None:
-    for folder in (start.resolve(), *start.resolve().parents):
-        candidate = folder / CDK_JSON
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def project_config(
     catalog: Path | None = None, start: Path | None = None, *, need_catalog: bool = True
 ) -> ProjectConfig:
-    """Read ``cdk.json`` (if any) for the catalog path and ``lambda_max_model_mb``.
+    """Read ``cdk.json`` (if any) for the catalog path and ``lambda_max_model_mb``, validated by
+    the CDK app's own reader (:class:`~tierserve.tools.cdk_context.InfraConfig`).
 
     Without ``need_catalog``, a missing ``cdk.json`` is fine: the threshold is the default
     and ``catalog_path`` is None.
 
     Raises:
-        CatalogProblem: no ``catalog`` and no ``cdk.json`` found (when needed), or an
-            unreadable ``cdk.json``.
+        CatalogProblem: no ``catalog`` and no ``cdk.json`` found (when needed), or a
+            ``cdk.json`` that ``cdk synth`` would refuse (the same message).
     """
     cdk_json = find_cdk_json(start or Path.cwd())
-    context: dict[str, Any] = {}
-    if cdk_json is not None:
-        try:
-            context = dict(json.loads(cdk_json.read_text()).get("context", {}))
-        except (OSError, ValueError, AttributeError, RecursionError) as error:
-            raise CatalogProblem(
-                f"{cdk_json} cannot be read as JSON ({error}): fix it or pass --catalog PATH"
-            ) from None
     try:
-        threshold = float(context.get("lambda_max_model_mb", DEFAULT_LAMBDA_MAX_MODEL_MB))
-    except (TypeError, ValueError):
-        raise CatalogProblem(f"{cdk_json}: context lambda_max_model_mb must be a number of MB") from None
+        config = InfraConfig() if cdk_json is None else InfraConfig.from_cdk_json(cdk_json)
+    except ConfigError as error:
+        raise CatalogProblem(f"{cdk_json}: {error}") from None
+    threshold = config.lambda_max_model_mb
     if catalog is not None:
         return ProjectConfig(Path(catalog), threshold, cdk_json)
     if cdk_json is None:
@@ -84,8 +67,7 @@ def project_config(
             "no cdk.json in this folder or above it, so no catalog to register the model in: "
             "run from the project, pass --catalog PATH, or --no-register"
         )
-    named = Path(str(context.get("catalog", DEFAULT_CATALOG)))
-    return ProjectConfig(named if named.is_absolute() else cdk_json.parent / named, threshold, cdk_json)
+    return ProjectConfig(config.catalog_path(cdk_json.parent), threshold, cdk_json)
 
 
 def load_catalog(path: Path) -> Catalog:
@@ -200,6 +182,6 @@ def _check_s3(client: Any, where: S3Location, manifest: Manifest) -> list[str]:
 
 
 def _missing_or_error(error: BaseException, where: S3Location, key: str) -> str:
-    if _code(error) in {"NoSuchKey", "404", "NotFound"}:
+    if object_missing(error):
         return f"s3://{where.bucket}/{key} is missing: upload it (tierserve upload PACKAGE_DIR s3://{where.bucket}/{where.prefix})"
     raise upload_error(error, where)

@@ -19,8 +19,6 @@ uploads cannot both claim a version.
 from __future__ import annotations
 
 import json
-import os
-import re
 import sys
 import threading
 import time
@@ -29,9 +27,9 @@ from dataclasses import dataclass, replace
 from typing import Any, TextIO
 from urllib.parse import urlparse
 
+from tierserve import aws
 from tierserve.catalog import MANIFEST_NAME, Manifest, ManifestError
 from tierserve.settings import DEFAULT_MODEL_PREFIX
-from tierserve.store import error_code
 from tierserve.tools.packaging._artifact import PackagedModel, package_file
 from tierserve.tools.packaging._errors import (
     BucketForbidden,
@@ -43,17 +41,6 @@ from tierserve.tools.packaging._errors import (
 
 MiB = 1024 * 1024
 SHA256_METADATA = "sha256"
-FORBIDDEN_CODES = {
-    "AccessDenied",
-    "403",
-    "AllAccessDisabled",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "AccountProblem",
-}
-UNAVAILABLE_CODES = {"SlowDown", "503", "500", "InternalError", "ServiceUnavailable", "RequestTimeout"}
 
 
 def transfer_config(threshold_mib: int = 16, chunk_mib: int = 16, concurrency: int = 4) -> Any:
@@ -65,22 +52,6 @@ def transfer_config(threshold_mib: int = 16, chunk_mib: int = 16, concurrency: i
         multipart_chunksize=chunk_mib * MiB,
         max_concurrency=concurrency,
         use_threads=True,
-    )
-
-
-def s3_client() -> Any:
-    """A client for the command line: short connect timeout and few retries (3, or
-    AWS_MAX_ATTEMPTS), so a wrong endpoint fails in seconds; honours AWS_ENDPOINT_URL_S3,
-    AWS_PROFILE and the other usual AWS settings."""
-    import boto3
-    from botocore.config import Config
-
-    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or 3)
-    return boto3.client(
-        "s3",
-        config=Config(
-            connect_timeout=5, read_timeout=60, retries={"mode": "standard", "max_attempts": attempts}
-        ),
     )
 
 
@@ -173,7 +144,7 @@ def upload_package(
     except VersionConflict:
         raise
     except Exception as error:
-        if _code(error) in {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}:
+        if aws.classify(error).kind in ("changed", "raced"):
             raise VersionConflict(
                 f"another upload wrote {where.uri(manifest.key_prefix, MANIFEST_NAME)} while this one ran: "
                 "run the upload again to see whether it holds the same model"
@@ -253,7 +224,7 @@ def _existing_manifest(client: Any, bucket: str, key: str) -> Manifest | None:
     try:
         raw = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except Exception as error:
-        if _code(error) in {"NoSuchKey", "404"}:
+        if object_missing(error):
             return None
         raise
     try:
@@ -281,53 +252,44 @@ def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
     try:
         return dict(client.head_object(Bucket=bucket, Key=key))
     except Exception as error:
-        if _code(error) in {"NoSuchKey", "404", "NotFound"}:
+        if object_missing(error):
             return None
         raise
 
 
-def _code(error: BaseException) -> str:
-    """S3's error code, also from inside boto3's S3UploadFailedError (which keeps only text)."""
-    seen: BaseException | None = error
-    while seen is not None:
-        code = error_code(seen)
-        if code:
-            return code
-        match = re.search(r"An error occurred \((\w+)\)", str(seen))
-        if match:
-            return match.group(1)
-        seen = seen.__cause__ or seen.__context__
-    return ""
+def object_missing(error: BaseException) -> bool:
+    """The object is not there (the bucket is: a missing bucket is :class:`BucketNotFound`)."""
+    failure = aws.classify(error)
+    return failure.kind == "gone" and not failure.bucket_missing
 
 
 def upload_error(error: BaseException, where: S3Location) -> UploadFailed:
-    """One line for what S3 (or the network) said, and what to do about it."""
+    """One line for what S3 (or the network) said, and what to do about it
+    (classified by :func:`tierserve.aws.classify`)."""
     if isinstance(error, UploadFailed):
         return error
-    code = _code(error)
-    name = type(error).__name__
+    failure = aws.classify(error)
     target = f"s3://{where.bucket}/{where.prefix}"
-    if code == "NoSuchBucket":
+    if failure.bucket_missing:
         return BucketNotFound(
             f"bucket {where.bucket} does not exist: deploy the model store first (cdk deploy) or fix the s3:// location"
         )
-    if code in FORBIDDEN_CODES:
+    if failure.kind == "denied" and not failure.answered:
         return BucketForbidden(
-            f"access to {target} is denied ({code}): the credentials in use need s3:GetObject, s3:PutObject and "
-            f"s3:ListBucket there (check AWS_PROFILE and the bucket policy)"
+            f"no AWS credentials to upload to {target} ({failure.code}): run `aws configure` or set AWS_PROFILE"
         )
-    if name in {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+    if failure.kind == "denied":
         return BucketForbidden(
-            f"no AWS credentials to upload to {target}: run `aws configure` or set AWS_PROFILE"
+            f"access to {target} is denied ({failure.code}): the credentials in use need s3:GetObject, "
+            "s3:PutObject and s3:ListBucket there (check AWS_PROFILE and the bucket policy)"
         )
-    if code in UNAVAILABLE_CODES or "Timeout" in name or "Connection" in name or "Endpoint" in name:
-        endpoint = f" ({code})" if code else ""
+    if failure.retryable:
+        endpoint = f" ({failure.code})" if failure.answered else ""
         return BucketUnreachable(
             f"cannot reach S3 for {target}{endpoint}: check the network, the region and AWS_ENDPOINT_URL_S3, then retry"
         )
-    detail = code or name
     return UploadFailed(
-        f"S3 refused the upload to {target} ({detail}): fix the cause and run the upload again"
+        f"S3 refused the upload to {target} ({failure.code}): fix the cause and run the upload again"
     )
 
 

@@ -291,9 +291,9 @@ def run_upload(args: argparse.Namespace) -> int:
 
 
 def _ship(packaged: Any, destination: Any, config: Any) -> None:
+    from tierserve.aws import s3_client
     from tierserve.tools.packaging import Progress, register, upload_package
     from tierserve.tools.packaging._catalog import load_catalog
-    from tierserve.tools.packaging._upload import s3_client
 
     manifest = packaged.manifest
     if config is not None and config.catalog_path is not None:
@@ -364,8 +364,8 @@ def run_catalog_show(args: argparse.Namespace) -> int:
 
 
 def run_catalog_validate(args: argparse.Namespace) -> int:
+    from tierserve.aws import s3_client
     from tierserve.tools.packaging import S3Location, validate_catalog
-    from tierserve.tools.packaging._upload import s3_client
 
     config = _config(args.catalog)
     where = S3Location.parse(args.check_s3) if args.check_s3 else None

@@ -1,0 +1,280 @@
+"""``cdk.json`` context, validated once into a typed object: the one reader of it for the CDK
+app (``infra.config`` re-exports this module), ``tierserve local`` and the packaging tools
+(``tierserve package | upload | catalog``), so the three refuse a bad value the same way.
+
+Config flows one way: ``cdk.json`` context -> :meth:`InfraConfig.from_context` (here) ->
+construct parameters -> function environment. Every key is snake_case and its default lives
+in :class:`InfraConfig`; ``cdk.json`` repeats the defaults so ops see and edit them in one
+place (a test keeps the two equal). Values given as ``cdk synth -c key=value`` arrive as
+strings, so numbers and booleans are parsed from text too. The tools read the file
+(:meth:`InfraConfig.from_cdk_json`, found by :func:`find_cdk_json`).
+
+Pure Python (no ``aws_cdk``), so the tools import it without the CDK. A later issue adds a
+setting by adding a field with its default, a parser in ``_PARSERS`` and the key in
+``cdk.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB, LAMBDA_MAX_MEMORY_MB
+from tierserve.settings import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
+
+AuthMode = Literal["iam", "api_key", "none"]
+Architecture = Literal["x86_64", "arm64"]
+
+AUTH_MODES: tuple[str, ...] = ("iam", "api_key", "none")
+ARCHITECTURES: tuple[str, ...] = ("x86_64", "arm64")
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The only retention periods CloudWatch Logs accepts.
+LOG_RETENTION_DAYS: tuple[int, ...] = (
+    1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653,
+)  # fmt: skip
+API_GATEWAY_TIMEOUT_SECONDS = 29
+LAMBDA_MAX_TIMEOUT_SECONDS = 900
+LAMBDA_MIN_EPHEMERAL_MB = 512
+LAMBDA_MAX_EPHEMERAL_MB = 10240
+# SageMaker hosting instance types look like ml.<family>.<size>, e.g. ml.g5.xlarge.
+INSTANCE_TYPE_PATTERN = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9-]+$")
+GPU_MAX_INSTANCES = 100
+# SQS: a batch larger than 10 needs a batching window.
+SQS_MAX_BATCH_WITHOUT_WINDOW = 10
+SQS_MAX_BATCH_SIZE = 10_000
+SQS_MAX_BATCHING_WINDOW_SECONDS = 300
+LAMBDA_MAX_RESERVED_CONCURRENCY = 1_000
+EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+CDK_JSON = "cdk.json"
+
+
+class ConfigError(ValueError):
+    """A context value the app cannot use; the message names the key and how to fix it."""
+
+
+@dataclass(frozen=True)
+class InfraConfig:
+    """Every ``cdk.json`` context key the app reads, typed and validated.
+
+    Build it with :meth:`from_context`; construct it directly in tests.
+    """
+
+    catalog: str = "catalog.json"
+    lambda_max_model_mb: int = DEFAULT_LAMBDA_MAX_MODEL_MB
+    auth: AuthMode = "iam"
+    throttle_rate_limit: float = 50
+    throttle_burst_limit: int = 100
+    lambda_timeout_seconds: int = API_GATEWAY_TIMEOUT_SECONDS
+    lambda_ephemeral_storage_mb: int = 2048
+    lambda_architecture: Architecture = "x86_64"
+    log_retention_days: int = 30
+    log_level: str = "INFO"
+    preload: bool = True
+    api_cloudwatch_role: bool = True
+    # GPU tier (infra/gpu_tier.py): one SageMaker endpoint per heavy model.
+    gpu_instance_type: str = "ml.g5.xlarge"
+    gpu_initial_instance_count: int = 1
+    gpu_min_instances: int = 1
+    gpu_max_instances: int = 4
+    gpu_invocations_per_instance: float = 200
+    gpu_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    gpu_max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS
+    # S3-triggered pipeline (infra/s3_pipeline.py).
+    pipeline_worker_timeout_seconds: int = 120
+    pipeline_max_receive_count: int = 5
+    pipeline_batch_size: int = 10
+    pipeline_batching_window_seconds: int = 5
+    pipeline_reserved_concurrency: int = 0
+    alarm_email: str = ""
+
+    def __post_init__(self) -> None:
+        """Checks that involve more than one key (each key alone is checked by its parser)."""
+        if not self.gpu_min_instances <= self.gpu_max_instances:
+            raise ConfigError(
+                f"cdk.json context 'gpu_min_instances' ({self.gpu_min_instances}) is over "
+                f"'gpu_max_instances' ({self.gpu_max_instances}); raise the maximum or lower the minimum"
+            )
+        if not self.gpu_min_instances <= self.gpu_initial_instance_count <= self.gpu_max_instances:
+            raise ConfigError(
+                f"cdk.json context 'gpu_initial_instance_count' ({self.gpu_initial_instance_count}) must be "
+                f"from 'gpu_min_instances' ({self.gpu_min_instances}) to 'gpu_max_instances' "
+                f"({self.gpu_max_instances}), or autoscaling would change it right after deployment"
+            )
+        if (
+            self.pipeline_batch_size > SQS_MAX_BATCH_WITHOUT_WINDOW
+            and self.pipeline_batching_window_seconds < 1
+        ):
+            raise ConfigError(
+                f"cdk.json context 'pipeline_batch_size' ({self.pipeline_batch_size}) is over "
+                f"{SQS_MAX_BATCH_WITHOUT_WINDOW}, which SQS allows only with a batching window: set "
+                "'pipeline_batching_window_seconds' to 1 or more, or the batch size to 10 or less"
+            )
+
+    @classmethod
+    def from_context(cls, get: Callable[[str], Any]) -> InfraConfig:
+        """Read and validate every key through ``get`` (``app.node.try_get_context``).
+
+        A key that ``get`` returns None for keeps its default. Raises :class:`ConfigError`
+        naming the first bad key, its value and the accepted values.
+        """
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            raw = get(field.name)
+            if raw is not None:
+                values[field.name] = _PARSERS[field.name](field.name, raw)
+        return cls(**values)
+
+    @classmethod
+    def from_cdk_json(cls, path: Path) -> InfraConfig:
+        """Read and validate the ``context`` of the ``cdk.json`` at ``path`` (what the tools do;
+        the CDK app gets the same context from the CLI). No file: the defaults.
+
+        Raises:
+            ConfigError: the file is not JSON, its context is not an object, or a key is bad
+                (the same message as ``cdk synth``).
+        """
+        try:
+            document = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError, RecursionError) as error:
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:200]
+            raise ConfigError(f"{path} cannot be read as JSON ({reason}): fix it") from None
+        context = document.get("context", {}) if isinstance(document, dict) else None
+        if not isinstance(context, dict):
+            raise ConfigError(f'{path} must be a JSON object whose "context" is an object: fix it')
+        return cls.from_context(context.get)
+
+    def catalog_path(self, root: Path) -> Path:
+        """The catalog file: ``catalog`` as given when absolute, else relative to ``root``."""
+        path = Path(self.catalog)
+        return path if path.is_absolute() else root / path
+
+    def to_context(self) -> dict[str, Any]:
+        """The context keys and values this config stands for (the inverse of :meth:`from_context`)."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+def find_cdk_json(start: Path) -> Path | None:
+    """The ``cdk.json`` in ``start`` or the nearest folder above it (as git finds ``.git``)."""
+    for folder in (start.resolve(), *start.resolve().parents):
+        candidate = folder / CDK_JSON
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _problem(key: str, raw: Any, wanted: str) -> ConfigError:
+    default = _DEFAULTS[key]
+    example = str(default).lower() if isinstance(default, bool) else (default if default != "" else '""')
+    return ConfigError(
+        f"cdk.json context {key!r} is {raw!r}; it must be {wanted}. "
+        f"Fix it in cdk.json or on the command line, e.g. `cdk synth -c {key}={example}` (the default)"
+    )
+
+
+def _number(key: str, raw: Any, low: float, high: float, *, integer: bool) -> Any:
+    kind = "a whole number" if integer else "a number"
+    try:
+        if isinstance(raw, bool):
+            raise ValueError(raw)
+        value = float(raw)
+        if integer and not value.is_integer():
+            raise ValueError(raw)
+    except (TypeError, ValueError):
+        raise _problem(key, raw, f"{kind} from {low:g} to {high:g}") from None
+    if not low <= value <= high:
+        raise _problem(key, raw, f"{kind} from {low:g} to {high:g}")
+    return int(value) if integer else value
+
+
+def _integer(low: float, high: float) -> Callable[[str, Any], int]:
+    return lambda key, raw: _number(key, raw, low, high, integer=True)
+
+
+def _real(low: float, high: float) -> Callable[[str, Any], float]:
+    return lambda key, raw: _number(key, raw, low, high, integer=False)
+
+
+def _choice(choices: tuple[str, ...], *, upper: bool = False) -> Callable[[str, Any], str]:
+    def parse(key: str, raw: Any) -> str:
+        value = str(raw).strip()
+        value = value.upper() if upper else value
+        if value not in choices:
+            raise _problem(key, raw, "one of " + ", ".join(repr(c) for c in choices))
+        return value
+
+    return parse
+
+
+def _boolean(key: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in {"true", "1", "yes"}:
+        return True
+    if text in {"false", "0", "no"}:
+        return False
+    raise _problem(key, raw, "true or false")
+
+
+def _retention(key: str, raw: Any) -> int:
+    days = _number(key, raw, 1, max(LOG_RETENTION_DAYS), integer=True)
+    if days not in LOG_RETENTION_DAYS:
+        allowed = ", ".join(str(d) for d in LOG_RETENTION_DAYS)
+        raise _problem(key, raw, f"a retention CloudWatch Logs accepts ({allowed})")
+    return days
+
+
+def _text(key: str, raw: Any) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise _problem(key, raw, "a non-empty path to the catalog JSON file")
+    return raw.strip()
+
+
+def _instance_type(key: str, raw: Any) -> str:
+    value = str(raw).strip()
+    if isinstance(raw, bool) or not INSTANCE_TYPE_PATTERN.match(value):
+        raise _problem(key, raw, "a SageMaker hosting instance type such as ml.g5.xlarge or ml.g6.2xlarge")
+    return value
+
+
+def _email(key: str, raw: Any) -> str:
+    value = "" if raw is None else str(raw).strip()
+    if isinstance(raw, bool) or (value and not EMAIL_PATTERN.match(value)):
+        raise _problem(key, raw, 'an e-mail address for alarm notifications, or "" for none')
+    return value
+
+
+_DEFAULTS: dict[str, Any] = {field.name: field.default for field in fields(InfraConfig)}
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "catalog": _text,
+    "lambda_max_model_mb": _integer(1, LAMBDA_MAX_MEMORY_MB),
+    "auth": _choice(AUTH_MODES),
+    "throttle_rate_limit": _real(1, 10_000),
+    "throttle_burst_limit": _integer(1, 5_000),
+    "lambda_timeout_seconds": _integer(1, LAMBDA_MAX_TIMEOUT_SECONDS),
+    "lambda_ephemeral_storage_mb": _integer(LAMBDA_MIN_EPHEMERAL_MB, LAMBDA_MAX_EPHEMERAL_MB),
+    "lambda_architecture": _choice(ARCHITECTURES),
+    "log_retention_days": _retention,
+    "log_level": _choice(LOG_LEVELS, upper=True),
+    "preload": _boolean,
+    "api_cloudwatch_role": _boolean,
+    "gpu_instance_type": _instance_type,
+    "gpu_initial_instance_count": _integer(1, GPU_MAX_INSTANCES),
+    "gpu_min_instances": _integer(1, GPU_MAX_INSTANCES),
+    "gpu_max_instances": _integer(1, GPU_MAX_INSTANCES),
+    "gpu_invocations_per_instance": _real(1, 100_000),
+    "gpu_max_batch_size": _integer(1, 4096),
+    "gpu_max_queue_delay_ms": _real(0, 10_000),
+    "pipeline_worker_timeout_seconds": _integer(1, LAMBDA_MAX_TIMEOUT_SECONDS),
+    "pipeline_max_receive_count": _integer(1, 1000),
+    "pipeline_batch_size": _integer(1, SQS_MAX_BATCH_SIZE),
+    "pipeline_batching_window_seconds": _integer(0, SQS_MAX_BATCHING_WINDOW_SECONDS),
+    "pipeline_reserved_concurrency": _integer(0, LAMBDA_MAX_RESERVED_CONCURRENCY),
+    "alarm_email": _email,
+}
