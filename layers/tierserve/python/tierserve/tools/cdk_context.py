@@ -147,7 +147,10 @@ class InfraConfig:
         context = document.get("context", {}) if isinstance(document, dict) else None
         if not isinstance(context, dict):
             raise ConfigError(f'{path} must be a JSON object whose "context" is an object: fix it')
-        return cls.from_context(context.get)
+        try:
+            return cls.from_context(context.get)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
 
     def catalog_path(self, root: Path) -> Path:
         """The catalog file: ``catalog`` as given when absolute, else relative to ``root``."""

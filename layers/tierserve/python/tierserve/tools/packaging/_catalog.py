@@ -56,7 +56,7 @@ def project_config(
     try:
         config = InfraConfig() if cdk_json is None else InfraConfig.from_cdk_json(cdk_json)
     except ConfigError as error:
-        raise CatalogProblem(f"{cdk_json}: {error}") from None
+        raise CatalogProblem(str(error)) from None
     threshold = config.lambda_max_model_mb
     if catalog is not None:
         return ProjectConfig(Path(catalog), threshold, cdk_json)

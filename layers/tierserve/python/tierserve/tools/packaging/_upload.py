@@ -18,7 +18,6 @@ uploads cannot both claim a version.
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -228,7 +227,7 @@ def _existing_manifest(client: Any, bucket: str, key: str) -> Manifest | None:
             return None
         raise
     try:
-        return Manifest.from_dict(json.loads(raw))
+        return Manifest.from_json(raw)
     except (ValueError, ManifestError):
         raise VersionConflict(
             f"s3://{bucket}/{key} exists but is not a valid manifest: remove it, or package a new --version"
