@@ -33,7 +33,7 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: $(STAMP) ## lint and format check, then the whole test suite (unit, integration, infra)
+test: $(STAMP) $(NODE_STAMP) ## lint and format check, then the whole test suite (unit, integration, infra, the pinned CDK CLI offline)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
