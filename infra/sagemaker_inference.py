@@ -84,6 +84,7 @@ AUTOSCALING_SERVICE_LINKED_ROLE = (
 SAGEMAKER_NAMESPACE = "AWS/SageMaker"
 COMPONENT_DIMENSION = "InferenceComponentName"
 NO_CAPACITY_METRIC = "NoCapacityInvocationFailures"
+INVOCATIONS_METRIC = "Invocations"
 INVOCATIONS_PER_COPY_METRIC = "InvocationsPerCopy"
 METRIC_PERIOD = Duration.minutes(1)
 # SageMaker sends an endpoint's logs to /aws/sagemaker/Endpoints/{endpoint} and a component's
@@ -642,10 +643,13 @@ class GpuModelComponent(Construct):
             cooldown=scaling.scale_in_cooldown,
         )
         rest.add_adjustment(adjustment=scaling.minimum, upper_bound=0)
+        # Invocations and InvocationsPerCopy both count served requests: either one published
+        # for the component is enough to see that it is busy.
         requests = cloudwatch.MathExpression(
-            expression="FILL(served, 0) + FILL(refused, 0)",
+            expression="FILL(served, 0) + FILL(perCopy, 0) + FILL(refused, 0)",
             using_metrics={
-                "served": self._metric(INVOCATIONS_PER_COPY_METRIC),
+                "served": self._metric(INVOCATIONS_METRIC),
+                "perCopy": self._metric(INVOCATIONS_PER_COPY_METRIC),
                 "refused": self._metric(NO_CAPACITY_METRIC),
             },
             label="requests, served or refused",

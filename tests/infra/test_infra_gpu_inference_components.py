@@ -362,10 +362,11 @@ def test_after_the_idle_period_without_any_request_copies_go_to_the_minimum(g5):
     scaling = scaling_of(g5, BIG)
     (alarm,) = [a for a in scaling["alarms"] if "Metrics" in a]
     (expression,) = [m for m in alarm["Metrics"] if "Expression" in m]
-    assert expression["Expression"] == "FILL(served, 0) + FILL(refused, 0)"
+    assert expression["Expression"] == "FILL(served, 0) + FILL(perCopy, 0) + FILL(refused, 0)"
     metrics = {m["Id"]: m["MetricStat"] for m in alarm["Metrics"] if "MetricStat" in m}
     assert {k: m["Metric"]["MetricName"] for k, m in metrics.items()} == {
-        "served": "InvocationsPerCopy",
+        "served": "Invocations",
+        "perCopy": "InvocationsPerCopy",
         "refused": "NoCapacityInvocationFailures",
     }, "a request refused while waking up counts as activity: no scale-in in the middle of a wake"
     for stat in metrics.values():
