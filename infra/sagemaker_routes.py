@@ -96,7 +96,7 @@ def validation_error_template(name: str, cold_start: ColdStart) -> str:
         [
             '#set($raw = "$!input.body")',
             "#if($raw != \"\" && !$raw.startsWith('{'))#set($raw = $util.base64Decode($raw))#end",
-            f"#if($raw.toLowerCase().contains('{NO_CAPACITY_MARKER}')){starting}",
+            f"#if($raw.contains('{NO_CAPACITY_MARKER}')){starting}",
             f"#else{unavailable}#end",
         ]
     )
