@@ -4,7 +4,8 @@ config.py             cdk.json context -> InfraConfig (validated, typed)
 model_store.py        ModelStore: model bucket + access logs, per-model read grants (exact keys)
 tierserve_function.py TierserveFunction: every tierserve Lambda (image, environment, logs, role)
 lambda_tier.py        LambdaModelFunction: the TierserveFunction of one small model
-gpu_tier.py           GpuModelEndpoint: one autoscaled SageMaker endpoint per heavy model
+sagemaker_inference.py GpuEndpoint (one per GPU instance type), GpuModelComponent: each heavy model
+                      an inference component on it, copies scaling to zero
 api.py                InferenceApi: the REST API shell (stage, auth, usage plan, gateway responses)
 lambda_routes.py      LambdaModelRoutes: a Lambda-tier model's routes (Lambda proxy)
 sagemaker_routes.py   SageMakerModelRoutes: a GPU-tier model's routes (mocks, InvokeEndpoint)

@@ -20,6 +20,7 @@ from tierserve.tools.cdk_context import (
     AuthMode,
     ConfigError,
     InfraConfig,
+    gpu_instance_overrides,
 )
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "AuthMode",
     "ConfigError",
     "InfraConfig",
+    "gpu_instance_overrides",
 ]

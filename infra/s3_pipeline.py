@@ -36,9 +36,9 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from infra.gpu_tier import endpoint_arn
 from infra.model_store import SharedBucketStore, private_bucket
 from infra.nag import acknowledge, wildcard_resource_finding
+from infra.sagemaker_inference import component_arn, endpoint_arn
 from infra.tierserve_function import TierserveFunction
 from infra.trust import confine_trust
 from tierserve.catalog import LAMBDA_MIN_MEMORY_MB, Manifest, lambda_memory_mb
@@ -48,6 +48,7 @@ from tierserve.settings import (
     GPU_ENDPOINTS_ENV,
     INPUT_PREFIX,
     OUTPUT_PREFIX,
+    GpuTarget,
 )
 
 WORKER_HANDLER = "worker.handler"
@@ -128,6 +129,17 @@ def own_notifications_handler(scope: Construct, *, log_retention: logs.Retention
     )
 
 
+def invoke_arns(scope: Construct, targets: Mapping[str, GpuTarget]) -> list[str]:
+    """What ``sagemaker:InvokeEndpoint`` on ``targets`` needs: each endpoint once, and each
+    inference component (IAM checks both when a call names a component)."""
+    endpoints = sorted({target.endpoint for target in targets.values()})
+    components = sorted(t.component for t in targets.values() if t.component is not None)
+    return [
+        *(endpoint_arn(scope, name) for name in endpoints),
+        *(component_arn(scope, name) for name in components),
+    ]
+
+
 def prefix_pattern(prefix: str) -> str:
     """Every key under ``prefix``: ``inputs`` -> ``inputs/*``."""
     return f"{prefix.strip('/')}/*"
@@ -137,8 +149,9 @@ class InferencePipeline(Construct):
     """Queue, dead-letter queue, worker, notification and dead-letter alarm for a data bucket.
 
     ``models`` are every model the worker serves (its ``TIERSERVE_MODELS``: the manifests give
-    the signatures); those in ``gpu_endpoints`` (model name -> endpoint name) run on their
-    SageMaker endpoint, which the worker may invoke (and no other), the others in the worker.
+    the signatures); those in ``gpu_endpoints`` (model name -> endpoint and inference
+    component) run there, which the worker may invoke (and nothing else of SageMaker), the
+    others in the worker.
     The stack grants the reads of each model's objects
     (``ModelStore.grant_read_model(pipeline.worker, manifest)``). Without ``alarm_email`` the
     alarm notifies nobody, and synth warns so.
@@ -154,7 +167,7 @@ class InferencePipeline(Construct):
         *,
         data_bucket: s3.IBucket,
         models: Sequence[Manifest],
-        gpu_endpoints: Mapping[str, str],
+        gpu_endpoints: Mapping[str, GpuTarget],
         architecture: lambda_.Architecture,
         model_bucket_name: str,
         model_prefix: str,
@@ -215,9 +228,10 @@ class InferencePipeline(Construct):
         )
         self._grant_data_bucket()
         if gpu_endpoints:
-            arns = [endpoint_arn(self, gpu_endpoints[name]) for name in sorted(gpu_endpoints)]
             self.role.add_to_principal_policy(
-                iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"], resources=arns)
+                iam.PolicyStatement(
+                    actions=["sagemaker:InvokeEndpoint"], resources=invoke_arns(self, gpu_endpoints)
+                )
             )
 
         self.alarm_topic: sns.Topic | None = self._alarm_topic(alarm_email) if alarm_email else None
@@ -284,7 +298,7 @@ class InferencePipeline(Construct):
         self,
         *,
         models: Sequence[Manifest],
-        gpu_endpoints: Mapping[str, str],
+        gpu_endpoints: Mapping[str, GpuTarget],
         architecture: lambda_.Architecture,
         model_bucket_name: str,
         model_prefix: str,
@@ -299,9 +313,7 @@ class InferencePipeline(Construct):
         in_worker = [m for m in models if m.name not in gpu_endpoints]
         environment = {DATA_BUCKET_ENV: self.data_bucket.bucket_name}
         if gpu_endpoints:
-            environment[GPU_ENDPOINTS_ENV] = ",".join(
-                f"{name}={gpu_endpoints[name]}" for name in sorted(gpu_endpoints)
-            )
+            environment[GPU_ENDPOINTS_ENV] = GpuTarget.join(gpu_endpoints)
         return TierserveFunction(
             self,
             "Worker",

@@ -7,9 +7,11 @@
     ANY  /v2/models/{name}/{proxy+}                mock 404 naming the version it serves
 
 ``infer`` is an AWS service integration with a role that only API Gateway may assume, for
-this account, and that may call only this model's endpoint. The body passes through as the
-caller's bytes (no mapping template, no content conversion: under the ``*/*`` binary media
-type every body is binary), and so does the endpoint's answer.
+this account, and that may call only this model's endpoint and inference component; every
+call names the component (``X-Amzn-SageMaker-Inference-Component``, a constant of the
+integration). The body passes through as the caller's bytes (no mapping template, no content
+conversion: under the ``*/*`` binary media type every body is binary), and so does the
+endpoint's answer.
 
 The binary tensor extension through SageMaker: ``InvokeEndpoint`` hands the container only
 the body, ``Content-Type``, ``Accept`` and ``X-Amzn-SageMaker-Custom-Attributes``, and API
@@ -20,10 +22,16 @@ as it is into the custom attributes, and the container's custom attributes back 
 
 SageMaker's errors become OIP errors by the status InvokeEndpoint answers. Their mapping
 templates see the error body as text (``CONVERT_TO_TEXT``: base64 of the bytes, since every
-body is binary here), which the ModelError template decodes before reading it.
+body is binary here), which the ModelError and ValidationError templates decode before
+reading it. The cold edge: while the model has no copy running, SageMaker answers 400
+``ValidationError`` "... has no capacity to process this request"; the caller gets 503 with
+``Retry-After`` and a message that says the model is starting from zero, how long that takes,
+and where work that can wait goes (the async jobs route).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from aws_cdk import Duration
 from aws_cdk import aws_apigateway as apigw
@@ -35,20 +43,63 @@ from infra.config import API_GATEWAY_TIMEOUT_SECONDS
 from infra.trust import service_principal
 from tierserve.catalog import Manifest
 from tierserve.protocol import HEADER_LENGTH, ROUTE_HELP, model_metadata
+from tierserve.sagemaker_model import NO_CAPACITY_MARKER
 
 SAGEMAKER_RUNTIME_SERVICE = "runtime.sagemaker"
 SAGEMAKER_CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+# InvokeEndpoint's InferenceComponentName travels in this header (botocore's service model).
+SAGEMAKER_INFERENCE_COMPONENT = "X-Amzn-SageMaker-Inference-Component"
 HEADER_LENGTH_HEADER = "-".join(part.capitalize() for part in HEADER_LENGTH.split("-"))
 SAGEMAKER_REQUEST_HEADERS = (HEADER_LENGTH_HEADER, "Content-Type", "Accept")
+RETRY_AFTER = "Retry-After"
 # Selection patterns match the HTTP status InvokeEndpoint answers (disjoint, so the order of
 # the integration responses does not matter). ModelError (424) carries the container's own
-# status and message; 413 is SageMaker's payload limit; every other 4xx/5xx is SageMaker
-# refusing or failing (throttling, endpoint not InService, access) and retryable for a caller.
+# status and message; 413 is SageMaker's payload limit; 400 is ValidationError, the answer for
+# a component with no copy running (and for names SageMaker does not know); every other
+# 4xx/5xx is SageMaker refusing or failing (throttling, endpoint not InService, access) and
+# retryable for a caller.
 MODEL_ERROR_PATTERN = "424"
 PAYLOAD_TOO_LARGE_PATTERN = "413"
-UPSTREAM_ERROR_PATTERN = r"4(0\d|1[0-24-9]|2[0-35-9]|[3-9]\d)|5\d{2}"
+VALIDATION_ERROR_PATTERN = "400"
+UPSTREAM_ERROR_PATTERN = r"4(0[1-9]|1[0-24-9]|2[0-35-9]|[3-9]\d)|5\d{2}"
 SAGEMAKER_ERROR_STATUSES = ("400", "413", "503", "504")
 JSON_CONTENT = {"method.response.header.Content-Type": "'application/json'"}
+# The async jobs route (another issue adds it): where work that can wait goes.
+JOBS_ROUTE = "POST /v2/models/{name}/jobs"
+
+
+@dataclass(frozen=True)
+class ColdStart:
+    """What a caller is told while a model has no copy running: it takes about ``minutes`` to
+    start one, and to retry after ``retry_after_s`` (``Retry-After``)."""
+
+    minutes: int
+    retry_after_s: int
+
+
+def validation_error_template(name: str, cold_start: ColdStart) -> str:
+    """Integration response template for SageMaker's 400 ValidationError: the component has no
+    copy running (SageMaker's "... has no capacity to process this request") becomes the
+    model-is-starting message; any other (an endpoint or component SageMaker does not know,
+    a deployment in progress) is the generic retry-shortly message. Both are 503, with
+    ``Retry-After`` (a header of the integration response, so it does not depend on VTL).
+    The body arrives as base64 text, or as JSON should API Gateway ever class it as text."""
+    jobs = JOBS_ROUTE.format(name=name)
+    starting = error_body(
+        f"model {name} is starting from zero: no copy of it was running, and SageMaker is starting "
+        f"one on a GPU instance, which takes minutes (about {cold_start.minutes}). Retry after "
+        f"{cold_start.retry_after_s} s (Retry-After), or send work that can wait to {jobs} "
+        "(asynchronous jobs, served once the model is up)"
+    )
+    unavailable = error_body(f"the GPU endpoint of model {name} is unavailable or busy; retry shortly")
+    return "\n".join(
+        [
+            '#set($raw = "$!input.body")',
+            "#if($raw != \"\" && !$raw.startsWith('{'))#set($raw = $util.base64Decode($raw))#end",
+            f"#if($raw.contains('{NO_CAPACITY_MARKER}')){starting}",
+            f"#else{unavailable}#end",
+        ]
+    )
 
 
 def model_error_template(name: str) -> str:
@@ -84,8 +135,10 @@ def model_error_template(name: str) -> str:
 
 class SageMakerModelRoutes(Construct):
     """The routes of GPU-tier model ``manifest.name``: mocks from the manifest, and ``infer``
-    to ``InvokeEndpoint`` on ``endpoint_name``, with a role that may invoke only ``endpoint_arn``
-    (a token, so the API deploys after the endpoint).
+    to ``InvokeEndpoint`` on ``endpoint_name`` naming ``component_name``, with a role that may
+    invoke only ``endpoint_arn`` and ``component_arn`` (tokens, so the API deploys after the
+    component is InService). ``cold_start`` says what a caller hears while the model has no
+    copy running.
 
     Attributes: ``model_name``, ``resource`` (``/v2/models/{name}``), ``version_resource``
     (``.../versions/{version}``), ``role``, ``integration``, ``infer_methods``. Raises
@@ -101,6 +154,9 @@ class SageMakerModelRoutes(Construct):
         manifest: Manifest,
         endpoint_name: str,
         endpoint_arn: str,
+        component_name: str,
+        component_arn: str,
+        cold_start: ColdStart,
     ) -> None:
         super().__init__(scope, construct_id)
         name = self.model_name = manifest.name
@@ -109,16 +165,24 @@ class SageMakerModelRoutes(Construct):
             self,
             "InvokeRole",
             assumed_by=service_principal(self, "apigateway.amazonaws.com"),
-            description=f"API Gateway: invoke the GPU endpoint of model {name}, nothing else",
+            description=f"API Gateway: invoke the inference component of model {name}, nothing else",
             inline_policies={
                 "InvokeEndpoint": iam.PolicyDocument(
                     statements=[
-                        iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"], resources=[endpoint_arn])
+                        iam.PolicyStatement(
+                            actions=["sagemaker:InvokeEndpoint"], resources=[endpoint_arn, component_arn]
+                        )
                     ]
                 )
             },
         )
-        self.integration = _invoke_endpoint(name, endpoint_name=endpoint_name, role=self.role)
+        self.integration = _invoke_endpoint(
+            name,
+            endpoint_name=endpoint_name,
+            component_name=component_name,
+            role=self.role,
+            cold_start=cold_start,
+        )
         metadata = vtl_safe_json(model_metadata(manifest))
         ready = vtl_safe_json({"name": name, "version": manifest.version, "ready": True})
         not_found = vtl_safe_json(
@@ -136,9 +200,12 @@ class SageMakerModelRoutes(Construct):
         api.add_mock(self.resource.add_resource("{proxy+}"), "ANY", 404, not_found)
 
 
-def _invoke_endpoint(name: str, *, endpoint_name: str, role: iam.IRole) -> apigw.AwsIntegration:
-    """``InvokeEndpoint`` with the body passed through (no template, no conversion), the
-    headers SageMaker forwards, and SageMaker's errors rewritten into OIP errors."""
+def _invoke_endpoint(
+    name: str, *, endpoint_name: str, component_name: str, role: iam.IRole, cold_start: ColdStart
+) -> apigw.AwsIntegration:
+    """``InvokeEndpoint`` on ``component_name`` with the body passed through (no template, no
+    conversion), the headers SageMaker forwards, and SageMaker's errors rewritten into OIP
+    errors."""
     return apigw.AwsIntegration(
         service=SAGEMAKER_RUNTIME_SERVICE,
         path=f"endpoints/{endpoint_name}/invocations",
@@ -148,6 +215,7 @@ def _invoke_endpoint(name: str, *, endpoint_name: str, role: iam.IRole) -> apigw
             passthrough_behavior=apigw.PassthroughBehavior.WHEN_NO_TEMPLATES,
             timeout=Duration.seconds(API_GATEWAY_TIMEOUT_SECONDS),
             request_parameters={
+                f"integration.request.header.{SAGEMAKER_INFERENCE_COMPONENT}": f"'{component_name}'",
                 f"integration.request.header.{SAGEMAKER_CUSTOM_ATTRIBUTES}": (
                     f"method.request.header.{HEADER_LENGTH_HEADER}"
                 ),
@@ -166,6 +234,12 @@ def _invoke_endpoint(name: str, *, endpoint_name: str, role: iam.IRole) -> apigw
                 ),
                 _error_response(MODEL_ERROR_PATTERN, "400", model_error_template(name)),
                 _error_response(
+                    VALIDATION_ERROR_PATTERN,
+                    "503",
+                    validation_error_template(name, cold_start),
+                    headers={f"method.response.header.{RETRY_AFTER}": f"'{cold_start.retry_after_s}'"},
+                ),
+                _error_response(
                     PAYLOAD_TOO_LARGE_PATTERN,
                     "413",
                     error_body(
@@ -183,12 +257,15 @@ def _invoke_endpoint(name: str, *, endpoint_name: str, role: iam.IRole) -> apigw
     )
 
 
-def _error_response(pattern: str, status: str, template: str) -> apigw.IntegrationResponse:
-    """An error answer in OIP JSON; the body reaches ``template`` as text."""
+def _error_response(
+    pattern: str, status: str, template: str, *, headers: dict[str, str] | None = None
+) -> apigw.IntegrationResponse:
+    """An error answer in OIP JSON (and ``headers``, method response header -> value); the
+    body reaches ``template`` as text."""
     return apigw.IntegrationResponse(
         selection_pattern=pattern,
         status_code=status,
-        response_parameters=JSON_CONTENT,
+        response_parameters={**JSON_CONTENT, **(headers or {})},
         response_templates={"application/json": template},
         content_handling=apigw.ContentHandling.CONVERT_TO_TEXT,
     )
@@ -206,7 +283,10 @@ def _infer_method(
         *(
             apigw.MethodResponse(
                 status_code=status,
-                response_parameters={header: True},
+                response_parameters={
+                    header: True,
+                    **({f"method.response.header.{RETRY_AFTER}": True} if status == "503" else {}),
+                },
                 response_models={"application/json": apigw.Model.EMPTY_MODEL},
             )
             for status in SAGEMAKER_ERROR_STATUSES

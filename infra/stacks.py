@@ -2,9 +2,9 @@
 
 ``TierserveStorage`` holds the model and data buckets and deploys first, so ops can upload
 models before anything serves them; both buckets are retained. ``TierserveServing`` holds a
-function per Lambda-tier model, a SageMaker endpoint per GPU-tier model, the API shell and
-each model's routes; it imports the model bucket by its export and reads only each model's
-own manifest and artifact.
+function per Lambda-tier model, a SageMaker endpoint per GPU instance type with every
+GPU-tier model on it as an inference component, the API shell and each model's routes; it
+imports the model bucket by its export and reads only each model's own manifest and artifact.
 ``TierservePipeline`` (only when the catalog has models) holds the S3-triggered pipeline's
 queue, worker and alarm; it deploys after the serving stack, whose GPU endpoints it calls.
 """
@@ -19,14 +19,27 @@ from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from infra.api import InferenceApi
-from infra.config import API_GATEWAY_TIMEOUT_SECONDS, InfraConfig
-from infra.gpu_tier import GpuModelEndpoint, gpu_server_image, gpu_volume_key, needs_volume_key
+from infra.config import API_GATEWAY_TIMEOUT_SECONDS, ConfigError, InfraConfig, gpu_instance_overrides
 from infra.lambda_routes import LambdaModelRoutes
 from infra.lambda_tier import LambdaModelFunction
 from infra.model_store import ModelStore
 from infra.s3_pipeline import DataStore, InferencePipeline
-from infra.sagemaker_routes import SageMakerModelRoutes
-from tierserve.catalog import Catalog
+from infra.sagemaker_inference import (
+    INSTANCE_SPECS,
+    ComputeRequirements,
+    CopyScaling,
+    GpuEndpoint,
+    GpuModelComponent,
+    InstanceScaling,
+    check_fits,
+    gpu_server_image,
+    gpu_volume_key,
+    instance_slug,
+    needs_volume_key,
+)
+from infra.sagemaker_routes import ColdStart, SageMakerModelRoutes
+from tierserve.catalog import Catalog, CatalogEntry
+from tierserve.settings import GpuTarget
 
 STORAGE_STACK = "TierserveStorage"
 SERVING_STACK = "TierserveServing"
@@ -91,12 +104,17 @@ class StorageStack(Stack):
 
 
 class ServingStack(Stack):
-    """A function per Lambda-tier model, an endpoint per GPU-tier model, the API shell, and
-    each model's routes in it.
+    """A function per Lambda-tier model, an endpoint per GPU instance type hosting the GPU-tier
+    models as inference components, the API shell, and each model's routes in it.
 
     Attributes: ``api``, ``lambda_models`` (model name -> :class:`LambdaModelFunction`),
-    ``gpu_models`` (model name -> :class:`GpuModelEndpoint`), ``routes`` (model name ->
-    :class:`LambdaModelRoutes` or :class:`SageMakerModelRoutes`).
+    ``gpu_endpoints`` (instance type -> :class:`GpuEndpoint`), ``gpu_models`` (model name ->
+    :class:`GpuModelComponent`), ``routes`` (model name -> :class:`LambdaModelRoutes` or
+    :class:`SageMakerModelRoutes`).
+
+    Raises:
+        ConfigError: a GPU-tier model cannot fit its instance type, or ``gpu_instance_types``
+            names a model that is not on the GPU tier.
     """
 
     def __init__(
@@ -126,7 +144,8 @@ class ServingStack(Stack):
             manage_cloudwatch_role=config.api_cloudwatch_role,
         )
         self.lambda_models: dict[str, LambdaModelFunction] = {}
-        self.gpu_models: dict[str, GpuModelEndpoint] = {}
+        self.gpu_endpoints: dict[str, GpuEndpoint] = {}
+        self.gpu_models: dict[str, GpuModelComponent] = {}
         self.routes: dict[str, LambdaModelRoutes | SageMakerModelRoutes] = {}
         self._add_lambda_models(config, catalog, model_store)
         self._add_gpu_models(config, catalog, model_store)
@@ -170,46 +189,81 @@ class ServingStack(Stack):
             )
             self.lambda_models[entry.name] = model
 
+    @property
+    def gpu_targets(self) -> dict[str, GpuTarget]:
+        """Model name -> the endpoint and component that serve it (what the S3 worker calls)."""
+        return {name: component.target for name, component in self.gpu_models.items()}
+
     def _add_gpu_models(self, config: InfraConfig, catalog: Catalog, model_store: ModelStore) -> None:
         entries = catalog.by_tier("gpu", config.lambda_max_model_mb)
-        if not entries:
+        placement = gpu_placement(entries, config)
+        if not placement:
             return
         image = gpu_server_image(self)
         # Instance types with local NVMe storage (the default g5 included) are encrypted by the
         # instance's hardware, and SageMaker refuses a KMS key for them: no key then.
-        volume_key = gpu_volume_key(self) if needs_volume_key(config.gpu_instance_type) else None
+        volume_key = gpu_volume_key(self) if any(needs_volume_key(t) for t in placement) else None
         bucket = model_store.bucket_for(self)
-        endpoints = Construct(self, "GpuModels")
+        endpoints = Construct(self, "GpuEndpoints")
+        models = Construct(self, "GpuModels")
         routes = Construct(self, "GpuRoutes")
-        for entry in entries:
-            model = GpuModelEndpoint(
+        cold_start = ColdStart(
+            minutes=config.gpu_cold_start_minutes, retry_after_s=config.gpu_retry_after_seconds
+        )
+        for instance_type, placed in placement.items():
+            endpoint = GpuEndpoint(
                 endpoints,
-                entry.name,
-                manifest=entry.manifest,
+                instance_slug(instance_type),
+                instance_type=instance_type,
                 image=image,
-                model_bucket_name=bucket.bucket_name,
-                model_prefix=model_store.model_prefix,
-                instance_type=config.gpu_instance_type,
-                initial_instance_count=config.gpu_initial_instance_count,
-                min_instances=config.gpu_min_instances,
-                max_instances=config.gpu_max_instances,
-                invocations_per_instance=config.gpu_invocations_per_instance,
-                max_batch_size=config.gpu_max_batch_size,
-                max_queue_delay_ms=config.gpu_max_queue_delay_ms,
-                volume_key=volume_key,
+                scaling=InstanceScaling(
+                    initial=config.gpu_initial_instance_count,
+                    minimum=config.gpu_min_instances,
+                    maximum=config.gpu_max_instances,
+                ),
+                routing_strategy=config.gpu_routing_strategy,
+                volume_key=volume_key if needs_volume_key(instance_type) else None,
                 log_retention=RETENTION[config.log_retention_days],
-                log_level=config.log_level,
             )
-            model_store.grant_read_model(model.role, entry.manifest)
-            self.routes[entry.name] = SageMakerModelRoutes(
-                routes,
-                entry.name,
-                api=self.api,
-                manifest=entry.manifest,
-                endpoint_name=model.endpoint.attr_endpoint_name,
-                endpoint_arn=model.endpoint_arn,
+            self.gpu_endpoints[instance_type] = endpoint
+            for entry, requirements in placed:
+                component = GpuModelComponent(
+                    models,
+                    entry.name,
+                    endpoint=endpoint,
+                    manifest=entry.manifest,
+                    requirements=requirements,
+                    scaling=copy_scaling(config),
+                    startup_timeout=Duration.seconds(config.gpu_startup_timeout_seconds),
+                    model_bucket_name=bucket.bucket_name,
+                    model_prefix=model_store.model_prefix,
+                    max_batch_size=config.gpu_max_batch_size,
+                    max_queue_delay_ms=config.gpu_max_queue_delay_ms,
+                    log_level=config.log_level,
+                )
+                model_store.grant_read_model(component.role, entry.manifest)
+                self.routes[entry.name] = SageMakerModelRoutes(
+                    routes,
+                    entry.name,
+                    api=self.api,
+                    manifest=entry.manifest,
+                    endpoint_name=endpoint.endpoint_name,
+                    endpoint_arn=endpoint.endpoint_arn,
+                    component_name=component.component_name,
+                    component_arn=component.component_arn,
+                    cold_start=cold_start,
+                )
+                self.gpu_models[entry.name] = component
+            self._warn_unchecked(endpoint)
+
+    def _warn_unchecked(self, endpoint: GpuEndpoint) -> None:
+        if endpoint.instance_type not in INSTANCE_SPECS:
+            Annotations.of(endpoint).add_warning_v2(
+                "tierserve:gpuInstanceTypeUnchecked",
+                f"{endpoint.instance_type} is not in tierserve's table of GPU instance types "
+                "(infra.sagemaker_inference.INSTANCE_SPECS): synth cannot check that a copy of each model "
+                "fits one instance; a copy that does not fit fails the deploy when SageMaker places it",
             )
-            self.gpu_models[entry.name] = model
 
     def _warn(self, config: InfraConfig) -> None:
         if config.lambda_timeout_seconds > API_GATEWAY_TIMEOUT_SECONDS:
@@ -223,8 +277,9 @@ class ServingStack(Stack):
 class PipelineStack(Stack):
     """S3-triggered inference on the data bucket for every model in the catalog.
 
-    Lambda-tier models run in the worker; GPU-tier models on the endpoints ``gpu_endpoints``
-    names (model name -> endpoint name, from the serving stack). Attribute: ``pipeline``.
+    Lambda-tier models run in the worker; GPU-tier models on the endpoints and components
+    ``gpu_endpoints`` names (model name -> target, from the serving stack). Attribute:
+    ``pipeline``.
     """
 
     def __init__(
@@ -236,7 +291,7 @@ class PipelineStack(Stack):
         catalog: Catalog,
         model_store: ModelStore,
         data_store: DataStore,
-        gpu_endpoints: dict[str, str],
+        gpu_endpoints: dict[str, GpuTarget],
         **kwargs: object,
     ) -> None:
         super().__init__(
@@ -275,6 +330,58 @@ class PipelineStack(Stack):
         )
 
 
+def gpu_placement(
+    entries: list[CatalogEntry], config: InfraConfig
+) -> dict[str, list[tuple[CatalogEntry, ComputeRequirements]]]:
+    """The GPU-tier models of the catalog by instance type (one endpoint each), with what one
+    copy of each needs.
+
+    Raises:
+        ConfigError: ``gpu_instance_types`` names a model that is not on the GPU tier, a copy
+            cannot fit one instance of its type, or the endpoint's instances cannot hold a
+            model's most copies.
+    """
+    names = {entry.name for entry in entries}
+    strays = sorted(set(gpu_instance_overrides(config.gpu_instance_types)) - names)
+    if strays:
+        raise ConfigError(
+            f"cdk.json context 'gpu_instance_types' names {', '.join(strays)}, which the catalog does not "
+            f"put on the GPU tier (GPU-tier models: {', '.join(sorted(names)) or 'none'}); fix the name "
+            "or remove the entry"
+        )
+    placement: dict[str, list[tuple[CatalogEntry, ComputeRequirements]]] = {}
+    for entry in entries:
+        instance_type = config.gpu_instance_type_of(entry.name)
+        requirements = ComputeRequirements.of(
+            entry.manifest,
+            memory_headroom=config.gpu_memory_headroom,
+            base_memory_mb=config.gpu_base_memory_mb,
+            cpu_cores=config.gpu_cpu_cores_per_copy,
+        )
+        check_fits(
+            entry.name,
+            requirements,
+            instance_type,
+            max_copies=config.gpu_max_copies,
+            max_instances=config.gpu_max_instances,
+        )
+        placement.setdefault(instance_type, []).append((entry, requirements))
+    return placement
+
+
+def copy_scaling(config: InfraConfig) -> CopyScaling:
+    """Every GPU-tier model's copy autoscaling, from the ``gpu_*_copies`` and scaling keys."""
+    return CopyScaling(
+        initial=config.gpu_initial_copies,
+        minimum=config.gpu_min_copies,
+        maximum=config.gpu_max_copies,
+        invocations_per_copy=config.gpu_invocations_per_copy,
+        scale_out_cooldown=Duration.seconds(config.gpu_scale_out_cooldown_seconds),
+        scale_in_cooldown=Duration.seconds(config.gpu_scale_in_cooldown_seconds),
+        idle_minutes=config.gpu_scale_in_idle_minutes,
+    )
+
+
 @dataclass(frozen=True)
 class TierserveStacks:
     storage: StorageStack
@@ -297,7 +404,7 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
             catalog=catalog,
             model_store=storage.model_store,
             data_store=storage.data_store,
-            gpu_endpoints={name: model.endpoint_name for name, model in serving.gpu_models.items()},
+            gpu_endpoints=serving.gpu_targets,
         )
         pipeline.add_stack_dependency(serving, "invokes the GPU endpoints the serving stack creates")
     return TierserveStacks(storage=storage, serving=serving, pipeline=pipeline)

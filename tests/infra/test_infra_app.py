@@ -16,11 +16,11 @@ from aws_cdk import aws_s3 as s3
 from cdk_nag import AwsSolutionsChecks
 
 from infra.config import InfraConfig
-from infra.gpu_tier import gpu_endpoint_name
 from infra.nag import acknowledge, add_aws_solutions_checks
+from infra.sagemaker_inference import component_name_for, endpoint_name_for
 from infra.stacks import PIPELINE_STACK, SERVING_STACK, STORAGE_STACK, build_stacks
 from tierserve.catalog import lambda_memory_mb
-from tierserve.settings import GPU_ENDPOINTS_ENV, MODEL_BUCKET_ENV, MODELS_ENV
+from tierserve.settings import GPU_ENDPOINTS_ENV, MODEL_BUCKET_ENV, MODELS_ENV, GpuTarget
 
 LAMBDA_MODELS = ("iris", "resnet-50")
 GPU_MODELS = ("big-llm", "tiny-on-gpu")
@@ -77,22 +77,54 @@ def functions_by_model(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def test_one_sagemaker_endpoint_per_gpu_tier_model_and_none_for_lambda_models(serving):
+def components_by_model(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    components = of_type(template, "AWS::SageMaker::InferenceComponent")
+    models = of_type(template, "AWS::SageMaker::Model")
+    by_model = {}
+    for component in components.values():
+        model_id = component["Properties"]["Specification"]["ModelName"]["Fn::GetAtt"][0]
+        env = models[model_id]["Properties"]["PrimaryContainer"]["Environment"]
+        by_model[env[MODELS_ENV].split("@")[0]] = component
+    return by_model
+
+
+def test_one_sagemaker_endpoint_per_instance_type_hosts_every_gpu_tier_model(serving):
     endpoints = of_type(serving, "AWS::SageMaker::Endpoint")
-    assert sorted(e["Properties"]["EndpointName"] for e in endpoints.values()) == sorted(
-        gpu_endpoint_name(name) for name in GPU_MODELS
+    assert [e["Properties"]["EndpointName"] for e in endpoints.values()] == [
+        endpoint_name_for("ml.g5.xlarge")
+    ]
+    assert len(of_type(serving, "AWS::SageMaker::EndpointConfig")) == 1
+    components = components_by_model(serving)
+    assert sorted(components) == sorted(GPU_MODELS), "a component per GPU-tier model, none for Lambda's"
+    for name, component in components.items():
+        assert component["Properties"]["InferenceComponentName"] == component_name_for(name, "ml.g5.xlarge")
+    targets = of_type(serving, "AWS::ApplicationAutoScaling::ScalableTarget")
+    assert sorted(t["Properties"]["ResourceId"] for t in targets.values()) == sorted(
+        f"inference-component/{component_name_for(name, 'ml.g5.xlarge')}" for name in GPU_MODELS
     )
-    assert len(of_type(serving, "AWS::SageMaker::EndpointConfig")) == len(GPU_MODELS)
-    models = of_type(serving, "AWS::SageMaker::Model")
-    served = sorted(
-        m["Properties"]["PrimaryContainer"]["Environment"][MODELS_ENV].split("@")[0] for m in models.values()
+    assert all(t["Properties"]["MinCapacity"] == 0 for t in targets.values()), "every model scales to zero"
+    policies = [
+        p["Properties"]["PolicyType"]
+        for p in of_type(serving, "AWS::ApplicationAutoScaling::ScalingPolicy").values()
+    ]
+    assert sorted(policies) == sorted(
+        ["TargetTrackingScaling", "StepScaling", "StepScaling"] * len(GPU_MODELS)
     )
-    assert served == sorted(GPU_MODELS)
-    assert len(of_type(serving, "AWS::ApplicationAutoScaling::ScalableTarget")) == len(GPU_MODELS)
-    assert len(of_type(serving, "AWS::ApplicationAutoScaling::ScalingPolicy")) == len(GPU_MODELS)
+    alarms = of_type(serving, "AWS::CloudWatch::Alarm")
+    assert sum(
+        a["Properties"].get("MetricName") == "NoCapacityInvocationFailures" for a in alarms.values()
+    ) == len(GPU_MODELS)
+    (config,) = of_type(serving, "AWS::SageMaker::EndpointConfig").values()
+    (variant,) = config["Properties"]["ProductionVariants"]
+    assert variant["ManagedInstanceScaling"] == {
+        "Status": "ENABLED",
+        "MinInstanceCount": 0,
+        "MaxInstanceCount": 4,
+    }
+    assert "ExecutionRoleArn" in config["Properties"]
 
 
-def test_gpu_instances_come_from_context(make_app, catalog):
+def test_gpu_scaling_comes_from_context(make_app, catalog):
     assembly = synth_app(
         make_app,
         catalog,
@@ -100,20 +132,99 @@ def test_gpu_instances_come_from_context(make_app, catalog):
         nag=False,
         gpu_instance_type="ml.p3.2xlarge",
         gpu_initial_instance_count="2",
-        gpu_min_instances="2",
+        gpu_min_instances="1",
         gpu_max_instances="8",
-        gpu_invocations_per_instance="75",
+        gpu_min_copies="1",
+        gpu_initial_copies="2",
+        gpu_max_copies="6",
+        gpu_invocations_per_copy="75",
+        gpu_scale_in_idle_minutes="5",
+        gpu_cpu_cores_per_copy="2",
+        gpu_memory_headroom="2",
+        gpu_base_memory_mb="512",
+        gpu_startup_timeout_seconds="1800",
+        gpu_routing_strategy="RANDOM",
     )
     template = assembly.get_stack_by_name(SERVING_STACK).template
     (key_id,) = of_type(template, "AWS::KMS::Key")
-    for config in of_type(template, "AWS::SageMaker::EndpointConfig").values():
-        (variant,) = config["Properties"]["ProductionVariants"]
-        assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.p3.2xlarge", 2)
-        assert config["Properties"]["KmsKeyId"] == {"Fn::GetAtt": [key_id, "Arn"]}
+    (config,) = of_type(template, "AWS::SageMaker::EndpointConfig").values()
+    (variant,) = config["Properties"]["ProductionVariants"]
+    assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.p3.2xlarge", 2)
+    assert variant["ManagedInstanceScaling"] == {
+        "Status": "ENABLED",
+        "MinInstanceCount": 1,
+        "MaxInstanceCount": 8,
+    }
+    assert variant["RoutingConfig"] == {"RoutingStrategy": "RANDOM"}
+    assert config["Properties"]["KmsKeyId"] == {"Fn::GetAtt": [key_id, "Arn"]}
+    big = components_by_model(template)["big-llm"]["Properties"]
+    assert big["RuntimeConfig"] == {"CopyCount": 2}
+    assert big["Specification"]["ComputeResourceRequirements"] == {
+        "NumberOfAcceleratorDevicesRequired": 1,
+        "MinMemoryRequiredInMb": 512 + 2 * 2048,
+        "NumberOfCpuCoresRequired": 2,
+    }
+    assert big["Specification"]["StartupParameters"]["ContainerStartupHealthCheckTimeoutInSeconds"] == 1800
     for target in of_type(template, "AWS::ApplicationAutoScaling::ScalableTarget").values():
-        assert (target["Properties"]["MinCapacity"], target["Properties"]["MaxCapacity"]) == (2, 8)
+        assert (target["Properties"]["MinCapacity"], target["Properties"]["MaxCapacity"]) == (1, 6)
     for policy in of_type(template, "AWS::ApplicationAutoScaling::ScalingPolicy").values():
-        assert policy["Properties"]["TargetTrackingScalingPolicyConfiguration"]["TargetValue"] == 75
+        if policy["Properties"]["PolicyType"] == "TargetTrackingScaling":
+            assert policy["Properties"]["TargetTrackingScalingPolicyConfiguration"]["TargetValue"] == 75
+    idle = [
+        a["Properties"]
+        for a in of_type(template, "AWS::CloudWatch::Alarm").values()
+        if "Metrics" in a["Properties"]
+    ]
+    assert [a["EvaluationPeriods"] for a in idle] == [5] * len(GPU_MODELS)
+
+
+def test_each_instance_type_gets_its_own_endpoint(make_app, catalog):
+    assembly = synth_app(
+        make_app, catalog, validate=False, nag=True, gpu_instance_types={"tiny-on-gpu": "ml.g6.xlarge"}
+    )
+    template = assembly.get_stack_by_name(SERVING_STACK).template
+    names = sorted(
+        e["Properties"]["EndpointName"] for e in of_type(template, "AWS::SageMaker::Endpoint").values()
+    )
+    assert names == ["tierserve-g5-xlarge", "tierserve-g6-xlarge"]
+    endpoints = {
+        k: e["Properties"]["EndpointName"] for k, e in of_type(template, "AWS::SageMaker::Endpoint").items()
+    }
+    placed = {
+        name: endpoints[c["Properties"]["EndpointName"]["Fn::GetAtt"][0]]
+        for name, c in components_by_model(template).items()
+    }
+    assert placed == {"big-llm": "tierserve-g5-xlarge", "tiny-on-gpu": "tierserve-g6-xlarge"}
+    pipeline = assembly.get_stack_by_name(PIPELINE_STACK).template
+    (worker,) = [
+        f
+        for f in of_type(pipeline, "AWS::Lambda::Function").values()
+        if f["Properties"].get("PackageType") == "Image"
+    ]
+    assert worker["Properties"]["Environment"]["Variables"][GPU_ENDPOINTS_ENV] == (
+        "big-llm=tierserve-g5-xlarge/tierserve-big-llm-g5-xlarge,"
+        "tiny-on-gpu=tierserve-g6-xlarge/tierserve-tiny-on-gpu-g6-xlarge"
+    )
+
+
+@pytest.mark.parametrize(
+    ("context", "fragments"),
+    [
+        ({"gpu_instance_types": "iris=ml.g5.xlarge"}, ("'gpu_instance_types'", "iris", "GPU tier")),
+        ({"gpu_memory_headroom": "10"}, ("big-llm", "ml.g5.xlarge", "'gpu_memory_headroom'")),
+        ({"gpu_max_copies": "5"}, ("'gpu_max_copies'", "'gpu_max_instances'")),
+    ],
+)
+def test_gpu_combinations_that_cannot_deploy_stop_synth_naming_the_keys(
+    app_main, make_app, catalog, tmp_path, context, fragments
+):
+    """Checked against the catalog, so at synth (app.py), with the one-line message."""
+    catalog.save(tmp_path / "catalog.json")
+    with pytest.raises(SystemExit) as raised:
+        app_main(make_app(catalog=str(tmp_path / "catalog.json"), **context))
+    message = str(raised.value.code)
+    assert message.startswith("tierserve: ")
+    assert all(fragment in message for fragment in fragments), message
 
 
 def test_default_gpu_instances_have_hardware_encrypted_storage_and_no_key(serving):
@@ -123,9 +234,11 @@ def test_default_gpu_instances_have_hardware_encrypted_storage_and_no_key(servin
         assert "KmsKeyId" not in config["Properties"]
 
 
-def test_gpu_infer_routes_invoke_their_own_endpoint_only(serving):
-    endpoints = {
-        e["Properties"]["EndpointName"]: k for k, e in of_type(serving, "AWS::SageMaker::Endpoint").items()
+def test_gpu_infer_routes_invoke_their_own_component_only(serving):
+    (endpoint_id,) = of_type(serving, "AWS::SageMaker::Endpoint")
+    components = {
+        c["Properties"]["InferenceComponentName"]: k
+        for k, c in of_type(serving, "AWS::SageMaker::InferenceComponent").items()
     }
     roles = of_type(serving, "AWS::IAM::Role")
     methods = [
@@ -136,19 +249,22 @@ def test_gpu_infer_routes_invoke_their_own_endpoint_only(serving):
     assert len(methods) == 2 * len(GPU_MODELS), "infer and versions/{v}/infer per model"
     for props in methods:
         uri = json.dumps(props["Integration"]["Uri"])
-        (endpoint_id,) = [k for k in endpoints.values() if f'"{k}"' in uri]
-        assert ":runtime.sagemaker:path/endpoints/" in uri
+        assert ":runtime.sagemaker:path/endpoints/tierserve-g5-xlarge/invocations" in uri
+        header = props["Integration"]["RequestParameters"][
+            "integration.request.header.X-Amzn-SageMaker-Inference-Component"
+        ]
+        component_id = components[header.strip("'")]
         role = roles[props["Integration"]["Credentials"]["Fn::GetAtt"][0]]["Properties"]
         (policy,) = role["Policies"]
         (statement,) = policy["PolicyDocument"]["Statement"]
         assert statement == {
             "Action": "sagemaker:InvokeEndpoint",
             "Effect": "Allow",
-            "Resource": {"Ref": endpoint_id},
+            "Resource": [{"Fn::GetAtt": [component_id, "InferenceComponentArn"]}, {"Ref": endpoint_id}],
         }
 
 
-def test_gpu_endpoints_read_only_their_own_model_version(serving, catalog):
+def test_gpu_models_read_only_their_own_model_version(serving, catalog):
     models = of_type(serving, "AWS::SageMaker::Model")
     for model in models.values():
         name, version = model["Properties"]["PrimaryContainer"]["Environment"][MODELS_ENV].split("@")
@@ -276,7 +392,12 @@ def test_pipeline_serves_every_model_reading_only_their_prefixes(pipeline, catal
     ]
     env = worker["Properties"]["Environment"]["Variables"]
     assert env[MODELS_ENV] == ",".join(f"{e.name}@{e.version}" for e in catalog)
-    assert env[GPU_ENDPOINTS_ENV] == ",".join(f"{n}={gpu_endpoint_name(n)}" for n in sorted(GPU_MODELS))
+    assert env[GPU_ENDPOINTS_ENV] == GpuTarget.join(
+        {
+            n: GpuTarget(endpoint_name_for("ml.g5.xlarge"), component_name_for(n, "ml.g5.xlarge"))
+            for n in GPU_MODELS
+        }
+    )
     assert worker["Properties"]["MemorySize"] == max(
         lambda_memory_mb(catalog.get(n).manifest) for n in LAMBDA_MODELS
     )
@@ -331,7 +452,8 @@ def test_every_log_group_expires_and_every_function_logs_to_one(make_app, catalo
         for g in of_type(templates[SERVING_STACK], "AWS::Logs::LogGroup").values()
     ]
     assert sum("API-Gateway-Execution-Logs_" in n for n in names) == 1
-    assert sum("/aws/sagemaker/Endpoints/" in n for n in names) == len(GPU_MODELS)
+    assert sum("/aws/sagemaker/Endpoints/" in n for n in names) == 1, "one endpoint"
+    assert sum("/aws/sagemaker/InferenceComponents/" in n for n in names) == len(GPU_MODELS)
 
 
 def test_the_api_passes_every_body_as_bytes(serving):

@@ -78,9 +78,29 @@ def test_bad_auth_names_the_key_the_value_and_the_choices():
         ("catalog", ""),
         ("gpu_instance_type", "g5.xlarge"),
         ("gpu_instance_type", "ml.g5"),
+        ("gpu_instance_types", "big-llm"),
+        ("gpu_instance_types", "big-llm=g5.xlarge"),
+        ("gpu_instance_types", {"Big": "ml.g5.xlarge"}),
+        ("gpu_instance_types", "a=ml.g5.xlarge,a=ml.g6.xlarge"),
+        ("gpu_instance_types", ["ml.g5.xlarge"]),
         ("gpu_initial_instance_count", 0),
+        ("gpu_min_instances", -1),
         ("gpu_max_instances", 101),
-        ("gpu_invocations_per_instance", 0),
+        ("gpu_routing_strategy", "ROUND_ROBIN"),
+        ("gpu_initial_copies", 0),
+        ("gpu_min_copies", -1),
+        ("gpu_max_copies", 0),
+        ("gpu_invocations_per_copy", 0),
+        ("gpu_scale_out_cooldown_seconds", -1),
+        ("gpu_scale_in_cooldown_seconds", 3601),
+        ("gpu_scale_in_idle_minutes", 16),
+        ("gpu_scale_in_idle_minutes", 0),
+        ("gpu_memory_headroom", 0.5),
+        ("gpu_base_memory_mb", -1),
+        ("gpu_cpu_cores_per_copy", 0),
+        ("gpu_startup_timeout_seconds", 3601),
+        ("gpu_cold_start_minutes", 0),
+        ("gpu_retry_after_seconds", 0),
         ("gpu_max_batch_size", 0),
         ("gpu_max_queue_delay_ms", -1),
         ("pipeline_worker_timeout_seconds", 901),
@@ -117,13 +137,24 @@ def test_every_accepted_retention_maps_to_a_cdk_value():
 
 def test_gpu_and_pipeline_defaults():
     config = InfraConfig()
-    assert config.gpu_instance_type == "ml.g5.xlarge"
+    assert config.gpu_instance_type == "ml.g5.xlarge" == config.gpu_instance_type_of("any-model")
     assert (config.gpu_initial_instance_count, config.gpu_min_instances, config.gpu_max_instances) == (
         1,
-        1,
+        0,
         4,
     )
-    assert config.gpu_invocations_per_instance == 200
+    assert (config.gpu_initial_copies, config.gpu_min_copies, config.gpu_max_copies) == (1, 0, 4)
+    assert config.gpu_invocations_per_copy == 200
+    assert config.gpu_routing_strategy == "LEAST_OUTSTANDING_REQUESTS"
+    assert (config.gpu_scale_out_cooldown_seconds, config.gpu_scale_in_cooldown_seconds) == (60, 300)
+    assert config.gpu_scale_in_idle_minutes == 10
+    assert (config.gpu_memory_headroom, config.gpu_base_memory_mb, config.gpu_cpu_cores_per_copy) == (
+        1.5,
+        1024,
+        1,
+    )
+    assert config.gpu_startup_timeout_seconds == 900
+    assert (config.gpu_cold_start_minutes, config.gpu_retry_after_seconds) == (10, 60)
     assert (config.pipeline_max_receive_count, config.pipeline_worker_timeout_seconds) == (5, 120)
     assert (config.pipeline_batch_size, config.pipeline_batching_window_seconds) == (10, 5)
     assert config.pipeline_reserved_concurrency == 0 and config.alarm_email == ""
@@ -134,7 +165,10 @@ def test_gpu_and_pipeline_values_from_the_command_line():
         {
             "gpu_instance_type": " ml.g6.2xlarge ",
             "gpu_max_instances": "8",
-            "gpu_invocations_per_instance": "75.5",
+            "gpu_min_instances": "1",
+            "gpu_invocations_per_copy": "75.5",
+            "gpu_routing_strategy": "random",
+            "gpu_max_copies": "2",
             "gpu_max_queue_delay_ms": "0",
             "pipeline_batch_size": "500",
             "pipeline_batching_window_seconds": "20",
@@ -143,8 +177,10 @@ def test_gpu_and_pipeline_values_from_the_command_line():
         }
     )
     assert config.gpu_instance_type == "ml.g6.2xlarge"
-    assert config.gpu_max_instances == 8
-    assert config.gpu_invocations_per_instance == 75.5
+    assert (config.gpu_min_instances, config.gpu_max_instances) == (1, 8)
+    assert config.gpu_invocations_per_copy == 75.5
+    assert config.gpu_routing_strategy == "RANDOM"
+    assert config.gpu_max_copies == 2
     assert config.gpu_max_queue_delay_ms == 0
     assert (config.pipeline_batch_size, config.pipeline_batching_window_seconds) == (500, 20)
     assert config.pipeline_reserved_concurrency == 50
@@ -157,6 +193,13 @@ def test_gpu_and_pipeline_values_from_the_command_line():
         ({"gpu_min_instances": 3, "gpu_max_instances": 2}, ("'gpu_min_instances'", "'gpu_max_instances'")),
         ({"gpu_initial_instance_count": 5}, ("'gpu_initial_instance_count'", "'gpu_max_instances'")),
         (
+            {"gpu_min_instances": 2, "gpu_initial_instance_count": 1},
+            ("'gpu_initial_instance_count'", "'gpu_min_instances'"),
+        ),
+        ({"gpu_min_copies": 5, "gpu_max_copies": 4}, ("'gpu_min_copies'", "'gpu_max_copies'")),
+        ({"gpu_initial_copies": 5}, ("'gpu_initial_copies'", "'gpu_max_copies'")),
+        ({"gpu_min_copies": 2}, ("'gpu_initial_copies'", "'gpu_min_copies'")),
+        (
             {"pipeline_batch_size": 11, "pipeline_batching_window_seconds": 0},
             ("'pipeline_batch_size'", "'pipeline_batching_window_seconds'"),
         ),
@@ -166,6 +209,22 @@ def test_keys_that_must_agree_are_checked_together(context, names):
     with pytest.raises(ConfigError) as raised:
         from_mapping(context)
     assert all(name in str(raised.value) for name in names)
+
+
+def test_per_model_instance_types_from_cdk_json_or_the_command_line():
+    from_json = from_mapping({"gpu_instance_types": {"zeta": "ml.g6.xlarge", "alpha": " ml.g5.2xlarge "}})
+    from_cli = from_mapping({"gpu_instance_types": "zeta=ml.g6.xlarge, alpha=ml.g5.2xlarge"})
+    assert from_json == from_cli
+    assert from_cli.gpu_instance_types == "alpha=ml.g5.2xlarge,zeta=ml.g6.xlarge"
+    assert from_cli.gpu_instance_type_of("zeta") == "ml.g6.xlarge"
+    assert from_cli.gpu_instance_type_of("other") == "ml.g5.xlarge"
+
+
+def test_a_removed_key_says_what_replaced_it():
+    with pytest.raises(ConfigError) as raised:
+        from_mapping({"gpu_invocations_per_instance": 200})
+    message = str(raised.value)
+    assert "'gpu_invocations_per_instance' was removed" in message and "'gpu_invocations_per_copy'" in message
 
 
 def test_an_empty_alarm_email_is_the_example_in_the_message():

@@ -20,12 +20,17 @@ from tierserve.settings import (
     GPU_ENDPOINTS_ENV,
     MODEL_BUCKET_ENV,
     MODELS_ENV,
+    GpuTarget,
+    parse_gpu_targets,
 )
 
 WORKER_TIMEOUT = 120
 
 
-def build(make_app, manifests, *, name: str, gpu: dict[str, str], **overrides: Any) -> cdk.Stack:
+BIG_TARGET = GpuTarget("tierserve-g5-xlarge", "tierserve-big-llm-g5-xlarge")
+
+
+def build(make_app, manifests, *, name: str, gpu: dict[str, GpuTarget], **overrides: Any) -> cdk.Stack:
     stack = cdk.Stack(make_app(), name)
     options: dict[str, Any] = {
         "worker_timeout": cdk.Duration.seconds(WORKER_TIMEOUT),
@@ -64,7 +69,7 @@ def manifests(manifest_factory):
 
 @pytest.fixture(scope="module")
 def pipeline_stack(make_app, manifests):
-    return build(make_app, manifests, name="Pipeline", gpu={"big-llm": "tierserve-big-llm"})
+    return build(make_app, manifests, name="Pipeline", gpu={"big-llm": BIG_TARGET})
 
 
 @pytest.fixture(scope="module")
@@ -178,15 +183,13 @@ def test_worker_environment(pipeline):
     assert env[DATA_BUCKET_ENV] == "data-bucket"
     assert env[MODEL_BUCKET_ENV] == "models-bucket"
     assert env[MODELS_ENV] == "iris@3,resnet-50@1.2,big-llm@7"
-    assert env[GPU_ENDPOINTS_ENV] == "big-llm=tierserve-big-llm"
+    assert env[GPU_ENDPOINTS_ENV] == "big-llm=tierserve-g5-xlarge/tierserve-big-llm-g5-xlarge"
     assert env[CACHE_MAX_MB_ENV] == "1536"
 
 
 def test_gpu_endpoints_parse_as_the_worker_reads_them(pipeline):
-    from tierserve.s3_pipeline import parse_endpoints
-
     env = worker(pipeline)["Environment"]["Variables"]
-    assert parse_endpoints(env[GPU_ENDPOINTS_ENV]) == {"big-llm": "tierserve-big-llm"}
+    assert parse_gpu_targets(env[GPU_ENDPOINTS_ENV]) == {"big-llm": BIG_TARGET}
 
 
 def worker_statements(template) -> list[dict[str, Any]]:
@@ -231,12 +234,13 @@ def test_worker_data_bucket_grants_are_by_prefix(pipeline):
     }
 
 
-def test_worker_may_invoke_only_the_gpu_endpoints(pipeline):
+def test_worker_may_invoke_only_the_gpu_models_components(pipeline):
     statements = worker_statements(pipeline)
     (invoke,) = [s for s in statements if "sagemaker:InvokeEndpoint" in _actions(s)]
     assert _actions(invoke) == ["sagemaker:InvokeEndpoint"]
-    (resource,) = _resources(invoke)
-    assert resource.endswith(':endpoint/tierserve-big-llm"]]}')
+    endpoint, component = _resources(invoke)
+    assert endpoint.endswith(':endpoint/tierserve-g5-xlarge"]]}')
+    assert component.endswith(':inference-component/tierserve-big-llm-g5-xlarge"]]}')
     assert not any(a.startswith("sagemaker:") for s in statements if s is not invoke for a in _actions(s))
 
 
@@ -332,7 +336,7 @@ def test_cdks_notification_handler_logs_with_retention_and_trusts_only_this_acco
 
 def test_gpu_endpoints_must_be_served_models(make_app, manifests):
     with pytest.raises(ValueError, match="does not serve"):
-        build(make_app, manifests[:1], name="Wrong", gpu={"big-llm": "tierserve-big-llm"})
+        build(make_app, manifests[:1], name="Wrong", gpu={"big-llm": BIG_TARGET})
 
 
 @pytest.fixture(scope="module")

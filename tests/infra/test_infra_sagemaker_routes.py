@@ -1,5 +1,6 @@
 """SageMakerModelRoutes in a bare stack: a GPU-tier model's mocks from its manifest, and
-``infer`` to SageMaker runtime InvokeEndpoint with a role that may call only its endpoint."""
+``infer`` to SageMaker runtime InvokeEndpoint naming the model's inference component, with a
+role that may call only that endpoint and component, and the cold edge in OIP shape."""
 
 from __future__ import annotations
 
@@ -13,20 +14,39 @@ from aws_cdk import aws_logs as logs
 from aws_cdk.assertions import Template
 
 from infra.api import InferenceApi
-from infra.gpu_tier import endpoint_arn
+from infra.sagemaker_inference import component_arn, endpoint_arn
 from infra.sagemaker_routes import (
     HEADER_LENGTH_HEADER,
     MODEL_ERROR_PATTERN,
     PAYLOAD_TOO_LARGE_PATTERN,
     SAGEMAKER_CUSTOM_ATTRIBUTES,
+    SAGEMAKER_INFERENCE_COMPONENT,
     UPSTREAM_ERROR_PATTERN,
+    VALIDATION_ERROR_PATTERN,
+    ColdStart,
     SageMakerModelRoutes,
 )
 from support.rest_api import methods, route
 from tierserve.catalog import MB
 
 GPU_MODEL = "big-llm"
-GPU_ENDPOINT = "tierserve-big-llm"
+GPU_ENDPOINT = "tierserve-g5-xlarge"
+GPU_COMPONENT = "tierserve-big-llm-g5-xlarge"
+COLD_START = ColdStart(minutes=8, retry_after_s=45)
+
+
+def routes_for(stack: cdk.Stack, construct_id: str, api: InferenceApi, manifest, name: str = GPU_COMPONENT):
+    return SageMakerModelRoutes(
+        stack,
+        construct_id,
+        api=api,
+        manifest=manifest,
+        endpoint_name=GPU_ENDPOINT,
+        endpoint_arn=endpoint_arn(stack, GPU_ENDPOINT),
+        component_name=name,
+        component_arn=component_arn(stack, name),
+        cold_start=COLD_START,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +68,7 @@ def shell(stack: cdk.Stack) -> InferenceApi:
 @pytest.fixture(scope="module")
 def stack(make_app, gpu_manifest) -> cdk.Stack:
     stack = cdk.Stack(make_app(), "GpuRoutes")
-    SageMakerModelRoutes(
-        stack,
-        "Routes",
-        api=shell(stack),
-        manifest=gpu_manifest,
-        endpoint_name=GPU_ENDPOINT,
-        endpoint_arn=endpoint_arn(stack, GPU_ENDPOINT),
-    )
+    routes_for(stack, "Routes", shell(stack), gpu_manifest)
     return stack
 
 
@@ -99,7 +112,25 @@ def test_infer_calls_invoke_endpoint_with_the_callers_bytes(template):
         assert "ContentHandling" not in integration, "every body is binary under */*: passed as it is"
 
 
-def test_the_invoke_role_is_api_gateways_for_this_account_and_that_endpoint_only(template):
+def test_infer_names_the_models_inference_component_on_every_call(template):
+    for props in infer_methods(template):
+        request = props["Integration"]["RequestParameters"]
+        assert request[f"integration.request.header.{SAGEMAKER_INFERENCE_COMPONENT}"] == f"'{GPU_COMPONENT}'"
+    assert SAGEMAKER_INFERENCE_COMPONENT == "X-Amzn-SageMaker-Inference-Component"
+
+
+def test_the_component_header_is_the_one_botocore_sends_for_inference_component_name():
+    import boto3
+
+    client = boto3.client("sagemaker-runtime", region_name="us-east-1")
+    shape = client.meta.service_model.operation_model("InvokeEndpoint").input_shape
+    assert shape.members["InferenceComponentName"].serialization == {
+        "location": "header",
+        "name": SAGEMAKER_INFERENCE_COMPONENT,
+    }
+
+
+def test_the_invoke_role_is_api_gateways_for_this_account_and_that_component_only(template):
     roles = template.find_resources("AWS::IAM::Role")
     for props in infer_methods(template):
         role = roles[props["Integration"]["Credentials"]["Fn::GetAtt"][0]]["Properties"]
@@ -111,7 +142,10 @@ def test_the_invoke_role_is_api_gateways_for_this_account_and_that_endpoint_only
         (statement,) = policy["PolicyDocument"]["Statement"]
         assert statement["Action"] == "sagemaker:InvokeEndpoint"
         assert statement["Effect"] == "Allow"
-        assert json.dumps(statement["Resource"]).endswith(f':endpoint/{GPU_ENDPOINT}"]]}}')
+        resources = sorted(json.dumps(r) for r in statement["Resource"])
+        assert len(resources) == 2, "the endpoint (IAM requires it) and the component, nothing else"
+        assert resources[0].endswith(f':endpoint/{GPU_ENDPOINT}"]]}}')
+        assert resources[1].endswith(f':inference-component/{GPU_COMPONENT}"]]}}')
     attached = [
         p
         for p in template.find_resources("AWS::IAM::Policy").values()
@@ -158,6 +192,7 @@ def test_selection_patterns_are_disjoint_and_cover_every_error():
     patterns = {
         "400 (container's 4xx; overridden for 408/413/429/5xx)": MODEL_ERROR_PATTERN,
         "413": PAYLOAD_TOO_LARGE_PATTERN,
+        "503 with Retry-After (ValidationError: no capacity, or unknown names)": VALIDATION_ERROR_PATTERN,
         "503": UPSTREAM_ERROR_PATTERN,
     }
     for status in range(400, 600):
@@ -172,8 +207,14 @@ def test_sagemaker_errors_become_oip_errors_read_as_text(template):
         responses = {r.get("SelectionPattern"): r for r in props["Integration"]["IntegrationResponses"]}
         assert responses[MODEL_ERROR_PATTERN]["StatusCode"] == "400"
         assert responses[PAYLOAD_TOO_LARGE_PATTERN]["StatusCode"] == "413"
+        assert responses[VALIDATION_ERROR_PATTERN]["StatusCode"] == "503"
         assert responses[UPSTREAM_ERROR_PATTERN]["StatusCode"] == "503"
-        for pattern in (MODEL_ERROR_PATTERN, PAYLOAD_TOO_LARGE_PATTERN, UPSTREAM_ERROR_PATTERN):
+        for pattern in (
+            MODEL_ERROR_PATTERN,
+            PAYLOAD_TOO_LARGE_PATTERN,
+            VALIDATION_ERROR_PATTERN,
+            UPSTREAM_ERROR_PATTERN,
+        ):
             # Under */* SageMaker's JSON error is binary: the template gets it as (base64) text.
             assert responses[pattern]["ContentHandling"] == "CONVERT_TO_TEXT"
         for pattern in (PAYLOAD_TOO_LARGE_PATTERN, UPSTREAM_ERROR_PATTERN):
@@ -188,8 +229,31 @@ def test_sagemaker_errors_become_oip_errors_read_as_text(template):
         )
         for status in ("413", "504", "503"):
             assert f"$context.responseOverride.status = {status}" in model_error
-        declared = {r["StatusCode"] for r in props["MethodResponses"]}
-        assert declared == {"200", "400", "413", "503", "504"}
+        declared = {r["StatusCode"]: r for r in props["MethodResponses"]}
+        assert set(declared) == {"200", "400", "413", "503", "504"}
+
+
+def test_a_model_with_no_copy_running_is_a_503_that_says_it_is_starting(template):
+    """SageMaker's answer while a component has no copy: 400 ValidationError "Inference Component
+    has no capacity to process this request. ..." (docs/gpu-tier.md, "The cold edge")."""
+    for props in infer_methods(template):
+        responses = {r.get("SelectionPattern"): r for r in props["Integration"]["IntegrationResponses"]}
+        cold = responses[VALIDATION_ERROR_PATTERN]
+        assert cold["StatusCode"] == "503"
+        assert cold["ResponseParameters"]["method.response.header.Retry-After"] == "'45'"
+        assert cold["ResponseParameters"]["method.response.header.Content-Type"] == "'application/json'"
+        template_text = cold["ResponseTemplates"]["application/json"]
+        assert "$util.base64Decode($raw)" in template_text, "SageMaker's error body arrives as base64"
+        assert "#if($raw.contains('no capacity'))" in template_text
+        starting, other = re.findall(r'\{"error": "[^"]*"\}', template_text)
+        message = json.loads(starting)["error"]
+        assert f"model {GPU_MODEL} is starting from zero" in message
+        assert "about 8" in message and "minutes" in message and "Retry after 45 s" in message
+        assert f"POST /v2/models/{GPU_MODEL}/jobs" in message, "where work that can wait goes"
+        assert "retry shortly" in json.loads(other)["error"], "other ValidationErrors: the generic 503"
+        assert "$" not in starting and "#" not in starting
+        declared = {r["StatusCode"]: r for r in props["MethodResponses"]}
+        assert declared["503"]["ResponseParameters"]["method.response.header.Retry-After"] is True
 
 
 def test_metadata_and_ready_are_mocks_from_the_manifest(template, gpu_manifest):
@@ -229,9 +293,7 @@ def test_routes_expose_their_parts_and_refuse_a_second_registration(stack, gpu_m
     api = next(c for c in stack.node.children if isinstance(c, InferenceApi))
     assert api.model_names == [GPU_MODEL]
     with pytest.raises(ValueError, match="already has routes"):
-        SageMakerModelRoutes(
-            stack, "Again", api=api, manifest=gpu_manifest, endpoint_name="e", endpoint_arn="arn:e"
-        )
+        routes_for(stack, "Again", api, gpu_manifest)
 
 
 def test_mock_bodies_cannot_be_read_as_vtl(make_app, manifest_factory):
@@ -241,14 +303,7 @@ def test_mock_bodies_cannot_be_read_as_vtl(make_app, manifest_factory):
     data = odd.to_dict()
     data["inputs"] = [{"name": "x$y##z", "datatype": "FP32", "shape": [-1]}]
     odd = type(odd).from_dict(data)
-    SageMakerModelRoutes(
-        stack,
-        "Routes",
-        api=shell(stack),
-        manifest=odd,
-        endpoint_name="tierserve-odd",
-        endpoint_arn="arn:aws:sagemaker:r:1:endpoint/tierserve-odd",
-    )
+    routes_for(stack, "Routes", shell(stack), odd, name="tierserve-odd-g5-xlarge")
     props = methods(Template.from_stack(stack))[("GET", "/v2/models/odd")]
     text = props["Integration"]["IntegrationResponses"][0]["ResponseTemplates"]["application/json"]
     assert "$" not in text and "#" not in text

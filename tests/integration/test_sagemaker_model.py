@@ -15,19 +15,30 @@ import pytest
 import requests
 from botocore.config import Config
 
-from support.sagemaker import SageMakerDouble, model_error, service_error, start_container
+from support.sagemaker import (
+    NO_CAPACITY_MESSAGE,
+    SageMakerDouble,
+    model_error,
+    no_capacity,
+    service_error,
+    start_container,
+)
 from tierserve import aws
 from tierserve.errors import (
     BadRequest,
     ModelNotFound,
+    ModelStarting,
     ModelUnavailable,
     PayloadTooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
+    is_retryable,
+    to_http,
 )
 from tierserve.model import LoadTimings, OnnxModel
 from tierserve.protocol import BINARY_CONTENT_TYPE, HEADER_LENGTH, encode_binary, parse_infer_request
 from tierserve.sagemaker_model import SageMakerModel, parse_custom_attributes
+from tierserve.settings import GpuTarget
 from tierserve.tools.local.embedded_s3 import LOCAL_CREDENTIALS
 
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32)
@@ -43,6 +54,16 @@ def iris(iris_onnx, iris_package) -> OnnxModel:
 def double(iris_package, tmp_path):
     container = start_container(iris_package.artifact.parent, tmp_path / "container-cache")
     server = SageMakerDouble({"iris-gpu": container})
+    yield server
+    server.stop()
+    container.close()
+
+
+@pytest.fixture
+def components(iris_package, tmp_path):
+    """An endpoint that hosts iris as the inference component ``iris-ic``."""
+    container = start_container(iris_package.artifact.parent, tmp_path / "container-cache")
+    server = SageMakerDouble({"iris-gpu": container}, components={"iris-ic": "iris-gpu"})
     yield server
     server.stop()
     container.close()
@@ -79,6 +100,69 @@ def test_predict_round_trips_an_oip_binary_request(double, iris, iris_package):
     container = call["container"]  # the GPU server answered in binary, its header length as an attribute
     assert container.status == 200 and container.headers["Content-Type"] == BINARY_CONTENT_TYPE
     assert container.headers["X-Amzn-SageMaker-Custom-Attributes"].startswith(f"{HEADER_LENGTH}=")
+
+
+# ---------------------------------------------------------------- inference components
+
+IRIS_TARGET = GpuTarget("iris-gpu", "iris-ic")
+
+
+def test_every_call_names_the_models_inference_component(components, iris, iris_package):
+    model = SageMakerModel.serving(
+        iris_package.manifest, IRIS_TARGET, client_factory=lambda: client_for(components.url)
+    )
+    for _ in range(2):
+        outputs = model.predict({"input": ROWS})
+        assert outputs["label"].tolist() == iris.predict({"input": ROWS})["label"].tolist()
+    assert [(c["endpoint"], c["component"]) for c in components.calls] == [("iris-gpu", "iris-ic")] * 2
+    parameters = model.metadata()["parameters"]
+    assert (parameters["sagemaker_endpoint"], parameters["sagemaker_inference_component"]) == (
+        "iris-gpu",
+        "iris-ic",
+    )
+
+
+def test_a_call_that_names_no_component_of_a_component_endpoint_is_refused(components, iris_package):
+    """What the double checks is what SageMaker checks: without the name, no model answers."""
+    model = SageMakerModel(
+        iris_package.manifest, "iris-gpu", client_factory=lambda: client_for(components.url, attempts=1)
+    )
+    with pytest.raises(ModelUnavailable, match="TIERSERVE_GPU_ENDPOINTS"):
+        model.predict({"input": ROWS})
+    [call] = components.calls
+    assert call["component"] is None and "container" not in call
+
+
+def test_a_model_with_no_copy_running_is_starting_and_retryable(components, iris_package):
+    components.cold.add("iris-ic")
+    model = SageMakerModel.serving(
+        iris_package.manifest,
+        IRIS_TARGET,
+        client_factory=lambda: client_for(components.url, attempts=3),
+        cold_start_minutes=7,
+        retry_after_s=30,
+    )
+    with pytest.raises(ModelStarting) as raised:
+        model.predict({"input": ROWS})
+    error = raised.value
+    assert error.retry_after_s == 30
+    assert "model iris is starting from zero" in error.message and "about 7" in error.message
+    assert "iris-gpu/iris-ic" in error.message and "Retry after 30 s" in error.message
+    assert NO_CAPACITY_MESSAGE not in error.message, "ours, not SageMaker's words"
+    assert is_retryable(error) and to_http(error)[0] == 503
+    assert len(components.calls) == 1, "a 400 is not retried by botocore: the caller decides when"
+    components.cold.discard("iris-ic")  # the copy is up
+    assert model.predict({"input": ROWS})["label"].shape == (2,)
+
+
+def test_the_no_capacity_answer_through_fail_with_is_the_same_error(double, iris_package):
+    double.fail_with = no_capacity()
+    model = SageMakerModel(iris_package.manifest, "iris-gpu", client_factory=lambda: client_for(double.url))
+    with pytest.raises(
+        ModelStarting, match=r"its GPU endpoint \(iris-gpu\).*about 10.*Retry after 60 s"
+    ) as raised:
+        model.predict({"input": ROWS})
+    assert raised.value.retry_after_s == 60
 
 
 def test_the_model_attribute_picks_the_model_the_container_serves(double, iris_package):

@@ -644,11 +644,12 @@ def test_results_can_go_to_a_separate_data_bucket(s3, make_worker):
 @pytest.fixture
 def gpu(make_worker, iris_package, tmp_path, monkeypatch):
     """The worker with iris on the GPU tier: SageMaker (a loopback double) in front of the GPU
-    server's real host, loaded from the package as a SageMaker model directory."""
+    server's real host, loaded from the package as a SageMaker model directory, hosted as the
+    inference component ``iris-ic`` (the deployed shape)."""
     container = start_container(iris_package.artifact.parent, tmp_path / "container-cache")
-    double = SageMakerDouble({"iris-gpu": container})
+    double = SageMakerDouble({"iris-gpu": container}, components={"iris-ic": "iris-gpu"})
     monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", double.url)
-    worker = make_worker(**{GPU_ENDPOINTS_ENV: "iris=iris-gpu", ROW_BATCH_SIZE_ENV: "2"})
+    worker = make_worker(**{GPU_ENDPOINTS_ENV: "iris=iris-gpu/iris-ic", ROW_BATCH_SIZE_ENV: "2"})
     yield worker, double
     double.stop()
     container.close()
@@ -659,7 +660,7 @@ def test_a_gpu_tier_model_is_served_through_its_sagemaker_endpoint(gpu):
     assert worker.deliver(worker.put("inputs/iris/x.jsonl", jsonl(ROWS * 2 + ROWS[:1]))) == []
     labels = {o["name"]: o for o in worker.read("outputs/iris/x.jsonl.json")["outputs"]}["label"]
     assert labels["data"] == [0, 2, 0, 2, 0]
-    assert [call["endpoint"] for call in double.calls] == ["iris-gpu"] * 3
+    assert [(call["endpoint"], call["component"]) for call in double.calls] == [("iris-gpu", "iris-ic")] * 3
     registry = worker.module.pipeline.registry
     assert registry.loaded(registry.resolve("iris")) is None  # never loaded into the worker
     assert_one_result_per_input(worker.s3)
@@ -752,7 +753,7 @@ def test_a_stalled_gpu_endpoint_is_reported_failed_before_the_invocation_ends(gp
 
 def test_records_still_waiting_for_a_thread_at_the_deadline_are_failed_too(gpu, make_worker):
     _, double = gpu
-    worker = make_worker(**{GPU_ENDPOINTS_ENV: "iris=iris-gpu", WORKER_CONCURRENCY_ENV: "1"})
+    worker = make_worker(**{GPU_ENDPOINTS_ENV: "iris=iris-gpu/iris-ic", WORKER_CONCURRENCY_ENV: "1"})
     messages = [worker.put(f"inputs/iris/{n}.json", infer_request()) for n in range(3)]
     double.delay_s = 120
     context = short_invocation()

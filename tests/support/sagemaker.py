@@ -6,10 +6,13 @@ what ``functions/gpu_server`` serves on ``/invocations``), so the worker's clien
 plays only SageMaker's part: it hands the container the headers SageMaker forwards, passes
 back its ``Content-Type`` and ``X-Amzn-SageMaker-Custom-Attributes``, wraps a container's
 non-2xx answer in ``ModelError`` (424, ``OriginalStatusCode``, ``OriginalMessage``) and
-refuses unknown endpoints. ``fail_with`` makes it answer the errors SageMaker itself sends
-(its status, ``x-amzn-ErrorType`` and JSON body) instead, ``reply_with`` any raw answer
-(status, headers, body bytes: a hostile one); ``delay_s`` makes it slow (a stalled endpoint,
-until it is stopped).
+refuses unknown endpoints. With ``components`` (inference component -> endpoint) it is an
+endpoint that hosts components: a call must name one of them
+(``X-Amzn-SageMaker-Inference-Component``), as SageMaker requires; ``cold`` components have no
+copy running and get SageMaker's no-capacity answer (:func:`no_capacity`). ``fail_with`` makes
+it answer the errors SageMaker itself sends (its status, ``x-amzn-ErrorType`` and JSON body)
+instead, ``reply_with`` any raw answer (status, headers, body bytes: a hostile one);
+``delay_s`` makes it slow (a stalled endpoint, until it is stopped).
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ from tierserve.settings import CACHE_DIR_ENV, MODEL_DIR_ENV
 
 # The request headers SageMaker hands the container; the rest of the caller's stay with SageMaker.
 FORWARDED = ("Content-Type", "Accept", CUSTOM_ATTRIBUTES)
+COMPONENT_HEADER = "x-amzn-sagemaker-inference-component"
+# SageMaker's answer, verbatim, to a call for an inference component with no copy running
+# (docs/gpu-tier.md, "The cold edge", names the sources).
+NO_CAPACITY_MESSAGE = (
+    "Inference Component has no capacity to process this request. ApplicationAutoScaling may be "
+    "in-progress (if configured) or try to increase the capacity by invoking "
+    "UpdateInferenceComponentRuntimeConfig API."
+)
 
 
 def start_container(model_dir: Path, cache_dir: Path, **environ: str) -> ModelHost:
@@ -66,6 +77,11 @@ def service_error(status: int, code: str, message: str = "service error") -> tup
     return status, code, {"message": message}
 
 
+def no_capacity() -> tuple[int, str, dict[str, Any]]:
+    """What SageMaker answers while the named inference component has no copy running."""
+    return service_error(400, "ValidationError", NO_CAPACITY_MESSAGE)
+
+
 def _error_reply(failure: tuple[int, str, dict[str, Any]]) -> tuple[int, dict[str, str], bytes]:
     status, code, document = failure
     return (
@@ -78,8 +94,12 @@ def _error_reply(failure: tuple[int, str, dict[str, Any]]) -> tuple[int, dict[st
 class SageMakerDouble:
     """SageMaker runtime on 127.0.0.1 for ``endpoints`` (endpoint name -> a started host)."""
 
-    def __init__(self, endpoints: Mapping[str, ModelHost]) -> None:
+    def __init__(
+        self, endpoints: Mapping[str, ModelHost], *, components: Mapping[str, str] | None = None
+    ) -> None:
         self.endpoints = dict(endpoints)
+        self.components = dict(components or {})
+        self.cold: set[str] = set()
         self.fail_with: tuple[int, str, dict[str, Any]] | None = None
         self.fail_times = 0  # 0: fail every call while fail_with is set
         self.reply_with: tuple[int, dict[str, str], bytes] | None = None
@@ -114,6 +134,7 @@ class SageMakerDouble:
     ) -> tuple[int, dict[str, str], bytes]:
         call = {
             "endpoint": endpoint,
+            "component": headers.get(COMPONENT_HEADER),
             "headers": headers,
             "body": body,
             "attributes": parse_custom_attributes(headers.get(CUSTOM_ATTRIBUTES.lower())),
@@ -133,6 +154,9 @@ class SageMakerDouble:
                     400, "ValidationError", f"Endpoint {endpoint} of account 000000000000 not found."
                 )
             )
+        refused = self._component_refusal(endpoint, call["component"])
+        if refused is not None:
+            return _error_reply(refused)
         forwarded = {name: headers[name.lower()] for name in FORWARDED if name.lower() in headers}
         response = host.respond("POST", "/invocations", forwarded, body)
         call["container"] = response
@@ -143,6 +167,18 @@ class SageMakerDouble:
         if attributes is not None:
             reply[CUSTOM_ATTRIBUTES] = attributes
         return 200, reply, response.body
+
+    def _component_refusal(
+        self, endpoint: str, component: str | None
+    ) -> tuple[int, str, dict[str, Any]] | None:
+        hosted = {name for name, where in self.components.items() if where == endpoint}
+        if not hosted and component is None:
+            return None  # an endpoint without components
+        if component not in hosted:
+            return service_error(
+                400, "ValidationError", f"Inference Component {component} not found on endpoint {endpoint}."
+            )
+        return no_capacity() if component in self.cold else None
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         double = self

@@ -15,6 +15,7 @@ from tierserve.aws import OutOfTime
 from tierserve.catalog import Digest, Manifest, TensorSpec
 from tierserve.errors import (
     BadRequest,
+    ModelStarting,
     ModelUnavailable,
     PayloadTooLarge,
     UpstreamTimeout,
@@ -39,7 +40,7 @@ from tierserve.s3_pipeline import (
 from tierserve.s3_pipeline.errors import data_error
 from tierserve.s3_pipeline.results import META_PROCESSED_AT, META_SEQUENCER
 from tierserve.sagemaker_model import parse_custom_attributes, sagemaker_error
-from tierserve.settings import SettingsError
+from tierserve.settings import GpuTarget, SettingsError, parse_gpu_targets
 
 
 def manifest(*inputs: TensorSpec, name: str = "m") -> Manifest:
@@ -446,7 +447,7 @@ def test_pipeline_settings_from_the_environment():
     settings = PipelineSettings.from_env(
         {
             "TIERSERVE_DATA_BUCKET": "data",
-            "TIERSERVE_GPU_ENDPOINTS": "big=big-ep, huge = huge-ep ,",
+            "TIERSERVE_GPU_ENDPOINTS": "big=big-ep/big-ic, huge = huge-ep ,",
             "TIERSERVE_ROW_BATCH_SIZE": "8",
             "TIERSERVE_MAX_INPUT_MB": "0.5",
             "TIERSERVE_MAX_ROWS": "10",
@@ -454,17 +455,37 @@ def test_pipeline_settings_from_the_environment():
         }
     )
     assert settings.data_bucket == "data"
-    assert dict(settings.gpu_endpoints) == {"big": "big-ep", "huge": "huge-ep"}
+    assert dict(settings.gpu_endpoints) == {
+        "big": GpuTarget("big-ep", "big-ic"),
+        "huge": GpuTarget("huge-ep"),
+    }
     assert (settings.row_batch_size, settings.max_rows) == (8, 10)
     assert (settings.max_input_bytes, settings.max_jsonl_bytes) == (512 * 1024, 2 * 1024 * 1024)
     defaults = PipelineSettings.from_env({})
     assert (defaults.data_bucket, defaults.row_batch_size, dict(defaults.gpu_endpoints)) == (None, 64, {})
 
 
-@pytest.mark.parametrize("text", ["big", "big=", "=ep"])
+@pytest.mark.parametrize(
+    "text",
+    ["big", "big=", "=ep", "big=ep/", "big=ep/-ic", "big=e_p", "Big=ep", "big=ep/ic/x", f"big={'e' * 64}"],
+)
 def test_malformed_endpoint_lists_fail_at_init(text):
-    with pytest.raises(SettingsError, match=f"TIERSERVE_GPU_ENDPOINTS='{text}' has .* model=endpoint-name"):
+    with pytest.raises(
+        SettingsError, match=r"TIERSERVE_GPU_ENDPOINTS='.*' has .* model=endpoint-name\[/component-name\]"
+    ):
         PipelineSettings.from_env({"TIERSERVE_GPU_ENDPOINTS": text})
+
+
+def test_a_model_named_twice_in_the_endpoint_list_fails_at_init():
+    with pytest.raises(SettingsError, match="names model 'big' twice"):
+        PipelineSettings.from_env({"TIERSERVE_GPU_ENDPOINTS": "big=a/x,big=b/y"})
+
+
+def test_gpu_targets_round_trip_through_the_variable():
+    targets = {"zeta": GpuTarget("tierserve-g5-xlarge", "tierserve-zeta-g5-xlarge"), "alpha": GpuTarget("ep")}
+    text = GpuTarget.join(targets)
+    assert text == "alpha=ep,zeta=tierserve-g5-xlarge/tierserve-zeta-g5-xlarge"
+    assert parse_gpu_targets(text) == targets
 
 
 # ---------------------------------------------------------------- SageMaker errors
@@ -496,6 +517,22 @@ def model_error(status: object, message: object) -> ClientError:
         (client_error("ServiceUnavailable", 503), UpstreamUnavailable, "retry"),
         (client_error("InternalFailure", 500), UpstreamUnavailable, "retry"),
         (client_error("ValidationError", 400), ModelUnavailable, "TIERSERVE_GPU_ENDPOINTS"),
+        (
+            ClientError(
+                {
+                    "Error": {
+                        "Code": "ValidationError",
+                        "Message": "Inference Component has no capacity to process this request. "
+                        "ApplicationAutoScaling may be in-progress (if configured) or try to increase the "
+                        "capacity by invoking UpdateInferenceComponentRuntimeConfig API.",
+                    },
+                    "ResponseMetadata": {"HTTPStatusCode": 400},
+                },
+                "InvokeEndpoint",
+            ),
+            ModelStarting,
+            "starting from zero",
+        ),
         (client_error("AccessDeniedException", 403), ModelUnavailable, "sagemaker:InvokeEndpoint"),
         (ReadTimeoutError(endpoint_url="http://x"), UpstreamTimeout, "in time"),
         (ConnectTimeoutError(endpoint_url="http://x"), UpstreamTimeout, "in time"),

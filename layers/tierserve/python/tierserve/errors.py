@@ -11,7 +11,9 @@ they call :func:`to_http` on whatever reached them.
     │   └── ArtifactRejected (503)  digest mismatch, decompression bomb, corrupt archive
     ├── UpstreamUnavailable (503)   S3, SageMaker or another dependency refused or failed
     ├── Overloaded (503)            a model's queue is full, or loads in flight hold the memory
-    │                               budget; retry with backoff
+    │   │                           budget; retry with backoff
+    │   └── ModelStarting (503)     the model has no copy running (scaled to zero, or scaling
+    │                               out): retry after ``retry_after_s`` (``Retry-After``)
     └── UpstreamTimeout (504)       a dependency did not answer in time
 """
 
@@ -63,6 +65,16 @@ class Overloaded(TierserveError):
     batching queue), or loads in flight hold the whole memory budget."""
 
     status_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class ModelStarting(Overloaded):
+    """Busy in the longest way: the model has no copy running (a GPU-tier model scaled to zero,
+    or still scaling out), and one is starting; the caller may retry after ``retry_after_s``
+    seconds (the ``Retry-After`` a transport sends). Retryable, and no fault of the input."""
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 INTERNAL_ERROR_MESSAGE = (

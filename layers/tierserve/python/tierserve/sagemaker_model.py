@@ -6,6 +6,10 @@ session; only ``predict`` differs: one ``InvokeEndpoint`` call carrying an OIP r
 
 Wire contract with the GPU server (``functions/gpu_server``, ``POST /invocations``):
 
+- addressing: ``EndpointName``, and on an endpoint that hosts models as inference components
+  the model's ``InferenceComponentName`` (the ``X-Amzn-SageMaker-Inference-Component``
+  header) on every call; where both come from: ``TIERSERVE_GPU_ENDPOINTS``
+  (:class:`tierserve.settings.GpuTarget`).
 - request: ``Content-Type: application/octet-stream``; the body is an OIP binary request (the
   JSON header, then the tensors' bytes) asking for binary outputs; the header's byte length
   travels in ``CustomAttributes`` as ``inference-header-content-length=N``, beside
@@ -25,6 +29,9 @@ Every answer becomes a typed error here, at the boundary (read by
     ModelError 404 from the container     -> ModelNotFound (the endpoint serves other models)
     ModelError 408/429 from the container -> UpstreamTimeout / UpstreamUnavailable
     ModelError other 4xx                  -> BadRequest (the container's message, one bounded line)
+    ValidationError "... has no capacity
+      to process this request"           -> ModelStarting  (no copy is running: scaled to zero,
+                                             or scaling out; retry after ``retry_after_s``)
     ModelError 5xx or no valid status,
       ModelNotReady, throttling, 5xx,
       lost connections, answers that
@@ -46,6 +53,7 @@ from tierserve.catalog import Manifest
 from tierserve.errors import (
     BadRequest,
     ModelNotFound,
+    ModelStarting,
     ModelUnavailable,
     PayloadTooLarge,
     TierserveError,
@@ -60,7 +68,7 @@ from tierserve.protocol import (
     header,
     model_metadata,
 )
-from tierserve.settings import GPU_ENDPOINTS_ENV, MB
+from tierserve.settings import GPU_ENDPOINTS_ENV, MB, GpuTarget
 
 MODEL_ATTRIBUTE = "model"  # names the model, for an endpoint that serves several
 # SageMaker real-time endpoints refuse request bodies over 6 MB (timeouts and retries:
@@ -68,26 +76,56 @@ MODEL_ATTRIBUTE = "model"  # names the model, for an endpoint that serves severa
 DEFAULT_MAX_PAYLOAD_BYTES = 6 * MB
 # A container's error body longer than this is not parsed for its "error" text, only cut.
 MAX_PARSED_BODY_CHARS = 64 * 1024
+# SageMaker's answer while an inference component has no copy (HTTP 400, ValidationError):
+# "Inference Component has no capacity to process this request. ApplicationAutoScaling may be
+# in-progress (if configured) or try to increase the capacity by invoking
+# UpdateInferenceComponentRuntimeConfig API." (docs/gpu-tier.md, "The cold edge", has the sources.)
+NO_CAPACITY_CODE = "ValidationError"
+NO_CAPACITY_MARKER = "no capacity"
+# How long a copy takes to start from zero on SageMaker (a GPU instance, the image, the model):
+# minutes. What the worker says, and when it suggests trying again.
+DEFAULT_COLD_START_MINUTES = 10
+DEFAULT_RETRY_AFTER_S = 60
 
 
 class SageMakerModel:
-    """A model served by the SageMaker endpoint ``endpoint_name``; nothing is loaded here."""
+    """A model served by the SageMaker endpoint ``endpoint_name`` (as the inference component
+    ``component_name``, when the endpoint hosts components); nothing is loaded here.
+
+    ``cold_start_minutes`` and ``retry_after_s`` go into the :class:`ModelStarting` raised
+    while the model has no copy running.
+    """
 
     def __init__(
         self,
         manifest: Manifest,
         endpoint_name: str,
         *,
+        component_name: str | None = None,
         client_factory: Callable[[], Any] | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        cold_start_minutes: int = DEFAULT_COLD_START_MINUTES,
+        retry_after_s: int = DEFAULT_RETRY_AFTER_S,
     ) -> None:
         self.manifest = manifest
         self.endpoint_name = endpoint_name
+        self.component_name = component_name
         self.max_payload_bytes = max_payload_bytes
+        self.cold_start_minutes = cold_start_minutes
+        self.retry_after_s = retry_after_s
         self._client_factory = client_factory or aws.sagemaker_runtime_client
 
+    @classmethod
+    def serving(cls, manifest: Manifest, target: GpuTarget, **options: Any) -> SageMakerModel:
+        """The model ``manifest`` at ``target`` (from ``TIERSERVE_GPU_ENDPOINTS``), e.g.
+        ``SageMakerModel.serving(manifest, GpuTarget("tierserve-g5-xlarge", "tierserve-big-g5-xlarge"))``."""
+        return cls(manifest, target.endpoint, component_name=target.component, **options)
+
     def metadata(self) -> dict[str, Any]:
-        return model_metadata(self.manifest, sagemaker_endpoint=self.endpoint_name)
+        where = {"sagemaker_endpoint": self.endpoint_name}
+        if self.component_name is not None:
+            where["sagemaker_inference_component"] = self.component_name
+        return model_metadata(self.manifest, **where)
 
     def ready(self) -> bool:
         """True: SageMaker routes only to InService endpoints and says so when it cannot
@@ -102,6 +140,8 @@ class SageMakerModel:
         Raises:
             PayloadTooLarge: the encoded request is over the endpoint's payload limit.
             BadRequest: the container refused the input (its message is kept).
+            ModelStarting: the model has no copy running (scaled to zero, or scaling out);
+                retry after its ``retry_after_s``.
             UpstreamUnavailable / UpstreamTimeout: SageMaker or the container failed or was
                 slow; retry later.
             ModelUnavailable: the endpoint does not exist or may not be called.
@@ -114,9 +154,12 @@ class SageMakerModel:
                 "(or lower TIERSERVE_ROW_BATCH_SIZE for .jsonl)"
             )
         length = request.headers.get("Inference-Header-Content-Length", str(len(request.body)))
+        address = {"EndpointName": self.endpoint_name}
+        if self.component_name is not None:
+            address["InferenceComponentName"] = self.component_name
         try:
             response = self._client_factory().invoke_endpoint(
-                EndpointName=self.endpoint_name,
+                **address,
                 Body=request.body,
                 ContentType=BINARY_CONTENT_TYPE,
                 Accept=f"{BINARY_CONTENT_TYPE}, application/json",
@@ -124,7 +167,13 @@ class SageMakerModel:
             )
             body = response["Body"].read()
         except Exception as error:  # botocore's tree is wide; aws.classify reads it
-            raise sagemaker_error(error, self.endpoint_name) from error
+            raise sagemaker_error(
+                error,
+                str(GpuTarget(self.endpoint_name, self.component_name)),
+                model=self.manifest.name,
+                cold_start_minutes=self.cold_start_minutes,
+                retry_after_s=self.retry_after_s,
+            ) from error
         return self._decode(body, response)
 
     def _decode(self, body: bytes, response: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -165,13 +214,27 @@ def parse_custom_attributes(value: str | None) -> dict[str, str]:
     return pairs
 
 
-def sagemaker_error(error: BaseException, endpoint: str) -> TierserveError:
-    """The error for ``error``, raised by InvokeEndpoint on ``endpoint`` (classified by
-    :func:`tierserve.aws.classify`). Never raises, whatever the answer held; a tierserve
-    error passes through unchanged."""
+def sagemaker_error(
+    error: BaseException,
+    endpoint: str,
+    *,
+    model: str = "",
+    cold_start_minutes: int = DEFAULT_COLD_START_MINUTES,
+    retry_after_s: int = DEFAULT_RETRY_AFTER_S,
+) -> TierserveError:
+    """The error for ``error``, raised by InvokeEndpoint on ``endpoint`` (``name`` or
+    ``name/component``; classified by :func:`tierserve.aws.classify`) for ``model``. Never
+    raises, whatever the answer held; a tierserve error passes through unchanged."""
     if isinstance(error, TierserveError):
         return error
     failure = aws.classify(error)
+    if failure.code == NO_CAPACITY_CODE and NO_CAPACITY_MARKER in failure.message.lower():
+        return ModelStarting(
+            f"{f'model {model}' if model else 'the model'} is starting from zero: no copy of it was running on its GPU endpoint "
+            f"({endpoint}), and SageMaker is starting one, which takes minutes (about "
+            f"{cold_start_minutes}). Retry after {retry_after_s} s",
+            retry_after_s=retry_after_s,
+        )
     if failure.code == "ModelError":
         response = getattr(error, "response", None)
         return _container_error(response if isinstance(response, dict) else {}, endpoint)
@@ -198,7 +261,7 @@ def sagemaker_error(error: BaseException, endpoint: str) -> TierserveError:
     detail = f"{failure.code}: {failure.message}" if failure.message else failure.code
     return ModelUnavailable(
         f"SageMaker refused the call to the GPU endpoint {endpoint} ({detail}); "
-        f"check {GPU_ENDPOINTS_ENV} and that the endpoint is InService"
+        f"check {GPU_ENDPOINTS_ENV} and that the endpoint (and the inference component) is InService"
     )
 
 

@@ -383,6 +383,68 @@ VARIABLES: tuple[Variable, ...] = (
 )
 
 
+# ---------------------------------------------------------------- the GPU tier, seen from a caller
+
+# SageMaker's names: an endpoint ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}, an inference component
+# ^[a-zA-Z0-9]([\-a-zA-Z0-9]*[a-zA-Z0-9])?, 63 characters at most.
+SAGEMAKER_NAME_MAX = 63
+ENDPOINT_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+COMPONENT_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?$")
+
+
+@dataclass(frozen=True)
+class GpuTarget:
+    """Where a GPU-tier model answers: its SageMaker ``endpoint`` and, on an endpoint that hosts
+    models as inference components, its ``component`` (every call names it); None for an
+    endpoint that serves one model without components."""
+
+    endpoint: str
+    component: str | None = None
+
+    def __str__(self) -> str:
+        return self.endpoint if self.component is None else f"{self.endpoint}/{self.component}"
+
+    @staticmethod
+    def join(targets: Mapping[str, GpuTarget]) -> str:
+        """The ``TIERSERVE_GPU_ENDPOINTS`` value for ``targets`` (model name -> target), sorted by
+        model: ``big=tierserve-g5-xlarge/tierserve-big-g5-xlarge,...``, which
+        :func:`parse_gpu_targets` reads back."""
+        return ",".join(f"{name}={targets[name]}" for name in sorted(targets))
+
+
+def parse_gpu_targets(text: str) -> dict[str, GpuTarget]:
+    """``"big=ep/big-ic,huge=ep2"`` -> ``{"big": GpuTarget("ep", "big-ic"), "huge": GpuTarget("ep2")}``.
+
+    Raises:
+        ValueError: an entry that is not ``model=endpoint-name[/component-name]`` with names
+            SageMaker accepts, or a model given twice.
+    """
+    targets: dict[str, GpuTarget] = {}
+    for part in _split(text):
+        name, sep, where = (s.strip() for s in part.partition("="))
+        endpoint, slash, component = (s.strip() for s in where.partition("/"))
+        if (
+            not sep
+            or not NAME_PATTERN.match(name)
+            or not ENDPOINT_NAME_PATTERN.match(endpoint)
+            or (slash and not COMPONENT_NAME_PATTERN.match(component))
+        ):
+            raise ValueError(f"has {part!r}, which is no model=endpoint-name[/component-name]")
+        if name in targets:
+            raise ValueError(f"names model {name!r} twice")
+        targets[name] = GpuTarget(endpoint, component if slash else None)
+    return targets
+
+
+# The S3 worker's (s3_pipeline/settings.py) and the local stack's map of GPU-tier models.
+GPU_ENDPOINTS = Variable(
+    GPU_ENDPOINTS_ENV,
+    parse_gpu_targets,
+    "model=endpoint-name[/component-name],... e.g. big=tierserve-g5-xlarge/tierserve-big-g5-xlarge",
+    "serving every model in the worker",
+)
+
+
 # The S3 pipeline's key layout: inputs/{model}/{path} -> outputs/ or errors/ (never under inputs/).
 INPUT_PREFIX = "inputs"
 OUTPUT_PREFIX = "outputs"

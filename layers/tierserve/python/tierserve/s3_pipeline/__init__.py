@@ -25,7 +25,7 @@ from tierserve.s3_pipeline.results import (
     stale_other_result,
     why_skip,
 )
-from tierserve.s3_pipeline.settings import PipelineSettings, parse_endpoints
+from tierserve.s3_pipeline.settings import PipelineSettings
 from tierserve.s3_pipeline.worker import Pipeline
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "decode_npy",
     "iter_lines",
     "iter_row_batches",
-    "parse_endpoints",
     "parse_input_key",
     "parse_message",
     "stale_other_result",

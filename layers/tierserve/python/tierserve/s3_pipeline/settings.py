@@ -11,13 +11,14 @@ from typing import Any
 
 from tierserve.settings import (
     DATA_BUCKET_ENV,
-    GPU_ENDPOINTS_ENV,
+    GPU_ENDPOINTS,
     MAX_INPUT_MB_ENV,
     MAX_JSONL_MB_ENV,
     MAX_ROWS_ENV,
     MB,
     ROW_BATCH_SIZE_ENV,
     WORKER_CONCURRENCY_ENV,
+    GpuTarget,
     Variable,
     bucket,
     number,
@@ -33,30 +34,7 @@ DEFAULT_WORKER_CONCURRENCY = 8
 MAX_WORKER_CONCURRENCY = 64
 
 
-def parse_endpoints(text: str) -> dict[str, str]:
-    """``"big=big-endpoint,huge=huge-endpoint"`` -> ``{"big": "big-endpoint", ...}``.
-
-    Raises:
-        ValueError: an entry that is not ``model=endpoint-name``.
-    """
-    endpoints = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        name, sep, endpoint = (s.strip() for s in part.partition("="))
-        if not sep or not name or not endpoint:
-            raise ValueError(f"has {part!r}, which is no model=endpoint-name")
-        endpoints[name] = endpoint
-    return endpoints
-
-
 DATA_BUCKET = bucket(DATA_BUCKET_ENV, unset="writing each result beside its input (the event's bucket)")
-GPU_ENDPOINTS = Variable(
-    GPU_ENDPOINTS_ENV,
-    parse_endpoints,
-    "model=endpoint-name,... e.g. big=tierserve-big",
-    "serving every model in the worker",
-)
 ROW_BATCH_SIZE = whole(ROW_BATCH_SIZE_ENV, unset=f"the default, {DEFAULT_ROW_BATCH_SIZE}")
 MAX_INPUT_MB = number(MAX_INPUT_MB_ENV, unit="MB", unset=f"the default, {DEFAULT_MAX_INPUT_MB:g}")
 MAX_ROWS = whole(MAX_ROWS_ENV, unset=f"the default, {DEFAULT_MAX_ROWS:,}")
@@ -80,7 +58,8 @@ class PipelineSettings:
     """What the worker reads beyond :class:`~tierserve.settings.Settings`, once per process."""
 
     data_bucket: str | None = None
-    gpu_endpoints: Mapping[str, str] = field(default_factory=dict)
+    # GPU-tier models and where they answer (tierserve.settings.GPU_ENDPOINTS)
+    gpu_endpoints: Mapping[str, GpuTarget] = field(default_factory=dict)
     row_batch_size: int = DEFAULT_ROW_BATCH_SIZE
     max_input_bytes: int = int(DEFAULT_MAX_INPUT_MB * MB)
     max_rows: int = DEFAULT_MAX_ROWS

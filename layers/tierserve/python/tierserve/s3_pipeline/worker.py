@@ -50,6 +50,7 @@ from tierserve.settings import (
     ERROR_PREFIX,
     INPUT_PREFIX,
     OUTPUT_PREFIX,
+    GpuTarget,
     ModelRef,
     Settings,
 )
@@ -85,7 +86,7 @@ class Pipeline:
         settings: PipelineSettings,
         *,
         s3_client_factory: Callable[[], Any] = aws.s3_client,
-        remote_factory: Callable[[Manifest, str], Model] = SageMakerModel,
+        remote_factory: Callable[[Manifest, GpuTarget], Model] = SageMakerModel.serving,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
@@ -171,11 +172,11 @@ class Pipeline:
             return ""
 
     def _model(self, ref: ModelRef, manifest: Manifest) -> Model:
-        endpoint = self.settings.gpu_endpoints.get(ref.name)
-        if endpoint is None:
+        target = self.settings.gpu_endpoints.get(ref.name)
+        if target is None:
             return self.registry.get(ref)
         if ref not in self._remote:
-            self._remote[ref] = self._remote_factory(manifest, endpoint)
+            self._remote[ref] = self._remote_factory(manifest, target)
         return self._remote[ref]
 
     def _serve(self, item: S3Object, key: InputKey) -> _Served:

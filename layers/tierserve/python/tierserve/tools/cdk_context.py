@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB, LAMBDA_MAX_MEMORY_MB
+from tierserve.catalog import NAME_PATTERN as MODEL_NAME_PATTERN
 from tierserve.settings import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
 
 AuthMode = Literal["iam", "api_key", "none"]
@@ -43,6 +44,21 @@ LAMBDA_MAX_EPHEMERAL_MB = 10240
 # SageMaker hosting instance types look like ml.<family>.<size>, e.g. ml.g5.xlarge.
 INSTANCE_TYPE_PATTERN = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9-]+$")
 GPU_MAX_INSTANCES = 100
+GPU_MAX_COPIES = 100
+# SageMaker's longest ContainerStartupHealthCheckTimeoutInSeconds.
+GPU_MAX_STARTUP_SECONDS = 3600
+# Application Auto Scaling's own target-tracking scale-in needs about this many idle minutes
+# (its low alarm: 15 one-minute datapoints under the target) and then scales in by itself, so
+# an idle period longer than this would never be the one that acts.
+GPU_MAX_IDLE_MINUTES = 15
+GPU_ROUTING_STRATEGIES: tuple[str, ...] = ("LEAST_OUTSTANDING_REQUESTS", "RANDOM")
+# Keys of the per-model GPU endpoints (before inference components), and what replaced them.
+REMOVED_KEYS: dict[str, str] = {
+    "gpu_invocations_per_instance": (
+        "GPU-tier models now scale per model copy on shared endpoints: set 'gpu_invocations_per_copy' "
+        "(target invocations per copy per minute) instead"
+    ),
+}
 # SQS: a batch larger than 10 needs a batching window.
 SQS_MAX_BATCH_WITHOUT_WINDOW = 10
 SQS_MAX_BATCH_SIZE = 10_000
@@ -75,12 +91,27 @@ class InfraConfig:
     log_level: str = "INFO"
     preload: bool = True
     api_cloudwatch_role: bool = True
-    # GPU tier (infra/gpu_tier.py): one SageMaker endpoint per heavy model.
+    # GPU tier (infra/sagemaker_inference.py): one SageMaker endpoint per instance type, every
+    # GPU-tier model on it as an inference component that scales to zero copies.
     gpu_instance_type: str = "ml.g5.xlarge"
+    gpu_instance_types: str = ""  # per-model instance types, "model=ml.type,..." ("" none)
     gpu_initial_instance_count: int = 1
-    gpu_min_instances: int = 1
+    gpu_min_instances: int = 0
     gpu_max_instances: int = 4
-    gpu_invocations_per_instance: float = 200
+    gpu_routing_strategy: str = "LEAST_OUTSTANDING_REQUESTS"
+    gpu_initial_copies: int = 1
+    gpu_min_copies: int = 0
+    gpu_max_copies: int = 4
+    gpu_invocations_per_copy: float = 200
+    gpu_scale_out_cooldown_seconds: int = 60
+    gpu_scale_in_cooldown_seconds: int = 300
+    gpu_scale_in_idle_minutes: int = 10
+    gpu_memory_headroom: float = 1.5
+    gpu_base_memory_mb: int = 1024
+    gpu_cpu_cores_per_copy: float = 1
+    gpu_startup_timeout_seconds: int = 900
+    gpu_cold_start_minutes: int = 10
+    gpu_retry_after_seconds: int = 60
     gpu_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     gpu_max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS
     # S3-triggered pipeline (infra/s3_pipeline.py).
@@ -93,17 +124,15 @@ class InfraConfig:
 
     def __post_init__(self) -> None:
         """Checks that involve more than one key (each key alone is checked by its parser)."""
-        if not self.gpu_min_instances <= self.gpu_max_instances:
-            raise ConfigError(
-                f"cdk.json context 'gpu_min_instances' ({self.gpu_min_instances}) is over "
-                f"'gpu_max_instances' ({self.gpu_max_instances}); raise the maximum or lower the minimum"
-            )
-        if not self.gpu_min_instances <= self.gpu_initial_instance_count <= self.gpu_max_instances:
-            raise ConfigError(
-                f"cdk.json context 'gpu_initial_instance_count' ({self.gpu_initial_instance_count}) must be "
-                f"from 'gpu_min_instances' ({self.gpu_min_instances}) to 'gpu_max_instances' "
-                f"({self.gpu_max_instances}), or autoscaling would change it right after deployment"
-            )
+        self._check_range("instances", self.gpu_min_instances, self.gpu_max_instances)
+        self._check_initial(
+            "gpu_initial_instance_count",
+            self.gpu_initial_instance_count,
+            "instances",
+            "managed instance scaling",
+        )
+        self._check_range("copies", self.gpu_min_copies, self.gpu_max_copies)
+        self._check_initial("gpu_initial_copies", self.gpu_initial_copies, "copies", "copy autoscaling")
         if (
             self.pipeline_batch_size > SQS_MAX_BATCH_WITHOUT_WINDOW
             and self.pipeline_batching_window_seconds < 1
@@ -114,13 +143,38 @@ class InfraConfig:
                 "'pipeline_batching_window_seconds' to 1 or more, or the batch size to 10 or less"
             )
 
+    def _check_range(self, what: str, low: int, high: int) -> None:
+        if low > high:
+            raise ConfigError(
+                f"cdk.json context 'gpu_min_{what}' ({low}) is over 'gpu_max_{what}' ({high}); "
+                "raise the maximum or lower the minimum"
+            )
+
+    def _check_initial(self, key: str, value: int, what: str, scaler: str) -> None:
+        low, high = getattr(self, f"gpu_min_{what}"), getattr(self, f"gpu_max_{what}")
+        if not max(1, low) <= value <= high:
+            raise ConfigError(
+                f"cdk.json context '{key}' ({value}) must be from 'gpu_min_{what}' ({low}, and at least 1: "
+                f"SageMaker creates nothing with 0) to 'gpu_max_{what}' ({high}), or {scaler} would change "
+                "it right after deployment"
+            )
+
+    def gpu_instance_type_of(self, model: str) -> str:
+        """The instance type ``model`` runs on: its entry in ``gpu_instance_types``, else
+        ``gpu_instance_type``."""
+        return gpu_instance_overrides(self.gpu_instance_types).get(model, self.gpu_instance_type)
+
     @classmethod
     def from_context(cls, get: Callable[[str], Any]) -> InfraConfig:
         """Read and validate every key through ``get`` (``app.node.try_get_context``).
 
         A key that ``get`` returns None for keeps its default. Raises :class:`ConfigError`
-        naming the first bad key, its value and the accepted values.
+        naming the first bad key, its value and the accepted values, or a key that was removed
+        and what replaced it.
         """
+        for key, replacement in REMOVED_KEYS.items():
+            if get(key) is not None:
+                raise ConfigError(f"cdk.json context {key!r} was removed: {replacement}; delete {key!r}")
         values: dict[str, Any] = {}
         for field in fields(cls):
             raw = get(field.name)
@@ -246,6 +300,37 @@ def _instance_type(key: str, raw: Any) -> str:
     return value
 
 
+def gpu_instance_overrides(text: str) -> dict[str, str]:
+    """``gpu_instance_types`` as a mapping, model name -> instance type (the value is
+    already validated: :func:`_instance_types` wrote it)."""
+    pairs = (part.split("=", 1) for part in text.split(",") if part)
+    return {name: instance_type for name, instance_type in pairs}
+
+
+def _instance_types(key: str, raw: Any) -> str:
+    """``{"big-llm": "ml.g6.xlarge"}`` (cdk.json) or ``big-llm=ml.g6.xlarge,...`` (``-c``), as
+    the normalized text ``big-llm=ml.g6.xlarge,...`` sorted by model."""
+    wanted = (
+        'model names and instance types, {"big-llm": "ml.g6.xlarge"} in cdk.json or '
+        "big-llm=ml.g6.xlarge,other=ml.g5.2xlarge on the command line"
+    )
+    if isinstance(raw, dict):
+        pairs = list(raw.items())
+    elif isinstance(raw, str):
+        parts = [part.strip() for part in raw.split(",") if part.strip()]
+        pairs = [tuple(s.strip() for s in part.partition("=")[::2]) for part in parts]
+        if any("=" not in part for part in parts):
+            raise _problem(key, raw, wanted)
+    else:
+        raise _problem(key, raw, wanted)
+    overrides: dict[str, str] = {}
+    for name, instance_type in pairs:
+        if not isinstance(name, str) or not MODEL_NAME_PATTERN.match(name) or name in overrides:
+            raise _problem(key, raw, wanted + " (each model once)")
+        overrides[name] = _instance_type(key, instance_type)
+    return ",".join(f"{name}={overrides[name]}" for name in sorted(overrides))
+
+
 def _email(key: str, raw: Any) -> str:
     value = "" if raw is None else str(raw).strip()
     if isinstance(raw, bool) or (value and not EMAIL_PATTERN.match(value)):
@@ -268,10 +353,24 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "preload": _boolean,
     "api_cloudwatch_role": _boolean,
     "gpu_instance_type": _instance_type,
+    "gpu_instance_types": _instance_types,
     "gpu_initial_instance_count": _integer(1, GPU_MAX_INSTANCES),
-    "gpu_min_instances": _integer(1, GPU_MAX_INSTANCES),
+    "gpu_min_instances": _integer(0, GPU_MAX_INSTANCES),
     "gpu_max_instances": _integer(1, GPU_MAX_INSTANCES),
-    "gpu_invocations_per_instance": _real(1, 100_000),
+    "gpu_routing_strategy": _choice(GPU_ROUTING_STRATEGIES, upper=True),
+    "gpu_initial_copies": _integer(1, GPU_MAX_COPIES),
+    "gpu_min_copies": _integer(0, GPU_MAX_COPIES),
+    "gpu_max_copies": _integer(1, GPU_MAX_COPIES),
+    "gpu_invocations_per_copy": _real(1, 100_000),
+    "gpu_scale_out_cooldown_seconds": _integer(0, 3600),
+    "gpu_scale_in_cooldown_seconds": _integer(0, 3600),
+    "gpu_scale_in_idle_minutes": _integer(1, GPU_MAX_IDLE_MINUTES),
+    "gpu_memory_headroom": _real(1, 10),
+    "gpu_base_memory_mb": _integer(0, 65_536),
+    "gpu_cpu_cores_per_copy": _real(0.25, 192),
+    "gpu_startup_timeout_seconds": _integer(60, GPU_MAX_STARTUP_SECONDS),
+    "gpu_cold_start_minutes": _integer(1, 60),
+    "gpu_retry_after_seconds": _integer(1, 3600),
     "gpu_max_batch_size": _integer(1, 4096),
     "gpu_max_queue_delay_ms": _real(0, 10_000),
     "pipeline_worker_timeout_seconds": _integer(1, LAMBDA_MAX_TIMEOUT_SECONDS),
