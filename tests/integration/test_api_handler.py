@@ -12,7 +12,7 @@ import pytest
 from support.common import BUCKET, count_s3_calls, load_event, make_invoke
 from support.gpu import gather_model, package
 from tierserve import store
-from tierserve.dataplane import PROXY_ENVELOPE_BYTES
+from tierserve.lambda_proxy import PROXY_ENVELOPE_BYTES
 from tierserve.protocol import decode_infer_response
 from tierserve.settings import MB
 from tierserve.tools.local import samples

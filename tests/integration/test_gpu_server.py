@@ -23,6 +23,7 @@ from support.gpu import InProcessServer, fp16_model, gather_model, load, package
 from tierserve import store
 from tierserve.model import translate_run_error
 from tierserve.protocol import decode_infer_response, encode_infer_request
+from tierserve.routes import HttpRequest
 from tierserve.sagemaker_hosting import CUSTOM_ATTRIBUTES
 
 
@@ -45,7 +46,7 @@ def model_dir_env(packaged, cache_dir: Path) -> dict[str, str]:
 
 
 def wait_ready(server: InProcessServer, timeout: float = 30) -> None:
-    assert server.host.wait_ready(timeout), server.host.respond("GET", "/ping", {}, b"").body
+    assert server.host.wait_ready(timeout), server.host.respond(HttpRequest("GET", "/ping", {}, b"")).body
 
 
 def event_request(name: str) -> tuple[bytes, dict[str, str]]:
