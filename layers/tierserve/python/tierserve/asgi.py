@@ -90,6 +90,7 @@ class JsonErrorsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_bytes = 0  # bytes received since the last request's headers were complete
+        self._head_size = 0  # the current request's header lines, as parsed
         self._in_body = False  # between a request's headers and the end of its body
         self._refusal: TierserveError | None = None
         self._head_timer: asyncio.TimerHandle | None = None
@@ -115,15 +116,15 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade:
             return  # no protocol switches: the request is answered as plain HTTP
         except httptools.HttpParserError as error:
-            self._refuse(self._refusal or parser_refusal(error))
+            self._refuse(self._refusal or parser_refusal(error, self.limits))
             return
         if not self._in_body and self._head_bytes > self.limits.max_head_bytes:
-            self._refuse(
-                HeadersTooLarge(
-                    f"the request's headers are over this server's limit of {self.limits.max_head_bytes:,} "
-                    "bytes: send fewer or shorter headers"
-                )
-            )
+            # A head still incomplete past the limit (httptools would buffer it without end).
+            self._refuse(self._headers_too_large())
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -133,6 +134,19 @@ class JsonErrorsProtocol(HttpToolsProtocol):
                 "model names and versions are short; send data in the body"
             )
             raise self._refusal  # stops the parser; data_received answers it
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4  # as sent: "name: value\r\n"
+        if self._head_size > self.limits.max_head_bytes:
+            self._refusal = self._headers_too_large()
+            raise self._refusal
+        super().on_header(name, value)
+
+    def _headers_too_large(self) -> HeadersTooLarge:
+        return HeadersTooLarge(
+            f"the request's headers are over this server's limit of {self.limits.max_head_bytes:,} bytes: "
+            "send fewer or shorter headers"
+        )
 
     def on_headers_complete(self) -> None:
         self._in_body = True
@@ -189,9 +203,11 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def parser_refusal(error: httptools.HttpParserError) -> TierserveError:
+def parser_refusal(error: httptools.HttpParserError, limits: ServerLimits) -> TierserveError:
     """What to tell a client whose request the HTTP parser refused (its reason is llhttp's,
     never the client's bytes)."""
+    if str(error) == "Content-Length overflow":  # more digits than any body this server takes
+        return body_too_large(limits.max_body_bytes)
     if isinstance(error, httptools.HttpParserInvalidMethodError):
         return MethodNotAllowed(
             f"the request's method is not one this server takes: use {' or '.join(PARSER_METHODS)}",
@@ -232,12 +248,16 @@ class OipApp:
             return  # lifespan is off and websockets are not served
         try:
             response, close = await self._answer(scope, receive)
-        except asyncio.CancelledError:  # the drain timed out with this request still running
+        except Exception as error:  # never uvicorn's plain-text 500
+            response, close = error_response(error), True
+        except asyncio.CancelledError:
+            # The drain timed out with this request still running: answer it, and end the task
+            # here (re-raised, uvicorn would log the cancellation as an application error).
             self.abandoned += 1
             stopped = ModelUnavailable("the server stopped before this request finished: retry")
             with contextlib.suppress(Exception):
                 await _send(send, error_response(stopped), close=True)
-            raise
+            return
         if response is not None:
             await _send(send, response, close)
 
@@ -291,12 +311,12 @@ async def read_body(receive: Any, headers: dict[str, str], limit: int) -> bytes:
     Raises:
         PayloadTooLarge: the declared or the received length is over ``limit``.
     """
-    too_large = PayloadTooLarge(
-        f"request body is over this server's limit of {limit:,} bytes: split the batch into smaller requests"
-    )
-    declared = headers.get("content-length")
-    if declared is not None and int(declared) > limit:  # the parser accepts only digits here
-        raise too_large
+    too_large = body_too_large(limit)
+    declared = headers.get("content-length")  # the parser lets only digits through
+    if declared is not None:
+        digits = declared.strip().lstrip("0") or "0"  # int() refuses past 4,300 digits
+        if len(digits) > len(str(limit)) or int(digits) > limit:
+            raise too_large
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -309,6 +329,12 @@ async def read_body(receive: Any, headers: dict[str, str], limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def body_too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"request body is over this server's limit of {limit:,} bytes: split the batch into smaller requests"
+    )
 
 
 def response_headers(response: HttpResponse, *, close: bool) -> list[tuple[bytes, bytes]]:

@@ -33,7 +33,7 @@ LIMITS = ServerLimits(threads=32)  # the handler takes one at a time; forwarded 
 
 class LocalApi:
     """Serve ``handler`` on ``host:port`` (bound at once: a busy port fails here);
-    ``upstreams`` maps model names to base URLs."""
+    ``upstreams`` maps model names to base URLs; ``limits`` bound what a request may be."""
 
     def __init__(
         self,
@@ -43,13 +43,14 @@ class LocalApi:
         port: int = 3000,
         upstreams: Mapping[str, str] | None = None,
         memory_mb: int = 2048,
+        limits: ServerLimits = LIMITS,
     ) -> None:
         self.handler = handler
         self.upstreams = dict(upstreams or {})
         self.memory_mb = memory_mb
         self._handler_lock = threading.Lock()
         self._socket = bind(host, port)
-        self._server = build_server(self.respond, name="tierserve-local", limits=LIMITS)
+        self._server = build_server(self.respond, name="tierserve-local", limits=limits)
         self._thread: threading.Thread | None = None
         self._serving: ServerThread | None = None
 
