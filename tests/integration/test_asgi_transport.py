@@ -1,11 +1,12 @@
 """The HTTP transport both servers share (tierserve.asgi: uvicorn and its ASGI app) over real
 sockets on 127.0.0.1, with responders of the tests' own: requests reach the responder
 concurrently, a failing responder is a JSON 500 that leaks nothing, a header HTTP cannot carry
-never breaks an answer, and the drain lets in-flight requests finish or, past its timeout,
+never breaks an answer, accepted connections send without Nagle's delay, and the drain lets in-flight requests finish or, past its timeout,
 answers them 503 and says it did not drain."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -141,3 +142,15 @@ def test_a_drain_that_times_out_answers_503_and_says_it_did_not_drain(start):
         release.set()
     assert reply.status == 503 and "stopped before this request finished" in reply.error()
     assert served.drained is False
+
+
+def test_accepted_connections_send_without_waiting_for_acks(start):
+    # A response goes out in two sends (head, body): with Nagle's algorithm on, the second would
+    # wait for the client's delayed ACK, 40 ms on every keep-alive request.
+    served = start(lambda _request: HttpResponse.json({}))
+    with connect(served.address[1]) as connection:
+        connection.sendall(get("/"))
+        assert read_reply(connection).status == 200
+        (protocol,) = served.server.server_state.connections
+        accepted = protocol.transport.get_extra_info("socket")
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

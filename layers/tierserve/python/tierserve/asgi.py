@@ -101,6 +101,11 @@ class JsonErrorsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # uvicorn writes a response's head and body in two sends: with Nagle's algorithm on, the
+        # second waits for the client's delayed ACK (40 ms on Linux). asyncio turns it off only
+        # for sockets it created itself, not for those accepted on a socket handed to it.
+        with contextlib.suppress(OSError, AttributeError):
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -264,9 +269,8 @@ class OipApp:
     async def _answer(self, scope: dict[str, Any], receive: Any) -> tuple[HttpResponse | None, bool]:
         headers = request_headers(scope["headers"])
         try:
-            body = await asyncio.wait_for(
-                read_body(receive, headers, self.limits.max_body_bytes), self.limits.body_timeout_s
-            )
+            async with asyncio.timeout(self.limits.body_timeout_s):
+                body = await read_body(receive, headers, self.limits.max_body_bytes)
         except _ClientGone:
             return None, True
         except TimeoutError:
