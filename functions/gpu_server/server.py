@@ -30,11 +30,15 @@ EXIT_CONFIG = 2
 
 
 def server_limits(host: ModelHost) -> ServerLimits:
-    """The HTTP limits for ``host``: enough request threads for a full batch in flight and a
+    """The HTTP limits for ``host``: bodies up to ``TIERSERVE_MAX_REQUEST_MB`` (a larger one is
+    refused before it is read), and enough request threads for a full batch in flight and a
     full queue behind it, so the batcher's queue limit (503) is what refuses, not the pool."""
     batching = host.server.batching
-    threads = max(batching.max_queue_size + batching.max_batch_size, 32)
-    return ServerLimits(idle_timeout_s=IDLE_TIMEOUT_S, threads=threads)
+    return ServerLimits(
+        max_body_bytes=host.registry.settings.max_request_bytes,
+        idle_timeout_s=IDLE_TIMEOUT_S,
+        threads=max(batching.max_queue_size + batching.max_batch_size, 32),
+    )
 
 
 def make_server(host: ModelHost, limits: ServerLimits | None = None) -> OipServer:

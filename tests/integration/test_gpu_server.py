@@ -20,6 +20,7 @@ import pytest
 from support.common import BUCKET, load_event, make_invoke
 from support.flaky import FlakyProxy
 from support.gpu import InProcessServer, fp16_model, gather_model, load, package, request
+from support.rawhttp import exchange
 from tierserve import store
 from tierserve.model import translate_run_error
 from tierserve.protocol import decode_infer_response, encode_infer_request
@@ -303,3 +304,12 @@ def test_64_concurrent_keep_alive_connections_are_all_served(iris_package, cache
         statuses = [s for per_client in pool.map(client, range(64)) for s in per_client]
     assert statuses == [200] * 320
     assert server.model("iris").stats_snapshot()["merged_runs"] >= 1
+
+
+def test_a_body_over_the_request_limit_is_refused_before_it_is_read(iris_package, cache_dir, start_server):
+    server = start_server({**model_dir_env(iris_package, cache_dir), "TIERSERVE_MAX_REQUEST_MB": "0.5"})
+    wait_ready(server)
+    head = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 600000\r\n\r\n"
+    reply = exchange(server.port, head + b"{")  # the rest never comes: only the length can say
+    assert reply.status == 413 and reply.closes
+    assert "over this server's limit of 524,288 bytes" in reply.error()
