@@ -430,9 +430,13 @@ def serve_until_stopped(server: OipServer, sock: socket.socket) -> bool:
     previous = {}
     if threading.current_thread() is threading.main_thread():
         # uvicorn handles both signals while it serves and raises the one it got again once it
-        # has drained, for the handler that was there before: with this no-op there, a drained
-        # server returns (and the process exits 0) instead of dying of its own signal.
-        previous = {sig: signal.signal(sig, _handled) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # has drained, for the handler that was there before. With this one there, a drained
+        # server returns (and the process exits 0) instead of dying of its own signal, and a
+        # signal that comes before uvicorn listens for it still stops the server.
+        def stop(_signum: int, _frame: FrameType | None) -> None:
+            server.should_exit = True
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run(sockets=[sock])
     finally:
@@ -440,10 +444,6 @@ def serve_until_stopped(server: OipServer, sock: socket.socket) -> bool:
             signal.signal(sig, handler)
         server.app.close()
     return server.drained
-
-
-def _handled(_signum: int, _frame: FrameType | None) -> None:
-    """The signal stopped the server, which has drained by now."""
 
 
 class ServerThread:
@@ -472,7 +472,8 @@ class ServerThread:
             time.sleep(0.01)
         return self
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """Stop accepting, drain in-flight requests, and wait for the thread."""
+    def stop(self) -> None:
+        """Stop accepting, drain in-flight requests, and wait for the thread (the drain timeout
+        bounds the wait)."""
         self.server.should_exit = True
-        self.thread.join(timeout)
+        self.thread.join(float(self.server.config.timeout_graceful_shutdown or 30) + 10)

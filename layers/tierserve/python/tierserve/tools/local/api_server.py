@@ -29,6 +29,7 @@ LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 UPSTREAM_TIMEOUT_S = 60
 FORWARDED_HEADERS = {"content-type", "inference-header-content-length"}
 LIMITS = ServerLimits(threads=32)  # the handler takes one at a time; forwarded requests run side by side
+DRAIN_TIMEOUT_S = 5.0  # a developer's Ctrl-C should not wait on a stuck client for long
 
 
 class LocalApi:
@@ -50,7 +51,9 @@ class LocalApi:
         self.memory_mb = memory_mb
         self._handler_lock = threading.Lock()
         self._socket = bind(host, port)
-        self._server = build_server(self.respond, name="tierserve-local", limits=limits)
+        self._server = build_server(
+            self.respond, name="tierserve-local", limits=limits, drain_timeout_s=DRAIN_TIMEOUT_S
+        )
         self._thread: threading.Thread | None = None
         self._serving: ServerThread | None = None
 
