@@ -119,6 +119,49 @@ def machine() -> dict[str, Any]:
     }
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) the process ``pid`` has used so far, from
+    /proc: on a shared machine, CPU per request is steadier than wall-clock figures."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# The last commit whose GPU server and local API ran on the hand-written threaded HTTP server
+# (http.server): what bench.gpu_server and bench.local_api compare the uvicorn servers with.
+THREADED_SERVER_REV = "b0cb6dc1bf6930d8633faddfaa0a1d55667ae4ad"
+
+
+def baseline_tree(rev: str) -> Path:
+    """The runtime of commit ``rev`` (core, functions, cdk.json) extracted once under the work
+    folder, to run a baseline server from in the same session as the working tree's.
+
+    Raises:
+        RuntimeError: not a git checkout, or no such commit (the message says which).
+    """
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise RuntimeError(
+            f"cannot find commit {rev!r} in {REPO_ROOT}: a git checkout is needed ({error})"
+        ) from None
+    tree = WORK_DIR / "baseline" / sha
+    if not (tree / ".extracted").exists():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "archive", sha, "layers/tierserve/python", "functions", "cdk.json"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        (tree / ".extracted").write_text(sha + "\n")
+    return tree
+
+
 def write_results(name: str, results: Mapping[str, Any], *, command: str | None = None) -> Path:
     """Write ``bench/results/{name}.json`` with the date, the machine and the command."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

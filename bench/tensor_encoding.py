@@ -154,8 +154,8 @@ def http_round_trips(
         }
     )
     api = LocalApi(handler, host="127.0.0.1", port=0).start()
-    host, port = api.httpd.server_address[:2]
-    connection = http.client.HTTPConnection(str(host), int(port), timeout=60)
+    host, port = api.url.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
     name = package.manifest.inputs[0].name
     results: dict[str, Any] = {}
     try:

@@ -1,7 +1,8 @@
 """Lambda handler: every Open Inference Protocol route for the model(s) this function serves.
 
 A thin adapter: powertools decorators for logs (with the request id), metrics (cold
-start) and traces; the route table and the data plane live in the tierserve core.
+start) and traces; the route table, the data plane and the Lambda transport live in the
+tierserve core.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from tierserve.dataplane import DataPlane
+from tierserve.lambda_proxy import build_resolver
 from tierserve.registry import ModelRegistry
-from tierserve.routes import build_resolver
 from tierserve.settings import Settings, exit_on_bad_settings
 from tierserve.telemetry import logger, metrics, tracer
 

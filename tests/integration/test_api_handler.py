@@ -12,7 +12,7 @@ import pytest
 from support.common import BUCKET, count_s3_calls, load_event, make_invoke
 from support.gpu import gather_model, package
 from tierserve import aws
-from tierserve.dataplane import PROXY_ENVELOPE_BYTES
+from tierserve.lambda_proxy import PROXY_ENVELOPE_BYTES
 from tierserve.protocol import decode_infer_response
 from tierserve.settings import MB
 from tierserve.tools.local import samples
@@ -117,12 +117,14 @@ def test_unknown_route_is_a_json_404(invoke):
     assert "no route" in json.loads(body)["error"]
 
 
-def test_wrong_method_is_a_json_error(invoke):
-    event = load_event("metadata")
+@pytest.mark.parametrize(("event_name", "allowed"), [("metadata", "GET"), ("infer-json", "POST")])
+def test_a_method_the_route_does_not_take_is_a_405_naming_the_ones_it_does(invoke, event_name, allowed):
+    event = load_event(event_name)
     event["httpMethod"] = "DELETE"
-    status, _, body = invoke(event)
-    assert status in (404, 405)
-    assert "error" in json.loads(body)
+    status, result, body = invoke(event)
+    assert status == 405
+    assert result["headers"]["Allow"] == allowed
+    assert json.loads(body)["error"] == f"DELETE is not allowed on {event['path']}; use {allowed}"
 
 
 def test_sample_rows_classify_like_scikit_learn(invoke):

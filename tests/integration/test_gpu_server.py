@@ -20,9 +20,11 @@ import pytest
 from support.common import BUCKET, load_event, make_invoke
 from support.flaky import FlakyProxy
 from support.gpu import InProcessServer, fp16_model, gather_model, load, package, request
+from support.rawhttp import exchange
 from tierserve import aws
 from tierserve.model import translate_run_error
 from tierserve.protocol import decode_infer_response, encode_infer_request
+from tierserve.routes import HttpRequest
 from tierserve.sagemaker_hosting import CUSTOM_ATTRIBUTES
 
 
@@ -45,7 +47,7 @@ def model_dir_env(packaged, cache_dir: Path) -> dict[str, str]:
 
 
 def wait_ready(server: InProcessServer, timeout: float = 30) -> None:
-    assert server.host.wait_ready(timeout), server.host.respond("GET", "/ping", {}, b"").body
+    assert server.host.wait_ready(timeout), server.host.respond(HttpRequest("GET", "/ping", {}, b"")).body
 
 
 def event_request(name: str) -> tuple[bytes, dict[str, str]]:
@@ -302,3 +304,12 @@ def test_64_concurrent_keep_alive_connections_are_all_served(iris_package, cache
         statuses = [s for per_client in pool.map(client, range(64)) for s in per_client]
     assert statuses == [200] * 320
     assert server.model("iris").stats_snapshot()["merged_runs"] >= 1
+
+
+def test_a_body_over_the_request_limit_is_refused_before_it_is_read(iris_package, cache_dir, start_server):
+    server = start_server({**model_dir_env(iris_package, cache_dir), "TIERSERVE_MAX_REQUEST_MB": "0.5"})
+    wait_ready(server)
+    head = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 600000\r\n\r\n"
+    reply = exchange(server.port, head + b"{")  # the rest never comes: only the length can say
+    assert reply.status == 413 and reply.closes
+    assert "over this server's limit of 524,288 bytes" in reply.error()

@@ -39,13 +39,20 @@ def printed_document(out: str) -> dict[str, Any]:
     return json.loads(out[out.index("{\n") :])
 
 
-def make_invoke(monkeypatch: pytest.MonkeyPatch, cache_dir: Path, models: str = "iris@1") -> Invoke:
+def make_handler(
+    monkeypatch: pytest.MonkeyPatch, cache_dir: Path, models: str = "iris@1"
+) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
     """Import the API handler as Lambda's init would, with this test's environment."""
     monkeypatch.setenv(MODEL_BUCKET_ENV, BUCKET)
     monkeypatch.setenv(MODELS_ENV, models)
     monkeypatch.setenv(CACHE_DIR_ENV, str(cache_dir))
     monkeypatch.delenv(PRELOAD_ENV, raising=False)
-    handler = load_handler({})
+    return load_handler({})
+
+
+def make_invoke(monkeypatch: pytest.MonkeyPatch, cache_dir: Path, models: str = "iris@1") -> Invoke:
+    """The API handler (:func:`make_handler`) called as Lambda calls it, its response decoded."""
+    handler = make_handler(monkeypatch, cache_dir, models)
 
     def invoke(event: dict[str, Any]) -> tuple[int, dict[str, Any], bytes]:
         result = handler(event, LocalLambdaContext())

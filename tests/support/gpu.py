@@ -4,7 +4,6 @@ a loaded model without a server, the server in-process on a loopback port, and a
 from __future__ import annotations
 
 import http.client
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -94,25 +93,24 @@ def load(packaged: PackagedModel, source: Path, threads: int = 2) -> OnnxModel:
 class InProcessServer:
     """The GPU server's HTTP layer and host in this process, on 127.0.0.1, until ``stop()``."""
 
-    def __init__(self, environ: Mapping[str, str], **overrides: Any) -> None:
-        from server import DrainingHTTPServer, make_handler, run
+    def __init__(self, environ: Mapping[str, str], *, limits: Any = None, **overrides: Any) -> None:
+        from server import make_server
+
+        from tierserve.asgi import ServerThread, bind
 
         settings = ServerSettings.from_env(environ, **overrides)
         self.host = ModelHost(build_registry(settings, environ), settings, retry_s=(0.2, 0.5))
-        self.httpd = DrainingHTTPServer(("127.0.0.1", 0), make_handler(self.host))
+        self.http = ServerThread(make_server(self.host, limits), bind("127.0.0.1", 0), name="gpu-server-test")
         self.host.start()
-        self._thread = threading.Thread(target=run, args=(self.httpd, self.host), daemon=True)
-        self._thread.start()
+        self.http.start()
 
     @property
     def port(self) -> int:
-        return int(self.httpd.server_address[1])
+        return self.http.address[1]
 
     def stop(self) -> None:
-        from server import stop
-
-        stop(self.httpd)
-        self._thread.join(30)
+        self.http.stop()
+        self.host.close()
 
     def model(self, name: str) -> Any:
         return self.host.registry.loaded(self.host.registry.resolve(name))
@@ -120,12 +118,13 @@ class InProcessServer:
 
 def request(
     port: int, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP request on a fresh connection: ``(status, headers, body)``."""
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One HTTP request on a fresh connection: ``(status, headers, body)``; the headers look up
+    by any case, as HTTP's do (the servers send them in lower case)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         connection.request(method, path, body=body or None, headers=dict(headers or {}))
         response = connection.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
+        return response.status, response.headers, response.read()
     finally:
         connection.close()

@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tierserve.routes import HttpRequest
 from tierserve.sagemaker_hosting import CUSTOM_ATTRIBUTES, ModelHost, ServerSettings, build_registry
 from tierserve.sagemaker_model import parse_custom_attributes
 from tierserve.settings import CACHE_DIR_ENV, MODEL_DIR_ENV
@@ -158,7 +159,7 @@ class SageMakerDouble:
         if refused is not None:
             return _error_reply(refused)
         forwarded = {name: headers[name.lower()] for name in FORWARDED if name.lower() in headers}
-        response = host.respond("POST", "/invocations", forwarded, body)
+        response = host.respond(HttpRequest("POST", "/invocations", forwarded, body))
         call["container"] = response
         if not 200 <= response.status < 300:
             return _error_reply(container_error(response.status, response.body.decode("utf-8", "replace")))

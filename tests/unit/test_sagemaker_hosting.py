@@ -19,6 +19,7 @@ from tierserve.execution_providers import CUDA
 from tierserve.model import OnnxModel
 from tierserve.protocol import encode_infer_request
 from tierserve.registry import ModelRegistry
+from tierserve.routes import HttpRequest
 from tierserve.sagemaker_hosting import (
     CUSTOM_ATTRIBUTES,
     ModelDirSource,
@@ -136,13 +137,13 @@ def test_before_loading_ping_and_readiness_say_503_and_other_routes_answer(iris_
     }
     settings = ServerSettings.from_env(environ)
     host = ModelHost(build_registry(settings, environ), settings)  # not started: nothing loads
-    ping = host.respond("GET", "/ping", {}, b"")
+    ping = host.respond(HttpRequest("GET", "/ping", {}, b""))
     assert ping.status == 503 and "not ready: loading" in json.loads(ping.body)["error"]
-    assert host.respond("GET", "/v2/health/ready", {}, b"").status == 503
-    assert host.respond("GET", "/v2/health/live", {}, b"").status == 200
-    assert host.respond("GET", "/invocations", {}, b"").status == 405
-    assert host.respond("GET", "/nowhere", {}, b"").status == 404
-    unknown = host.respond("POST", "/invocations", {CUSTOM_ATTRIBUTES: "model=resnet"}, b"{}")
+    assert host.respond(HttpRequest("GET", "/v2/health/ready", {}, b"")).status == 503
+    assert host.respond(HttpRequest("GET", "/v2/health/live", {}, b"")).status == 200
+    assert host.respond(HttpRequest("GET", "/invocations", {}, b"")).status == 405
+    assert host.respond(HttpRequest("GET", "/nowhere", {}, b"")).status == 404
+    unknown = host.respond(HttpRequest("POST", "/invocations", {CUSTOM_ATTRIBUTES: "model=resnet"}, b"{}"))
     assert unknown.status == 404 and "resnet" in json.loads(unknown.body)["error"]
 
 
@@ -171,19 +172,19 @@ def test_ping_turns_503_once_a_loaded_model_stops_serving(iris_package, cache_di
     host = ModelHost(registry, server).start()
     try:
         assert host.wait_ready(30)
-        assert host.respond("GET", "/ping", {}, b"").status == 200
+        assert host.respond(HttpRequest("GET", "/ping", {}, b"")).status == 200
         good = encode_infer_request({"input": np.ones((1, 4), dtype=np.float32)})
-        assert host.respond("POST", "/invocations", good.headers, good.body).status == 200
+        assert host.respond(HttpRequest("POST", "/invocations", good.headers, good.body)).status == 200
         poisoned = encode_infer_request({"input": np.full((1, 4), -13, dtype=np.float32)})
-        dead = host.respond("POST", "/invocations", poisoned.headers, poisoned.body)
+        dead = host.respond(HttpRequest("POST", "/invocations", poisoned.headers, poisoned.body))
         assert dead.status == 503 and "the batcher of iris stopped (Fatal)" in json.loads(dead.body)["error"]
-        ping = host.respond("GET", "/ping", {}, b"")
+        ping = host.respond(HttpRequest("GET", "/ping", {}, b""))
         assert ping.status == 503
         assert (
             json.loads(ping.body)["error"]
             == "not ready: iris@1 stopped serving (its batcher died or a run is stuck)"
         )
-        assert host.respond("GET", "/v2/health/ready", {}, b"").status == 503
+        assert host.respond(HttpRequest("GET", "/v2/health/ready", {}, b"")).status == 503
         assert not host.ready
     finally:
         host.close()

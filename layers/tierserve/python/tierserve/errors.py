@@ -6,7 +6,12 @@ they call :func:`to_http` on whatever reached them.
     TierserveError (500)
     ├── BadRequest (400)            the request is malformed or does not fit the signature
     ├── ModelNotFound (404)         unknown model or version
+    ├── RouteNotFound (404)         no route for the path
+    ├── MethodNotAllowed (405)      a route that takes other methods (``Allow`` names them)
+    ├── RequestTimeout (408)        the request did not arrive in time
     ├── PayloadTooLarge (413)       request body over the configured limit
+    ├── UriTooLong (414)            the request target is over the server's limit
+    ├── HeadersTooLarge (431)       the request's headers are over the server's limit
     ├── ModelUnavailable (503)      the artifact cannot be fetched, verified or loaded
     │   └── ArtifactRejected (503)  digest mismatch, decompression bomb, corrupt archive
     ├── UpstreamUnavailable (503)   S3, SageMaker or another dependency refused or failed
@@ -23,13 +28,18 @@ from http import HTTPStatus
 
 
 class TierserveError(Exception):
-    """Base class: a message safe to show a client, and its HTTP status."""
+    """Base class: a message safe to show a client, its HTTP status, and the headers an
+    answer carries beside the status (``Allow`` for a 405)."""
 
     status_code: int = HTTPStatus.INTERNAL_SERVER_ERROR
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
 
 
 class BadRequest(TierserveError):
@@ -40,8 +50,38 @@ class ModelNotFound(TierserveError):
     status_code = HTTPStatus.NOT_FOUND
 
 
+class RouteNotFound(TierserveError):
+    status_code = HTTPStatus.NOT_FOUND
+
+
+class MethodNotAllowed(TierserveError):
+    """The path has routes, none for this method; ``allowed`` are the methods it takes."""
+
+    status_code = HTTPStatus.METHOD_NOT_ALLOWED
+
+    def __init__(self, message: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allowed)}
+
+
+class RequestTimeout(TierserveError):
+    status_code = HTTPStatus.REQUEST_TIMEOUT
+
+
 class PayloadTooLarge(TierserveError):
     status_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class UriTooLong(TierserveError):
+    status_code = HTTPStatus.REQUEST_URI_TOO_LONG
+
+
+class HeadersTooLarge(TierserveError):
+    status_code = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
 
 
 class ModelUnavailable(TierserveError):

@@ -1,30 +1,98 @@
-"""The OIP route table, and the two ways tierserve serves it over HTTP.
+"""The OIP route table, and what every HTTP transport shares: matching, encoding, errors.
 
-The table is data: ``(method, rule, data-plane operation)``. The Lambda API handler
-registers it on a powertools REST resolver; the GPU server and other plain HTTP servers
-use :func:`dispatch`. One table, so every transport answers the same routes.
+    ROUTES          the Open Inference Protocol routes: method, rule, data-plane operation
+    Router          route tables bound to their targets (a DataPlane, the GPU server's host);
+                    ``serve(request)`` matches, runs the operation and encodes its result
+    encode_result   a data-plane result as HTTP: a document as JSON, an InferResult as JSON or
+                    the binary extension, refused (413) past the response limit
+    error_response  any exception as its ``{"error": ...}`` response (:func:`errors.to_http`)
+
+The table is data: each route names its operation as a callable, called with the target
+first and the path parameters as keywords (and ``body=``, ``headers=`` where the route takes
+a body). The Lambda transport registers the same table on a powertools resolver
+(:mod:`tierserve.lambda_proxy`); the GPU server adds SageMaker's ``/ping`` and
+``/invocations`` (:mod:`tierserve.sagemaker_hosting`). One table, so every transport answers
+the same routes, with the same 404 and 405.
 """
 
 from __future__ import annotations
 
-import base64
+import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from tierserve.dataplane import DataPlane, HttpResponse
-from tierserve.protocol import ROUTE_HELP
+from tierserve.dataplane import DataPlane, Document, InferResult
+from tierserve.errors import MethodNotAllowed, PayloadTooLarge, RouteNotFound, TierserveError, to_http
+from tierserve.protocol import (
+    JSON_CONTENT_TYPE,
+    ROUTE_HELP,
+    EncodedResponse,
+    InferenceRequest,
+    encode_infer_response,
+)
+from tierserve.settings import MAX_RESPONSE_MB_ENV
+from tierserve.telemetry import logger
 
-ROUTES: tuple[tuple[str, str, str], ...] = (
-    ("GET", "/v2/health/live", "live"),
-    ("GET", "/v2/health/ready", "ready"),
-    ("GET", "/v2", "server_metadata"),
-    ("GET", "/v2/models/<model>", "model_metadata"),
-    ("GET", "/v2/models/<model>/versions/<version>", "model_metadata"),
-    ("GET", "/v2/models/<model>/ready", "model_ready"),
-    ("GET", "/v2/models/<model>/versions/<version>/ready", "model_ready"),
-    ("POST", "/v2/models/<model>/infer", "infer"),
-    ("POST", "/v2/models/<model>/versions/<version>/infer", "infer"),
+ECHO_LIMIT = 120  # how much of a client's path an error message quotes
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """One request as a transport hands it over: ``path`` decoded, without the query;
+    ``target`` as sent (path and query, percent-encoded), for a transport that forwards it."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    target: str = ""
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": JSON_CONTENT_TYPE})
+
+    @classmethod
+    def json(cls, document: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> HttpResponse:
+        body = json.dumps(document, separators=(",", ":")).encode()
+        return cls(status, body, {"Content-Type": JSON_CONTENT_TYPE, **(headers or {})})
+
+
+# What an operation may return: a JSON document, an inference, or (a transport's own route,
+# such as /invocations) a response it encoded itself.
+Result = Document | InferResult | HttpResponse
+
+
+@dataclass(frozen=True)
+class Route:
+    """``method rule`` (``<name>`` marks a path parameter) runs ``operation(target, **params)``,
+    plus ``body=`` and ``headers=`` when ``takes_body``."""
+
+    method: str
+    rule: str
+    operation: Callable[..., Result]
+    takes_body: bool = False
+
+    def call(self, target: Any, params: Mapping[str, str], request: HttpRequest) -> Result:
+        if self.takes_body:
+            return self.operation(target, **params, body=request.body, headers=request.headers)
+        return self.operation(target, **params)
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v2/health/live", DataPlane.live),
+    Route("GET", "/v2/health/ready", DataPlane.ready),
+    Route("GET", "/v2", DataPlane.server_metadata),
+    Route("GET", "/v2/models/<model>", DataPlane.model_metadata),
+    Route("GET", "/v2/models/<model>/versions/<version>", DataPlane.model_metadata),
+    Route("GET", "/v2/models/<model>/ready", DataPlane.model_ready),
+    Route("GET", "/v2/models/<model>/versions/<version>/ready", DataPlane.model_ready),
+    Route("POST", "/v2/models/<model>/infer", DataPlane.infer, takes_body=True),
+    Route("POST", "/v2/models/<model>/versions/<version>/infer", DataPlane.infer, takes_body=True),
 )
 
 
@@ -32,65 +100,120 @@ def _compile(rule: str) -> re.Pattern[str]:
     return re.compile("^" + re.sub(r"<(\w+)>", r"(?P<\1>[^/]+)", rule) + "/?$")
 
 
-_COMPILED = tuple((method, _compile(rule), endpoint) for method, rule, endpoint in ROUTES)
+def echo(path: str) -> str:
+    """``path`` as an error message quotes it: at most :data:`ECHO_LIMIT` characters."""
+    return path if len(path) <= ECHO_LIMIT else path[: ECHO_LIMIT - 3] + "..."
 
 
-def match(method: str, path: str) -> tuple[str, dict[str, str]] | HttpResponse:
-    """The operation and path parameters for a request, or the 404/405 response to send."""
-    allowed = []
-    for route_method, pattern, endpoint in _COMPILED:
-        found = pattern.match(path)
-        if found:
-            if route_method == method.upper():
-                return endpoint, found.groupdict()
-            allowed.append(route_method)
-    if allowed:
-        return HttpResponse.json(
-            {"error": f"{method} is not allowed on {path}; use {', '.join(allowed)}"}, 405
-        )
-    return HttpResponse.json({"error": f"no route for {method} {path}; {ROUTE_HELP}"}, 404)
+class Router:
+    """Route tables bound to their targets, matched in order; ``help`` ends a 404's message.
+
+    ``max_response_bytes`` bounds an inference's encoded response as ``measure`` counts it (the
+    body's length; the Lambda transport counts what its proxy integration sends).
+    """
+
+    def __init__(
+        self,
+        *tables: tuple[Sequence[Route], Any],
+        max_response_bytes: int,
+        measure: Callable[[EncodedResponse], int] | None = None,
+        help: str = ROUTE_HELP,
+    ) -> None:
+        self._routes = [
+            (route, _compile(route.rule), target) for routes, target in tables for route in routes
+        ]
+        self.max_response_bytes = max_response_bytes
+        self.measure = measure or (lambda encoded: len(encoded.body))
+        self.help = help
+
+    def find(self, method: str, path: str) -> tuple[Route, Any, dict[str, str]]:
+        """The route for ``method path``, its target and path parameters.
+
+        Raises:
+            MethodNotAllowed: routes match the path, none for this method (405, ``Allow``).
+            RouteNotFound: no route matches the path (404).
+        """
+        allowed: list[str] = []
+        for route, pattern, target in self._routes:
+            found = pattern.match(path)
+            if found is None:
+                continue
+            if route.method == method.upper():
+                return route, target, found.groupdict()
+            if route.method not in allowed:
+                allowed.append(route.method)
+        if allowed:
+            raise MethodNotAllowed(
+                f"{echo(method)} is not allowed on {echo(path)}; use {', '.join(allowed)}", tuple(allowed)
+            )
+        raise RouteNotFound(f"no route for {echo(method)} {echo(path)}; {self.help}")
+
+    def serve(self, request: HttpRequest) -> HttpResponse:
+        """Answer ``request``: its route's result encoded, or the error it raised."""
+        try:
+            route, target, params = self.find(request.method, request.path)
+            return self.run(route, target, params, request)
+        except Exception as error:
+            return error_response(error)
+
+    def run(self, route: Route, target: Any, params: Mapping[str, str], request: HttpRequest) -> HttpResponse:
+        """Run a matched route and encode its result; any error becomes its response."""
+        try:
+            return encode_result(route.call(target, params, request), self.max_response_bytes, self.measure)
+        except Exception as error:
+            return error_response(error)
 
 
-def dispatch(
-    dataplane: DataPlane, method: str, path: str, headers: Mapping[str, str], body: bytes
+def encode_result(
+    result: Result, max_response_bytes: int, measure: Callable[[EncodedResponse], int]
 ) -> HttpResponse:
-    """Serve one plain-HTTP request through the route table."""
-    routed = match(method, path)
-    if isinstance(routed, HttpResponse):
-        return routed
-    endpoint, params = routed
-    return dataplane.call(endpoint, params, body, headers)
+    """A data-plane result as its 200 response.
+
+    Raises:
+        PayloadTooLarge: an inference's response over ``max_response_bytes`` as ``measure``
+            counts it.
+    """
+    if isinstance(result, HttpResponse):
+        return result
+    if isinstance(result, InferResult):
+        encoded = encode_infer(result)
+        check_response_size(measure(encoded), result.request, max_response_bytes)
+        return HttpResponse(200, encoded.body, encoded.headers)
+    return HttpResponse.json(result)
 
 
-def build_resolver(dataplane: DataPlane) -> Any:
-    """A powertools ``APIGatewayRestResolver`` serving every OIP route through ``dataplane``."""
-    from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
+def encode_infer(result: InferResult) -> EncodedResponse:
+    """An inference in the wire form its request asked for (JSON, or the binary extension)."""
+    return encode_infer_response(
+        result.request, result.outputs, model_name=result.model.name, model_version=result.model.version
+    )
 
-    app = APIGatewayRestResolver()
 
-    def to_powertools(response: HttpResponse) -> Response:
-        content_type = response.headers.get("Content-Type", "application/json")
-        extra = {k: v for k, v in response.headers.items() if k != "Content-Type"}
-        body: bytes | str = response.body if content_type != "application/json" else response.body.decode()
-        return Response(status_code=response.status, content_type=content_type, body=body, headers=extra)
+def check_response_size(size: int, request: InferenceRequest, max_bytes: int) -> None:
+    """Refuse a response of ``size`` bytes over ``max_bytes``, with what the client can change
+    (past Lambda's or SageMaker's limit the client would get a bare 502 instead).
 
-    def view(endpoint: str) -> Callable[..., Response]:
-        def handle(**params: str) -> Response:
-            event = app.current_event
-            raw = event.body or ""
-            body = base64.b64decode(raw) if event.is_base64_encoded else raw.encode()
-            return to_powertools(dataplane.call(endpoint, params, body, dict(event.headers or {})))
+    Raises:
+        PayloadTooLarge: the response is over the limit.
+    """
+    if size <= max_bytes:
+        return
+    all_binary = request.binary_outputs or (
+        request.outputs is not None and all(o.binary for o in request.outputs)
+    )
+    fixes = [] if all_binary else ['ask for binary outputs ("parameters": {"binary_data_output": true})']
+    fixes += ['ask for fewer outputs ("outputs": [{"name": ...}])', "send fewer rows per request"]
+    raise PayloadTooLarge(
+        f"the response would be {size:,} bytes, over the limit of {max_bytes:,} ({MAX_RESPONSE_MB_ENV}): "
+        + ", ".join(fixes)
+    )
 
-        return handle
 
-    for method, rule, endpoint in ROUTES:
-        app.route(rule=rule, method=method)(view(endpoint))
-
-    @app.not_found
-    def not_found(_error: Exception) -> Response:
-        event = app.current_event
-        return to_powertools(
-            HttpResponse.json({"error": f"no route for {event.http_method} {event.path}; {ROUTE_HELP}"}, 404)
-        )
-
-    return app
+def error_response(error: BaseException) -> HttpResponse:
+    """``error`` as its OIP error response (a 500 leaks nothing and is logged with its trace)."""
+    status, document = to_http(error)
+    if status == 500:
+        logger.exception("request failed", extra={"status": status})
+    elif status > 500:
+        logger.warning("request failed", extra={"status": status, "error": document["error"]})
+    return HttpResponse.json(document, status, error.headers if isinstance(error, TierserveError) else None)

@@ -3,10 +3,10 @@
     GET  /ping          200 once every served model is loaded and warmed, and while each
                         loaded model stays ready (a dead or stuck batcher is not), else 503
     POST /invocations   an OIP infer request for the endpoint's model (JSON or binary)
-    the OIP routes      /v2, /v2/health/*, /v2/models/... through :func:`tierserve.routes.dispatch`
+    the OIP routes      /v2, /v2/health/*, /v2/models/...: :data:`tierserve.routes.ROUTES`
 
-Transport-free like :class:`~tierserve.dataplane.DataPlane`: ``functions/gpu_server`` parses
-HTTP and calls :meth:`ModelHost.respond`.
+:data:`SAGEMAKER_ROUTES` and the OIP routes make one :class:`~tierserve.routes.Router`;
+``functions/gpu_server`` serves :meth:`ModelHost.respond` over HTTP (:mod:`tierserve.asgi`).
 
 SageMaker hands a caller's headers to the container only through
 ``X-Amzn-SageMaker-Custom-Attributes``, so the binary extension's
@@ -48,7 +48,7 @@ from tierserve.batching import (
     batching_factory,
 )
 from tierserve.catalog import MANIFEST_NAME, Manifest, ManifestError
-from tierserve.dataplane import DataPlane, HttpResponse
+from tierserve.dataplane import DataPlane
 from tierserve.errors import ArtifactRejected, BadRequest, ModelNotFound, ModelUnavailable, TierserveError
 from tierserve.execution_providers import (
     DEFAULT_TRT_CACHE_DIR,
@@ -63,7 +63,7 @@ from tierserve.execution_providers import (
 from tierserve.model import Model
 from tierserve.protocol import DATATYPES, HEADER_LENGTH, header
 from tierserve.registry import ModelRegistry
-from tierserve.routes import dispatch
+from tierserve.routes import ROUTE_HELP, ROUTES, HttpRequest, HttpResponse, Route, Router, encode_result
 from tierserve.sagemaker_model import MODEL_ATTRIBUTE, parse_custom_attributes
 from tierserve.settings import (
     DRAIN_TIMEOUT_S_ENV,
@@ -370,7 +370,13 @@ class ModelHost:
     ) -> None:
         self.registry = registry
         self.server = server
-        self.dataplane = DataPlane(registry)
+        self.dataplane = DataPlane(registry, readiness=self._not_ready_reason)
+        self.router = Router(
+            (SAGEMAKER_ROUTES, self),
+            (ROUTES, self.dataplane),
+            max_response_bytes=registry.settings.max_response_bytes,
+            help=SAGEMAKER_HELP,
+        )
         self._retry_s = retry_s
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -452,37 +458,29 @@ class ModelHost:
 
     # ------------------------------------------------------------ routes
 
-    def respond(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> HttpResponse:
+    def respond(self, request: HttpRequest) -> HttpResponse:
         """Answer one HTTP request: the SageMaker routes, then every OIP route."""
-        route = path.split("?", 1)[0].rstrip("/") or "/"
-        if route == "/ping":
-            return self.ping() if method.upper() == "GET" else _not_allowed(method, route, "GET")
-        if route == "/invocations":
-            return (
-                self.invoke(headers, body)
-                if method.upper() == "POST"
-                else _not_allowed(method, route, "POST")
-            )
-        if route == "/v2/health/ready" and method.upper() == "GET":
-            reason = self._not_ready_reason()
-            if reason is not None:
-                return HttpResponse.json({"ready": False, "status": reason}, 503)
-        return dispatch(self.dataplane, method, route, headers, body)
+        return self.router.serve(request)
 
-    def ping(self) -> HttpResponse:
+    def ping(self) -> dict[str, Any]:
+        """``GET /ping``: the served models, once all are loaded, warmed and still ready.
+
+        Raises:
+            ModelUnavailable: not ready yet, or no longer (503, the reason in the message).
+        """
         reason = self._not_ready_reason()
-        if reason is None:
-            return HttpResponse.json({"status": "ready", "models": [str(r) for r in self.models]})
-        return HttpResponse.json({"error": f"not ready: {reason}"}, 503)
+        if reason is not None:
+            raise ModelUnavailable(f"not ready: {reason}")
+        return {"status": "ready", "models": [str(r) for r in self.models]}
 
-    def invoke(self, headers: Mapping[str, str], body: bytes) -> HttpResponse:
-        """``POST /invocations``: an OIP infer request for the endpoint's model."""
-        try:
-            attributes = parse_custom_attributes(header(headers, CUSTOM_ATTRIBUTES))
-            ref = self._target(header(attributes, MODEL_ATTRIBUTE))
-            response = self.dataplane.infer(ref.name, body, invocation_headers(headers, attributes))
-        except Exception as error:
-            return HttpResponse.from_error(error)
+    def invoke(self, body: bytes, headers: Mapping[str, str]) -> HttpResponse:
+        """``POST /invocations``: an OIP infer request for the endpoint's model, answered with
+        the binary extension's header length also in the custom attributes (SageMaker returns
+        only those to the caller)."""
+        attributes = parse_custom_attributes(header(headers, CUSTOM_ATTRIBUTES))
+        ref = self._target(header(attributes, MODEL_ATTRIBUTE))
+        result = self.dataplane.infer(ref.name, body, invocation_headers(headers, attributes))
+        response = encode_result(result, self.router.max_response_bytes, self.router.measure)
         length = header(response.headers, HEADER_LENGTH)
         if length is None:
             return response
@@ -504,6 +502,13 @@ class ModelHost:
         )
 
 
+SAGEMAKER_ROUTES: tuple[Route, ...] = (
+    Route("GET", "/ping", ModelHost.ping),
+    Route("POST", "/invocations", ModelHost.invoke, takes_body=True),
+)
+SAGEMAKER_HELP = "SageMaker: GET /ping, POST /invocations; OIP " + ROUTE_HELP
+
+
 def invocation_headers(headers: Mapping[str, str], attributes: Mapping[str, str]) -> dict[str, str]:
     """``headers`` with ``Inference-Header-Content-Length`` filled in from where a SageMaker
     caller can put it: the custom attribute, or ``json-header-size`` in the Content-Type."""
@@ -519,10 +524,6 @@ def invocation_headers(headers: Mapping[str, str], attributes: Mapping[str, str]
     if length is not None:
         merged[HEADER_LENGTH] = length
     return merged
-
-
-def _not_allowed(method: str, route: str, allowed: str) -> HttpResponse:
-    return HttpResponse.json({"error": f"{method} is not allowed on {route}; use {allowed}"}, 405)
 
 
 def build_host(environ: Mapping[str, str] | None = None, **overrides: Any) -> ModelHost:

@@ -1,8 +1,10 @@
 """The local API: real HTTP on 127.0.0.1, handing real API Gateway proxy events to the
 same Lambda handler that runs in AWS.
 
-Like one Lambda execution environment, the handler serves one request at a time. Models
-routed to an upstream (the GPU tier, issue 4) are forwarded over HTTP instead.
+The HTTP front is the GPU server's (:mod:`tierserve.asgi`: uvicorn, JSON for every refusal,
+bounded heads, bodies and waits). Like one Lambda execution environment, the handler serves
+one request at a time. Models routed to an upstream (the GPU tier's server process) are
+forwarded over HTTP instead, concurrently, as API Gateway forwards them to SageMaker.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from tierserve.httpserver import OipRequestHandler
+from tierserve.asgi import ServerLimits, ServerThread, bind, build_server, serve_until_stopped
+from tierserve.errors import UpstreamTimeout, UpstreamUnavailable
+from tierserve.routes import HttpRequest, HttpResponse, error_response
 from tierserve.tools.local.apigw import (
     LocalLambdaContext,
     proxy_event,
@@ -24,10 +27,14 @@ from tierserve.tools.local.apigw import (
 
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 UPSTREAM_TIMEOUT_S = 60
+FORWARDED_HEADERS = {"content-type", "inference-header-content-length"}
+LIMITS = ServerLimits(threads=32)  # the handler takes one at a time; forwarded requests run side by side
+DRAIN_TIMEOUT_S = 5.0  # a developer's Ctrl-C should not wait on a stuck client for long
 
 
 class LocalApi:
-    """Serve ``handler`` on ``host:port``; ``upstreams`` maps model names to base URLs."""
+    """Serve ``handler`` on ``host:port`` (bound at once: a busy port fails here);
+    ``upstreams`` maps model names to base URLs; ``limits`` bound what a request may be."""
 
     def __init__(
         self,
@@ -37,91 +44,79 @@ class LocalApi:
         port: int = 3000,
         upstreams: Mapping[str, str] | None = None,
         memory_mb: int = 2048,
+        limits: ServerLimits = LIMITS,
     ) -> None:
         self.handler = handler
         self.upstreams = dict(upstreams or {})
         self.memory_mb = memory_mb
         self._handler_lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer((host, port), _request_handler(self))
-        self.httpd.daemon_threads = True
+        self._socket = bind(host, port)
+        self._server = build_server(
+            self.respond, name="tierserve-local", limits=limits, drain_timeout_s=DRAIN_TIMEOUT_S
+        )
         self._thread: threading.Thread | None = None
+        self._serving: ServerThread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
+        host, port = self._socket.getsockname()[:2]
         return f"http://{host}:{port}"
 
     def start(self) -> LocalApi:
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="tierserve-local-api", daemon=True
-        )
-        self._thread.start()
+        """Serve on a background thread; returns once it accepts connections."""
+        self._serving = ServerThread(self._server, self._socket, name="tierserve-local-api").start()
+        self._thread = self._serving.thread
         return self
 
     def serve_forever(self) -> None:
-        self.httpd.serve_forever()
+        """Serve in this thread until SIGTERM or SIGINT (then drain)."""
+        serve_until_stopped(self._server, self._socket)
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        """Stop accepting, let in-flight requests finish, and wait for the server."""
+        if self._serving is not None:
+            self._serving.stop()
+        else:
+            self._socket.close()
 
-    def respond(
-        self, method: str, url: str, headers: Mapping[str, str], body: bytes
-    ) -> tuple[int, dict[str, str], bytes]:
-        upstream = self._upstream_for(url)
+    def respond(self, request: HttpRequest) -> HttpResponse:
+        """One request: forwarded to its model's upstream, or through the Lambda handler."""
+        upstream = self._upstream_for(request.path)
         if upstream is not None:
-            return forward(upstream, method, url, headers, body)
-        event = proxy_event(method, url, headers, body)
+            return forward(upstream, request)
+        event = proxy_event(request.method, request.target or request.path, request.headers, request.body)
         context = LocalLambdaContext(memory_limit_in_mb=self.memory_mb)
         with self._handler_lock:
             result = self.handler(event, context)
-        return int(result["statusCode"]), proxy_response_headers(result), proxy_response_body(result)
+        return HttpResponse(
+            int(result["statusCode"]), proxy_response_body(result), proxy_response_headers(result)
+        )
 
-    def _upstream_for(self, url: str) -> str | None:
-        parts = url.split("?")[0].strip("/").split("/")
+    def _upstream_for(self, path: str) -> str | None:
+        parts = path.strip("/").split("/")
         if len(parts) >= 3 and parts[:2] == ["v2", "models"]:
             return self.upstreams.get(parts[2])
         return None
 
 
-def forward(
-    base_url: str, method: str, url: str, headers: Mapping[str, str], body: bytes
-) -> tuple[int, dict[str, str], bytes]:
-    """Send one request to an upstream OIP server; its failures become OIP errors."""
-    keep = {
-        k: v for k, v in headers.items() if k.lower() in {"content-type", "inference-header-content-length"}
-    }
+def forward(base_url: str, request: HttpRequest) -> HttpResponse:
+    """Send one request to an upstream OIP server, its target as the client sent it; the
+    upstream's failures become OIP errors (503 unreachable, 504 too slow)."""
     if not base_url.startswith(("http://127.", "http://localhost")):
         raise ValueError(f"upstream {base_url!r} must be a loopback http URL")
-    request = urllib.request.Request(  # noqa: S310 - checked above: a loopback http URL
-        base_url.rstrip("/") + url, data=body or None, method=method, headers=keep
+    keep = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
+    upstream = urllib.request.Request(  # noqa: S310 - checked above: a loopback http URL
+        base_url.rstrip("/") + (request.target or request.path),
+        data=request.body or None,
+        method=request.method,
+        headers=keep,
     )
     try:
-        with urllib.request.urlopen(request, timeout=UPSTREAM_TIMEOUT_S) as response:  # noqa: S310
-            return response.status, dict(response.headers.items()), response.read()
+        with urllib.request.urlopen(upstream, timeout=UPSTREAM_TIMEOUT_S) as response:  # noqa: S310
+            return HttpResponse(response.status, response.read(), dict(response.headers.items()))
     except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers.items()), error.read()
+        return HttpResponse(error.code, error.read(), dict(error.headers.items()))
     except TimeoutError:
-        return (
-            504,
-            {"Content-Type": "application/json"},
-            b'{"error": "the GPU tier did not answer in time; retry"}',
-        )
+        return error_response(UpstreamTimeout("the GPU tier did not answer in time; retry"))
     except OSError:
-        return (
-            503,
-            {"Content-Type": "application/json"},
-            b'{"error": "the GPU tier is unavailable; retry shortly"}',
-        )
-
-
-def _request_handler(api: LocalApi) -> type[BaseHTTPRequestHandler]:
-    class Handler(OipRequestHandler):
-        server_version = "tierserve-local"
-
-        def respond(
-            self, method: str, path: str, headers: dict[str, str], body: bytes
-        ) -> tuple[int, Mapping[str, str], bytes]:
-            return api.respond(method, path, headers, body)
-
-    return Handler
+        return error_response(UpstreamUnavailable("the GPU tier is unavailable; retry shortly"))

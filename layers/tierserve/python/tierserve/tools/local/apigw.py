@@ -30,7 +30,7 @@ def proxy_event(
     """A REST API (v1) Lambda proxy event for one HTTP request."""
     parts = urlsplit(url)
     headers = dict(headers or {})
-    content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+    content_type = _header(headers, "content-type")
     binary = content_type.split(";")[0].strip() in BINARY_MEDIA_TYPES
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()} or None
     request_id = str(uuid.uuid4())
@@ -53,7 +53,7 @@ def proxy_event(
             "extendedRequestId": request_id,
             "requestTimeEpoch": int(time.time() * 1000),
             "protocol": "HTTP/1.1",
-            "identity": {"sourceIp": source_ip, "userAgent": headers.get("User-Agent", "")},
+            "identity": {"sourceIp": source_ip, "userAgent": _header(headers, "user-agent")},
             "accountId": "000000000000",
             "apiId": "local",
         },
@@ -62,6 +62,10 @@ def proxy_event(
         else None,
         "isBase64Encoded": bool(body) and binary,
     }
+
+
+def _header(headers: Mapping[str, str], name: str) -> str:
+    return next((v for k, v in headers.items() if k.lower() == name), "")
 
 
 def proxy_response_body(response: Mapping[str, Any]) -> bytes:
