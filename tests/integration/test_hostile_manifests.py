@@ -15,6 +15,7 @@ import pytest
 from support.common import BUCKET, load_event, make_invoke
 from support.manifests import HOSTILE_MANIFESTS
 from tierserve.errors import ArtifactRejected
+from tierserve.routes import HttpRequest
 from tierserve.sagemaker_hosting import ModelHost, ServerSettings, build_host, build_registry
 from tierserve.tools.cli import main
 
@@ -57,7 +58,7 @@ def test_the_gpu_servers_host_refuses_a_hostile_manifest_in_s3_with_a_503(
     }
     settings = ServerSettings.from_env(environ)
     host = ModelHost(build_registry(settings, environ), settings)
-    response = host.respond("GET", "/v2/models/iris", {}, b"")
+    response = host.respond(HttpRequest("GET", "/v2/models/iris"))
     assert_refused(response.status, response.body, fragment)
 
 

@@ -15,6 +15,7 @@ import pytest
 from support.common import BUCKET, load_event, make_invoke
 from tierserve.catalog import TensorSpec
 from tierserve.protocol import encode_infer_request
+from tierserve.routes import HttpRequest
 from tierserve.sagemaker_hosting import ModelHost, ServerSettings, build_registry
 from tierserve.tools.packaging import PackagedModel, upload_package
 
@@ -63,8 +64,10 @@ def test_the_gpu_servers_host_refuses_the_model_with_a_503(fp64_manifest, tmp_pa
     environ = {"TIERSERVE_MODEL_DIR": str(folder), "TIERSERVE_CACHE_DIR": str(tmp_path / "cache")}
     settings = ServerSettings.from_env(environ)
     host = ModelHost(build_registry(settings, environ), settings)
-    ready = host.respond("GET", "/v2/models/iris/ready", {}, b"")
+    ready = host.respond(HttpRequest("GET", "/v2/models/iris/ready"))
     assert_refused(ready.status, ready.body)
     infer = fp64_request()
-    response = host.respond("POST", "/v2/models/iris/infer", infer["headers"], infer["body"].encode())
+    response = host.respond(
+        HttpRequest("POST", "/v2/models/iris/infer", infer["headers"], infer["body"].encode())
+    )
     assert_refused(response.status, response.body)
