@@ -174,3 +174,13 @@ class SageMakerRuntime:
             drain_timeout_s=DRAIN_TIMEOUT_S,
         )
         return ServerThread(server, bind(host, port), name="sagemaker-runtime-local").start()
+
+
+def container_at(base_url: str) -> Container:
+    """The container of a GPU server process at ``base_url``: each call a ``POST /invocations``
+    to it over HTTP (a process that does not answer: a 503 or 504, which SageMaker's part wraps
+    in ``ModelError`` like any other failure of the container)."""
+    from tierserve.tools.local.api_server import forward
+
+    keep = frozenset(name.lower() for name in FORWARDED)
+    return lambda request: forward(base_url, request, keep)
