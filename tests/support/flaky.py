@@ -3,7 +3,9 @@
 While ``down`` it answers every request with 503 SlowDown (what S3 itself says under
 load), so botocore's retries run for real and then give up; while ``stalled`` it reads each
 request and answers nothing (until it is stopped), as a hung S3 would; switched back,
-requests pass through unchanged. Tests use it to prove that a fault is reported and then
+requests pass through unchanged. With ``hold_path`` set, requests whose path contains it wait
+until ``release()`` and then pass through (one slow object, the rest of S3 at its speed).
+Tests use it to prove that a fault is reported and then
 recovered from, and that a hung dependency cannot outlast a deadline.
 """
 
@@ -29,6 +31,9 @@ class FlakyProxy:
         self._released = threading.Event()
         self.requests = 0
         self.fail_next = 0
+        self.hold_path = ""
+        self.held = threading.Semaphore(0)  # released once per request that is being held
+        self._hold_released = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
@@ -37,8 +42,13 @@ class FlakyProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
+    def release(self) -> None:
+        """Let the held requests (and every later one) through."""
+        self._hold_released.set()
+
     def stop(self) -> None:
         self._released.set()
+        self._hold_released.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -60,6 +70,9 @@ class FlakyProxy:
             def _relay(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if proxy.hold_path and proxy.hold_path in self.path and not proxy._hold_released.is_set():
+                    proxy.held.release()
+                    proxy._hold_released.wait(120)
                 if proxy.stalled:
                     proxy.requests += 1
                     proxy._released.wait(120)  # no answer at all: the client's timeout must end it

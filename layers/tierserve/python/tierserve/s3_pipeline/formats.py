@@ -247,20 +247,36 @@ def _row_batch(rows: list[tuple[int, dict[str, Any]]], manifest: Manifest) -> In
 
 def iter_lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[bytes]:
     """Lines (without their ``\\n`` / ``\\r\\n``) of a stream of chunks; memory holds at most
-    one line and one chunk."""
+    one line and one chunk.
+
+    Raises:
+        PayloadTooLarge: a line is longer than ``max_line_bytes``, wherever the chunks split
+            it; refused before more than ``max_line_bytes`` of it is held.
+    """
     pending = bytearray()
     for chunk in chunks:
         start = 0
         while (end := chunk.find(b"\n", start)) >= 0:
+            last = chunk[end - 1 : end] if end > start else pending[-1:]
+            _check_line(len(pending) + end - start, max_line_bytes, last == b"\r")
             pending += chunk[start:end]
             yield bytes(pending).rstrip(b"\r")
             pending.clear()
             start = end + 1
-        pending += chunk[start:]
-        if len(pending) > max_line_bytes:
-            raise PayloadTooLarge(f"a line of the .jsonl file is over {max_line_bytes:,} bytes")
+        if start < len(chunk):  # the rest may end in the "\r" of a "\r\n" the next chunk completes
+            _check_line(len(pending) + len(chunk) - start, max_line_bytes, chunk.endswith(b"\r"))
+            pending += chunk[start:]
     if pending:
         yield bytes(pending).rstrip(b"\r")
+
+
+def _check_line(length: int, max_line_bytes: int, carriage_return: bool) -> None:
+    """``length`` bytes of one line, the last a ``\\r`` (not counted) when ``carriage_return``."""
+    if length - carriage_return > max_line_bytes:
+        raise PayloadTooLarge(
+            f"a line of the .jsonl file is over {max_line_bytes:,} bytes: split the row, or send it "
+            f"as a .npy or .json file (the limit is {MAX_INPUT_MB_ENV})"
+        )
 
 
 def join_batches(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
