@@ -442,7 +442,7 @@ def fail_s3_once(operation: str, code: str = "SlowDown", status: int = 503) -> l
 
     def fail(params, **_):
         if not failures:
-            failures.append(params["Key"])
+            failures.append(params.get("Key", params.get("Prefix")))
             raise ClientError(
                 {
                     "Error": {"Code": code, "Message": "injected"},
@@ -459,7 +459,7 @@ def fail_s3_once(operation: str, code: str = "SlowDown", status: int = 503) -> l
     ("operation", "action", "result"),
     [
         ("PutObject", "writing", "outputs/iris/x.json.json"),
-        ("HeadObject", "reading", "outputs/iris/x.json.json"),
+        ("HeadObject", "reading", "errors/iris/x.json.json"),  # the other kind, once the output is written
     ],
 )
 def test_an_s3_failure_says_what_the_worker_was_doing(worker, operation, action, result):
@@ -517,15 +517,71 @@ def test_with_sequencers_a_duplicate_removes_the_older_result_of_the_other_kind(
 # ---------------------------------------------------------------- idempotency and ordering
 
 
-def test_duplicate_deliveries_leave_one_output_and_skip_the_work(worker):
+def test_duplicate_deliveries_leave_one_output_and_write_nothing_again(worker):
     message = worker.put("inputs/iris/x.json", infer_request())
     assert worker.deliver(message, message) == []
     first = worker.s3.get_object(Bucket=DATA, Key="outputs/iris/x.json.json")["Body"].read()
     calls = count_s3_calls(aws.s3_client())
     assert worker.deliver(message) == []
-    assert calls == ["HeadObject", "HeadObject"]  # seen as a duplicate: no GetObject, no PutObject
+    # A small input is read and run; its conditional write is refused, and the look that
+    # follows finds the duplicate: nothing is written or removed.
+    assert calls == ["GetObject", "PutObject", "HeadObject", "HeadObject"]
     assert worker.s3.get_object(Bucket=DATA, Key="outputs/iris/x.json.json")["Body"].read() == first
     assert_one_result_per_input(worker.s3)
+
+
+def test_a_large_input_delivered_again_is_skipped_before_it_is_read(worker):
+    from tierserve.s3_pipeline.worker import LOOK_FIRST_BYTES
+
+    rows = jsonl(ROWS * (LOOK_FIRST_BYTES // len(jsonl(ROWS)) + 1))
+    message = worker.put("inputs/iris/big.jsonl", rows)
+    assert worker.deliver(message) == []
+    calls = count_s3_calls(aws.s3_client())
+    assert worker.deliver(message) == []
+    assert calls == ["HeadObject", "HeadObject"]  # seen as a duplicate: no GetObject, no model run
+    assert_one_result_per_input(worker.s3)
+
+
+def test_a_batch_of_new_inputs_costs_a_get_and_a_put_each_and_one_listing(worker):
+    assert worker.deliver(worker.put("inputs/iris/warm.json", infer_request())) == []  # the model loads
+    messages = [worker.put(f"inputs/iris/b/{i}.json", infer_request()) for i in range(6)]
+    calls = count_s3_calls(aws.s3_client())
+    assert worker.deliver(*messages) == []
+    assert sorted(calls) == ["GetObject"] * 6 + ["ListObjectsV2"] + ["PutObject"] * 6
+    assert_one_result_per_input(worker.s3)
+
+
+def test_the_listing_of_a_batch_finds_errors_to_replace(worker):
+    broken = [worker.put(f"inputs/iris/b/{i}.json", b"{broken") for i in range(3)]
+    assert worker.deliver(*broken) == []
+    fixed = [worker.put(f"inputs/iris/b/{i}.json", infer_request()) for i in range(3)]
+    new = [worker.put(f"inputs/iris/b/new-{i}.json", infer_request()) for i in range(3)]
+    calls = count_s3_calls(aws.s3_client())
+    assert worker.deliver(*fixed, *new) == []
+    assert keys(worker.s3) == sorted(
+        [f"inputs/iris/b/{i}.json" for i in range(3)]
+        + [f"inputs/iris/b/new-{i}.json" for i in range(3)]
+        + [f"outputs/iris/b/{i}.json.json" for i in range(3)]
+        + [f"outputs/iris/b/new-{i}.json.json" for i in range(3)]
+    )
+    # The listed errors are looked at first and removed; the new inputs need no look.
+    assert calls.count("HeadObject") == 6 and calls.count("DeleteObject") == 3
+
+
+def test_a_batch_whose_listing_fails_looks_for_each_result_instead(worker):
+    broken = worker.put("inputs/iris/b/0.json", b"{broken")
+    assert worker.deliver(broken) == []
+    failures = fail_s3_once("ListObjectsV2", "AccessDenied", 403)
+    fixed = worker.put("inputs/iris/b/0.json", infer_request())
+    new = worker.put("inputs/iris/b/1.json", infer_request())
+    assert worker.deliver(fixed, new) == []
+    assert failures
+    assert keys(worker.s3) == [
+        "inputs/iris/b/0.json",
+        "inputs/iris/b/1.json",
+        "outputs/iris/b/0.json.json",
+        "outputs/iris/b/1.json.json",
+    ]
 
 
 def test_the_same_input_processed_again_writes_the_same_bytes(make_worker):
