@@ -133,6 +133,62 @@ def prefix_pattern(prefix: str) -> str:
     return f"{prefix.strip('/')}/*"
 
 
+def grant_data_bucket(role: iam.IRole, bucket: s3.IBucket) -> None:
+    """What a function serving the data bucket's inputs may do there (the S3 worker's and the
+    batch function's): read ``inputs/*`` (any version); read, write and delete ``outputs/*``
+    and ``errors/*`` (the results' metadata is the idempotency and ordering record; writing
+    one kind of result removes the other); list the bucket (the results of a batch, one page
+    per model, and without it S3 answers a HeadObject for a result not written yet with 403
+    instead of 404). Nothing may write under ``inputs/``."""
+    inputs = bucket.arn_for_objects(prefix_pattern(INPUT_PREFIX))
+    results = [bucket.arn_for_objects(prefix_pattern(p)) for p in (OUTPUT_PREFIX, ERROR_PREFIX)]
+    statements = [
+        iam.PolicyStatement(actions=["s3:GetObject", "s3:GetObjectVersion"], resources=[inputs]),
+        iam.PolicyStatement(actions=["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], resources=results),
+        iam.PolicyStatement(actions=["s3:ListBucket"], resources=[bucket.bucket_arn]),
+    ]
+    for statement in statements:
+        role.add_to_principal_policy(statement)
+    reasons = {
+        inputs: "Reads the inputs dropped under inputs/ (any key, any version the event names): the "
+        "keys are chosen by whoever uploads them.",
+        results[0]: "Writes outputs/{model}/{path}.json for inputs/{model}/{path} and reads it back "
+        "(HeadObject) to skip duplicates: keys mirror the inputs' and cannot be listed ahead of time.",
+        results[1]: "Writes errors/{model}/{path}.json for inputs that cannot be served and reads or "
+        "removes it when a result replaces it: keys mirror the inputs' and cannot be listed ahead of time.",
+    }
+    for arn, reason in reasons.items():
+        acknowledge(role, wildcard_resource_finding(role, arn), reason)
+
+
+def pipeline_function_environment(
+    data_bucket: s3.IBucket, gpu_endpoints: Mapping[str, str]
+) -> dict[str, str]:
+    """The variables a function serving the data bucket reads beyond the models' (the S3
+    worker's, the batch function's): where results go, and which models run on an endpoint."""
+    environment = {DATA_BUCKET_ENV: data_bucket.bucket_name}
+    if gpu_endpoints:
+        environment[GPU_ENDPOINTS_ENV] = ",".join(
+            f"{name}={gpu_endpoints[name]}" for name in sorted(gpu_endpoints)
+        )
+    return environment
+
+
+def pipeline_memory_mb(models: Sequence[Manifest], gpu_endpoints: Mapping[str, str]) -> int:
+    """Memory for a function that runs ``models`` itself, but those on GPU endpoints."""
+    in_function = [m for m in models if m.name not in gpu_endpoints]
+    return max([lambda_memory_mb(m) for m in in_function], default=LAMBDA_MIN_MEMORY_MB)
+
+
+def grant_invoke_endpoints(role: iam.IRole, scope: Construct, gpu_endpoints: Mapping[str, str]) -> None:
+    """``sagemaker:InvokeEndpoint`` on the named GPU endpoints, and no other."""
+    if gpu_endpoints:
+        arns = [endpoint_arn(scope, gpu_endpoints[name]) for name in sorted(gpu_endpoints)]
+        role.add_to_principal_policy(
+            iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"], resources=arns)
+        )
+
+
 class InferencePipeline(Construct):
     """Queue, dead-letter queue, worker, notification and dead-letter alarm for a data bucket.
 
@@ -323,32 +379,7 @@ class InferencePipeline(Construct):
         )
 
     def _grant_data_bucket(self) -> None:
-        """Read ``inputs/*`` (any version); read, write and delete ``outputs/*`` and ``errors/*``
-        (the results' metadata is the idempotency and ordering record; writing one kind of
-        result removes the other); list the bucket, without which S3 answers a HeadObject for
-        a result not written yet with 403 instead of 404. Nothing may write under ``inputs/``."""
-        bucket = self.data_bucket
-        inputs = bucket.arn_for_objects(prefix_pattern(INPUT_PREFIX))
-        results = [bucket.arn_for_objects(prefix_pattern(p)) for p in (OUTPUT_PREFIX, ERROR_PREFIX)]
-        statements = [
-            iam.PolicyStatement(actions=["s3:GetObject", "s3:GetObjectVersion"], resources=[inputs]),
-            iam.PolicyStatement(
-                actions=["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], resources=results
-            ),
-            iam.PolicyStatement(actions=["s3:ListBucket"], resources=[bucket.bucket_arn]),
-        ]
-        for statement in statements:
-            self.role.add_to_principal_policy(statement)
-        reasons = {
-            inputs: "Reads the inputs dropped under inputs/ (any key, any version the event names): the "
-            "keys are chosen by whoever uploads them.",
-            results[0]: "Writes outputs/{model}/{path}.json for inputs/{model}/{path} and reads it back "
-            "(HeadObject) to skip duplicates: keys mirror the inputs' and cannot be listed ahead of time.",
-            results[1]: "Writes errors/{model}/{path}.json for inputs that cannot be served and reads or "
-            "removes it when a result replaces it: keys mirror the inputs' and cannot be listed ahead of time.",
-        }
-        for arn, reason in reasons.items():
-            acknowledge(self.role, wildcard_resource_finding(self.role, arn), reason)
+        grant_data_bucket(self.role, self.data_bucket)
 
     def _alarm_topic(self, email: str) -> sns.Topic:
         """An encrypted, TLS-only topic with ``email`` subscribed. CloudWatch alarms cannot

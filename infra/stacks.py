@@ -7,6 +7,8 @@ each model's routes; it imports the model bucket by its export and reads only ea
 own manifest and artifact.
 ``TierservePipeline`` (only when the catalog has models) holds the S3-triggered pipeline's
 queue, worker and alarm; it deploys after the serving stack, whose GPU endpoints it calls.
+``TierserveBatch`` (only when the catalog has models) holds the bulk-inference state machine
+and its batch function, likewise after the serving stack.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from infra.api import InferenceApi
+from infra.batch import BatchInference
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, InfraConfig
 from infra.gpu_tier import GpuModelEndpoint, gpu_server_image, gpu_volume_key, needs_volume_key
 from infra.lambda_routes import LambdaModelRoutes
@@ -31,6 +34,7 @@ from tierserve.catalog import Catalog
 STORAGE_STACK = "TierserveStorage"
 SERVING_STACK = "TierserveServing"
 PIPELINE_STACK = "TierservePipeline"
+BATCH_STACK = "TierserveBatch"
 TAGS = {"project": "tierserve"}
 
 ARCHITECTURES = {"x86_64": lambda_.Architecture.X86_64, "arm64": lambda_.Architecture.ARM_64}
@@ -275,20 +279,78 @@ class PipelineStack(Stack):
         )
 
 
+class BatchStack(Stack):
+    """Bulk inference over the data bucket for every model in the catalog: the state machine
+    that ``tierserve batch`` starts, and its batch function. Attribute: ``batch``."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: InfraConfig,
+        catalog: Catalog,
+        model_store: ModelStore,
+        data_store: DataStore,
+        gpu_endpoints: dict[str, str],
+        **kwargs: object,
+    ) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            description="tierserve: bulk inference over S3 (Step Functions Distributed Map)",
+            tags=TAGS,
+            **kwargs,
+        )
+        data_bucket = data_store.bucket_for(self)
+        self.batch = BatchInference(
+            self,
+            "Batch",
+            data_bucket=data_bucket,
+            models=[entry.manifest for entry in catalog],
+            gpu_endpoints=gpu_endpoints,
+            architecture=ARCHITECTURES[config.lambda_architecture],
+            model_bucket_name=model_store.bucket_for(self).bucket_name,
+            model_prefix=model_store.model_prefix,
+            function_timeout=Duration.seconds(config.batch_function_timeout_seconds),
+            ephemeral_storage_mb=config.lambda_ephemeral_storage_mb,
+            items_per_batch=config.batch_items_per_batch,
+            max_concurrency=config.batch_max_concurrency,
+            tolerated_failure_percentage=config.batch_tolerated_failure_percentage,
+            log_retention=RETENTION[config.log_retention_days],
+            log_level=config.log_level,
+        )
+        for entry in catalog:
+            model_store.grant_read_model(self.batch.function, entry.manifest)
+        CfnOutput(
+            self,
+            "StateMachineArn",
+            value=self.batch.state_machine.state_machine_arn,
+            description="tierserve batch s3://<data bucket>/inputs/<model>/<prefix> --model <model> starts it",
+        )
+        CfnOutput(
+            self,
+            "DataBucketName",
+            value=data_bucket.bucket_name,
+            description="The data bucket the state machine reads and writes",
+        )
+
+
 @dataclass(frozen=True)
 class TierserveStacks:
     storage: StorageStack
     serving: ServingStack
     pipeline: PipelineStack | None
+    batch: BatchStack | None = None
 
 
 def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> TierserveStacks:
-    """Every stack in ``app``; the pipeline only when the catalog has a model to serve."""
+    """Every stack in ``app``; the pipeline and the batch stack only when the catalog has a model to serve."""
     storage = StorageStack(app, STORAGE_STACK)
     serving = ServingStack(
         app, SERVING_STACK, config=config, catalog=catalog, model_store=storage.model_store
     )
-    pipeline = None
+    pipeline = batch = None
     if catalog.entries:
         pipeline = PipelineStack(
             app,
@@ -300,4 +362,14 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
             gpu_endpoints={name: model.endpoint_name for name, model in serving.gpu_models.items()},
         )
         pipeline.add_stack_dependency(serving, "invokes the GPU endpoints the serving stack creates")
-    return TierserveStacks(storage=storage, serving=serving, pipeline=pipeline)
+        batch = BatchStack(
+            app,
+            BATCH_STACK,
+            config=config,
+            catalog=catalog,
+            model_store=storage.model_store,
+            data_store=storage.data_store,
+            gpu_endpoints={name: model.endpoint_name for name, model in serving.gpu_models.items()},
+        )
+        batch.add_stack_dependency(serving, "invokes the GPU endpoints the serving stack creates")
+    return TierserveStacks(storage=storage, serving=serving, pipeline=pipeline, batch=batch)

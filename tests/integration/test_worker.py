@@ -20,7 +20,9 @@ import pytest
 from sklearn.datasets import load_iris
 
 from support.common import BUCKET, count_s3_calls, load_event, printed_document
-from support.flaky import FlakyProxy
+from support.pipeline import ROWS, infer_request, jsonl
+from support.pipeline import assert_one_result_per_input as assert_one_result
+from support.pipeline import keys as bucket_keys
 from support.sagemaker import SageMakerDouble, container_error, model_error, service_error, start_container
 from tierserve import aws
 from tierserve.errors import ModelUnavailable, UpstreamUnavailable
@@ -43,7 +45,6 @@ from tierserve.tools.local.s3_queue import QueuePoller, create_resources
 from tierserve.tools.local.stack import load_handler
 
 DATA = "test-data"
-ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]  # a setosa (0) and a virginica (2)
 PIPELINE_ENV = (
     DATA_BUCKET_ENV,
     GPU_ENDPOINTS_ENV,
@@ -52,13 +53,6 @@ PIPELINE_ENV = (
     MAX_ROWS_ENV,
     MAX_JSONL_MB_ENV,
 )
-
-
-def infer_request(rows=ROWS, **extra) -> bytes:
-    shape = [len(rows), len(rows[0])]
-    return json.dumps(
-        {"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": rows}], **extra}
-    ).encode()
 
 
 def npy(array: np.ndarray, **kwargs) -> bytes:
@@ -76,10 +70,6 @@ def npy_claiming(rows: int) -> bytes:
 
 def nested(depth: int) -> bytes:
     return b"[" * depth + b"]" * depth
-
-
-def jsonl(rows) -> bytes:
-    return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
 
 
 class Worker:
@@ -121,23 +111,11 @@ class Worker:
 
 
 def keys(s3, bucket: str = DATA) -> list[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+    return bucket_keys(s3, bucket)
 
 
-def assert_one_result_per_input(s3, bucket: str = DATA, *, dead_lettered=(), extra_prefixes=()) -> None:
-    listed = keys(s3, bucket)
-    inputs = [k for k in listed if k.startswith("inputs/")]
-    results = {k for k in listed if k.startswith(("outputs/", "errors/"))}
-    assert not [
-        k for k in listed if k not in inputs and k not in results and not k.startswith(extra_prefixes)
-    ]
-    for key in inputs:
-        answers = {f"{kind}/{key.removeprefix('inputs/')}.json" for kind in ("outputs", "errors")} & results
-        expected = 0 if key in dead_lettered else 1
-        assert len(answers) == expected, (key, answers)
-    answered = {f"inputs/{k.split('/', 1)[1].removesuffix('.json')}" for k in results}
-    assert answered <= set(inputs), answered - set(inputs)
+def assert_one_result_per_input(s3, bucket: str = DATA, **kwargs) -> None:
+    assert_one_result(s3, bucket, **kwargs)
 
 
 @pytest.fixture
@@ -402,15 +380,6 @@ def test_when_every_message_fails_each_is_reported_not_raised(worker):
 
 
 # ---------------------------------------------------------------- transient faults
-
-
-@pytest.fixture
-def flaky(s3, embedded_s3, monkeypatch):
-    proxy = FlakyProxy(embedded_s3.endpoint)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)  # only the worker's clients go through it
-    aws.clear_clients()
-    yield proxy
-    proxy.stop()
 
 
 def test_s3_down_is_a_batch_item_failure_then_redelivery_succeeds(flaky, worker):

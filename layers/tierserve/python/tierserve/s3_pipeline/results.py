@@ -79,7 +79,8 @@ def why_skip(item: S3Object, recorded: Iterable[Recorded], model: str) -> str | 
 
     Older than a result (by sequencer): stale. Same input version served by the same model:
     a duplicate delivery. Without sequencers (an unversioned bucket's events carry one; moto's
-    do not) the input's ETag and version id identify the version.
+    do not) the input's ETag and version id identify the version; an item without a version id
+    (listed by a bulk run, not announced by an event) is identified by its ETag alone.
     """
     recorded = list(recorded)
     newer = _newer(item, recorded)
@@ -131,7 +132,9 @@ def _answer(item: S3Object, recorded: Iterable[Recorded], model: str) -> Recorde
         if item.sequencer and result.sequencer:
             if compare_sequencers(item.sequencer, result.sequencer) == 0:
                 return result
-        elif item.etag and result.input_etag == item.etag and result.input_version == item.version_id:
+        elif item.etag and result.input_etag == item.etag and item.version_id in (None, result.input_version):
+            # An item without a version id (from a listing, not an event) is its ETag: versions
+            # with the same ETag hold the same bytes, so their result is the same.
             return result
     return None
 

@@ -51,7 +51,7 @@ from tierserve.protocol import InferenceRequest, encode_infer_response
 from tierserve.registry import ModelRegistry
 from tierserve.s3_pipeline.errors import data_error
 from tierserve.s3_pipeline.events import InputKey, PoisonMessage, S3Object, parse_input_key, parse_message
-from tierserve.s3_pipeline.formats import check_format, join_batches, read_input
+from tierserve.s3_pipeline.formats import check_format, join_batches, read_input, with_parameters
 from tierserve.s3_pipeline.results import (
     KINDS,
     Known,
@@ -189,9 +189,13 @@ class Pipeline:
             raise
 
     @tracer.capture_method(capture_response=False)
-    def handle(self, item: S3Object, index: ResultIndex | None = None) -> Outcome:
+    def handle(
+        self, item: S3Object, index: ResultIndex | None = None, *, look_first: bool = False
+    ) -> Outcome:
         """One S3 object to its one result (see the module docstring); ``index`` says which of
-        its results exist, where a listing of its batch covered them."""
+        its results exist, where a listing of its batch covered them. With ``look_first`` (a
+        bulk run, where a rerun finds most results current) the results are looked at before
+        the input is read unless the index says there are none."""
         try:
             key = parse_input_key(item.key)
         except PoisonMessage as error:
@@ -203,7 +207,8 @@ class Pipeline:
         model_label = self._model_label(key.model)
         listed = {kind: index.exists(bucket, kind, key) if index else None for kind in KINDS}
         known = Known(absent=frozenset(kind for kind, found in listed.items() if found is False))
-        if True in listed.values() or item.size >= LOOK_FIRST_BYTES:
+        unknown = len(known.absent) < len(KINDS)
+        if True in listed.values() or item.size >= LOOK_FIRST_BYTES or (look_first and unknown):
             recorded = self.results.recorded(bucket, key, [k for k in KINDS if k not in known.absent])
             reason = why_skip(item, recorded.values(), model_label)
             if reason:
@@ -233,6 +238,10 @@ class Pipeline:
         except ModelNotFound:
             return ""
 
+    def model_for(self, ref: ModelRef) -> Model:
+        """What serves ``ref``: its warm session here, or its GPU endpoint (``TIERSERVE_GPU_ENDPOINTS``)."""
+        return self._model(ref, self.registry.manifest(ref))
+
     def _model(self, ref: ModelRef, manifest: Manifest) -> Model:
         endpoint = self.settings.gpu_endpoints.get(ref.name)
         if endpoint is None:
@@ -259,7 +268,7 @@ class Pipeline:
             record_count(PIPELINE_ROWS, rows)
         encoded = encode_infer_response(request, outputs, model_name=ref.name, model_version=ref.version)
         parameters = self._input_parameters(item, key, rows if key.format == ".jsonl" else None)
-        return _Served(_with_parameters(encoded.body, parameters), rows, item)
+        return _Served(with_parameters(encoded.body, parameters), rows, item)
 
     def _run(
         self,
@@ -296,6 +305,17 @@ class Pipeline:
                 raise _Skip("the input was overwritten after this event; its own event serves it") from None
             raise data_error(error, f"s3://{item.bucket}/{item.key}") from error
 
+    def describe_input(self, item: S3Object) -> S3Object:
+        """``item`` with the ETag, size and version id its input has now (one HeadObject); as it
+        is when the input is gone (serving it then skips it)."""
+        try:
+            head = self._s3().head_object(Bucket=item.bucket, Key=item.key)
+        except Exception as error:
+            if aws.classify(error).kind == "gone":
+                return item
+            raise data_error(error, f"s3://{item.bucket}/{item.key}") from error
+        return _as_read(dataclasses.replace(item, size=int(head.get("ContentLength") or item.size)), head)
+
     def _input_parameters(self, item: S3Object, key: InputKey, rows: int | None) -> dict[str, Any]:
         parameters: dict[str, Any] = {"input_bucket": item.bucket, "input_key": item.key}
         if item.etag:
@@ -331,14 +351,6 @@ def _as_read(item: S3Object, response: Mapping[str, Any]) -> S3Object:
         etag=item.etag or str(response.get("ETag", "")).strip('"') or None,
         version_id=version if version and version != "null" else None,
     )
-
-
-def _with_parameters(response: bytes, parameters: Mapping[str, Any]) -> bytes:
-    """The encoded JSON response object with ``"parameters"`` added as its last member, without
-    parsing it back: the response of a 100,000-row file is large."""
-    if not (response.startswith(b"{") and response.endswith(b"}")):
-        raise ValueError("the response to add parameters to is not one JSON object")
-    return b"".join((response[:-1], b',"parameters":', _dumps(parameters), b"}"))
 
 
 def _dumps(document: Mapping[str, Any]) -> bytes:

@@ -48,6 +48,9 @@ SQS_MAX_BATCH_WITHOUT_WINDOW = 10
 SQS_MAX_BATCH_SIZE = 10_000
 SQS_MAX_BATCHING_WINDOW_SECONDS = 300
 LAMBDA_MAX_RESERVED_CONCURRENCY = 1_000
+# Step Functions: a Distributed Map runs at most 10,000 child executions at once.
+DISTRIBUTED_MAP_MAX_CONCURRENCY = 10_000
+BATCH_MAX_ITEMS_PER_BATCH = 10_000
 EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 CDK_JSON = "cdk.json"
 
@@ -90,6 +93,11 @@ class InfraConfig:
     pipeline_batching_window_seconds: int = 5
     pipeline_reserved_concurrency: int = 0
     alarm_email: str = ""
+    # Bulk inference (infra/batch.py): the Distributed Map over an S3 prefix or manifest.
+    batch_items_per_batch: int = 100
+    batch_max_concurrency: int = 100
+    batch_tolerated_failure_percentage: float = 0
+    batch_function_timeout_seconds: int = 600
 
     def __post_init__(self) -> None:
         """Checks that involve more than one key (each key alone is checked by its parser)."""
@@ -280,4 +288,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "pipeline_batching_window_seconds": _integer(0, SQS_MAX_BATCHING_WINDOW_SECONDS),
     "pipeline_reserved_concurrency": _integer(0, LAMBDA_MAX_RESERVED_CONCURRENCY),
     "alarm_email": _email,
+    "batch_items_per_batch": _integer(1, BATCH_MAX_ITEMS_PER_BATCH),
+    "batch_max_concurrency": _integer(1, DISTRIBUTED_MAP_MAX_CONCURRENCY),
+    "batch_tolerated_failure_percentage": _real(0, 100),
+    "batch_function_timeout_seconds": _integer(1, LAMBDA_MAX_TIMEOUT_SECONDS),
 }

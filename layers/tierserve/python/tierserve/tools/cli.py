@@ -23,6 +23,8 @@ examples:
     tierserve local --port 8000
     tierserve local put rows.jsonl --model iris   # S3-triggered inference on the running stack
     tierserve local invoke events/infer-json.json # the handler under Lambda's runtime emulator
+    tierserve batch s3://BUCKET/inputs/iris/ --model iris          # bulk inference (Step Functions)
+    tierserve batch s3://tierserve-data/inputs/iris/ --model iris --local
     tierserve package model.onnx --name iris --version 1 --quantization int8 --upload s3://BUCKET/models
     tierserve catalog validate
     tierserve --version
@@ -39,6 +41,7 @@ LOCAL_PORT = whole("PORT", high=65535, unset=f"the default, {DEFAULT_LOCAL_PORT}
 HANDLER_EVENTS = {
     "api.handler": ("httpMethod", "an API Gateway proxy event such as events/infer-json.json"),
     "worker.handler": ("Records", "an SQS event such as events/sqs-s3-put.json"),
+    "batch.handler": ("Items", "a Distributed Map batch such as events/sfn-batch.json"),
 }
 
 
@@ -131,9 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     invoke.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
     invoke.set_defaults(run=run_local_invoke)
+    from tierserve.tools.batch import add_batch_command
     from tierserve.tools.packaging.commands import add_commands
 
     add_commands(commands)  # package, upload, catalog
+    add_batch_command(commands)
     return parser
 
 

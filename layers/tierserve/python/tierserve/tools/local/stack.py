@@ -188,6 +188,11 @@ def lambda_env(work_dir: Path, models: Sequence[Manifest]) -> dict[str, str]:
     }
 
 
+def local_function_env(work_dir: Path) -> dict[str, str]:
+    """The Lambda tier's variables for the lambda-tier models of a running stack's catalog."""
+    return lambda_env(work_dir, on_tier(Catalog.load(work_dir / "catalog.json"), "lambda"))
+
+
 def invoke_in_emulator(work_dir: Path, event: dict[str, Any], handler: str) -> tuple[Any, Path]:
     """Run ``handler`` on ``event`` under the Lambda Runtime Interface Emulator, against the
     running local stack's S3 and the lambda-tier models of its catalog; the function's
@@ -201,8 +206,7 @@ def invoke_in_emulator(work_dir: Path, event: dict[str, Any], handler: str) -> t
     from tierserve.tools.local.state import read_state
 
     state = read_state(work_dir)
-    models = on_tier(Catalog.load(work_dir / "catalog.json"), "lambda")
-    env = {**endpoint_env(state["s3_endpoint"]), **lambda_env(work_dir, models)}
+    env = {**endpoint_env(state["s3_endpoint"]), **local_function_env(work_dir)}
     log_path = work_dir / "logs" / f"invoke-{handler.replace('.', '-')}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with LambdaEmulator.start(handler, env, log_path=log_path) as function:
@@ -232,5 +236,6 @@ def describe(stack: LocalStack) -> str:
             f"S3-triggered inference (s3://{stack.pipeline.bucket}: inputs/ -> outputs/ or errors/):",
             "  printf '[5.1,3.5,1.4,0.2]\\n[6.7,3.0,5.2,2.3]\\n' > rows.jsonl",
             "  tierserve local put rows.jsonl --model iris",
+            f"bulk inference over a prefix: tierserve batch s3://{stack.pipeline.bucket}/inputs/iris/ --model iris --local",
         ]
     return "\n".join(lines)
