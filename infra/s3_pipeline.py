@@ -166,12 +166,14 @@ def pipeline_function_environment(
 ) -> dict[str, str]:
     """The variables a function serving the data bucket reads beyond the models' (the S3
     worker's, the batch function's): where results go, and which models run on an endpoint."""
-    environment = {DATA_BUCKET_ENV: data_bucket.bucket_name}
-    if gpu_endpoints:
-        environment[GPU_ENDPOINTS_ENV] = ",".join(
-            f"{name}={gpu_endpoints[name]}" for name in sorted(gpu_endpoints)
-        )
-    return environment
+    return {DATA_BUCKET_ENV: data_bucket.bucket_name, **gpu_endpoints_environment(gpu_endpoints)}
+
+
+def gpu_endpoints_environment(gpu_endpoints: Mapping[str, str]) -> dict[str, str]:
+    """``TIERSERVE_GPU_ENDPOINTS`` for the models that run on an endpoint (none: no variable)."""
+    if not gpu_endpoints:
+        return {}
+    return {GPU_ENDPOINTS_ENV: ",".join(f"{name}={gpu_endpoints[name]}" for name in sorted(gpu_endpoints))}
 
 
 def pipeline_memory_mb(models: Sequence[Manifest], gpu_endpoints: Mapping[str, str]) -> int:

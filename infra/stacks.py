@@ -8,7 +8,8 @@ own manifest and artifact.
 ``TierservePipeline`` (only when the catalog has models) holds the S3-triggered pipeline's
 queue, worker and alarm; it deploys after the serving stack, whose GPU endpoints it calls.
 ``TierserveBatch`` (only when the catalog has models) holds the bulk-inference state machine
-and its batch function, likewise after the serving stack.
+and its batch function, likewise after the serving stack. ``TierserveStream`` (only when
+context ``stream`` names a catalog model) holds the Kinesis streams and their worker.
 """
 
 from __future__ import annotations
@@ -22,19 +23,21 @@ from constructs import Construct
 
 from infra.api import InferenceApi
 from infra.batch import BatchInference
-from infra.config import API_GATEWAY_TIMEOUT_SECONDS, InfraConfig
+from infra.config import API_GATEWAY_TIMEOUT_SECONDS, ConfigError, InfraConfig
 from infra.gpu_tier import GpuModelEndpoint, gpu_server_image, gpu_volume_key, needs_volume_key
 from infra.lambda_routes import LambdaModelRoutes
 from infra.lambda_tier import LambdaModelFunction
 from infra.model_store import ModelStore
 from infra.s3_pipeline import DataStore, InferencePipeline
 from infra.sagemaker_routes import SageMakerModelRoutes
-from tierserve.catalog import Catalog
+from infra.streams import StreamInference
+from tierserve.catalog import Catalog, Manifest
 
 STORAGE_STACK = "TierserveStorage"
 SERVING_STACK = "TierserveServing"
 PIPELINE_STACK = "TierservePipeline"
 BATCH_STACK = "TierserveBatch"
+STREAM_STACK = "TierserveStream"
 TAGS = {"project": "tierserve"}
 
 ARCHITECTURES = {"x86_64": lambda_.Architecture.X86_64, "arm64": lambda_.Architecture.ARM_64}
@@ -336,16 +339,97 @@ class BatchStack(Stack):
         )
 
 
+class StreamStack(Stack):
+    """Inference on a Kinesis stream for the model context ``stream`` names: the records and
+    results streams, the stream worker and its failure queue. Attribute: ``streams``."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: InfraConfig,
+        manifest: Manifest,
+        model_store: ModelStore,
+        gpu_endpoints: dict[str, str],
+        **kwargs: object,
+    ) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            description=f"tierserve: inference on a Kinesis stream ({manifest.name})",
+            tags=TAGS,
+            **kwargs,
+        )
+        self.streams = StreamInference(
+            self,
+            "Streams",
+            manifest=manifest,
+            gpu_endpoints=gpu_endpoints,
+            architecture=ARCHITECTURES[config.lambda_architecture],
+            model_bucket_name=model_store.bucket_for(self).bucket_name,
+            model_prefix=model_store.model_prefix,
+            shards=config.stream_shards,
+            batch_size=config.stream_batch_size,
+            max_retry_attempts=config.stream_max_retry_attempts,
+            worker_timeout=Duration.seconds(config.pipeline_worker_timeout_seconds),
+            ephemeral_storage_mb=config.lambda_ephemeral_storage_mb,
+            log_retention=RETENTION[config.log_retention_days],
+            log_level=config.log_level,
+        )
+        model_store.grant_read_model(self.streams.worker, manifest)
+        outputs = {
+            "RecordsStreamName": (
+                self.streams.records.stream_name,
+                "Put records here (v2 infer requests or rows)",
+            ),
+            "ResultsStreamName": (
+                self.streams.results.stream_name,
+                "Read results here, under each record's partition key",
+            ),
+            "FailureQueueUrl": (
+                self.streams.failures.queue_url,
+                "Positions of batches that failed every retry",
+            ),
+        }
+        for output_id, (value, description) in outputs.items():
+            CfnOutput(self, output_id, value=value, description=description)
+
+
+def stream_model(config: InfraConfig, catalog: Catalog) -> Manifest | None:
+    """The manifest of the model context ``stream`` names (None: no stream).
+
+    Raises:
+        ConfigError: the catalog holds no such model.
+    """
+    if not config.stream:
+        return None
+    entry = catalog.get(config.stream)
+    if entry is None:
+        names = ", ".join(e.name for e in catalog) or "none"
+        raise ConfigError(
+            f"cdk.json context 'stream' is {config.stream!r}, which the catalog does not hold (it holds {names}): "
+            'package that model, or set stream to one of these, or to "" for no stream'
+        )
+    return entry.manifest
+
+
 @dataclass(frozen=True)
 class TierserveStacks:
     storage: StorageStack
     serving: ServingStack
     pipeline: PipelineStack | None
     batch: BatchStack | None = None
+    stream: StreamStack | None = None
 
 
 def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> TierserveStacks:
-    """Every stack in ``app``; the pipeline and the batch stack only when the catalog has a model to serve."""
+    """Every stack in ``app``; the pipeline and the batch stack only when the catalog has a model to
+    serve, the stream stack only when context ``stream`` names one.
+
+    Raises:
+        ConfigError: ``stream`` names a model the catalog does not hold.
+    """
     storage = StorageStack(app, STORAGE_STACK)
     serving = ServingStack(
         app, SERVING_STACK, config=config, catalog=catalog, model_store=storage.model_store
@@ -372,4 +456,16 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
             gpu_endpoints={name: model.endpoint_name for name, model in serving.gpu_models.items()},
         )
         batch.add_stack_dependency(serving, "invokes the GPU endpoints the serving stack creates")
-    return TierserveStacks(storage=storage, serving=serving, pipeline=pipeline, batch=batch)
+    stream = None
+    manifest = stream_model(config, catalog)
+    if manifest is not None:
+        stream = StreamStack(
+            app,
+            STREAM_STACK,
+            config=config,
+            manifest=manifest,
+            model_store=storage.model_store,
+            gpu_endpoints={name: model.endpoint_name for name, model in serving.gpu_models.items()},
+        )
+        stream.add_stack_dependency(serving, "invokes the GPU endpoint the serving stack creates")
+    return TierserveStacks(storage=storage, serving=serving, pipeline=pipeline, batch=batch, stream=stream)

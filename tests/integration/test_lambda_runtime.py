@@ -148,6 +148,22 @@ def test_the_batch_handler_serves_the_shared_map_batch_and_names_its_errors_for_
     assert "inputs/mlp/2026/x.json is not under inputs/iris/" in raised.value.payload["errorMessage"]
 
 
+def test_the_stream_handler_serves_the_shared_kinesis_event_to_the_results_stream(
+    start_function, s3, embedded_s3
+):
+    kinesis = embedded_s3.client("kinesis")
+    kinesis.create_stream(StreamName="test-results", ShardCount=1)
+    function = start_function("stream.handler", TIERSERVE_OUTPUT_STREAM="test-results")
+    assert function.invoke(load_event("kinesis-records")) == {"batchItemFailures": []}
+    (shard,) = kinesis.list_shards(StreamName="test-results")["Shards"]
+    iterator = kinesis.get_shard_iterator(
+        StreamName="test-results", ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
+    )["ShardIterator"]
+    results = [json.loads(r["Data"]) for r in kinesis.get_records(ShardIterator=iterator)["Records"]]
+    assert [r["parameters"]["partition_key"] for r in results] == ["sensor-7", "sensor-7"]
+    assert results[1]["id"] == "req-2"
+
+
 def test_tierserve_local_invoke_runs_an_event_against_the_running_local_stack(
     tmp_path, capsys, restore_environ
 ):

@@ -35,6 +35,7 @@ from tierserve.batch import (
     to_object,
 )
 from tierserve.settings import ERROR_PREFIX, INPUT_PREFIX, OUTPUT_PREFIX, SUMMARY_PREFIX
+from tierserve.telemetry import logger
 from tierserve.tools.cdk_context import ConfigError
 
 BATCH_STACK = "TierserveBatch"
@@ -216,6 +217,8 @@ def _run_local(args: argparse.Namespace, source: BatchSource) -> int:
         )
     os.environ.update(env)  # this process's clients reach the embedded S3, never AWS
     aws.clear_clients()
+    # One line per item is for a function's log; here the progress line and the summary say it.
+    logger.setLevel(os.environ.get("POWERTOOLS_LOG_LEVEL") or "WARNING")
     s3 = embedded_client(state["s3_endpoint"])
     if args.dry_run:
         return _dry_run(s3, source, config.items_per_batch, sys.stdout)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB, LAMBDA_MAX_MEMORY_MB
+from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB, LAMBDA_MAX_MEMORY_MB, NAME_PATTERN
 from tierserve.settings import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
 
 AuthMode = Literal["iam", "api_key", "none"]
@@ -51,6 +51,10 @@ LAMBDA_MAX_RESERVED_CONCURRENCY = 1_000
 # Step Functions: a Distributed Map runs at most 10,000 child executions at once.
 DISTRIBUTED_MAP_MAX_CONCURRENCY = 10_000
 BATCH_MAX_ITEMS_PER_BATCH = 10_000
+# Kinesis: an event source mapping's batch is at most 10,000 records, its retries at most 10,000.
+KINESIS_MAX_BATCH_SIZE = 10_000
+KINESIS_MAX_RETRY_ATTEMPTS = 10_000
+KINESIS_MAX_SHARDS = 500  # a new account's default shard quota per region
 EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 CDK_JSON = "cdk.json"
 
@@ -98,6 +102,11 @@ class InfraConfig:
     batch_max_concurrency: int = 100
     batch_tolerated_failure_percentage: float = 0
     batch_function_timeout_seconds: int = 600
+    # Streams (infra/streams.py): a Kinesis stream served by one model of the catalog, "" for none.
+    stream: str = ""
+    stream_shards: int = 1
+    stream_batch_size: int = 100
+    stream_max_retry_attempts: int = 3
 
     def __post_init__(self) -> None:
         """Checks that involve more than one key (each key alone is checked by its parser)."""
@@ -261,6 +270,15 @@ def _email(key: str, raw: Any) -> str:
     return value
 
 
+def _model_or_none(key: str, raw: Any) -> str:
+    value = "" if raw is None else str(raw).strip()
+    if isinstance(raw, bool) or (value and not NAME_PATTERN.match(value)):
+        raise _problem(
+            key, raw, 'the name of a catalog model whose records the stream carries, or "" for no stream'
+        )
+    return value
+
+
 _DEFAULTS: dict[str, Any] = {field.name: field.default for field in fields(InfraConfig)}
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "catalog": _text,
@@ -292,4 +310,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "batch_max_concurrency": _integer(1, DISTRIBUTED_MAP_MAX_CONCURRENCY),
     "batch_tolerated_failure_percentage": _real(0, 100),
     "batch_function_timeout_seconds": _integer(1, LAMBDA_MAX_TIMEOUT_SECONDS),
+    "stream": _model_or_none,
+    "stream_shards": _integer(1, KINESIS_MAX_SHARDS),
+    "stream_batch_size": _integer(1, KINESIS_MAX_BATCH_SIZE),
+    "stream_max_retry_attempts": _integer(0, KINESIS_MAX_RETRY_ATTEMPTS),
 }

@@ -21,8 +21,13 @@ LOCAL_CREDENTIALS = {
 
 
 def endpoint_env(endpoint: str) -> dict[str, str]:
-    """The variables that point boto3's S3 and SQS clients (and never AWS) at ``endpoint``."""
-    return {**LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ENDPOINT_URL_SQS": endpoint}
+    """The variables that point boto3's S3, SQS and Kinesis clients (and never AWS) at ``endpoint``."""
+    return {
+        **LOCAL_CREDENTIALS,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ENDPOINT_URL_SQS": endpoint,
+        "AWS_ENDPOINT_URL_KINESIS": endpoint,
+    }
 
 
 class EmbeddedS3:

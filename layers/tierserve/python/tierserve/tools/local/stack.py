@@ -20,7 +20,9 @@ from tierserve.settings import (
     MODEL_BUCKET_ENV,
     MODEL_PREFIX_ENV,
     MODELS_ENV,
+    OUTPUT_STREAM_ENV,
     PRELOAD_ENV,
+    STREAM_MODEL_ENV,
     ModelRef,
 )
 from tierserve.tools.cdk_context import InfraConfig
@@ -28,6 +30,13 @@ from tierserve.tools.local import samples
 from tierserve.tools.local.api_server import LocalApi
 from tierserve.tools.local.embedded_s3 import EmbeddedS3, endpoint_env
 from tierserve.tools.local.gpu_servers import GpuServerProcess, start_gpu_servers
+from tierserve.tools.local.kinesis_stream import (
+    LOCAL_STREAM_MODEL,
+    RECORDS_STREAM,
+    RESULTS_STREAM,
+    StreamPoller,
+    start_local_streams,
+)
 from tierserve.tools.local.s3_queue import DATA_BUCKET, LocalPipeline, start_local_pipeline
 from tierserve.tools.packaging import PackagedModel, package_model, upload_package
 
@@ -113,8 +122,11 @@ class LocalStack:
     catalog: Catalog
     pipeline: LocalPipeline | None = None
     gpu_servers: list[GpuServerProcess] = field(default_factory=list)
+    streams: StreamPoller | None = None
 
     def stop(self) -> None:
+        if self.streams is not None:
+            self.streams.stop()
         if self.pipeline is not None:
             self.pipeline.stop()
         self.api.stop()
@@ -166,7 +178,14 @@ def start(
     api.start()
     say(f"S3-triggered inference: s3://{DATA_BUCKET}/inputs/ -> SQS -> the worker handler")
     pipeline = start_local_pipeline(s3, load_handler({}, module="worker"), state_dir=work_dir)
-    return LocalStack(s3, api, catalog, pipeline, gpu_servers)
+    streams = None
+    if catalog.get(LOCAL_STREAM_MODEL) is not None:
+        say(
+            f"streams: Kinesis {RECORDS_STREAM} -> the stream handler ({LOCAL_STREAM_MODEL}) -> {RESULTS_STREAM}"
+        )
+        stream_env = {STREAM_MODEL_ENV: LOCAL_STREAM_MODEL, OUTPUT_STREAM_ENV: RESULTS_STREAM}
+        streams = start_local_streams(s3, load_handler(stream_env, module="stream"), state_dir=work_dir)
+    return LocalStack(s3, api, catalog, pipeline, gpu_servers, streams)
 
 
 def on_tier(catalog: Catalog, tier: str) -> list[Manifest]:
@@ -183,6 +202,8 @@ def lambda_env(work_dir: Path, models: Sequence[Manifest]) -> dict[str, str]:
         MODEL_PREFIX_ENV: MODEL_PREFIX,
         MODELS_ENV: ModelRef.join(ModelRef(m.name, m.version) for m in models),
         DATA_BUCKET_ENV: DATA_BUCKET,
+        OUTPUT_STREAM_ENV: RESULTS_STREAM,  # the stream worker's (local invoke --handler stream.handler)
+        STREAM_MODEL_ENV: LOCAL_STREAM_MODEL,
         CACHE_DIR_ENV: str(work_dir.resolve() / "cache"),
         "POWERTOOLS_METRICS_DISABLED": "true",
     }
@@ -237,5 +258,10 @@ def describe(stack: LocalStack) -> str:
             "  printf '[5.1,3.5,1.4,0.2]\\n[6.7,3.0,5.2,2.3]\\n' > rows.jsonl",
             "  tierserve local put rows.jsonl --model iris",
             f"bulk inference over a prefix: tierserve batch s3://{stack.pipeline.bucket}/inputs/iris/ --model iris --local",
+        ]
+    if stack.streams is not None:
+        lines += [
+            f"streams (Kinesis {RECORDS_STREAM} -> {RESULTS_STREAM}, model {LOCAL_STREAM_MODEL}):",
+            "  printf '[5.1,3.5,1.4,0.2]\\n[6.7,3.0,5.2,2.3]\\n' | tierserve local stream -",
         ]
     return "\n".join(lines)
