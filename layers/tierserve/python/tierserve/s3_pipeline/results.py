@@ -150,10 +150,16 @@ def other_kind(kind: ResultKind) -> ResultKind:
 class Known:
     """What is known of one input's results when its own result is written: each kind is
     ``recorded`` (looked at with HeadObject), ``absent`` (known not to exist) or neither
-    (unknown: the conditional write finds out)."""
+    (unknown: the conditional write finds out). ``listed`` is what the batch's listing says
+    of a kind (True, False or None for unknown), asked only once the result is written, so
+    the listing overlaps the input's read and run."""
 
     recorded: Mapping[ResultKind, Recorded] = field(default_factory=dict)
     absent: frozenset[ResultKind] = frozenset()
+    listed: Callable[[ResultKind], bool | None] | None = None
+
+    def is_absent(self, kind: ResultKind) -> bool:
+        return kind in self.absent or (self.listed is not None and self.listed(kind) is False)
 
     @classmethod
     def looked(cls, recorded: Mapping[ResultKind, Recorded]) -> Known:
@@ -336,7 +342,7 @@ class ResultStore:
         just written is taken back; any other is removed."""
         result_key = key.result_key(kind)
         other = other_kind(kind)
-        if other not in known.absent:
+        if not known.is_absent(other):
             found = known.recorded.get(other) or self._head(bucket, key, other)
             if found is not None and _newer(item, [found]) is not None:
                 self._delete(bucket, result_key, written_etag)

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -194,8 +195,9 @@ class Pipeline:
     ) -> Outcome:
         """One S3 object to its one result (see the module docstring); ``index`` says which of
         its results exist, where a listing of its batch covered them. With ``look_first`` (a
-        bulk run, where a rerun finds most results current) the results are looked at before
-        the input is read unless the index says there are none."""
+        bulk run, where a rerun finds most results current), or for an input of
+        :data:`LOOK_FIRST_BYTES` or more, the results the index does not rule out are looked at
+        before the input is read."""
         try:
             key = parse_input_key(item.key)
         except PoisonMessage as error:
@@ -205,16 +207,18 @@ class Pipeline:
             return skipped(item, f"not under {INPUT_PREFIX}/{{model}}/: not an input")
         bucket = self.settings.data_bucket or item.bucket
         model_label = self._model_label(key.model)
-        listed = {kind: index.exists(bucket, kind, key) if index else None for kind in KINDS}
-        known = Known(absent=frozenset(kind for kind, found in listed.items() if found is False))
-        unknown = len(known.absent) < len(KINDS)
-        if True in listed.values() or item.size >= LOOK_FIRST_BYTES or (look_first and unknown):
-            recorded = self.results.recorded(bucket, key, [k for k in KINDS if k not in known.absent])
+        if look_first or item.size >= LOOK_FIRST_BYTES:
+            # Looking first pays when results are likely current (a rerun) or the input is large.
+            listed = {kind: index.exists(bucket, kind, key) if index else None for kind in KINDS}
+            absent = [kind for kind, found in listed.items() if found is False]
+            recorded = self.results.recorded(bucket, key, [k for k in KINDS if k not in absent])
             reason = why_skip(item, recorded.values(), model_label)
             if reason:
                 self.results.remove_stale(bucket, item, key, recorded, model_label)
                 return skipped(item, reason)
             known = Known.looked(recorded)
+        else:  # the write decides; the listing is asked once the result is written
+            known = Known(listed=partial(index.exists, bucket, key=key) if index else None)
         try:
             served = self._serve(item, key)
         except _Skip as skip:
