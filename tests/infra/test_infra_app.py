@@ -18,7 +18,7 @@ from cdk_nag import AwsSolutionsChecks
 from infra.config import InfraConfig
 from infra.nag import acknowledge, add_aws_solutions_checks
 from infra.sagemaker_inference import component_name_for, endpoint_name_for
-from infra.stacks import PIPELINE_STACK, SERVING_STACK, STORAGE_STACK, build_stacks
+from infra.stacks import BATCH_STACK, PIPELINE_STACK, SERVING_STACK, STORAGE_STACK, build_stacks
 from tierserve.catalog import lambda_memory_mb
 from tierserve.settings import GPU_ENDPOINTS_ENV, MODEL_BUCKET_ENV, MODELS_ENV, GpuTarget
 
@@ -433,7 +433,15 @@ def test_every_service_role_trusts_its_service_for_this_account_only(assembly):
                 )
                 if statement["Principal"]["Service"] == "sagemaker.amazonaws.com":
                     assert ":sagemaker:" in json.dumps(condition["ArnLike"]["aws:SourceArn"])
-    assert seen == {"lambda.amazonaws.com", "apigateway.amazonaws.com", "sagemaker.amazonaws.com"}
+                if statement["Principal"]["Service"] == "states.amazonaws.com":
+                    assert ":stateMachine:*" in json.dumps(condition["ArnLike"]["aws:SourceArn"])
+    services = {
+        "lambda.amazonaws.com",
+        "apigateway.amazonaws.com",
+        "sagemaker.amazonaws.com",
+        "states.amazonaws.com",
+    }
+    assert seen == services
 
 
 def test_every_log_group_expires_and_every_function_logs_to_one(make_app, catalog):
@@ -472,6 +480,28 @@ def test_pipeline_deploys_after_storage_and_serving(assembly):
     assert {STORAGE_STACK, SERVING_STACK} <= dependencies
 
 
+def test_the_batch_stack_serves_every_model_after_storage_and_serving(assembly, catalog):
+    dependencies = {d.id for d in assembly.get_stack_by_name(BATCH_STACK).dependencies}
+    assert {STORAGE_STACK, SERVING_STACK} <= dependencies
+    template = assembly.get_stack_by_name(BATCH_STACK).template
+    assert {"StateMachineArn", "DataBucketName"} <= set(template["Outputs"])
+    (function,) = [
+        f
+        for f in of_type(template, "AWS::Lambda::Function").values()
+        if f["Properties"].get("PackageType") == "Image"
+    ]
+    env = function["Properties"]["Environment"]["Variables"]
+    assert env[MODELS_ENV] == ",".join(f"{e.name}@{e.version}" for e in catalog)
+    assert env[GPU_ENDPOINTS_ENV] == GpuTarget.join(
+        {
+            n: GpuTarget(endpoint_name_for("ml.g5.xlarge"), component_name_for(n, "ml.g5.xlarge"))
+            for n in GPU_MODELS
+        }
+    )
+    reads = json.dumps([s for s in policy_statements_of(template, function) if "s3:GetObject" in _actions(s)])
+    assert reads.count("/models/") == 2 * len(catalog.entries), "each model's manifest and artifact, no more"
+
+
 def test_other_stacks_import_the_buckets_that_storage_exports(serving, storage, pipeline, assembly):
     model_export, data_export = (
         f"{STORAGE_STACK}-ModelStore-BucketName",
@@ -497,7 +527,7 @@ def test_outputs_for_ops(serving, storage, pipeline):
 
 def test_synth_is_deterministic(assembly, make_app, catalog):
     again = synth_app(make_app, catalog, validate=False, nag=True)
-    for name in (STORAGE_STACK, SERVING_STACK, PIPELINE_STACK):
+    for name in (STORAGE_STACK, SERVING_STACK, PIPELINE_STACK, BATCH_STACK):
         one, two = assembly.get_stack_by_name(name).template, again.get_stack_by_name(name).template
         changed = sorted(
             k

@@ -187,6 +187,12 @@ def test_the_same_version_served_by_the_same_model_is_a_duplicate():
     assert "duplicate" in why_skip(S3Object("b", "k", etag="e1"), [recorded(kind="errors", model="")], "")
 
 
+def test_a_listed_item_without_a_version_id_is_its_etag():
+    # A bulk run lists inputs (ETags, no version ids); the worker recorded the version it read.
+    assert "duplicate" in why_skip(S3Object("b", "k", etag="e1"), [recorded(version="v1")], "iris@1")
+    assert why_skip(S3Object("b", "k", etag="e2"), [recorded(version="v1")], "iris@1") is None
+
+
 @pytest.mark.parametrize(
     ("item", "result", "model"),
     [

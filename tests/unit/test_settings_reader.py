@@ -13,11 +13,14 @@ from tierserve.s3_pipeline import settings as pipeline_settings
 from tierserve.s3_pipeline.settings import PipelineSettings
 from tierserve.sagemaker_hosting import ServerSettings, server_model_settings
 from tierserve.settings import ModelRef, Settings, SettingsError, Variable
+from tierserve.streams import settings as stream_settings
+from tierserve.streams.settings import StreamSettings
 
 READERS: dict[str, Callable[[Mapping[str, str]], object]] = {
     **{v.name: Settings.from_env for v in settings.VARIABLES},
     **{v.name: PipelineSettings.from_env for v in pipeline_settings.VARIABLES},
     **{v.name: ServerSettings.from_env for v in sagemaker_hosting.VARIABLES},
+    **{v.name: StreamSettings.from_env for v in stream_settings.VARIABLES},
 }
 
 # One bad value per variable: what a person plausibly types by mistake.
@@ -52,11 +55,18 @@ BAD_VALUES = {
     "TIERSERVE_TRT_CACHE_DIR": "engines",
     "TIERSERVE_IO_BINDING": "sometimes",
     "TIERSERVE_DRAIN_TIMEOUT_S": "-3",
+    "TIERSERVE_OUTPUT_STREAM": "arn:aws:kinesis:us-east-1:123456789012:stream/results",
+    "TIERSERVE_STREAM_MODEL": "Iris v1",
 }
 
 
 def every_variable() -> list[Variable]:
-    return [*settings.VARIABLES, *pipeline_settings.VARIABLES, *sagemaker_hosting.VARIABLES]
+    return [
+        *settings.VARIABLES,
+        *pipeline_settings.VARIABLES,
+        *sagemaker_hosting.VARIABLES,
+        *stream_settings.VARIABLES,
+    ]
 
 
 def test_every_variable_name_is_declared_once_and_has_a_bad_value_here():

@@ -78,11 +78,15 @@ class Policy:
 
 
 # SageMaker gives an invocation 60 s; S3 answers within a few seconds or is in trouble; SQS
-# long polls wait up to 20 s (the local stack's poller).
+# long polls wait up to 20 s (the local stack's poller). Step Functions, CloudFormation and
+# Kinesis answer control and record calls within seconds (the batch CLI, the stream worker).
 POLICIES: Mapping[str, Policy] = {
     "s3": Policy(connect_timeout_s=3, read_timeout_s=10, attempts=3),
     "sagemaker-runtime": Policy(connect_timeout_s=3, read_timeout_s=65, attempts=3),
     "sqs": Policy(connect_timeout_s=3, read_timeout_s=30, attempts=3),
+    "stepfunctions": Policy(connect_timeout_s=3, read_timeout_s=10, attempts=3),
+    "cloudformation": Policy(connect_timeout_s=3, read_timeout_s=10, attempts=3),
+    "kinesis": Policy(connect_timeout_s=3, read_timeout_s=10, attempts=3),
 }
 
 _clients: dict[tuple[Any, ...], Any] = {}
@@ -90,7 +94,7 @@ _clients_lock = threading.Lock()
 
 
 def client(service: str, *, endpoint_url: str | None = None, **credentials: str) -> Any:
-    """This process's client for ``service`` (``s3``, ``sagemaker-runtime``, ``sqs``), created on
+    """This process's client for ``service`` (a key of :data:`POLICIES`), created on
     first use with the service's :data:`POLICIES` entry.
 
     ``endpoint_url`` and ``credentials`` (``aws_access_key_id``, ``aws_secret_access_key``,

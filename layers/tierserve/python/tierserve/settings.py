@@ -50,6 +50,9 @@ MAX_INPUT_MB_ENV = "TIERSERVE_MAX_INPUT_MB"
 MAX_ROWS_ENV = "TIERSERVE_MAX_ROWS"
 MAX_JSONL_MB_ENV = "TIERSERVE_MAX_JSONL_MB"
 WORKER_CONCURRENCY_ENV = "TIERSERVE_WORKER_CONCURRENCY"
+# The Kinesis stream worker (tierserve/streams, read by its StreamSettings).
+OUTPUT_STREAM_ENV = "TIERSERVE_OUTPUT_STREAM"
+STREAM_MODEL_ENV = "TIERSERVE_STREAM_MODEL"
 # The GPU server (functions/gpu_server, read by tierserve.sagemaker_hosting.ServerSettings).
 PORT_ENV = "SAGEMAKER_BIND_TO_PORT"
 MODEL_DIR_ENV = "TIERSERVE_MODEL_DIR"
@@ -449,6 +452,10 @@ GPU_ENDPOINTS = Variable(
 INPUT_PREFIX = "inputs"
 OUTPUT_PREFIX = "outputs"
 ERROR_PREFIX = "errors"
+# Bulk inference (tierserve.batch): key lists it reads, S3 Inventory reports, and each run's summary.
+MANIFEST_PREFIX = "manifests"
+INVENTORY_PREFIX = "inventory"
+SUMMARY_PREFIX = "batch-summaries"
 
 # Dynamic batching defaults of the GPU server; cdk.json's gpu_max_* context starts from these.
 DEFAULT_MAX_BATCH_SIZE = 32

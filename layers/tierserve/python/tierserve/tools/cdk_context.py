@@ -64,6 +64,13 @@ SQS_MAX_BATCH_WITHOUT_WINDOW = 10
 SQS_MAX_BATCH_SIZE = 10_000
 SQS_MAX_BATCHING_WINDOW_SECONDS = 300
 LAMBDA_MAX_RESERVED_CONCURRENCY = 1_000
+# Step Functions: a Distributed Map runs at most 10,000 child executions at once.
+DISTRIBUTED_MAP_MAX_CONCURRENCY = 10_000
+BATCH_MAX_ITEMS_PER_BATCH = 10_000
+# Kinesis: an event source mapping's batch is at most 10,000 records, its retries at most 10,000.
+KINESIS_MAX_BATCH_SIZE = 10_000
+KINESIS_MAX_RETRY_ATTEMPTS = 10_000
+KINESIS_MAX_SHARDS = 500  # a new account's default shard quota per region
 EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 CDK_JSON = "cdk.json"
 
@@ -121,6 +128,16 @@ class InfraConfig:
     pipeline_batching_window_seconds: int = 5
     pipeline_reserved_concurrency: int = 0
     alarm_email: str = ""
+    # Bulk inference (infra/batch.py): the Distributed Map over an S3 prefix or manifest.
+    batch_items_per_batch: int = 100
+    batch_max_concurrency: int = 100
+    batch_tolerated_failure_percentage: float = 0
+    batch_function_timeout_seconds: int = 600
+    # Streams (infra/streams.py): a Kinesis stream served by one model of the catalog, "" for none.
+    stream: str = ""
+    stream_shards: int = 1
+    stream_batch_size: int = 100
+    stream_max_retry_attempts: int = 3
 
     def __post_init__(self) -> None:
         """Checks that involve more than one key (each key alone is checked by its parser)."""
@@ -338,6 +355,15 @@ def _email(key: str, raw: Any) -> str:
     return value
 
 
+def _model_or_none(key: str, raw: Any) -> str:
+    value = "" if raw is None else str(raw).strip()
+    if isinstance(raw, bool) or (value and not MODEL_NAME_PATTERN.match(value)):
+        raise _problem(
+            key, raw, 'the name of a catalog model whose records the stream carries, or "" for no stream'
+        )
+    return value
+
+
 _DEFAULTS: dict[str, Any] = {field.name: field.default for field in fields(InfraConfig)}
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "catalog": _text,
@@ -379,4 +405,12 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "pipeline_batching_window_seconds": _integer(0, SQS_MAX_BATCHING_WINDOW_SECONDS),
     "pipeline_reserved_concurrency": _integer(0, LAMBDA_MAX_RESERVED_CONCURRENCY),
     "alarm_email": _email,
+    "batch_items_per_batch": _integer(1, BATCH_MAX_ITEMS_PER_BATCH),
+    "batch_max_concurrency": _integer(1, DISTRIBUTED_MAP_MAX_CONCURRENCY),
+    "batch_tolerated_failure_percentage": _real(0, 100),
+    "batch_function_timeout_seconds": _integer(1, LAMBDA_MAX_TIMEOUT_SECONDS),
+    "stream": _model_or_none,
+    "stream_shards": _integer(1, KINESIS_MAX_SHARDS),
+    "stream_batch_size": _integer(1, KINESIS_MAX_BATCH_SIZE),
+    "stream_max_retry_attempts": _integer(0, KINESIS_MAX_RETRY_ATTEMPTS),
 }

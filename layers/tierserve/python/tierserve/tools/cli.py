@@ -25,7 +25,10 @@ examples:
     tierserve local --port 8000
     tierserve local --models .tierserve/packages --no-samples   # your packages, each on its tier
     tierserve local put rows.jsonl --model iris   # S3-triggered inference on the running stack
+    tierserve local stream rows.jsonl             # records on the local Kinesis stream, their results
     tierserve local invoke events/infer-json.json # the handler under Lambda's runtime emulator
+    tierserve batch s3://BUCKET/inputs/iris/ --model iris          # bulk inference (Step Functions)
+    tierserve batch s3://tierserve-data/inputs/iris/ --model iris --local
     tierserve package model.onnx --name iris --version 1 --quantization int8 --upload s3://BUCKET/models
     tierserve catalog validate
     tierserve --version
@@ -42,6 +45,8 @@ LOCAL_PORT = whole("PORT", high=65535, unset=f"the default, {DEFAULT_LOCAL_PORT}
 HANDLER_EVENTS = {
     "api.handler": ("httpMethod", "an API Gateway proxy event such as events/infer-json.json"),
     "worker.handler": ("Records", "an SQS event such as events/sqs-s3-put.json"),
+    "batch.handler": ("Items", "a Distributed Map batch such as events/sfn-batch.json"),
+    "stream.handler": ("Records", "a Kinesis event such as events/kinesis-records.json"),
 }
 
 
@@ -133,6 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     put.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
     put.set_defaults(run=run_local_put)
+    stream = local_commands.add_parser(
+        "stream",
+        help="put records on the running local stack's Kinesis stream and print their results",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Puts each line of FILE (or stdin, with -) as one record of the local Kinesis stream\n"
+            "tierserve-records that a running `tierserve local` polls; the stream worker serves them\n"
+            "in order with its model (iris) and writes results to tierserve-results, which this prints,\n"
+            "one JSON document per line, in the records' order. A line is a v2 infer request or one\n"
+            "row of the model's inputs. Exit 0 when every record has an output, 1 when one has an error\n"
+            "result or none came in time. See docs/batch-and-streams.md."
+        ),
+        epilog=(
+            "examples:\n"
+            "  printf '[5.1,3.5,1.4,0.2]\\n[6.7,3.0,5.2,2.3]\\n' | tierserve local stream -\n"
+            "  tierserve local stream rows.jsonl --partition-key sensor-7"
+        ),
+    )
+    stream.add_argument("file", help="a file with one record per line, or - for stdin")
+    stream.add_argument("--partition-key", default="tierserve-local", help="the records' partition key")
+    stream.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the results (default 30)"
+    )
+    stream.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
+    stream.set_defaults(run=run_local_stream)
     invoke = local_commands.add_parser(
         "invoke",
         help="run a handler on one event as Lambda runs it (sam local invoke, without Docker)",
@@ -160,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     invoke.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
     invoke.set_defaults(run=run_local_invoke)
+    from tierserve.tools.batch import add_batch_command
     from tierserve.tools.packaging.commands import add_commands
 
     add_commands(commands)  # package, upload, catalog
+    add_batch_command(commands)
     return parser
 
 
@@ -256,6 +288,39 @@ def run_local_put(args: argparse.Namespace) -> int:
     print(f"{where}:", file=sys.stderr)
     print(json.dumps(document, indent=2))
     return 0 if status == "output" else 1
+
+
+def run_local_stream(args: argparse.Namespace) -> int:
+    import json
+
+    from tierserve.tools.local.kinesis_stream import put_and_read
+    from tierserve.tools.local.state import LocalStackNotRunning
+
+    try:
+        text = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as error:
+        print(f"tierserve local stream: cannot read {args.file}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        print(f"tierserve local stream: {args.file} has no records: write one per line", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        results = put_and_read(args.work_dir, lines, partition_key=args.partition_key, timeout_s=args.timeout)
+    except LocalStackNotRunning as error:
+        print(f"tierserve local stream: {error}", file=sys.stderr)
+        return 1
+    for document in results:
+        print(json.dumps(document) if document is not None else "null")
+    missing = sum(d is None for d in results)
+    errors = sum(d is not None and "error" in d for d in results)
+    print(
+        f"{len(lines)} records -> {len(results) - missing} results ({errors} errors"
+        + (f", {missing} not seen after {args.timeout:g} s" if missing else "")
+        + ") from tierserve-results",
+        file=sys.stderr,
+    )
+    return 0 if not missing and not errors else 1
 
 
 def run_local_invoke(args: argparse.Namespace) -> int:

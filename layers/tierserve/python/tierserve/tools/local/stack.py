@@ -39,7 +39,9 @@ from tierserve.settings import (
     MODEL_BUCKET_ENV,
     MODEL_PREFIX_ENV,
     MODELS_ENV,
+    OUTPUT_STREAM_ENV,
     PRELOAD_ENV,
+    STREAM_MODEL_ENV,
     GpuTarget,
     ModelRef,
 )
@@ -48,6 +50,13 @@ from tierserve.tools.local import samples
 from tierserve.tools.local.api_server import LocalApi, model_in
 from tierserve.tools.local.embedded_s3 import LOCAL_CREDENTIALS, EmbeddedS3, endpoint_env
 from tierserve.tools.local.gpu_servers import GpuServerProcess, start_gpu_servers
+from tierserve.tools.local.kinesis_stream import (
+    LOCAL_STREAM_MODEL,
+    RECORDS_STREAM,
+    RESULTS_STREAM,
+    StreamPoller,
+    start_local_streams,
+)
 from tierserve.tools.local.packages import LocalModelsError, user_models
 from tierserve.tools.local.s3_queue import DATA_BUCKET, LocalPipeline, start_local_pipeline
 from tierserve.tools.local.sagemaker_runtime import SageMakerRuntime, container_at
@@ -191,11 +200,14 @@ class LocalStack:
     pipeline: LocalPipeline | None = None
     gpu_servers: list[GpuServerProcess] = field(default_factory=list)
     sagemaker: ServerThread | None = None
+    streams: StreamPoller | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
     def stop(self) -> None:
         remove_state(self.work_dir, os.getpid())  # first: the other commands see it stopping
         steps: list[Callable[[], object]] = []
+        if self.streams is not None:
+            steps.append(self.streams.stop)
         if self.pipeline is not None:
             steps.append(self.pipeline.stop)
         if self.api is not None:
@@ -336,6 +348,16 @@ def _start(
         worker_env(work_dir, stack.catalog, threshold), name="worker", module="worker"
     )
     stack.pipeline = start_local_pipeline(s3, worker)
+    stream_state: dict[str, str] = {}
+    if stack.catalog.get(LOCAL_STREAM_MODEL) is not None:
+        say(
+            f"streams: Kinesis {RECORDS_STREAM} -> the stream handler ({LOCAL_STREAM_MODEL}) -> {RESULTS_STREAM}"
+        )
+        stream = new_execution_environment(
+            stream_env(work_dir, stack.catalog, threshold), name="stream", module="stream"
+        )
+        stack.streams = start_local_streams(s3, stream)
+        stream_state = stack.streams.state()
     state = {
         "pid": os.getpid(),
         "api_url": reachable(stack.api.url),
@@ -343,6 +365,7 @@ def _start(
         "model_bucket": LOCAL_BUCKET,
         "model_prefix": MODEL_PREFIX,
         **stack.pipeline.state(),
+        **stream_state,
         **({"sagemaker_endpoint": sagemaker_url} if sagemaker_url else {}),
     }
     write_state(work_dir, state)  # last: whoever reads it finds everything answering
@@ -396,16 +419,27 @@ def api_env(
     }
 
 
-def worker_env(work_dir: Path, catalog: Catalog, threshold: int | None = None) -> dict[str, str]:
-    """The S3 worker's variables: every model of ``catalog``, the gpu-tier ones at their
-    inference component of the local SageMaker endpoint (``TIERSERVE_GPU_ENDPOINTS``, as the
-    pipeline stack sets it in AWS); models load on first use."""
+def worker_env(
+    work_dir: Path, catalog: Catalog, threshold: int | None = None, *, cache: str = "_worker"
+) -> dict[str, str]:
+    """The S3 worker's variables (and the batch function's): every model of ``catalog``, the
+    gpu-tier ones at their inference component of the local SageMaker endpoint
+    (``TIERSERVE_GPU_ENDPOINTS``, as the pipeline stack sets it in AWS); models load on first use."""
     gpu = {m.name: GpuTarget(GPU_ENDPOINT, m.name) for m in on_tier(catalog, "gpu", threshold)}
     return {
-        **_model_env(work_dir, [e.manifest for e in catalog.entries], "_worker"),
+        **_model_env(work_dir, [e.manifest for e in catalog.entries], cache),
         DATA_BUCKET_ENV: DATA_BUCKET,
         GPU_ENDPOINTS_ENV: GpuTarget.join(gpu),
         PRELOAD_ENV: "",
+    }
+
+
+def stream_env(work_dir: Path, catalog: Catalog, threshold: int | None = None) -> dict[str, str]:
+    """The stream worker's variables: the worker's, with the model it serves and the results stream."""
+    return {
+        **worker_env(work_dir, catalog, threshold, cache="_stream"),
+        STREAM_MODEL_ENV: LOCAL_STREAM_MODEL,
+        OUTPUT_STREAM_ENV: RESULTS_STREAM,
     }
 
 
@@ -417,6 +451,12 @@ def gpu_env(work_dir: Path) -> dict[str, str]:
         CACHE_DIR_ENV: str(work_dir / "cache-gpu"),
         METRICS_DISABLED_ENV: "true",
     }
+
+
+def local_function_env(work_dir: Path) -> dict[str, str]:
+    """What a function serving the data bucket reads in a running stack (``tierserve batch
+    --local``): the worker's variables for its catalog, with a cache folder of its own."""
+    return worker_env(work_dir, Catalog.load(work_dir / "catalog.json"), cache="_batch")
 
 
 def invoke_in_emulator(work_dir: Path, event: dict[str, Any], handler: str) -> tuple[Any, Path]:
@@ -434,8 +474,10 @@ def invoke_in_emulator(work_dir: Path, event: dict[str, Any], handler: str) -> t
 
     state = running_stack(work_dir)
     catalog = Catalog.load(work_dir / "catalog.json")
-    if handler.startswith("worker."):
+    if handler.startswith(("worker.", "batch.")):
         env = worker_env(work_dir, catalog)
+    elif handler.startswith("stream."):
+        env = stream_env(work_dir, catalog)
     else:
         models = on_tier(catalog, "lambda")
         named = [m for m in models if m.name == model_in(str(event.get("path") or ""))]
@@ -520,5 +562,12 @@ def _examples(stack: LocalStack, url: str) -> list[str]:
             f"S3-triggered inference (s3://{stack.pipeline.bucket}: inputs/ -> outputs/ or errors/):",
             f"  printf '{text}\\n' > rows.jsonl",
             f"  tierserve local put rows.jsonl --model {shown.name}",
+            f"bulk inference over a prefix: tierserve batch s3://{stack.pipeline.bucket}/inputs/{shown.name}/ "
+            f"--model {shown.name} --local",
+        ]
+    if stack.streams is not None:
+        lines += [
+            f"streams (Kinesis {RECORDS_STREAM} -> {RESULTS_STREAM}, model {LOCAL_STREAM_MODEL}):",
+            "  printf '[5.1,3.5,1.4,0.2]\\n[6.7,3.0,5.2,2.3]\\n' | tierserve local stream -",
         ]
     return lines
