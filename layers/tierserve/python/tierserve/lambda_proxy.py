@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tierserve.dataplane import DataPlane
@@ -37,20 +37,32 @@ def sent_size(encoded: EncodedResponse) -> int:
 def build_resolver(dataplane: DataPlane) -> Any:
     """A powertools ``APIGatewayRestResolver`` serving every OIP route through ``dataplane``,
     inference responses bounded by ``TIERSERVE_MAX_RESPONSE_MB`` as Lambda sends them."""
+    return build_route_resolver(ROUTES, dataplane, dataplane.registry.settings.max_response_bytes)
+
+
+def build_route_resolver(
+    routes: Sequence[Route], target: Any, max_response_bytes: int, *, help: str | None = None
+) -> Any:
+    """A powertools ``APIGatewayRestResolver`` serving ``routes`` on ``target`` (the OIP routes on
+    a data plane, the jobs routes on :class:`tierserve.jobs.Jobs`), responses bounded by
+    ``max_response_bytes`` as Lambda sends them, each request with API Gateway's
+    ``requestContext`` (the caller's identity); ``help`` ends a 404's message."""
     from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 
     app = APIGatewayRestResolver()
     router = Router(
-        (ROUTES, dataplane),
-        max_response_bytes=dataplane.registry.settings.max_response_bytes,
+        (routes, target),
+        max_response_bytes=max_response_bytes,
         measure=sent_size,
+        **({"help": help} if help else {}),
     )
 
     def current_request() -> HttpRequest:
         event = app.current_event
         raw = event.body or ""
         body = base64.b64decode(raw) if event.is_base64_encoded else raw.encode()
-        return HttpRequest(event.http_method, event.path, dict(event.headers or {}), body)
+        context = event.get("requestContext") or {}
+        return HttpRequest(event.http_method, event.path, dict(event.headers or {}), body, context=context)
 
     def to_powertools(response: HttpResponse) -> Response:
         content_type = response.headers.get("Content-Type", JSON_CONTENT_TYPE)
@@ -60,11 +72,11 @@ def build_resolver(dataplane: DataPlane) -> Any:
 
     def view(route: Route) -> Callable[..., Response]:
         def handle(**params: str) -> Response:
-            return to_powertools(router.run(route, dataplane, params, current_request()))
+            return to_powertools(router.run(route, target, params, current_request()))
 
         return handle
 
-    for route in ROUTES:
+    for route in routes:
         app.route(rule=route.rule, method=route.method)(view(route))
 
     @app.not_found

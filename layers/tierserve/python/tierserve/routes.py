@@ -41,13 +41,16 @@ ECHO_LIMIT = 120  # how much of a client's path an error message quotes
 @dataclass(frozen=True)
 class HttpRequest:
     """One request as a transport hands it over: ``path`` decoded, without the query;
-    ``target`` as sent (path and query, percent-encoded), for a transport that forwards it."""
+    ``target`` as sent (path and query, percent-encoded), for a transport that forwards it;
+    ``context`` API Gateway's ``requestContext`` (the caller's identity, the stage), where the
+    Lambda transport carried it."""
 
     method: str
     path: str
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
     target: str = ""
+    context: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,14 +73,18 @@ Result = Document | InferResult | HttpResponse
 @dataclass(frozen=True)
 class Route:
     """``method rule`` (``<name>`` marks a path parameter) runs ``operation(target, **params)``,
-    plus ``body=`` and ``headers=`` when ``takes_body``."""
+    plus ``body=`` and ``headers=`` when ``takes_body``, or ``request=`` (the whole
+    :class:`HttpRequest`) when ``takes_request``."""
 
     method: str
     rule: str
     operation: Callable[..., Result]
     takes_body: bool = False
+    takes_request: bool = False
 
     def call(self, target: Any, params: Mapping[str, str], request: HttpRequest) -> Result:
+        if self.takes_request:
+            return self.operation(target, **params, request=request)
         if self.takes_body:
             return self.operation(target, **params, body=request.body, headers=request.headers)
         return self.operation(target, **params)
@@ -177,7 +184,7 @@ def encode_result(
         return result
     if isinstance(result, InferResult):
         encoded = encode_infer(result)
-        check_response_size(measure(encoded), result.request, max_response_bytes)
+        check_response_size(measure(encoded), result.request, max_response_bytes, result.model.name)
         return HttpResponse(200, encoded.body, encoded.headers)
     return HttpResponse.json(result)
 
@@ -189,9 +196,12 @@ def encode_infer(result: InferResult) -> EncodedResponse:
     )
 
 
-def check_response_size(size: int, request: InferenceRequest, max_bytes: int) -> None:
+def check_response_size(
+    size: int, request: InferenceRequest, max_bytes: int, model: str | None = None
+) -> None:
     """Refuse a response of ``size`` bytes over ``max_bytes``, with what the client can change
-    (past Lambda's or SageMaker's limit the client would get a bare 502 instead).
+    (past Lambda's or SageMaker's limit the client would get a bare 502 instead), the async
+    jobs route of ``model`` among them.
 
     Raises:
         PayloadTooLarge: the response is over the limit.
@@ -203,6 +213,8 @@ def check_response_size(size: int, request: InferenceRequest, max_bytes: int) ->
     )
     fixes = [] if all_binary else ['ask for binary outputs ("parameters": {"binary_data_output": true})']
     fixes += ['ask for fewer outputs ("outputs": [{"name": ...}])', "send fewer rows per request"]
+    if model is not None:
+        fixes.append(f"or run it as a job (POST /v2/models/{model}/jobs), whose result has no such limit")
     raise PayloadTooLarge(
         f"the response would be {size:,} bytes, over the limit of {max_bytes:,} ({MAX_RESPONSE_MB_ENV}): "
         + ", ".join(fixes)

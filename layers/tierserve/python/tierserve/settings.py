@@ -50,6 +50,7 @@ MAX_INPUT_MB_ENV = "TIERSERVE_MAX_INPUT_MB"
 MAX_ROWS_ENV = "TIERSERVE_MAX_ROWS"
 MAX_JSONL_MB_ENV = "TIERSERVE_MAX_JSONL_MB"
 WORKER_CONCURRENCY_ENV = "TIERSERVE_WORKER_CONCURRENCY"
+JOBS_URL_EXPIRES_S_ENV = "TIERSERVE_JOBS_URL_EXPIRES_S"
 # The Kinesis stream worker (tierserve/streams, read by its StreamSettings).
 OUTPUT_STREAM_ENV = "TIERSERVE_OUTPUT_STREAM"
 STREAM_MODEL_ENV = "TIERSERVE_STREAM_MODEL"
@@ -452,6 +453,9 @@ GPU_ENDPOINTS = Variable(
 INPUT_PREFIX = "inputs"
 OUTPUT_PREFIX = "outputs"
 ERROR_PREFIX = "errors"
+# Async jobs (tierserve.jobs): jobs/{records,inputs,outputs,errors}/{model}/{caller}/{id}/...,
+# apart from the pipeline's prefixes and expired by their own lifecycle rule.
+JOBS_PREFIX = "jobs"
 # Bulk inference (tierserve.batch): key lists it reads, S3 Inventory reports, and each run's summary.
 MANIFEST_PREFIX = "manifests"
 INVENTORY_PREFIX = "inventory"

@@ -16,7 +16,7 @@ from urllib.parse import unquote_plus
 from aws_lambda_powertools.utilities.data_classes import S3Event
 from aws_lambda_powertools.utilities.data_classes.s3_event import S3EventRecord
 
-from tierserve.settings import INPUT_PREFIX, OUTPUT_PREFIX
+from tierserve.settings import INPUT_PREFIX, JOBS_PREFIX, OUTPUT_PREFIX
 from tierserve.telemetry import logger
 
 RESULT_SUFFIX = ".json"
@@ -100,10 +100,16 @@ def _created(record: S3EventRecord) -> S3Object:
 
 @dataclass(frozen=True)
 class InputKey:
-    """``inputs/{model}/{path}`` split into its model and path, and where its results go."""
+    """``inputs/{model}/{path}`` split into its model and path, and where its results go.
+
+    A job's input (``jobs/inputs/{model}/{caller}/{id}/{version}/input.{ext}``, see
+    :mod:`tierserve.jobs`) has ``root`` ``jobs/`` (its results go under ``jobs/outputs/`` and
+    ``jobs/errors/``) and names the ``version`` that serves it; None is the deployed one."""
 
     model: str
     path: str
+    version: str | None = None
+    root: str = ""
 
     @property
     def format(self) -> str:
@@ -111,7 +117,7 @@ class InputKey:
         return self.path[dot:].lower() if dot > self.path.rfind("/") else ""
 
     def result_key(self, kind: ResultKind) -> str:
-        return f"{kind}/{self.model}/{self.path}{RESULT_SUFFIX}"
+        return f"{self.root}{kind}/{self.model}/{self.path}{RESULT_SUFFIX}"
 
 
 def parse_input_key(key: str) -> InputKey | None:
@@ -123,6 +129,8 @@ def parse_input_key(key: str) -> InputKey | None:
             for its result key; no result can be named for it.
     """
     parts = key.split("/")
+    if parts[:2] == [JOBS_PREFIX, INPUT_PREFIX] and not key.endswith("/"):
+        return _job_input_key(key, parts)
     if parts[0] != INPUT_PREFIX or key.endswith("/"):
         return None
     if len(parts) < 3 or any(part in ("", ".", "..") for part in parts):
@@ -133,6 +141,24 @@ def parse_input_key(key: str) -> InputKey | None:
     if len(parsed.result_key(OUTPUT_PREFIX).encode()) > MAX_KEY_BYTES:
         raise PoisonMessage(f"input key {key[:80]!r}... is too long to name its output (1,024 bytes at most)")
     return parsed
+
+
+# jobs/inputs/{model}/{caller}/{id}/{version}/input.{ext}
+JOB_INPUT_PARTS = 7
+JOB_INPUT_NAME = "input"
+
+
+def _job_input_key(key: str, parts: list[str]) -> InputKey:
+    if (
+        len(parts) != JOB_INPUT_PARTS
+        or any(part in ("", ".", "..") for part in parts)
+        or not parts[-1].startswith(JOB_INPUT_NAME)
+    ):
+        raise PoisonMessage(
+            f"job input key {key[:200]!r} must be {JOBS_PREFIX}/{INPUT_PREFIX}/{{model}}/{{caller}}/{{id}}/"
+            "{version}/input.{ext}, as the jobs route names it"
+        )
+    return InputKey(parts[2], "/".join(parts[3:]), version=parts[5], root=f"{JOBS_PREFIX}/")
 
 
 def compare_sequencers(a: str, b: str) -> int:

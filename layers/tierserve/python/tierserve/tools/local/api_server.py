@@ -21,6 +21,7 @@ from typing import Any
 
 from tierserve.asgi import ServerLimits, ServerThread, bind, build_server, serve_until_stopped
 from tierserve.errors import UpstreamTimeout, UpstreamUnavailable
+from tierserve.jobs.routes import is_jobs_path
 from tierserve.routes import HttpRequest, HttpResponse, error_response
 from tierserve.tools.local.apigw import (
     LocalLambdaContext,
@@ -51,8 +52,9 @@ class ExecutionEnvironment:
 class LocalApi:
     """Serve on ``host:port`` (bound at once: a busy port fails here): each model of
     ``functions`` (model name -> its handler) in its own execution environment, ``upstreams``
-    (model name -> base URL) forwarded, and everything else through ``handler``; ``limits``
-    bound what a request may be."""
+    (model name -> base URL) forwarded, every model's jobs routes through ``jobs`` (the jobs
+    function, both tiers), and everything else through ``handler``; ``limits`` bound what a
+    request may be."""
 
     def __init__(
         self,
@@ -62,10 +64,12 @@ class LocalApi:
         host: str = "127.0.0.1",
         port: int = 3000,
         upstreams: Mapping[str, str] | None = None,
+        jobs: LambdaHandler | None = None,
         memory_mb: int = 2048,
         limits: ServerLimits = LIMITS,
     ) -> None:
         self.handler = handler
+        self.jobs = ExecutionEnvironment(jobs) if jobs is not None else None
         self.upstreams = dict(upstreams or {})
         self.memory_mb = memory_mb
         self._default = ExecutionEnvironment(handler)
@@ -109,9 +113,12 @@ class LocalApi:
         model's execution environment."""
         model = model_in(request.path)
         upstream = self.upstreams.get(model or "")
-        if upstream is not None:
+        jobs = self.jobs is not None and is_jobs_path(request.path)
+        if upstream is not None and not jobs:
             return forward(upstream, request)
         environment = self.environments.get(model or "", self._default)
+        if jobs and self.jobs is not None:
+            environment = self.jobs
         event = proxy_event(request.method, request.target or request.path, request.headers, request.body)
         result = environment(event, LocalLambdaContext(memory_limit_in_mb=self.memory_mb))
         return HttpResponse(

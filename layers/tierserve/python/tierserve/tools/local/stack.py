@@ -200,6 +200,7 @@ class LocalStack:
     pipeline: LocalPipeline | None = None
     gpu_servers: list[GpuServerProcess] = field(default_factory=list)
     sagemaker: ServerThread | None = None
+    sagemaker_runtime: SageMakerRuntime | None = None
     streams: StreamPoller | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -326,7 +327,9 @@ def _start(
     }
     every = [e.manifest for e in stack.catalog.entries]  # so an unknown model's 404 names them all
     front = new_execution_environment(api_env(work_dir, every, preload=False, cache=FRONT), name=FRONT)
-    stack.api = LocalApi(front, functions=functions, host=host, port=port)  # binds: a busy port fails here
+    jobs = new_execution_environment(jobs_env(work_dir, stack.catalog), name="jobs", module="jobs")
+    # binds: a busy port fails here
+    stack.api = LocalApi(front, functions=functions, jobs=jobs, host=host, port=port)
     if gpu_models:
         say(f"starting a GPU server process per gpu-tier model: {', '.join(m.name for m in gpu_models)}")
     stack.gpu_servers = start_gpu_servers(
@@ -340,6 +343,7 @@ def _start(
             {s.ref.name: container_at(s.url) for s in stack.gpu_servers},
             components={s.ref.name: GPU_ENDPOINT for s in stack.gpu_servers},
         )
+        stack.sagemaker_runtime = runtime
         stack.sagemaker = runtime.serve("127.0.0.1", 0)
         sagemaker_url = f"http://127.0.0.1:{stack.sagemaker.address[1]}"
         os.environ[SAGEMAKER_RUNTIME_ENV] = sagemaker_url  # the worker's client is made on first use
@@ -416,6 +420,16 @@ def api_env(
         **_model_env(work_dir, models, cache),
         DATA_BUCKET_ENV: DATA_BUCKET,
         PRELOAD_ENV: "*" if preload else "",
+    }
+
+
+def jobs_env(work_dir: Path, catalog: Catalog) -> dict[str, str]:
+    """The jobs function's variables: every model of ``catalog`` (both tiers: it only names
+    them), the data bucket its jobs live in."""
+    return {
+        **_model_env(work_dir, [e.manifest for e in catalog.entries], "_jobs"),
+        DATA_BUCKET_ENV: DATA_BUCKET,
+        PRELOAD_ENV: "",
     }
 
 
@@ -564,6 +578,9 @@ def _examples(stack: LocalStack, url: str) -> list[str]:
             f"  tierserve local put rows.jsonl --model {shown.name}",
             f"bulk inference over a prefix: tierserve batch s3://{stack.pipeline.bucket}/inputs/{shown.name}/ "
             f"--model {shown.name} --local",
+            "async jobs (any size; presigned URLs on the embedded S3):",
+            f"  tierserve infer {shown.name} rows.jsonl --async --url {url}",
+            f"  curl -s -X POST {url}/v2/models/{shown.name}/jobs   # an upload URL: curl -T FILE '<url>'",
         ]
     if stack.streams is not None:
         lines += [

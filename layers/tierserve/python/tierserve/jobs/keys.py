@@ -1,0 +1,82 @@
+"""Where a job lives in the data bucket, and whose it is.
+
+    jobs/records/{model}/{caller}/{id}.json                          the job: version, format, when
+    jobs/inputs/{model}/{caller}/{id}/{version}/input.{ext}          its input (the S3 pipeline's trigger)
+    jobs/outputs/{model}/{caller}/{id}/{version}/input.{ext}.json    its result, written by the worker
+    jobs/errors/{model}/{caller}/{id}/{version}/input.{ext}.json     or the reason it failed
+
+``{caller}`` is a digest of the caller's identity (:func:`caller_of`): a key never holds an ARN
+or an API key id, every caller's keys have one length, and no identity can reach another's
+folder. ``{id}`` is 128 random bits in hex. The model comes first so the status route, which
+names the model, finds nothing of another model's job; the kind (``inputs``, ``outputs``...)
+comes before both so the pipeline's notification takes one prefix and its results cannot
+trigger it, as with ``inputs/`` -> ``outputs/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tierserve.s3_pipeline.events import JOB_INPUT_NAME, InputKey
+from tierserve.settings import ERROR_PREFIX, INPUT_PREFIX, JOBS_PREFIX, OUTPUT_PREFIX
+
+RECORD_PREFIX = "records"
+ID_BYTES = 16  # 128 random bits
+ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+CALLER_DIGEST_CHARS = 32
+ANONYMOUS = "anonymous"
+
+
+def new_job_id() -> str:
+    """128 bits from the operating system's CSPRNG, as 32 hex digits."""
+    return secrets.token_hex(ID_BYTES)
+
+
+def caller_identity(context: Mapping[str, Any]) -> str:
+    """Who is calling, from API Gateway's ``requestContext``: the IAM principal (``userArn``,
+    with ``auth=iam``), else the API key's id (``apiKeyId``, with ``auth=api_key``), else
+    ``anonymous`` (``auth=none``: then the id alone is the capability)."""
+    identity = context.get("identity") or {}
+    if identity.get("userArn"):
+        return f"iam:{identity['userArn']}"
+    if identity.get("apiKeyId"):
+        return f"api_key:{identity['apiKeyId']}"
+    return ANONYMOUS
+
+
+def caller_of(context: Mapping[str, Any]) -> str:
+    """The ``{caller}`` segment of the caller's keys: a digest of :func:`caller_identity`."""
+    digest = hashlib.sha256(caller_identity(context).encode()).hexdigest()
+    return digest[:CALLER_DIGEST_CHARS]
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """The keys of one job: ``model``'s job ``id`` for ``caller``."""
+
+    model: str
+    caller: str
+    id: str
+
+    @property
+    def record(self) -> str:
+        return f"{JOBS_PREFIX}/{RECORD_PREFIX}/{self.model}/{self.caller}/{self.id}.json"
+
+    def input(self, version: str, fmt: str) -> InputKey:
+        """The input key (as the pipeline reads it) for ``version`` and format ``fmt`` (``.npy``)."""
+        return InputKey(
+            self.model, f"{self.caller}/{self.id}/{version}/{JOB_INPUT_NAME}{fmt}", version, f"{JOBS_PREFIX}/"
+        )
+
+
+def input_object_key(key: InputKey) -> str:
+    """The S3 key of a job's input (``key.result_key`` names its results)."""
+    return f"{key.root}{INPUT_PREFIX}/{key.model}/{key.path}"
+
+
+KINDS = (OUTPUT_PREFIX, ERROR_PREFIX)
