@@ -1,16 +1,16 @@
-"""Where a job lives in the data bucket, and whose it is.
+"""Where a job lives in the data bucket, and whose it is: one folder per job.
 
-    jobs/records/{model}/{caller}/{id}.json                          the job: version, format, when
-    jobs/inputs/{model}/{caller}/{id}/{version}/input.{ext}          its input (the S3 pipeline's trigger)
-    jobs/outputs/{model}/{caller}/{id}/{version}/input.{ext}.json    its result, written by the worker
-    jobs/errors/{model}/{caller}/{id}/{version}/input.{ext}.json     or the reason it failed
+    jobs/{model}/{caller}/{id}/job.json                    the job: version, format, when, upload expiry
+    jobs/{model}/{caller}/{id}/{version}/input.{ext}       its input (the S3 pipeline's trigger)
+    jobs/{model}/{caller}/{id}/{version}/output.json       its result, written by the worker
+    jobs/{model}/{caller}/{id}/{version}/error.json        or the reason it failed
 
-``{caller}`` is a digest of the caller's identity (:func:`caller_of`): a key never holds an ARN
-or an API key id, every caller's keys have one length, and no identity can reach another's
-folder. ``{id}`` is 128 random bits in hex. The model comes first so the status route, which
-names the model, finds nothing of another model's job; the kind (``inputs``, ``outputs``...)
-comes before both so the pipeline's notification takes one prefix and its results cannot
-trigger it, as with ``inputs/`` -> ``outputs/``.
+One ListObjectsV2 of the folder is the job's whole status. ``{caller}`` is a digest of the
+caller's identity (:func:`caller_of`): a key never holds an ARN or an API key id, every
+caller's keys have one length, and no identity can reach another's folder. ``{id}`` is 128
+random bits in hex. The model comes first, so the status route (which names the model) finds
+nothing of another model's job. The pipeline's notification takes ``jobs/`` with the suffixes
+``/input.{ext}`` (:func:`input_suffixes`), so neither records nor results can trigger it.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tierserve.s3_pipeline.events import JOB_INPUT_NAME, InputKey
-from tierserve.settings import ERROR_PREFIX, INPUT_PREFIX, JOBS_PREFIX, OUTPUT_PREFIX
+from tierserve.s3_pipeline.events import JOB_INPUT_NAME, JOB_RESULT_NAMES, InputKey
+from tierserve.s3_pipeline.formats import FORMATS
+from tierserve.settings import JOBS_PREFIX
 
-RECORD_PREFIX = "records"
+RECORD_NAME = "job.json"
 ID_BYTES = 16  # 128 random bits
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 CALLER_DIGEST_CHARS = 32
@@ -64,8 +65,13 @@ class JobKeys:
     id: str
 
     @property
+    def folder(self) -> str:
+        """Everything of the job is under this prefix (it ends with ``/``)."""
+        return f"{JOBS_PREFIX}/{self.model}/{self.caller}/{self.id}/"
+
+    @property
     def record(self) -> str:
-        return f"{JOBS_PREFIX}/{RECORD_PREFIX}/{self.model}/{self.caller}/{self.id}.json"
+        return self.folder + RECORD_NAME
 
     def input(self, version: str, fmt: str) -> InputKey:
         """The input key (as the pipeline reads it) for ``version`` and format ``fmt`` (``.npy``)."""
@@ -76,7 +82,12 @@ class JobKeys:
 
 def input_object_key(key: InputKey) -> str:
     """The S3 key of a job's input (``key.result_key`` names its results)."""
-    return f"{key.root}{INPUT_PREFIX}/{key.model}/{key.path}"
+    return f"{key.root}{key.model}/{key.path}"
 
 
-KINDS = (OUTPUT_PREFIX, ERROR_PREFIX)
+def input_suffixes() -> tuple[str, ...]:
+    """The key suffixes of every job input (one notification filter each, beside ``jobs/``)."""
+    return tuple(f"/{JOB_INPUT_NAME}{fmt}" for fmt in FORMATS)
+
+
+RESULT_NAMES = JOB_RESULT_NAMES

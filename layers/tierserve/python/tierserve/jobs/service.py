@@ -1,10 +1,11 @@
 """The jobs routes' operations: create a job (its input inline, or an upload URL), and read its
 status, from S3 alone.
 
-A job is its objects (:mod:`tierserve.jobs.keys`): the record written at creation (version,
-format, when, until when an upload may arrive), the input (written here, or PUT by the caller
+A job is its folder (:mod:`tierserve.jobs.keys`): the record written at creation (version,
+format, until when an upload may arrive), the input (written here, or PUT by the caller
 through the presigned URL), and the result the S3 pipeline's worker writes for that input (an
-output, or an error document with the reason). Status is read from them, in this order:
+output, or an error document with the reason). Status is one listing of the folder, read in
+this order:
 
     output exists          succeeded: the OIP response inline when it fits the response
                            limit, else a presigned GET URL of it and its expiry
@@ -40,9 +41,8 @@ from tierserve.jobs.settings import JobsSettings
 from tierserve.protocol import BINARY_CONTENT_TYPE, HEADER_LENGTH, JSON_CONTENT_TYPE, EncodedResponse, header
 from tierserve.registry import ModelRegistry
 from tierserve.routes import HttpRequest, HttpResponse
-from tierserve.s3_pipeline.events import InputKey
+from tierserve.s3_pipeline.events import InputKey, PoisonMessage, parse_input_key
 from tierserve.s3_pipeline.formats import FORMATS
-from tierserve.s3_pipeline.results import META_PROCESSED_AT
 from tierserve.settings import (
     ERROR_PREFIX,
     MAX_INPUT_MB_ENV,
@@ -60,6 +60,7 @@ UPLOAD_FIELDS = ("format", "bytes", "inference_header_content_length")
 # less room than this is not even read: its URL is answered.
 STATUS_OVERHEAD_BYTES = 2048
 MAX_ERROR_DOCUMENT_BYTES = 64 * 1024
+LIST_MAX_KEYS = 10  # a job's folder: its record, input, and one result (two while one replaces the other)
 Measure = Callable[[EncodedResponse], int]
 
 
@@ -254,7 +255,8 @@ class Jobs:
     # -------------------------------------------------- GET .../jobs/{id}
 
     def status(self, model: str, job_id: str, request: HttpRequest) -> HttpResponse:
-        """The job's status (see the module docstring), for the caller who created it.
+        """The job's status (see the module docstring), for the caller who created it: one
+        listing of the job's folder, then the result (or the record, before an upload).
 
         Raises:
             JobNotFound: no such job for this caller and model (never says which).
@@ -263,29 +265,33 @@ class Jobs:
         """
         self.registry.resolve(model)
         keys = JobKeys(model, caller_of(request.context), job_id)
-        record = self._record(keys) if ID_PATTERN.match(job_id) else None
-        if record is None:
+        listed = self._list(keys.folder) if ID_PATTERN.match(job_id) else {}
+        if keys.record not in listed:
             raise JobNotFound(
                 f"no job {job_id[:64]!r} of model {model!r} for this caller: it was never created, it "
                 "expired, or it was created with other credentials (a job is seen only by its creator)"
             )
-        key = keys.input(str(record["model_version"]), str(record["format"]))
         document: dict[str, Any] = {
             "id": keys.id,
-            "model_name": record["model_name"],
-            "model_version": record["model_version"],
-            "created_at": record.get("created_at"),
+            "model_name": model,
+            "created_at": _iso_of(listed[keys.record]),
         }
-        output = self._head(key.result_key(OUTPUT_PREFIX))
-        if output is not None:
-            return self._succeeded(document, key, output)
-        error = self._head(key.result_key(ERROR_PREFIX))
-        if error is not None:
-            return self._failed(document, key, error)
-        if self._head(input_object_key(key)) is not None:
-            return HttpResponse.json({**document, "status": "pending", "input": "received"})
+        key = next((found for name in listed if (found := _job_input(name)) is not None), None)
+        if key is None:
+            return self._awaiting_upload(keys, document)
+        document["model_version"] = key.version
+        output, error = key.result_key(OUTPUT_PREFIX), key.result_key(ERROR_PREFIX)
+        if output in listed:
+            return self._succeeded(document, output, listed[output])
+        if error in listed:
+            return self._failed(document, error, listed[error])
+        return HttpResponse.json({**document, "status": "pending", "input": "received"})
+
+    def _awaiting_upload(self, keys: JobKeys, document: dict[str, Any]) -> HttpResponse:
+        record = self._record(keys)
+        document = {**document, "model_version": record.get("model_version")}
         expires_at = record.get("upload_expires_at")
-        if expires_at and _iso(self._clock()) > expires_at:
+        if expires_at and _iso(self._clock()) > str(expires_at):
             return HttpResponse.json(
                 {
                     **document,
@@ -297,10 +303,9 @@ class Jobs:
             )
         return HttpResponse.json({**document, "status": "pending", "input": "awaiting upload"})
 
-    def _succeeded(self, document: dict[str, Any], key: InputKey, head: Mapping[str, Any]) -> HttpResponse:
-        result_key = key.result_key(OUTPUT_PREFIX)
-        document = {**document, "status": "succeeded", **_finished(head)}
-        size = int(head.get("ContentLength") or 0)
+    def _succeeded(self, document: dict[str, Any], result_key: str, item: Mapping[str, Any]) -> HttpResponse:
+        document = {**document, "status": "succeeded", "finished_at": _iso_of(item)}
+        size = int(item.get("Size") or 0)
         limit = self.settings.models.max_response_bytes
         if size + STATUS_OVERHEAD_BYTES <= limit:
             body = self._get(result_key)
@@ -320,18 +325,19 @@ class Jobs:
             }
         )
 
-    def _failed(self, document: dict[str, Any], key: InputKey, head: Mapping[str, Any]) -> HttpResponse:
+    def _failed(self, document: dict[str, Any], error_key: str, item: Mapping[str, Any]) -> HttpResponse:
         reason: dict[str, Any] = {}
-        if int(head.get("ContentLength") or 0) <= MAX_ERROR_DOCUMENT_BYTES:
+        if int(item.get("Size") or 0) <= MAX_ERROR_DOCUMENT_BYTES:
             try:
-                reason = json.loads(self._get(key.result_key(ERROR_PREFIX)))
-            except ValueError:
+                found = json.loads(self._get(error_key))
+                reason = found if isinstance(found, dict) else {}
+            except (ValueError, _Gone):
                 reason = {}
         return HttpResponse.json(
             {
                 **document,
                 "status": "failed",
-                **_finished(head),
+                "finished_at": _iso_of(item),
                 "error": reason.get("error", "the pipeline recorded an error it did not describe"),
                 "error_status": reason.get("status", 400),
             }
@@ -339,24 +345,20 @@ class Jobs:
 
     # -------------------------------------------------- S3
 
-    def _record(self, keys: JobKeys) -> dict[str, Any] | None:
+    def _list(self, folder: str) -> dict[str, Mapping[str, Any]]:
+        """The job's objects (key -> its listing entry); a folder holds four at most."""
         try:
-            body = self._get(keys.record)
-        except _Gone:
-            return None
-        try:
-            record = json.loads(body)
-        except ValueError:
-            return None
-        return record if isinstance(record, dict) and {"model_version", "format"} <= set(record) else None
-
-    def _head(self, key: str) -> Mapping[str, Any] | None:
-        try:
-            return self._s3().head_object(Bucket=self.bucket, Key=key)
+            page = self._s3().list_objects_v2(Bucket=self.bucket, Prefix=folder, MaxKeys=LIST_MAX_KEYS)
         except Exception as error:
-            if aws.classify(error).kind == "gone":
-                return None
-            raise self._error(error, key, "s3:GetObject") from error
+            raise self._error(error, folder, "s3:ListBucket") from error
+        return {str(item["Key"]): item for item in page.get("Contents", [])}
+
+    def _record(self, keys: JobKeys) -> dict[str, Any]:
+        try:
+            record = json.loads(self._get(keys.record))
+        except (ValueError, _Gone):
+            record = None
+        return record if isinstance(record, dict) else {}
 
     def _get(self, key: str) -> bytes:
         try:
@@ -424,9 +426,17 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return document
 
 
-def _finished(head: Mapping[str, Any]) -> dict[str, Any]:
-    meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
-    return {"finished_at": meta[META_PROCESSED_AT]} if meta.get(META_PROCESSED_AT) else {}
+def _job_input(key: str) -> InputKey | None:
+    try:
+        return parse_input_key(key)
+    except PoisonMessage:
+        return None
+
+
+def _iso_of(item: Mapping[str, Any]) -> str | None:
+    """When a listed object was written (its ``LastModified``), as the document's times read."""
+    modified = item.get("LastModified")
+    return _iso(modified.timestamp()) if isinstance(modified, datetime) else None
 
 
 def _iso(epoch_s: float) -> str:

@@ -16,7 +16,7 @@ from urllib.parse import unquote_plus
 from aws_lambda_powertools.utilities.data_classes import S3Event
 from aws_lambda_powertools.utilities.data_classes.s3_event import S3EventRecord
 
-from tierserve.settings import INPUT_PREFIX, JOBS_PREFIX, OUTPUT_PREFIX
+from tierserve.settings import ERROR_PREFIX, INPUT_PREFIX, JOBS_PREFIX, OUTPUT_PREFIX
 from tierserve.telemetry import logger
 
 RESULT_SUFFIX = ".json"
@@ -102,9 +102,9 @@ def _created(record: S3EventRecord) -> S3Object:
 class InputKey:
     """``inputs/{model}/{path}`` split into its model and path, and where its results go.
 
-    A job's input (``jobs/inputs/{model}/{caller}/{id}/{version}/input.{ext}``, see
-    :mod:`tierserve.jobs`) has ``root`` ``jobs/`` (its results go under ``jobs/outputs/`` and
-    ``jobs/errors/``) and names the ``version`` that serves it; None is the deployed one."""
+    A job's input (``jobs/{model}/{caller}/{id}/{version}/input.{ext}``, see
+    :mod:`tierserve.jobs.keys`) has ``root`` ``jobs/`` and names the ``version`` that serves it
+    (None: the deployed one); its results are ``output.json`` and ``error.json`` beside it."""
 
     model: str
     path: str
@@ -117,7 +117,10 @@ class InputKey:
         return self.path[dot:].lower() if dot > self.path.rfind("/") else ""
 
     def result_key(self, kind: ResultKind) -> str:
-        return f"{self.root}{kind}/{self.model}/{self.path}{RESULT_SUFFIX}"
+        if self.root:
+            folder = self.path.rsplit("/", 1)[0]
+            return f"{self.root}{self.model}/{folder}/{JOB_RESULT_NAMES[kind]}"
+        return f"{kind}/{self.model}/{self.path}{RESULT_SUFFIX}"
 
 
 def parse_input_key(key: str) -> InputKey | None:
@@ -129,7 +132,7 @@ def parse_input_key(key: str) -> InputKey | None:
             for its result key; no result can be named for it.
     """
     parts = key.split("/")
-    if parts[:2] == [JOBS_PREFIX, INPUT_PREFIX] and not key.endswith("/"):
+    if parts[0] == JOBS_PREFIX:
         return _job_input_key(key, parts)
     if parts[0] != INPUT_PREFIX or key.endswith("/"):
         return None
@@ -143,22 +146,22 @@ def parse_input_key(key: str) -> InputKey | None:
     return parsed
 
 
-# jobs/inputs/{model}/{caller}/{id}/{version}/input.{ext}
-JOB_INPUT_PARTS = 7
+# jobs/{model}/{caller}/{id}/{version}/input.{ext}; beside it output.json or error.json
+JOB_INPUT_PARTS = 6
 JOB_INPUT_NAME = "input"
+JOB_RESULT_NAMES: dict[str, str] = {OUTPUT_PREFIX: "output.json", ERROR_PREFIX: "error.json"}
 
 
-def _job_input_key(key: str, parts: list[str]) -> InputKey:
-    if (
-        len(parts) != JOB_INPUT_PARTS
-        or any(part in ("", ".", "..") for part in parts)
-        or not parts[-1].startswith(JOB_INPUT_NAME)
-    ):
+def _job_input_key(key: str, parts: list[str]) -> InputKey | None:
+    """A job's input key; None for a job's other objects (its record, its results)."""
+    if not parts[-1].startswith(f"{JOB_INPUT_NAME}."):
+        return None
+    if len(parts) != JOB_INPUT_PARTS or any(part in ("", ".", "..") for part in parts):
         raise PoisonMessage(
-            f"job input key {key[:200]!r} must be {JOBS_PREFIX}/{INPUT_PREFIX}/{{model}}/{{caller}}/{{id}}/"
-            "{version}/input.{ext}, as the jobs route names it"
+            f"job input key {key[:200]!r} must be {JOBS_PREFIX}/{{model}}/{{caller}}/{{id}}/{{version}}/"
+            "input.{ext}, as the jobs route names it"
         )
-    return InputKey(parts[2], "/".join(parts[3:]), version=parts[5], root=f"{JOBS_PREFIX}/")
+    return InputKey(parts[1], "/".join(parts[2:]), version=parts[4], root=f"{JOBS_PREFIX}/")
 
 
 def compare_sequencers(a: str, b: str) -> int:

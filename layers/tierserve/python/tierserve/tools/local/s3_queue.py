@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tierserve import aws
+from tierserve.jobs.keys import input_suffixes
 from tierserve.s3_pipeline import META_INPUT_ETAG, InputKey
 from tierserve.settings import ERROR_PREFIX, INPUT_PREFIX, JOBS_PREFIX, OUTPUT_PREFIX
 from tierserve.telemetry import logger
@@ -33,7 +34,6 @@ from tierserve.tools.local.embedded_s3 import LOCAL_CREDENTIALS, EmbeddedS3, emb
 from tierserve.tools.local.state import LocalStackNotRunning, running_stack, write_state
 
 DATA_BUCKET = "tierserve-data"
-JOB_INPUTS = f"{JOBS_PREFIX}/{INPUT_PREFIX}/"  # the jobs routes' inputs, served by the same worker
 QUEUE_NAME = "tierserve-inputs"
 DLQ_NAME = "tierserve-inputs-dlq"
 MAX_RECEIVE_COUNT = 3
@@ -64,8 +64,8 @@ def create_resources(
     visibility_timeout_s: int = VISIBILITY_TIMEOUT_S,
 ) -> Queues:
     """The data bucket, the queue with its redrive policy and DLQ, and the bucket's
-    notification (``s3:ObjectCreated:*`` under ``inputs/`` and under ``jobs/inputs/``) to the
-    queue, as the pipeline construct creates them in AWS. S3 sends an ``s3:TestEvent`` first."""
+    notification (``s3:ObjectCreated:*`` under ``inputs/``, and jobs' inputs: ``jobs/`` with
+    each ``/input.{ext}`` suffix) to the queue, as the pipeline construct creates them in AWS. S3 sends an ``s3:TestEvent`` first."""
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     if bucket not in existing:
         s3.create_bucket(Bucket=bucket)
@@ -87,12 +87,22 @@ def create_resources(
                     "Events": ["s3:ObjectCreated:*"],
                     "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": f"{INPUT_PREFIX}/"}]}},
                 },
-                {
-                    "Id": "tierserve-jobs",
-                    "QueueArn": arn,
-                    "Events": ["s3:ObjectCreated:*"],
-                    "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": JOB_INPUTS}]}},
-                },
+                *(
+                    {
+                        "Id": f"tierserve-jobs{suffix.replace('/', '-').replace('.', '-')}",
+                        "QueueArn": arn,
+                        "Events": ["s3:ObjectCreated:*"],
+                        "Filter": {
+                            "Key": {
+                                "FilterRules": [
+                                    {"Name": "prefix", "Value": f"{JOBS_PREFIX}/"},
+                                    {"Name": "suffix", "Value": suffix},
+                                ]
+                            }
+                        },
+                    }
+                    for suffix in input_suffixes()
+                ),
             ]
         },
     )
