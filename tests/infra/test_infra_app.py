@@ -71,9 +71,12 @@ def of_type(template: dict[str, Any], resource_type: str) -> dict[str, dict[str,
 
 
 def functions_by_model(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The API function of each model (the jobs function, which names every model, aside)."""
     functions = of_type(template, "AWS::Lambda::Function")
     return {
-        f["Properties"]["Environment"]["Variables"][MODELS_ENV].split("@")[0]: f for f in functions.values()
+        f["Properties"]["Environment"]["Variables"][MODELS_ENV].split("@")[0]: f
+        for f in functions.values()
+        if f["Properties"].get("ImageConfig", {}).get("Command") != ["jobs.handler"]
     }
 
 

@@ -22,11 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tierserve.s3_pipeline.events import JOB_INPUT_NAME, JOB_RESULT_NAMES, InputKey
-from tierserve.s3_pipeline.formats import FORMATS
-from tierserve.settings import JOBS_PREFIX
+from tierserve.s3_pipeline.events import InputKey
+from tierserve.settings import JOB_INPUT_NAME, JOB_INPUT_SUFFIXES, JOB_RECORD_NAME, JOBS_PREFIX
 
-RECORD_NAME = "job.json"
 ID_BYTES = 16  # 128 random bits
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 CALLER_DIGEST_CHARS = 32
@@ -71,7 +69,7 @@ class JobKeys:
 
     @property
     def record(self) -> str:
-        return self.folder + RECORD_NAME
+        return self.folder + JOB_RECORD_NAME
 
     def input(self, version: str, fmt: str) -> InputKey:
         """The input key (as the pipeline reads it) for ``version`` and format ``fmt`` (``.npy``)."""
@@ -87,7 +85,4 @@ def input_object_key(key: InputKey) -> str:
 
 def input_suffixes() -> tuple[str, ...]:
     """The key suffixes of every job input (one notification filter each, beside ``jobs/``)."""
-    return tuple(f"/{JOB_INPUT_NAME}{fmt}" for fmt in FORMATS)
-
-
-RESULT_NAMES = JOB_RESULT_NAMES
+    return JOB_INPUT_SUFFIXES

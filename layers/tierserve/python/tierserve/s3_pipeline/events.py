@@ -16,7 +16,7 @@ from urllib.parse import unquote_plus
 from aws_lambda_powertools.utilities.data_classes import S3Event
 from aws_lambda_powertools.utilities.data_classes.s3_event import S3EventRecord
 
-from tierserve.settings import ERROR_PREFIX, INPUT_PREFIX, JOBS_PREFIX, OUTPUT_PREFIX
+from tierserve.settings import INPUT_PREFIX, JOB_INPUT_NAME, JOB_RESULT_NAMES, JOBS_PREFIX, OUTPUT_PREFIX
 from tierserve.telemetry import logger
 
 RESULT_SUFFIX = ".json"
@@ -148,8 +148,6 @@ def parse_input_key(key: str) -> InputKey | None:
 
 # jobs/{model}/{caller}/{id}/{version}/input.{ext}; beside it output.json or error.json
 JOB_INPUT_PARTS = 6
-JOB_INPUT_NAME = "input"
-JOB_RESULT_NAMES: dict[str, str] = {OUTPUT_PREFIX: "output.json", ERROR_PREFIX: "error.json"}
 
 
 def _job_input_key(key: str, parts: list[str]) -> InputKey | None:

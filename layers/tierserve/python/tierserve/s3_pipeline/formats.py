@@ -30,9 +30,9 @@ from tierserve.protocol import (
 from tierserve.s3_pipeline.errors import data_error
 from tierserve.s3_pipeline.events import InputKey
 from tierserve.s3_pipeline.settings import PipelineSettings
-from tierserve.settings import MAX_INPUT_MB_ENV, MAX_JSONL_MB_ENV, MAX_ROWS_ENV, MB
+from tierserve.settings import INPUT_FORMATS, MAX_INPUT_MB_ENV, MAX_JSONL_MB_ENV, MAX_ROWS_ENV, MB
 
-FORMATS = (".json", ".jsonl", ".npy", ".bin")
+FORMATS = INPUT_FORMATS
 READ_CHUNK_BYTES = 1 * MB
 Batches = Iterator[tuple[InferenceRequest, int]]
 
