@@ -301,3 +301,107 @@ def test_the_readme_example_flow_is_what_curl_does(stack, tmp_path: Path):
     )
     assert put.stdout == "200", put
     assert wait_done(job["result"])["status"] == "succeeded"
+
+
+# ---------------------------------------------------------------- tierserve infer
+
+
+def infer(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``tierserve infer ...`` as users run it: its own process, the real CLI."""
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TIERSERVE_")}
+    environment.update(env or {})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from tierserve.tools.cli import main; raise SystemExit(main())",
+            "infer",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_tierserve_infer_sends_a_small_input_synchronously(stack, tmp_path: Path):
+    rows = np.random.default_rng(4).standard_normal((2, FEATURES)).astype(np.float32)
+    np.save(tmp_path / "rows.npy", rows)
+    code, out, err = infer(LAMBDA_MODEL, str(tmp_path / "rows.npy"), "--url", stack.api.url)
+    assert code == 0, err
+    assert "job" not in err  # the sync route: no job was created
+    (output,) = json.loads(out)["outputs"]
+    expected = session(stack, LAMBDA_MODEL).run(None, {"input": rows})[0]
+    assert np.allclose(np.asarray(output["data"], np.float32).reshape(output["shape"]), expected)
+
+
+def test_tierserve_infer_sends_a_large_input_as_a_job_with_a_progress_bar(stack, tmp_path: Path):
+    rows = (
+        np.random.default_rng(5).standard_normal((8 * 2**20 // (FEATURES * 4), FEATURES)).astype(np.float32)
+    )
+    np.save(tmp_path / "big.npy", rows)
+    out_file = tmp_path / "result.json"
+    code, _, err = infer(
+        LAMBDA_MODEL,
+        str(tmp_path / "big.npy"),
+        "--url",
+        stack.api.url,
+        "--out",
+        str(out_file),
+        "--api-key",
+        "carol",
+    )
+    assert code == 0, err
+    assert (
+        re.search(r"job [0-9a-f]{32} created", err) and "uploading big.npy [" in err and "8.0/8.0 MB" in err
+    )
+    (output,) = json.loads(out_file.read_bytes())["outputs"]
+    expected = session(stack, LAMBDA_MODEL).run(None, {"input": rows})[0]
+    assert np.array_equal(np.asarray(output["data"], np.float32).reshape(output["shape"]), expected)
+
+
+def test_tierserve_infer_async_returns_the_job_signed_with_sigv4_and_scoped_to_the_signer(
+    stack, tmp_path: Path
+):
+    (tmp_path / "rows.jsonl").write_text(json.dumps([0.25] * FEATURES) + "\n")
+    signer = {"AWS_ACCESS_KEY_ID": "AKIDALICE", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_REGION": "us-east-1"}
+    code, out, err = infer(
+        LAMBDA_MODEL,
+        str(tmp_path / "rows.jsonl"),
+        "--url",
+        stack.api.url,
+        "--async",
+        "--auth",
+        "iam",
+        env=signer,
+    )
+    assert code == 0, err
+    job = json.loads(out)
+    assert job["status"] == "pending" and job["result"].endswith(job["id"])
+    signed_by_alice = {
+        "Authorization": "AWS4-HMAC-SHA256 Credential=AKIDALICE/20260101/us-east-1/execute-api/aws4_request"
+    }
+    assert wait_done(job["result"], signed_by_alice)["status"] == "succeeded"
+    assert http("GET", job["result"], headers=ALICE)[0] == 404  # another caller
+
+
+def test_tierserve_infer_errors_are_one_line_with_the_fix_and_their_exit_code(stack, tmp_path: Path):
+    wrong = {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    code, _, err = infer(LAMBDA_MODEL, str(tmp_path / "wrong.json"), "--url", stack.api.url)
+    assert code == 1 and err.count("\n") == 1 and "shape [1, 2]" in err, err
+    code, _, err = infer(LAMBDA_MODEL, str(tmp_path / "wrong.json"), "--url", stack.api.url, "--wait")
+    assert code == 1 and "failed: " in err and "shape [1, 2]" in err, err
+    code, _, err = infer(LAMBDA_MODEL, str(tmp_path / "absent.json"), "--url", stack.api.url)
+    assert code == 2 and err.startswith("tierserve infer: cannot read") and err.count("\n") == 1, err
+    code, _, err = infer(LAMBDA_MODEL, str(tmp_path / "wrong.json"), "--url", "http://127.0.0.1:9")
+    assert code == 3 and "nothing answers at http://127.0.0.1:9" in err and err.count("\n") == 1, err
+    code, _, err = infer(
+        LAMBDA_MODEL, str(tmp_path / "wrong.json"), "--url", stack.api.url, "--auth", "api_key"
+    )
+    assert code == 2 and "--api-key" in err, err

@@ -71,7 +71,7 @@ def proxy_event(
 
 
 # SigV4's Authorization header: AWS4-HMAC-SHA256 Credential=AKID/date/region/service/aws4_request, ...
-_CREDENTIAL = re.compile(r"Credential=([A-Za-z0-9+/=_-]+)/")
+_CREDENTIAL = re.compile(r"Credential=([A-Za-z0-9]+)/")
 
 
 def caller_identity(headers: Mapping[str, str]) -> dict[str, str]:
