@@ -11,6 +11,7 @@ from typing import Any
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from tierserve import aws
 from tierserve.dataplane import DataPlane
 from tierserve.registry import ModelRegistry
 from tierserve.routes import build_resolver
@@ -27,4 +28,6 @@ registry.preload()
 @tracer.capture_lambda_handler(capture_response=False)
 @metrics.log_metrics(capture_cold_start_metric=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return app.resolve(event, context)
+    # A cold load (and every S3 call) must end in time to answer: the invocation's remaining time.
+    with aws.within(aws.Deadline.for_invocation(context, aws.RESPONSE_MARGIN_S)):
+        return app.resolve(event, context)

@@ -2,15 +2,19 @@
 
 While ``down`` it answers every request with 503 SlowDown (what S3 itself says under
 load), so botocore's retries run for real and then give up; while ``stalled`` it reads each
-request and answers nothing (until it is stopped), as a hung S3 would; switched back,
-requests pass through unchanged. Tests use it to prove that a fault is reported and then
-recovered from, and that a hung dependency cannot outlast a deadline.
+request and answers nothing (until it is stopped), as a hung S3 would; with
+``trickle_bytes_per_s`` it sends the headers at once and then the body at that rate, slowly
+enough that every read gets a byte before any socket timeout; ``slow_paths`` limits stalling
+and trickling to paths that contain it (the artifact, say, not the manifest). Switched
+back, requests pass through unchanged. Tests use it to prove that a fault is reported and
+then recovered from, and that a hung or trickling dependency cannot outlast a deadline.
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -26,6 +30,8 @@ class FlakyProxy:
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.down = False
         self.stalled = False
+        self.trickle_bytes_per_s: float | None = None
+        self.slow_paths: str | None = None
         self._released = threading.Event()
         self.requests = 0
         self.fail_next = 0
@@ -60,7 +66,8 @@ class FlakyProxy:
             def _relay(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                if proxy.stalled:
+                slow = proxy.slow_paths is None or proxy.slow_paths in self.path
+                if proxy.stalled and slow:
                     proxy.requests += 1
                     proxy._released.wait(120)  # no answer at all: the client's timeout must end it
                     self.close_connection = True
@@ -84,8 +91,24 @@ class FlakyProxy:
                         self.send_header(name, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                if proxy.trickle_bytes_per_s and slow:
+                    self._trickle(payload, proxy.trickle_bytes_per_s)
+                else:
+                    self.wfile.write(payload)
                 connection.close()
+
+            def _trickle(self, payload: bytes, rate: float) -> None:
+                piece = max(1, int(rate / 20))  # twenty writes a second
+                for start in range(0, len(payload), piece):
+                    if proxy._released.is_set():
+                        break
+                    try:
+                        self.wfile.write(payload[start : start + piece])
+                        self.wfile.flush()
+                    except OSError:  # the client gave up
+                        break
+                    time.sleep(piece / rate)
+                self.close_connection = True
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay
 

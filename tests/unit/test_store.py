@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -196,8 +201,156 @@ def test_a_full_cache_disk_is_a_clear_503_and_nothing_is_cached(store, root, mon
     fixed = uuid.UUID(int=0)
     monkeypatch.setattr(store_module.uuid, "uuid4", lambda: fixed)
     store.cache_dir.mkdir(parents=True)
-    (store.cache_dir / f".{manifest.model.sha256}.{fixed.hex}.partial").symlink_to("/dev/full")
+    partial = store.cache_dir / f".{manifest.model.sha256}.{os.getpid()}.{fixed.hex}.partial"
+    partial.symlink_to("/dev/full")
     with pytest.raises(ModelUnavailable, match="cannot write the model cache") as raised:
         store.fetch(manifest)
     assert not isinstance(raised.value, ArtifactRejected)  # the artifact is fine; the disk is not
+    assert cached_files(store) == []
+
+
+# ---------------------------------------------------------------- partial files of dead loads
+
+
+def partial_name(manifest: Manifest, pid: int, tag: str) -> str:
+    return f".{manifest.model.sha256}.{pid}.{tag * 32}.partial"
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_store_starts_by_removing_partial_files_of_dead_loads(root, tmp_path):
+    manifest = publish(root)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "dead process": partial_name(manifest, dead_pid(), "a"),
+            "this process, before it started": partial_name(manifest, os.getpid(), "b"),
+            "old format": f".{manifest.model.sha256}.{'c' * 32}.partial",
+            "a live process, idle for too long": partial_name(manifest, alive.pid, "d"),
+            "a live process, writing": partial_name(manifest, alive.pid, "e"),
+        }
+        for name in names.values():
+            (cache / name).write_bytes(b"half a model")
+        stale = time.time() - 16 * 60
+        os.utime(cache / names["a live process, idle for too long"], (stale, stale))
+        (cache / f"{manifest.model.sha256}.onnx").write_bytes(MODEL_BYTES)  # a verified model stays
+
+        store = ArtifactStore(FileSource(root), cache, cache_max_bytes=3 * len(MODEL_BYTES))
+
+        assert cached_files(store) == sorted(
+            [names["a live process, writing"], f"{manifest.model.sha256}.onnx"]
+        )
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_bounding_the_cache_removes_partial_files_of_dead_loads(store, root):
+    first, second = publish(root, version="1"), publish(root, data=MODEL_BYTES[1:] + b"x", version="2")
+    store.fetch(first)
+    leftover = store.cache_dir / partial_name(first, dead_pid(), "f")
+    leftover.write_bytes(b"half a model")
+    store.fetch(second)
+    assert not leftover.exists()
+    assert cached_files(store) == sorted(f"{m.model.sha256}.onnx" for m in (first, second))
+
+
+def test_a_load_in_flight_keeps_its_partial_file_when_another_store_starts(root, tmp_path):
+    """Two stores of one process may share a cache folder (the local API and the local pipeline):
+    a store that starts leaves alone what another is writing."""
+    manifest = publish(root, compression="none")
+    cache = tmp_path / "cache"
+    release = threading.Event()
+
+    class HeldSource(FileSource):  # the artifact's first bytes come at once, the rest on release
+        def open(self, key):
+            body = super().open(key)
+            if key.endswith(manifest.artifact):
+                return _HeldBody(body, release)
+            return body
+
+    first = ArtifactStore(HeldSource(root), cache, cache_max_bytes=3 * len(MODEL_BYTES))
+    thread = threading.Thread(target=first.fetch, args=(manifest,))
+    thread.start()
+    try:
+        for _ in range(200):
+            partials = list(cache.glob(".*.partial")) if cache.exists() else []
+            if partials and partials[0].stat().st_size:
+                break
+            time.sleep(0.05)
+        assert partials, "the first store never started writing"
+        ArtifactStore(FileSource(root), cache, cache_max_bytes=3 * len(MODEL_BYTES))  # starts: sweeps
+        assert partials[0].exists()
+    finally:
+        release.set()
+        thread.join(10)
+    assert cached_files(first) == [f"{manifest.model.sha256}.onnx"]
+
+
+class _HeldBody:
+    """A file whose first read is served at once and whose later reads wait for ``release``."""
+
+    def __init__(self, body, release: threading.Event) -> None:
+        self._body, self._release, self._reads = body, release, 0
+
+    def read(self, size: int = -1) -> bytes:
+        self._reads += 1
+        if self._reads > 1:
+            self._release.wait(10)
+        return self._body.read(min(size, 64 * 1024) if size > 0 else size)
+
+    def close(self) -> None:
+        self._body.close()
+
+
+# ---------------------------------------------------------------- the load's deadline
+
+
+class _TricklingBody:
+    """A stream that gives one byte per ``interval_s``: no socket timeout would ever fire."""
+
+    def __init__(self, data: bytes, interval_s: float) -> None:
+        self._data, self._interval_s, self._closed = data, interval_s, threading.Event()
+
+    def read(self, size: int = -1) -> bytes:
+        out = b""
+        while len(out) < max(size, 1) and self._data and not self._closed.wait(self._interval_s):
+            out, self._data = out + self._data[:1], self._data[1:]
+        return out
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TricklingSource(FileSource):
+    """The files of a folder, each read as a trickle."""
+
+    def open(self, key):
+        return _TricklingBody(self._path(key).read_bytes(), interval_s=0.05)
+
+
+@pytest.mark.parametrize("what", ["artifact", "manifest"])
+def test_a_trickling_source_ends_at_the_deadline_with_a_504_and_no_partial_file(root, tmp_path, what):
+    from tierserve import aws
+    from tierserve.errors import UpstreamTimeout
+
+    manifest = publish(root)
+    store = ArtifactStore(TricklingSource(root), tmp_path / "cache", cache_max_bytes=3 * len(MODEL_BYTES))
+    with aws.within(aws.Deadline.after(0.5)), pytest.raises(UpstreamTimeout, match="S3 was too slow"):
+        if what == "artifact":
+            store.fetch(manifest)
+        else:
+            store.read_manifest("m", "1")
     assert cached_files(store) == []

@@ -20,8 +20,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
+from tierserve import aws
 from tierserve.catalog import Manifest
 from tierserve.errors import ArtifactRejected, ModelNotFound, ModelUnavailable, Overloaded
 from tierserve.model import (
@@ -120,7 +122,7 @@ class ModelRegistry:
         if model is not None:
             record_count(CACHE_HIT)
             return model
-        with load_lock:
+        with _held(load_lock, ref):
             with self._lock:
                 model = self._hit(ref)
             if model is not None:
@@ -141,6 +143,8 @@ class ModelRegistry:
         manifest = self.manifest(ref)
         needed = self._cost_within_budget(manifest)
         fetched = self.store.fetch(manifest)  # before any eviction: a failed fetch costs no warm model
+        # The verified file stays in the disk cache: a retry goes on from there.
+        aws.check_deadline(f"opening {ref} (its verified copy stays in the disk cache)")
         self._reserve(manifest, needed)
         model: Model | None = None
         try:
@@ -236,11 +240,15 @@ class ModelRegistry:
 
     def preload(self) -> None:
         """Load the models the preload setting names, during init (a failure is logged, not fatal:
-        the first request retries and reports it)."""
+        the first request retries and reports it). In Lambda the init phase's own time limit
+        bounds it (:meth:`tierserve.aws.Deadline.for_init`): a slow S3 cannot make the init
+        time out, which would only run it again inside the first invocation."""
+        deadline = aws.Deadline.for_init(self.settings.initialization_type)
         for ref in self.settings.models:
             if self.settings.should_preload(ref.name):
                 try:
-                    self.get(ref)
+                    with aws.within(deadline):
+                        self.get(ref)
                 except Exception:
                     logger.exception(
                         "preload failed; the first request will retry", extra={"model": str(ref)}
@@ -256,6 +264,19 @@ class ModelRegistry:
             self._store = None
         for model in models:
             close_model(model)
+
+
+@contextmanager
+def _held(lock: threading.Lock, ref: ModelRef) -> Iterator[None]:
+    """Hold ``lock`` (another thread may be loading ``ref``), waiting no longer than the
+    current deadline allows."""
+    deadline = aws.current_deadline()
+    if not lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline.remaining())):
+        raise Overloaded(f"{ref} is still loading for another request; retry shortly")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def close_model(model: Model) -> None:

@@ -42,6 +42,7 @@ CACHE_MAX_MB_ENV = "TIERSERVE_CACHE_MAX_MB"
 MAX_REQUEST_MB_ENV = "TIERSERVE_MAX_REQUEST_MB"
 MAX_RESPONSE_MB_ENV = "TIERSERVE_MAX_RESPONSE_MB"
 LAMBDA_MEMORY_ENV = "AWS_LAMBDA_FUNCTION_MEMORY_SIZE"
+INITIALIZATION_TYPE_ENV = "AWS_LAMBDA_INITIALIZATION_TYPE"
 # The S3-triggered pipeline (tierserve/pipeline.py, read by its PipelineSettings).
 DATA_BUCKET_ENV = "TIERSERVE_DATA_BUCKET"
 GPU_ENDPOINTS_ENV = "TIERSERVE_GPU_ENDPOINTS"
@@ -72,6 +73,8 @@ DEFAULT_CACHE_MAX_MB = 1024
 DEFAULT_MAX_REQUEST_MB = 6.0
 # Lambda's synchronous response limit; API Gateway turns a larger one into a bare 502.
 DEFAULT_MAX_RESPONSE_MB = 6.0
+# How Lambda started this execution environment (its init phase's time limit depends on it).
+INITIALIZATION_TYPES = ("on-demand", "provisioned-concurrency", "snap-start")
 # What a function keeps for the runtime, numpy and request buffers, beyond the models.
 RESERVED_MEMORY_MB = 384
 
@@ -293,6 +296,7 @@ class Settings:
     cache_max_mb: int = DEFAULT_CACHE_MAX_MB
     max_request_bytes: int = int(DEFAULT_MAX_REQUEST_MB * MB)
     max_response_bytes: int = int(DEFAULT_MAX_RESPONSE_MB * MB)
+    initialization_type: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -316,6 +320,7 @@ class Settings:
             cache_max_mb=CACHE_MAX_MB.read(env, DEFAULT_CACHE_MAX_MB),
             max_request_bytes=int(MAX_REQUEST_MB.read(env, DEFAULT_MAX_REQUEST_MB) * MB),
             max_response_bytes=int(MAX_RESPONSE_MB.read(env, DEFAULT_MAX_RESPONSE_MB) * MB),
+            initialization_type=INITIALIZATION_TYPE.read(env, None),
         )
         return replace(settings, **overrides) if overrides else settings
 
@@ -367,6 +372,22 @@ CACHE_DIR = path(CACHE_DIR_ENV, unset=f"the default, {DEFAULT_CACHE_DIR}")
 CACHE_MAX_MB = whole(CACHE_MAX_MB_ENV, unset=f"the default, {DEFAULT_CACHE_MAX_MB}")
 MAX_REQUEST_MB = number(MAX_REQUEST_MB_ENV, unit="MB", unset=f"the default, {DEFAULT_MAX_REQUEST_MB:g}")
 MAX_RESPONSE_MB = number(MAX_RESPONSE_MB_ENV, unit="MB", unset=f"the default, {DEFAULT_MAX_RESPONSE_MB:g}")
+
+
+def _initialization_type(text: str) -> str:
+    # A kind this version does not know (a new way to start) is kept, never refused: it must not
+    # stop a function at init. Only what no kind could be is.
+    if not re.fullmatch(r"[a-z0-9-]{1,64}", text.lower()):
+        raise ValueError("is not a kind of start")
+    return text.lower()
+
+
+INITIALIZATION_TYPE = Variable(
+    INITIALIZATION_TYPE_ENV,
+    _initialization_type,
+    ", ".join(INITIALIZATION_TYPES) + " (Lambda sets it)",
+    "outside Lambda: a preload has no deadline",
+)
 VARIABLES: tuple[Variable, ...] = (
     MODEL_BUCKET,
     MODEL_PREFIX,
@@ -380,6 +401,7 @@ VARIABLES: tuple[Variable, ...] = (
     CACHE_MAX_MB,
     MAX_REQUEST_MB,
     MAX_RESPONSE_MB,
+    INITIALIZATION_TYPE,
 )
 
 

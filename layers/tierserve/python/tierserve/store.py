@@ -4,6 +4,12 @@ verify both sha256 digests, bound decompression, and keep a verified copy under 
 The cache is keyed by the decompressed model's sha256, written atomically (a partial
 file, then a rename) and bounded in total size (least recently used files go first).
 Nothing that failed a check is ever cached.
+
+A load is bounded by the deadline of the thread that asks for it (:func:`tierserve.aws.within`:
+the invocation's remaining time less a margin): every S3 call fits in it, and the stream is
+abandoned when its bytes do not arrive in time (an S3 that stalls or trickles), with a 504
+that says so. Partial files of loads that died (a process killed at its timeout) are removed
+when a store starts and whenever the cache is bounded.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import gzip
 import hashlib
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -35,11 +42,20 @@ from tierserve.errors import (
     UpstreamUnavailable,
 )
 from tierserve.settings import MB, MODEL_BUCKET_ENV, MODEL_ROOT_ENV, Settings
+from tierserve.telemetry import logger
 
 CHUNK_BYTES = 1 * MB
 PREFETCH_CHUNKS = 16
 WRITE_BUFFERS = 4
 MAX_MANIFEST_BYTES = 1 * MB
+PARTIAL_SUFFIX = ".partial"
+# A partial file nobody has written to for this long belongs to a dead load, whatever its
+# name says: a live one writes continuously, and no Lambda invocation lasts longer.
+STALE_PARTIAL_S = 15 * 60
+# Partial files this process is writing now (every store of the process: two registries, the
+# API's and the local pipeline's, may share one cache folder).
+_writing: set[Path] = set()
+_writing_lock = threading.Lock()
 
 
 class Source(Protocol):
@@ -106,6 +122,8 @@ def artifact_error(error: BaseException, where: str, setting: str = MODEL_BUCKET
     """The error a client sees when reading the model artifact ``where`` failed with ``error``
     (classified by :func:`tierserve.aws.classify`); ``setting`` names the variable that chose
     the bucket. A tierserve error passes through unchanged."""
+    if isinstance(error, aws.OutOfTime):  # the deadline refused the call (or its next attempt)
+        return s3_too_slow(where)
     if isinstance(error, TierserveError):
         return error
     failure = aws.classify(error)
@@ -121,8 +139,17 @@ def artifact_error(error: BaseException, where: str, setting: str = MODEL_BUCKET
             f"access to {where} is denied ({failure.code}): the function's role must allow s3:GetObject there"
         )
     if failure.kind == "timeout":
-        return UpstreamTimeout(f"S3 did not answer in time while reading {where}; retry")
+        return s3_too_slow(where)
     return UpstreamUnavailable(f"S3 is unavailable while reading {where} ({failure.code}); retry shortly")
+
+
+def s3_too_slow(where: str) -> UpstreamTimeout:
+    """The 504 of a load that ran out of time: S3 stalled, or sent ``where`` too slowly."""
+    return UpstreamTimeout(
+        f"S3 was too slow: {where} did not arrive within the time this request had (the "
+        "invocation's remaining time, less a margin to answer); retry: a retry resumes the model's "
+        "warm-up, from the verified copy in /tmp when the download had finished"
+    )
 
 
 @dataclass(frozen=True)
@@ -142,6 +169,7 @@ class ArtifactStore:
         self.source = source
         self.cache_dir = cache_dir
         self.cache_max_bytes = cache_max_bytes
+        self.remove_dead_partials()
 
     @classmethod
     def from_settings(
@@ -159,12 +187,18 @@ class ArtifactStore:
 
     def read_manifest(self, name: str, version: str) -> Manifest:
         key = manifest_key("", name, version)
-        with self.source.open(key) as body:
-            raw = body.read(MAX_MANIFEST_BYTES + 1)
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise ArtifactRejected(
-                f"{self.source.describe(key)} is over {MAX_MANIFEST_BYTES} bytes: not a manifest"
-            )
+        where = self.source.describe(key)
+        reader = _PrefetchingReader(
+            self.source.open(key),
+            where,
+            max_bytes=MAX_MANIFEST_BYTES,
+            deadline=aws.current_deadline(),
+            too_long=f"{where} is over {MAX_MANIFEST_BYTES} bytes: not a manifest",
+        )
+        try:
+            raw = reader.read()
+        finally:
+            reader.close()
         try:
             manifest = Manifest.from_json(raw)
         except (ValueError, ManifestError) as error:
@@ -188,13 +222,20 @@ class ArtifactStore:
             os.utime(cached)
             return FetchedModel(cached, cache_hit=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = self.cache_dir / f".{manifest.model.sha256}.{uuid.uuid4().hex}.partial"
+        # The writer's pid in the name tells a later process whose partial file it finds.
+        partial = (
+            self.cache_dir / f".{manifest.model.sha256}.{os.getpid()}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+        )
         key = f"{manifest.key_prefix}/{manifest.artifact}"
+        with _writing_lock:
+            _writing.add(partial)
         try:
             fetch_ms, decompress_ms = self._download_verified(key, manifest, partial)
             os.replace(partial, cached)
         finally:
             partial.unlink(missing_ok=True)
+            with _writing_lock:
+                _writing.discard(partial)
         self._evict(keep=cached)
         return FetchedModel(cached, cache_hit=False, fetch_ms=fetch_ms, decompress_ms=decompress_ms)
 
@@ -213,7 +254,16 @@ class ArtifactStore:
         """
         where = self.source.describe(key)
         start = time.perf_counter()
-        reader = _PrefetchingReader(self.source.open(key), where, max_bytes=manifest.stored.bytes)
+        reader = _PrefetchingReader(
+            self.source.open(key),
+            where,
+            max_bytes=manifest.stored.bytes,
+            deadline=aws.current_deadline(),
+            too_long=(
+                f"{where} is longer than its declared {manifest.stored.bytes:,} bytes: refused; "
+                "re-upload the artifact with its manifest"
+            ),
+        )
         written = 0
         try:
             with (
@@ -246,7 +296,32 @@ class ArtifactStore:
         fetch_ms = reader.wait_ms
         return fetch_ms, total_ms - fetch_ms
 
+    def remove_dead_partials(self) -> int:
+        """Remove the partial files of loads that died, and return how many went.
+
+        A partial file is dead when no store of this process is writing it and it was written
+        by this process (a Lambda runtime restarted after a timeout may get its predecessor's
+        pid), by a process that is gone, or not at all for :data:`STALE_PARTIAL_S`. Another
+        live process's partial file is left alone.
+        """
+        removed = 0
+        for path in self._partials():
+            if _is_dead_partial(path):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed += 1
+        if removed:
+            logger.info("removed partial model files of dead loads", extra={"files": removed})
+        return removed
+
+    def _partials(self) -> list[Path]:
+        try:
+            return list(self.cache_dir.glob(f".*{PARTIAL_SUFFIX}"))
+        except OSError:
+            return []
+
     def _evict(self, keep: Path) -> None:
+        self.remove_dead_partials()
         files = sorted(
             (p for p in self.cache_dir.glob("*.*") if p.suffix in (".onnx", ".ort") and p != keep),
             key=lambda p: p.stat().st_mtime,
@@ -257,6 +332,34 @@ class ArtifactStore:
                 break
             total -= path.stat().st_size
             path.unlink(missing_ok=True)
+
+
+def _is_dead_partial(path: Path) -> bool:
+    with _writing_lock:
+        if path in _writing:
+            return False
+    try:
+        idle_s = time.time() - path.lstat().st_mtime
+    except OSError:  # gone already
+        return False
+    pid = _writer_pid(path)
+    return idle_s > STALE_PARTIAL_S or pid is None or pid == os.getpid() or not _process_alive(pid)
+
+
+def _writer_pid(path: Path) -> int | None:
+    """The pid in ``.{sha256}.{pid}.{random}.partial``, or None for any other name."""
+    parts = path.name.split(".")
+    return int(parts[2]) if len(parts) == 5 and parts[2].isdigit() else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but is not ours to signal
+        return True
+    return True
 
 
 def _verify(where: str, form: str, digest: str, size: int, want_digest: str, want_size: int) -> None:
@@ -271,12 +374,26 @@ class _PrefetchingReader:
     """Reads the stored stream on a background thread, so download and decompression overlap.
 
     The thread also counts and hashes the stored bytes as they arrive (every byte, including
-    any that trail the compressed stream) and stops at the first byte past ``max_bytes``.
-    Memory stays bounded: at most PREFETCH_CHUNKS chunks wait in the queue.
+    any that trail the compressed stream) and stops at the first byte past ``max_bytes``
+    (raising ArtifactRejected with ``too_long``). Memory stays bounded: at most
+    PREFETCH_CHUNKS chunks wait in the queue.
+
+    With a ``deadline``, a read that waits past it raises the 504 of :func:`s3_too_slow`:
+    an S3 that trickles bytes slowly enough never trips a socket timeout, so the reader
+    itself keeps the time.
     """
 
-    def __init__(self, body: IO[bytes], where: str, max_bytes: int) -> None:
+    def __init__(
+        self,
+        body: IO[bytes],
+        where: str,
+        max_bytes: int,
+        *,
+        too_long: str,
+        deadline: aws.Deadline | None = None,
+    ) -> None:
         self._body, self._where, self._max_bytes = body, where, max_bytes
+        self._too_long, self._deadline = too_long, deadline
         self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=PREFETCH_CHUNKS)
         self._chunk, self._position = b"", 0
         self._done = False
@@ -294,10 +411,7 @@ class _PrefetchingReader:
                 if chunk:
                     self.count += len(chunk)
                     if self.count > self._max_bytes:
-                        raise ArtifactRejected(
-                            f"{self._where} is longer than its declared {self._max_bytes:,} bytes: refused; "
-                            "re-upload the artifact with its manifest"
-                        )
+                        raise ArtifactRejected(self._too_long)
                     self._hash.update(chunk)
                 self._put(chunk or None)
                 if not chunk:
@@ -336,7 +450,12 @@ class _PrefetchingReader:
 
     def _next_chunk(self) -> bool:
         start = time.perf_counter()
-        item = self._queue.get()
+        try:
+            item = self._queue.get(
+                timeout=None if self._deadline is None else max(0.0, self._deadline.remaining())
+            )
+        except queue.Empty:
+            raise s3_too_slow(self._where) from None
         self.wait_ms += (time.perf_counter() - start) * 1000
         if item is None:
             self._done = True
@@ -356,9 +475,37 @@ class _PrefetchingReader:
         return self._hash.hexdigest()
 
     def close(self) -> None:
+        """Stop reading. A read still blocked on the network (an error, or the deadline, ended
+        the load early) is woken first by shutting its connection down: closing alone would
+        wait for that read, since the buffered reader holds its lock while it reads."""
         self._stop.set()
+        if self._thread.is_alive():
+            _shut_down_connection(self._body)
         with contextlib.suppress(Exception):  # closing a broken stream must not hide the first error
             self._body.close()
+
+
+def _shut_down_connection(body: IO[bytes]) -> None:
+    """Shut down the socket under a botocore streaming body (its urllib3 response's ``fileno``),
+    so that a read blocked on it returns at once; anything else is left as it is."""
+    raw = getattr(body, "_raw_stream", None)  # botocore's StreamingBody keeps the urllib3 response here
+    try:
+        descriptor = raw.fileno() if raw is not None else -1
+    except (OSError, ValueError, AttributeError):
+        return
+    if descriptor < 0:
+        return
+    try:
+        duplicate = os.dup(descriptor)
+    except OSError:
+        return
+    try:
+        connection = socket.socket(fileno=duplicate)
+    except OSError:  # not a socket
+        os.close(duplicate)
+        return
+    with connection, contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)  # acts on the connection, not on the descriptor
 
 
 class _HashingWriter:
