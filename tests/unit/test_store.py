@@ -17,7 +17,7 @@ import zstandard
 
 from tierserve.catalog import Digest, Manifest, TensorSpec
 from tierserve.errors import ArtifactRejected, ModelUnavailable
-from tierserve.store import ArtifactStore, FileSource, source_for_uri
+from tierserve.store import ArtifactStore, FileSource, entry_name, source_for_uri
 
 MODEL_BYTES = bytes(range(256)) * 4096  # 1 MiB that is not all zeros
 
@@ -78,7 +78,8 @@ def test_fetch_verifies_and_caches(store, root, compression):
     manifest = publish(root, compression=compression)
     fetched = store.fetch(manifest)
     assert fetched.path.read_bytes() == MODEL_BYTES and not fetched.cache_hit
-    assert cached_files(store) == [f"{manifest.model.sha256}.onnx"]
+    assert cached_files(store) == [entry_name(manifest)]
+    assert sorted(p.name for p in (store.cache_dir / entry_name(manifest)).iterdir()) == ["model.onnx"]
     assert store.fetch(manifest).cache_hit
 
 
@@ -168,7 +169,7 @@ def test_cache_is_bounded_least_recently_used_first(store, root, tmp_path):
         store.fetch(manifest)
     names = cached_files(store)
     assert len(names) == 3  # the cache holds three models' worth of bytes
-    assert f"{manifests[0].model.sha256}.onnx" not in names
+    assert entry_name(manifests[0]) not in names
     assert not [n for n in names if n.endswith(".partial")]
 
 
@@ -200,9 +201,15 @@ def test_a_full_cache_disk_is_a_clear_503_and_nothing_is_cached(store, root, mon
     manifest = publish(root)
     fixed = uuid.UUID(int=0)
     monkeypatch.setattr(store_module.uuid, "uuid4", lambda: fixed)
-    store.cache_dir.mkdir(parents=True)
-    partial = store.cache_dir / f".{manifest.model.sha256}.{os.getpid()}.{fixed.hex}.partial"
-    partial.symlink_to("/dev/full")
+    staging = store.cache_dir / f".{manifest.stored.sha256}.{os.getpid()}.{fixed.hex}.partial"
+    make_folder = Path.mkdir
+
+    def mkdir_onto_a_full_disk(path, *args, **kwargs):  # the model file of the download: /dev/full
+        make_folder(path, *args, **kwargs)
+        if path == staging:
+            (path / "model.onnx").symlink_to("/dev/full")
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_onto_a_full_disk)
     with pytest.raises(ModelUnavailable, match="cannot write the model cache") as raised:
         store.fetch(manifest)
     assert not isinstance(raised.value, ArtifactRejected)  # the artifact is fine; the disk is not
@@ -239,13 +246,12 @@ def test_a_store_starts_by_removing_partial_files_of_dead_loads(root, tmp_path):
             (cache / name).write_bytes(b"half a model")
         stale = time.time() - 16 * 60
         os.utime(cache / names["a live process, idle for too long"], (stale, stale))
-        (cache / f"{manifest.model.sha256}.onnx").write_bytes(MODEL_BYTES)  # a verified model stays
+        (cache / entry_name(manifest)).mkdir()
+        (cache / entry_name(manifest) / "model.onnx").write_bytes(MODEL_BYTES)  # a verified model stays
 
         store = ArtifactStore(FileSource(root), cache, cache_max_bytes=3 * len(MODEL_BYTES))
 
-        assert cached_files(store) == sorted(
-            [names["a live process, writing"], f"{manifest.model.sha256}.onnx"]
-        )
+        assert cached_files(store) == sorted([names["a live process, writing"], entry_name(manifest)])
     finally:
         alive.kill()
         alive.wait()
@@ -258,7 +264,7 @@ def test_bounding_the_cache_removes_partial_files_of_dead_loads(store, root):
     leftover.write_bytes(b"half a model")
     store.fetch(second)
     assert not leftover.exists()
-    assert cached_files(store) == sorted(f"{m.model.sha256}.onnx" for m in (first, second))
+    assert cached_files(store) == sorted(entry_name(m) for m in (first, second))
 
 
 def test_a_load_in_flight_keeps_its_partial_file_when_another_store_starts(root, tmp_path):
@@ -290,7 +296,7 @@ def test_a_load_in_flight_keeps_its_partial_file_when_another_store_starts(root,
     finally:
         release.set()
         thread.join(10)
-    assert cached_files(first) == [f"{manifest.model.sha256}.onnx"]
+    assert cached_files(first) == [entry_name(manifest)]
 
 
 class _HeldBody:
@@ -354,3 +360,51 @@ def test_a_trickling_source_ends_at_the_deadline_with_a_504_and_no_partial_file(
         else:
             store.read_manifest("m", "1")
     assert cached_files(store) == []
+
+
+# ---------------------------------------------------------------- only what onnxruntime accepted
+
+
+def test_a_download_joins_the_cache_only_when_the_block_accepts_it(store, root):
+    from tierserve.errors import Overloaded
+
+    manifest = publish(root)
+    with pytest.raises(ArtifactRejected), store.verified(manifest) as fetched:
+        assert fetched.path.read_bytes() == MODEL_BYTES
+        assert fetched.path.parent.name.endswith(".partial")  # a private folder: the model's file alone
+        assert [p.name for p in fetched.path.parent.iterdir()] == ["model.onnx"]
+        raise ArtifactRejected("onnxruntime cannot load m@1")
+    assert cached_files(store) == []
+
+    with pytest.raises(RuntimeError), store.verified(manifest):
+        raise RuntimeError("a bug while opening it")
+    assert cached_files(store) == []
+
+    # Verified and not refused, only not opened yet: kept, so that the retry goes on from here.
+    with pytest.raises(Overloaded), store.verified(manifest):
+        raise Overloaded("no room in the memory budget yet")
+    assert cached_files(store) == [entry_name(manifest)]
+    with store.verified(manifest) as fetched:
+        assert fetched.cache_hit
+
+
+def test_a_cached_copy_that_is_refused_leaves_the_cache(store, root):
+    manifest = publish(root)
+    store.fetch(manifest)
+    with pytest.raises(ArtifactRejected), store.verified(manifest) as fetched:
+        assert fetched.cache_hit
+        raise ArtifactRejected("the manifest does not match the model")
+    assert cached_files(store) == []
+
+
+def test_a_manifest_claiming_another_models_digest_cannot_reach_its_copy(store, root):
+    """The cache is named by the stored digest, verified on every download: a manifest that
+    declares another model's decompressed digest gets no cache hit on that model's copy."""
+    first = publish(root, version="1")
+    store.fetch(first)
+    other_data = MODEL_BYTES[::-1]
+    second = publish(root, data=other_data, version="2")
+    liar = dataclasses.replace(second, model=Digest(first.model.sha256, len(other_data)))
+    with pytest.raises(ArtifactRejected, match="decompressed bytes do not match"):
+        store.fetch(liar)
+    assert cached_files(store) == [entry_name(first)]

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tierserve.catalog import Manifest, TensorSpec
-from tierserve.errors import ArtifactRejected, BadRequest, ModelUnavailable
+from tierserve.errors import ArtifactRejected, BadRequest
 from tierserve.protocol import ONNX_TO_DATATYPE, model_metadata
 
 # The one place tierserve imports onnxruntime before using it: the Lambda handlers, the GPU
@@ -98,9 +98,9 @@ def create_session(
     gone once the call returns, and initializers pointing into it read freed memory.
 
     Raises:
-        ModelUnavailable: onnxruntime cannot open the file.
-        ArtifactRejected: the session's inputs or outputs are not the manifest's
-            (:func:`check_signature`).
+        ArtifactRejected: onnxruntime cannot open the file (not a model, an operator or opset
+            it lacks, external data it refuses), or the session's inputs or outputs are not
+            the manifest's (:func:`check_signature`).
     """
     options = session_options(manifest, threads)
     try:
@@ -108,7 +108,7 @@ def create_session(
             options.add_session_config_entry("session.use_ort_model_bytes_for_initializers", "1")
         session = ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... family
-        raise ModelUnavailable(
+        raise ArtifactRejected(
             f"onnxruntime cannot load {manifest.name}@{manifest.version} ({type(error).__name__}): "
             "check the model with `tierserve package` (onnx checker) and re-upload it"
         ) from None

@@ -19,13 +19,16 @@ import gzip
 import hashlib
 import os
 import queue
+import shutil
 import socket
+import stat
 import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Protocol
 from urllib.parse import urlparse
@@ -40,6 +43,7 @@ from tierserve.errors import (
     TierserveError,
     UpstreamTimeout,
     UpstreamUnavailable,
+    is_retryable,
 )
 from tierserve.settings import MB, MODEL_BUCKET_ENV, MODEL_ROOT_ENV, Settings
 from tierserve.telemetry import logger
@@ -209,40 +213,94 @@ class ArtifactStore:
             )
         return manifest
 
-    def fetch(self, manifest: Manifest) -> FetchedModel:
-        """Return a verified local copy of the model, downloading it if the cache lacks it.
+    @contextmanager
+    def verified(self, manifest: Manifest) -> Iterator[FetchedModel]:
+        """A verified local copy of the model, alone in a folder of its own, for the caller to open.
+
+        It joins the disk cache only when the block ends well (onnxruntime accepted it), or with
+        a retryable error (no memory room yet, no time left: verified, not refused, so a retry
+        goes on from there). A block that raises anything else leaves nothing; a cached copy
+        that the block refuses (:class:`ArtifactRejected`) leaves the cache. The folder holds the
+        model's file alone, so whatever the model declares (ONNX external data, which
+        onnxruntime resolves in the model's folder and never outside it) can reach only its own
+        bytes.
 
         Raises:
             ArtifactRejected: digest or size mismatch, decompression past the declared size,
-                or a corrupt compressed stream. Nothing is cached.
-            ModelUnavailable / UpstreamUnavailable: the artifact cannot be read.
+                or a corrupt compressed stream. Nothing is cached, nothing is evicted.
+            ModelUnavailable / UpstreamUnavailable / UpstreamTimeout: the artifact cannot be read.
         """
         cached = self.cache_path(manifest)
-        if cached.exists() and cached.stat().st_size == manifest.model.bytes:
+        if _is_cached(cached, manifest):
             os.utime(cached)
-            return FetchedModel(cached, cache_hit=True)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        # The writer's pid in the name tells a later process whose partial file it finds.
-        partial = (
-            self.cache_dir / f".{manifest.model.sha256}.{os.getpid()}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
-        )
-        key = f"{manifest.key_prefix}/{manifest.artifact}"
-        with _writing_lock:
-            _writing.add(partial)
+            try:
+                yield FetchedModel(cached, cache_hit=True)
+            except ArtifactRejected:
+                _remove(cached.parent)
+                raise
+            return
+        staging, fetch_ms, decompress_ms = self._download_to_staging(manifest)
+        committed = False
         try:
-            fetch_ms, decompress_ms = self._download_verified(key, manifest, partial)
-            os.replace(partial, cached)
+            yield FetchedModel(staging / cached.name, False, fetch_ms, decompress_ms)
+            committed = self._commit(staging, cached.parent)
+        except BaseException as error:
+            if is_retryable(error):
+                committed = self._commit(staging, cached.parent)
+            raise
         finally:
-            partial.unlink(missing_ok=True)
+            if not committed:
+                _remove(staging)
             with _writing_lock:
-                _writing.discard(partial)
-        self._evict(keep=cached)
-        return FetchedModel(cached, cache_hit=False, fetch_ms=fetch_ms, decompress_ms=decompress_ms)
+                _writing.discard(staging)
+
+    def fetch(self, manifest: Manifest) -> FetchedModel:
+        """A verified copy of the model in the disk cache, for tools that check a package the
+        way the serving core reads it. Serving opens models through :meth:`verified`, which
+        caches only what onnxruntime accepted."""
+        with self.verified(manifest) as fetched:
+            pass
+        return replace(fetched, path=self.cache_path(manifest))
 
     def cache_path(self, manifest: Manifest) -> Path:
-        # Only the digest (64 hex, validated) names the file: nothing from a request or manifest
-        # path ever reaches the filesystem.
-        return self.cache_dir / f"{manifest.model.sha256}.{manifest.format}"
+        """Where the model's verified copy is cached: ``{entry}/model.{format}``, where the entry
+        folder (:func:`entry_name`) holds nothing else."""
+        return self.cache_dir / entry_name(manifest) / f"model.{manifest.format}"
+
+    def _download_to_staging(self, manifest: Manifest) -> tuple[Path, float, float]:
+        """Download and verify the model into a new private folder; returns it and the timings.
+        The folder is named as a partial of this process (its pid), and is being written."""
+        # The writer's pid in the name tells a later process whose partial folder it finds.
+        staging = (
+            self.cache_dir / f".{manifest.stored.sha256}.{os.getpid()}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+        )
+        with _writing_lock:
+            _writing.add(staging)
+        try:
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                staging.mkdir(mode=0o700)
+            except OSError as error:
+                raise _cache_unwritable(self.cache_dir, error) from None
+            key = f"{manifest.key_prefix}/{manifest.artifact}"
+            destination = staging / f"model.{manifest.format}"
+            fetch_ms, decompress_ms = self._download_verified(key, manifest, destination)
+        except BaseException:
+            _remove(staging)
+            with _writing_lock:
+                _writing.discard(staging)
+            raise
+        return staging, fetch_ms, decompress_ms
+
+    def _commit(self, staging: Path, entry: Path) -> bool:
+        """Move a verified model's folder into the cache, then bound the cache; False when a
+        racing load committed the same model first (the caller removes ``staging``)."""
+        try:
+            os.replace(staging, entry)
+        except OSError:
+            return False
+        self._evict(keep=entry)
+        return True
 
     def _download_verified(self, key: str, manifest: Manifest, destination: Path) -> tuple[float, float]:
         """Stream ``key`` into ``destination``: three stages overlap, each on its own thread.
@@ -284,10 +342,7 @@ class ArtifactStore:
                 f"{where} is not a valid {manifest.compression} stream ({error}); re-package it"
             ) from None
         except OSError as error:  # the cache file: /tmp full or not writable
-            raise ModelUnavailable(
-                f"cannot write the model cache in {self.cache_dir} ({error.strerror or error}): give the "
-                "function more ephemeral storage or lower TIERSERVE_CACHE_MAX_MB"
-            ) from None
+            raise _cache_unwritable(self.cache_dir, error) from None
         finally:
             reader.close()
         total_ms = (time.perf_counter() - start) * 1000
@@ -307,9 +362,8 @@ class ArtifactStore:
         removed = 0
         for path in self._partials():
             if _is_dead_partial(path):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                    removed += 1
+                _remove(path)
+                removed += 1
         if removed:
             logger.info("removed partial model files of dead loads", extra={"files": removed})
         return removed
@@ -321,17 +375,68 @@ class ArtifactStore:
             return []
 
     def _evict(self, keep: Path) -> None:
+        """Bound the cache: remove dead partial folders, then least recently used entries
+        (never ``keep``) until the entries fit ``cache_max_bytes``."""
         self.remove_dead_partials()
-        files = sorted(
-            (p for p in self.cache_dir.glob("*.*") if p.suffix in (".onnx", ".ort") and p != keep),
-            key=lambda p: p.stat().st_mtime,
-        )
-        total = keep.stat().st_size + sum(p.stat().st_size for p in files)
-        for path in files:
+        entries = [
+            (*_entry_stats(path), path)
+            for path in self.cache_dir.iterdir()
+            if not path.name.startswith(".") and path != keep
+        ]
+        entries.sort()
+        total = _entry_stats(keep)[1] + sum(size for _, size, _ in entries)
+        for _, size, path in entries:
             if total <= self.cache_max_bytes:
                 break
-            total -= path.stat().st_size
-            path.unlink(missing_ok=True)
+            total -= size
+            _remove(path)
+
+
+def entry_name(manifest: Manifest) -> str:
+    """The cache folder of a model: named by what was verified, the stored bytes' sha256 (64 hex,
+    checked on every download; those bytes decompress to one model), and the compression and
+    format that read them. Nothing from a request, and no path from a manifest, reaches the
+    file system; and a manifest that claims another model's decompressed digest cannot reach
+    that model's copy."""
+    return f"{manifest.stored.sha256}-{manifest.compression}-{manifest.format}"
+
+
+def _is_cached(path: Path, manifest: Manifest) -> bool:
+    """A cached copy is a plain file of the model's size in a plain folder (no links)."""
+    try:
+        folder, file = path.parent.lstat(), path.lstat()
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(folder.st_mode) and stat.S_ISREG(file.st_mode) and file.st_size == manifest.model.bytes
+    )
+
+
+def _entry_stats(path: Path) -> tuple[float, int]:
+    """``(last used, bytes)`` of a cache entry: a model's folder, or a file of an older layout."""
+    try:
+        if not path.is_dir() or path.is_symlink():
+            found = path.lstat()
+            return found.st_mtime, found.st_size
+        files = [child.lstat() for child in path.iterdir()]
+    except OSError:
+        return 0.0, 0
+    return max((f.st_mtime for f in files), default=0.0), sum(f.st_size for f in files)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a folder (of the cache or a partial download); gone already is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _cache_unwritable(cache_dir: Path, error: OSError) -> ModelUnavailable:
+    return ModelUnavailable(
+        f"cannot write the model cache in {cache_dir} ({error.strerror or error}): give the "
+        "function more ephemeral storage or lower TIERSERVE_CACHE_MAX_MB"
+    )
 
 
 def _is_dead_partial(path: Path) -> bool:
