@@ -32,6 +32,10 @@ class FlakyProxy:
         self.stalled = False
         self.trickle_bytes_per_s: float | None = None
         self.slow_paths: str | None = None
+        self.delay_s = 0.0  # before each answer: concurrent requests then overlap
+        self.ranges: list[str] = []  # the Range header of each GET that had one
+        self.in_flight = self.max_in_flight = 0
+        self._count_lock = threading.Lock()
         self._released = threading.Event()
         self.requests = 0
         self.fail_next = 0
@@ -64,6 +68,20 @@ class FlakyProxy:
             protocol_version = "HTTP/1.1"
 
             def _relay(self) -> None:
+                with proxy._count_lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                    if self.headers.get("Range"):
+                        proxy.ranges.append(self.headers["Range"])
+                try:
+                    self._answer()
+                finally:
+                    with proxy._count_lock:
+                        proxy.in_flight -= 1
+
+            def _answer(self) -> None:
+                if proxy.delay_s:
+                    time.sleep(proxy.delay_s)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 slow = proxy.slow_paths is None or proxy.slow_paths in self.path

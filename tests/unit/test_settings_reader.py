@@ -33,6 +33,7 @@ BAD_VALUES = {
     "TIERSERVE_THREADS": "x",
     "TIERSERVE_CACHE_DIR": "tmp/tierserve",
     "TIERSERVE_CACHE_MAX_MB": "1.5",
+    "TIERSERVE_FETCH_CONNECTIONS": "32",
     "TIERSERVE_MAX_REQUEST_MB": "-1",
     "TIERSERVE_MAX_RESPONSE_MB": "inf",
     "TIERSERVE_DATA_BUCKET": "My_Bucket",
@@ -127,6 +128,6 @@ def test_a_bad_value_at_init_is_one_line_on_stderr_and_an_exit(capsys):
     assert raised.value.code == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [
-        "tierserve: TIERSERVE_CACHE_MAX_MB='lots' is not a whole number; set it to 1 or more, "
-        "or unset it for the default, 1024"
+        "tierserve: TIERSERVE_CACHE_MAX_MB='lots' is not a whole number; set it to 0 or more, "
+        "or unset it for the default, 1024 (0: no disk cache, sessions hold the models)"
     ]

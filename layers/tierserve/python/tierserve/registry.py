@@ -153,7 +153,11 @@ class ModelRegistry:
             try:
                 with stopwatch() as session_ms:
                     session = create_session(
-                        fetched.path, manifest, threads=self.settings.threads, providers=self.providers
+                        fetched.path,
+                        manifest,
+                        threads=self.settings.threads,
+                        providers=self.providers,
+                        map_weights=fetched.kept,
                     )
                 timings = LoadTimings(
                     fetched.fetch_ms, fetched.decompress_ms, session_ms[0], fetched.cache_hit

@@ -39,6 +39,7 @@ MEMORY_BUDGET_ENV = "TIERSERVE_MEMORY_BUDGET_MB"
 THREADS_ENV = "TIERSERVE_THREADS"
 CACHE_DIR_ENV = "TIERSERVE_CACHE_DIR"
 CACHE_MAX_MB_ENV = "TIERSERVE_CACHE_MAX_MB"
+FETCH_CONNECTIONS_ENV = "TIERSERVE_FETCH_CONNECTIONS"
 MAX_REQUEST_MB_ENV = "TIERSERVE_MAX_REQUEST_MB"
 MAX_RESPONSE_MB_ENV = "TIERSERVE_MAX_RESPONSE_MB"
 LAMBDA_MEMORY_ENV = "AWS_LAMBDA_FUNCTION_MEMORY_SIZE"
@@ -70,6 +71,10 @@ DEFAULT_FUNCTION_MEMORY_MB = 2048
 DEFAULT_MODEL_PREFIX = "models"
 DEFAULT_CACHE_DIR = "/tmp/tierserve"
 DEFAULT_CACHE_MAX_MB = 1024
+# Ranged GETs at once per artifact: chosen by bench.cold_start on a paced S3 (bench/README.md).
+DEFAULT_FETCH_CONNECTIONS = 8
+# The S3 client's connection pool (tierserve.aws POLICIES): more would wait for a connection.
+MAX_FETCH_CONNECTIONS = 16
 DEFAULT_MAX_REQUEST_MB = 6.0
 # Lambda's synchronous response limit; API Gateway turns a larger one into a bare 502.
 DEFAULT_MAX_RESPONSE_MB = 6.0
@@ -294,6 +299,7 @@ class Settings:
     threads: int = 1
     cache_dir: Path = field(default_factory=lambda: Path(DEFAULT_CACHE_DIR))
     cache_max_mb: int = DEFAULT_CACHE_MAX_MB
+    fetch_connections: int = DEFAULT_FETCH_CONNECTIONS
     max_request_bytes: int = int(DEFAULT_MAX_REQUEST_MB * MB)
     max_response_bytes: int = int(DEFAULT_MAX_RESPONSE_MB * MB)
     initialization_type: str | None = None
@@ -318,6 +324,7 @@ class Settings:
             threads=THREADS.read(env, threads_for_memory(memory_mb)),
             cache_dir=CACHE_DIR.read(env, Path(DEFAULT_CACHE_DIR)),
             cache_max_mb=CACHE_MAX_MB.read(env, DEFAULT_CACHE_MAX_MB),
+            fetch_connections=FETCH_CONNECTIONS.read(env, DEFAULT_FETCH_CONNECTIONS),
             max_request_bytes=int(MAX_REQUEST_MB.read(env, DEFAULT_MAX_REQUEST_MB) * MB),
             max_response_bytes=int(MAX_RESPONSE_MB.read(env, DEFAULT_MAX_RESPONSE_MB) * MB),
             initialization_type=INITIALIZATION_TYPE.read(env, None),
@@ -369,7 +376,14 @@ THREADS = whole(
     unset=f"one per {LAMBDA_MB_PER_VCPU:,} MB of memory (Lambda) or one per CPU (GPU server)",
 )
 CACHE_DIR = path(CACHE_DIR_ENV, unset=f"the default, {DEFAULT_CACHE_DIR}")
-CACHE_MAX_MB = whole(CACHE_MAX_MB_ENV, unset=f"the default, {DEFAULT_CACHE_MAX_MB}")
+CACHE_MAX_MB = whole(
+    CACHE_MAX_MB_ENV,
+    low=0,
+    unset=f"the default, {DEFAULT_CACHE_MAX_MB} (0: no disk cache, sessions hold the models)",
+)
+FETCH_CONNECTIONS = whole(
+    FETCH_CONNECTIONS_ENV, high=MAX_FETCH_CONNECTIONS, unset=f"the default, {DEFAULT_FETCH_CONNECTIONS}"
+)
 MAX_REQUEST_MB = number(MAX_REQUEST_MB_ENV, unit="MB", unset=f"the default, {DEFAULT_MAX_REQUEST_MB:g}")
 MAX_RESPONSE_MB = number(MAX_RESPONSE_MB_ENV, unit="MB", unset=f"the default, {DEFAULT_MAX_RESPONSE_MB:g}")
 
@@ -399,6 +413,7 @@ VARIABLES: tuple[Variable, ...] = (
     THREADS,
     CACHE_DIR,
     CACHE_MAX_MB,
+    FETCH_CONNECTIONS,
     MAX_REQUEST_MB,
     MAX_RESPONSE_MB,
     INITIALIZATION_TYPE,
