@@ -31,9 +31,9 @@ def main(app: cdk.App | None = None) -> cdk.App:
                 file=sys.stderr,
             )
         catalog = Catalog.load(catalog_path)
+        build_stacks(app, config=config, catalog=catalog)  # refuses models that cannot be served
     except (ConfigError, ManifestError) as error:
         sys.exit(f"tierserve: {error}")
-    build_stacks(app, config=config, catalog=catalog)
     add_aws_solutions_checks(app)
     app.synth()
     return app

@@ -1,7 +1,9 @@
 """Lambda handler: every Open Inference Protocol route for the model(s) this function serves.
 
 A thin adapter: powertools decorators for logs (with the request id), metrics (cold
-start) and traces; the route table and the data plane live in the tierserve core.
+start) and traces; the route table and the data plane live in the tierserve core. The init
+preloads the model (with SnapStart, once per published version) and registers the SnapStart
+hooks (``tierserve.snapstart``).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from tierserve.dataplane import DataPlane
 from tierserve.registry import ModelRegistry
 from tierserve.routes import build_resolver
 from tierserve.settings import Settings, exit_on_bad_settings
+from tierserve.snapstart import register_hooks
 from tierserve.telemetry import logger, metrics, tracer
 
 with exit_on_bad_settings():  # a bad variable is one line in the init log, not a traceback
     registry = ModelRegistry(Settings.from_env())
 app = build_resolver(DataPlane(registry))
-registry.preload()
+registry.preload()  # with SnapStart, the snapshot holds the warm session
+register_hooks()  # before the snapshot: close connections; after a restore: new clients, new seeds
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)

@@ -44,6 +44,10 @@ class FlakyProxy:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 

@@ -456,3 +456,15 @@ def test_a_manifest_claiming_another_models_digest_cannot_reach_its_copy(store, 
     fetched = store.fetch(liar)
     assert not fetched.cache_hit and fetched.path.read_bytes() == other_data  # its own bytes
     assert sorted(cached_files(store)) == sorted([entry_name(first), entry_name(second)])
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfd_create is Linux's")
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_without_a_disk_cache_a_model_lands_in_memory_and_never_in_tmp(root, tmp_path, compression):
+    manifest = publish(root, compression=compression)
+    store = ArtifactStore(FileSource(root), tmp_path / "cache", cache_max_bytes=0)
+    with store.verified(manifest) as fetched:
+        assert not fetched.kept and str(fetched.path).startswith("/proc/self/fd/")
+        assert fetched.path.read_bytes() == MODEL_BYTES
+        assert cached_files(store) == []  # not even a partial folder
+    assert cached_files(store) == []

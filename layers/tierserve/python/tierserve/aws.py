@@ -131,9 +131,21 @@ def sagemaker_runtime_client() -> Any:
 
 
 def clear_clients() -> None:
-    """Forget every client (tests call this between moto set-ups and endpoint changes)."""
+    """Forget every client (tests call this between moto set-ups and endpoint changes; a
+    restored SnapStart environment, whose pooled connections are dead, gets new ones)."""
     with _clients_lock:
         _clients.clear()
+
+
+def close_clients() -> None:
+    """Close every client's pooled connections, then forget the clients: nothing of ours holds a
+    connection afterwards (what a SnapStart snapshot must not capture)."""
+    with _clients_lock:
+        made = list(_clients.values())
+        _clients.clear()
+    for found in made:
+        with contextlib.suppress(Exception):  # a client that cannot close has nothing left to close
+            found.close()
 
 
 def _new_client(

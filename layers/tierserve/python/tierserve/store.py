@@ -31,10 +31,10 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import zstandard
 
@@ -171,8 +171,11 @@ class ArtifactStore:
                 _remove(cached.parent)
                 raise
             return
-        staging, fetch_ms, decompress_ms = self._download_to_staging(manifest)
         kept = manifest.model.bytes <= self.cache_max_bytes
+        if not kept and hasattr(os, "memfd_create"):
+            yield from self._in_memory(manifest)
+            return
+        staging, fetch_ms, decompress_ms = self._download_to_staging(manifest)
         committed = False
         try:
             yield FetchedModel(staging / cached.name, False, fetch_ms, decompress_ms, kept)
@@ -218,13 +221,29 @@ class ArtifactStore:
                 raise _cache_unwritable(self.cache_dir, error) from None
             key = f"{manifest.key_prefix}/{manifest.artifact}"
             destination = staging / f"model.{manifest.format}"
-            fetch_ms, decompress_ms = self._download_verified(key, manifest, destination)
+            with _cache_file(destination, self.cache_dir) as out:
+                fetch_ms, decompress_ms = self._download_verified(
+                    key, manifest, out, lambda: _spool_file(staging / SPOOL_FILE, self.cache_dir)
+                )
         except BaseException:
             _remove(staging)
             with _writing_lock:
                 _writing.discard(staging)
             raise
         return staging, fetch_ms, decompress_ms
+
+    def _in_memory(self, manifest: Manifest) -> Iterator[FetchedModel]:
+        """A model the disk cache will not keep (``cache_max_bytes`` 0, or a model larger than
+        it) lands in memory, never in /tmp: an anonymous file (``memfd``) the session reads by
+        its ``/proc/self/fd`` path, copying it, and that is gone when the block ends."""
+        key = f"{manifest.key_prefix}/{manifest.artifact}"
+        with _memory_file(f"tierserve-{manifest.name}") as out:
+            fetch_ms, decompress_ms = self._download_verified(
+                key, manifest, out, lambda: _memory_file("tierserve-spool")
+            )
+            yield FetchedModel(
+                Path(f"/proc/self/fd/{out.fileno()}"), False, fetch_ms, decompress_ms, kept=False
+            )
 
     def _commit(self, staging: Path, entry: Path) -> bool:
         """Move a verified model's folder into the cache, then bound the cache; False when a
@@ -236,13 +255,19 @@ class ArtifactStore:
         self._evict(keep=entry)
         return True
 
-    def _download_verified(self, key: str, manifest: Manifest, destination: Path) -> tuple[float, float]:
-        """Read ``key`` into ``destination``, hashed as it arrives, every byte written once;
-        returns ``(ms waiting for the network, ms of the rest)``.
+    def _download_verified(
+        self,
+        key: str,
+        manifest: Manifest,
+        out: IO[bytes],
+        spool: Callable[[], AbstractContextManager[IO[bytes]]],
+    ) -> tuple[float, float]:
+        """Read ``key`` into ``out``, hashed as it arrives, every byte written once; returns
+        ``(ms waiting for the network, ms of the rest)``.
 
-        Uncompressed, the parts land in ``destination`` itself (the file the session maps). A
-        compressed artifact lands in a spool file beside it, read back in order through a map
-        of it by the decompressor while the download goes on, and removed once done.
+        Uncompressed, the parts land in ``out`` itself (the file the session maps). A compressed
+        artifact lands in a ``spool`` file, read back in order through a map of it by the
+        decompressor while the download goes on, and gone once done.
 
         Raises:
             ArtifactRejected: the stored bytes are not the manifest's, the stream is corrupt or
@@ -250,19 +275,18 @@ class ArtifactStore:
         """
         where = self.source.describe(key)
         start = time.perf_counter()
-        spool = destination.with_name(SPOOL_FILE)
         reader: ArtifactReader | None = None
         try:
-            with destination.open("w+b") as out:
-                if manifest.compression == "none":
-                    reader = self._reader(key, manifest, where, out)
-                    reader.drain()
-                    written = reader.count
-                else:
-                    with spool.open("w+b") as stored:
-                        reader = self._reader(key, manifest, where, stored)
-                        written = _copy_decompressed(reader, out, manifest, where)
-                        reader.drain()  # whatever trails the compressed stream is hashed too
+            if manifest.compression == "none":
+                reader = self._reader(key, manifest, where, out)
+                reader.drain()
+                written = reader.count
+            else:
+                with spool() as stored:
+                    reader = self._reader(key, manifest, where, stored)
+                    written = _copy_decompressed(reader, out, manifest, where)
+                    reader.drain()  # whatever trails the compressed stream is hashed too
+                    reader.close()  # its map of the spool, before the spool goes
         except (zstandard.ZstdError, zlib.error, EOFError, gzip.BadGzipFile) as error:
             raise ArtifactRejected(
                 f"{where} is not a valid {manifest.compression} stream ({error}); re-package it"
@@ -272,7 +296,6 @@ class ArtifactStore:
         finally:
             if reader is not None:
                 reader.close()
-            spool.unlink(missing_ok=True)
         assert reader is not None
         _verify(where, reader.digest(), reader.count, manifest)
         if written != manifest.model.bytes:
@@ -280,6 +303,7 @@ class ArtifactStore:
                 f"{where} decompresses to {written:,} bytes, not its declared {manifest.model.bytes:,}: "
                 "refused; re-package the model (tierserve package writes one checksummed zstd frame)"
             )
+        out.flush()
         total_ms = (time.perf_counter() - start) * 1000
         return reader.wait_ms, total_ms - reader.wait_ms
 
@@ -375,6 +399,32 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _cache_file(path: Path, cache_dir: Path) -> Iterator[IO[bytes]]:
+    try:
+        handle = path.open("w+b")
+    except OSError as error:
+        raise _cache_unwritable(cache_dir, error) from None
+    with handle:
+        yield handle
+
+
+@contextmanager
+def _spool_file(path: Path, cache_dir: Path) -> Iterator[IO[bytes]]:
+    try:
+        with _cache_file(path, cache_dir) as handle:
+            yield handle
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _memory_file(name: str) -> Iterator[IO[bytes]]:
+    """An anonymous file in memory (``memfd_create``): written and mapped like a file, never on disk."""
+    with os.fdopen(os.memfd_create(name, os.MFD_CLOEXEC), "w+b") as handle:
+        yield handle
 
 
 def _cache_unwritable(cache_dir: Path, error: OSError) -> ModelUnavailable:
