@@ -272,3 +272,11 @@ def test_cold_start_keys_from_cdk_json_and_from_the_command_line():
     assert from_mapping({"provisioned_concurrency": '{"iris": 3}'}).provisioned_concurrency_for("iris") == 3
     assert listed.to_context()["snapstart"] == ["iris", "mlp"]
     assert listed.to_context()["provisioned_concurrency"] == {"resnet-50": 2}
+
+
+def test_the_readme_lists_every_context_key(repo_root):
+    from dataclasses import fields
+
+    readme = (repo_root / "README.md").read_text()
+    missing = [f.name for f in fields(InfraConfig) if f"`{f.name}`" not in readme]
+    assert missing == [], "add them to the README's context table"

@@ -131,3 +131,9 @@ def test_a_bad_value_at_init_is_one_line_on_stderr_and_an_exit(capsys):
         "tierserve: TIERSERVE_CACHE_MAX_MB='lots' is not a whole number; set it to 0 or more, "
         "or unset it for the default, 1024 (0: no disk cache, sessions hold the models)"
     ]
+
+
+def test_the_readme_lists_every_variable():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [v.name for v in every_variable() if f"`{v.name}`" not in readme]
+    assert missing == [], "add them to the README's configuration tables"

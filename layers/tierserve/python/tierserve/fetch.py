@@ -38,7 +38,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Protocol
 from urllib.parse import urlparse
@@ -204,6 +203,10 @@ def s3_too_slow(where: str) -> UpstreamTimeout:
     )
 
 
+class DestinationError(OSError):
+    """Writing the destination failed (a full disk): an OSError of the caller's file, not of S3."""
+
+
 class _Part:
     """One range of the object on its way. ``received`` grows as its bytes land (in ``buffer``,
     or in the destination file at ``start``); ``done`` or ``error`` ends it."""
@@ -273,7 +276,6 @@ class ArtifactReader:
         )
         self._window: deque[_Part] = deque()
         self._next = 0
-        self._pool = ThreadPoolExecutor(connections, thread_name_prefix="tierserve-fetch")
         for _ in range(connections):
             self._schedule()
 
@@ -282,7 +284,9 @@ class ArtifactReader:
             part = _Part(*self._ranges[self._next], in_memory=self._destination is None)
             self._next += 1
             self._window.append(part)
-            self._pool.submit(self._fetch, part)
+            # A daemon thread per part (at most one per connection at a time): a read that stays
+            # blocked can never hold up the process's exit, as a pool's worker would.
+            threading.Thread(target=self._fetch, args=(part,), name="tierserve-fetch", daemon=True).start()
 
     def _fetch(self, part: _Part) -> None:
         """On a pool thread: read one part (its S3 calls bounded by the reader's deadline)."""
@@ -320,7 +324,10 @@ class ArtifactReader:
                 part.buffer[part.received : part.received + count] = chunk
             else:
                 assert self._destination is not None
-                os.pwrite(self._destination.fileno(), chunk, part.start + part.received)  # releases the GIL
+                try:
+                    os.pwrite(self._destination.fileno(), chunk, part.start + part.received)  # no GIL
+                except OSError as error:  # the destination's disk, not S3: the caller says so
+                    raise DestinationError(error.errno, error.strerror) from error
             part.received += count
             if part.received - notified >= PART_BYTES:  # wake the reader now and then, not per chunk
                 notified = part.received
@@ -359,6 +366,8 @@ class ArtifactReader:
         while self._window:
             head = self._window[0]
             self._wait_for(head)
+            if isinstance(head.error, DestinationError):
+                raise head.error
             if head.error is not None:
                 raise artifact_error(head.error, self._where)  # a dropped connection, a timeout
             received = head.received
@@ -403,32 +412,33 @@ class ArtifactReader:
         self._stop.set()
         self._view = b""
         for part in self._window:
-            if part.body is not None and not part.done:
-                shut_down_connection(part.body)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+            if part.body is not None and not part.done and not shut_down_connection(part.body):
+                with contextlib.suppress(Exception):  # not a socket: closing is what interrupts it
+                    part.body.close()
         if self._map is not None:
             with contextlib.suppress(BufferError):  # a view still handed out keeps it open
                 self._map.close()
 
 
-def shut_down_connection(body: IO[bytes]) -> None:
+def shut_down_connection(body: IO[bytes]) -> bool:
     """Shut down the socket under a botocore streaming body (its urllib3 response's ``fileno``),
-    so that a read blocked on it returns at once; anything else is left as it is."""
+    so that a read blocked on it returns at once; False for a body with no socket under it."""
     raw = getattr(body, "_raw_stream", None)  # botocore's StreamingBody keeps the urllib3 response here
     try:
         descriptor = raw.fileno() if raw is not None else -1
     except (OSError, ValueError, AttributeError):
-        return
+        return False
     if descriptor < 0:
-        return
+        return False
     try:
         duplicate = os.dup(descriptor)
     except OSError:
-        return
+        return False
     try:
         connection = socket.socket(fileno=duplicate)
     except OSError:  # not a socket
         os.close(duplicate)
-        return
+        return False
     with connection, contextlib.suppress(OSError):
         connection.shutdown(socket.SHUT_RDWR)  # acts on the connection, not on the descriptor
+    return True
