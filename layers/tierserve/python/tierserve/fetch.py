@@ -289,7 +289,7 @@ class ArtifactReader:
             threading.Thread(target=self._fetch, args=(part,), name="tierserve-fetch", daemon=True).start()
 
     def _fetch(self, part: _Part) -> None:
-        """On a pool thread: read one part (its S3 calls bounded by the reader's deadline)."""
+        """On its own thread: read one part (its S3 calls bounded by the reader's deadline)."""
         try:
             with aws.within(self._deadline):
                 if self._whole:
