@@ -31,10 +31,12 @@ BAD_VALUES = {
     "TIERSERVE_MODELS": "iris",
     "TIERSERVE_PRELOAD": "iris@1",
     "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "2GB",
+    "AWS_LAMBDA_INITIALIZATION_TYPE": "snap start",
     "TIERSERVE_MEMORY_BUDGET_MB": "0",
     "TIERSERVE_THREADS": "x",
     "TIERSERVE_CACHE_DIR": "tmp/tierserve",
     "TIERSERVE_CACHE_MAX_MB": "1.5",
+    "TIERSERVE_FETCH_CONNECTIONS": "32",
     "TIERSERVE_MAX_REQUEST_MB": "-1",
     "TIERSERVE_MAX_RESPONSE_MB": "inf",
     "TIERSERVE_DATA_BUCKET": "My_Bucket",
@@ -136,6 +138,12 @@ def test_a_bad_value_at_init_is_one_line_on_stderr_and_an_exit(capsys):
     assert raised.value.code == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [
-        "tierserve: TIERSERVE_CACHE_MAX_MB='lots' is not a whole number; set it to 1 or more, "
-        "or unset it for the default, 1024"
+        "tierserve: TIERSERVE_CACHE_MAX_MB='lots' is not a whole number; set it to 0 or more, "
+        "or unset it for the default, 1024 (0: no disk cache, sessions hold the models)"
     ]
+
+
+def test_the_readme_lists_every_variable():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [v.name for v in every_variable() if f"`{v.name}`" not in readme]
+    assert missing == [], "add them to the README's configuration tables"
