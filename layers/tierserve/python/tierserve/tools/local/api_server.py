@@ -9,15 +9,19 @@ forwarded over HTTP instead, concurrently, as API Gateway forwards them to SageM
 
 from __future__ import annotations
 
+import os
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from tierserve.asgi import ServerLimits, ServerThread, bind, build_server, serve_until_stopped
-from tierserve.errors import UpstreamTimeout, UpstreamUnavailable
+from tierserve.errors import TierserveError, UpstreamTimeout, UpstreamUnavailable
+from tierserve.protocol import decode_content, header
 from tierserve.routes import HttpRequest, HttpResponse, error_response
+from tierserve.settings import DEFAULT_MAX_REQUEST_MB, MAX_REQUEST_MB, MB
 from tierserve.tools.local.apigw import (
     LocalLambdaContext,
     proxy_event,
@@ -49,6 +53,8 @@ class LocalApi:
         self.handler = handler
         self.upstreams = dict(upstreams or {})
         self.memory_mb = memory_mb
+        # The handler's own limit (its environment is this process's): decompression stops there.
+        self.max_request_bytes = int(MAX_REQUEST_MB.read(os.environ, DEFAULT_MAX_REQUEST_MB) * MB)
         self._handler_lock = threading.Lock()
         self._socket = bind(host, port)
         self._server = build_server(
@@ -80,7 +86,14 @@ class LocalApi:
             self._socket.close()
 
     def respond(self, request: HttpRequest) -> HttpResponse:
-        """One request: forwarded to its model's upstream, or through the Lambda handler."""
+        """One request: forwarded to its model's upstream, or through the Lambda handler, its
+        body decompressed first and its response encoded as API Gateway does."""
+        try:  # API Gateway decompresses before any integration (and keeps the header)
+            request = replace(
+                request, body=decode_content(request.body, request.headers, self.max_request_bytes)
+            )
+        except TierserveError as error:
+            return error_response(error)
         upstream = self._upstream_for(request.path)
         if upstream is not None:
             return forward(upstream, request)
@@ -88,9 +101,8 @@ class LocalApi:
         context = LocalLambdaContext(memory_limit_in_mb=self.memory_mb)
         with self._handler_lock:
             result = self.handler(event, context)
-        return HttpResponse(
-            int(result["statusCode"]), proxy_response_body(result), proxy_response_headers(result)
-        )
+        body = proxy_response_body(result, header(request.headers, "accept"))
+        return HttpResponse(int(result["statusCode"]), body, proxy_response_headers(result))
 
     def _upstream_for(self, path: str) -> str | None:
         parts = path.strip("/").split("/")
