@@ -307,3 +307,14 @@ def test_the_local_api_refuses_other_encodings_and_bombs_on_both_tiers(url, mode
     bomb = gzip.compress(plain + b" " * (8 << 20))
     status, _, body = http(f"{url}/v2/models/{model}/infer", bomb, {"Content-Encoding": "gzip"})
     assert status == 413 and "TIERSERVE_MAX_REQUEST_MB" in json.loads(body)["error"]
+
+
+def test_the_readme_client_examples_run_as_written(url, capsys):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Clients", 1)[1].split("\n## ", 1)[0]
+    examples = [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+    assert len(examples) == 2
+    for example in examples:
+        exec(compile(example.replace("127.0.0.1:3000", url.removeprefix("http://")), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.count("[[") >= 2 and "'probabilities'" in printed
