@@ -126,7 +126,8 @@ class AsyncJobs(Construct):
     """The jobs function of every model in ``models`` (both tiers), with its grants on
     ``data_bucket``'s ``jobs/``; :meth:`add_model` gives a model its jobs routes in ``api``.
 
-    Attributes: ``function``, ``role``, ``log_group``, ``integration``, ``methods``.
+    Attributes: ``function``, ``alias`` (what the routes invoke), ``role``, ``log_group``,
+    ``integration``, ``methods``.
     """
 
     def __init__(
@@ -166,9 +167,11 @@ class AsyncJobs(Construct):
             description=f"tierserve jobs: POST/GET /v2/models/{{model}}/jobs for {len(models)} model(s)",
             role_description="tierserve jobs: writes job records and inputs under jobs/, reads their results",
         )
-        self.function, self.role, self.log_group = made.function, made.role, made.log_group
+        self.function, self.alias = made.function, made.alias
+        self.role, self.log_group = made.role, made.log_group
         grant_jobs_function(self.role, data_bucket)
-        self.integration = apigw.LambdaIntegration(self.function, proxy=True, allow_test_invoke=False)
+        # API Gateway invokes the alias, as every caller of a tierserve function does.
+        self.integration = apigw.LambdaIntegration(self.alias, proxy=True, allow_test_invoke=False)
         self.methods: list[apigw.Method] = []
 
     def add_model(self, resource: apigw.IResource, version_resource: apigw.IResource) -> None:

@@ -1,7 +1,9 @@
 """LambdaModelRoutes: every OIP route of one Lambda-tier model, proxied to its function.
 
 ``GET /v2/models/{name}`` and ``ANY /v2/models/{name}/{proxy+}`` are Lambda proxy
-integrations of the model's function, which answers ``ready``, ``infer`` and the
+integrations of the model's function alias (``live``: a published version, SnapStart's or
+provisioned concurrency's; never ``$LATEST``), whose integration URI and invoke permissions
+name the alias. The function answers ``ready``, ``infer`` and the
 ``versions/{version}/...`` forms itself (the core's route table), so the handler sees the
 path the caller sent. With ``version``, ``versions/{version}`` is a resource of its own (the
 jobs routes hang ``jobs`` under it), so everything beside it under ``versions`` is routed to
@@ -22,7 +24,8 @@ from infra.api import InferenceApi
 
 
 class LambdaModelRoutes(Construct):
-    """``/v2/models/{model_name}`` and everything under it, to ``function`` (Lambda proxy).
+    """``/v2/models/{model_name}`` and everything under it, to ``function`` (Lambda proxy): the
+    model function's alias, so the integration and its permissions are alias-qualified.
 
     Attributes: ``model_name``, ``resource`` (``/v2/models/{model_name}``), ``proxy_resource``
     (its ``{proxy+}``), ``version_resource`` (``.../versions/{version}``, None without

@@ -240,7 +240,8 @@ class InferencePipeline(Construct):
     (``ModelStore.grant_read_model(pipeline.worker, manifest)``). Without ``alarm_email`` the
     alarm notifies nobody, and synth warns so.
 
-    Attributes: ``queue``, ``dead_letter_queue``, ``worker``, ``role``, ``log_group``,
+    Attributes: ``queue``, ``dead_letter_queue``, ``worker``, ``worker_alias`` (what the event
+    source invokes), ``role``, ``log_group``,
     ``alarm``, ``alarm_topic`` (None without ``alarm_email``), ``data_bucket``.
     """
 
@@ -303,7 +304,9 @@ class InferencePipeline(Construct):
             max_input_mb=max_input_mb,
         )
         self.worker, self.role, self.log_group = worker.function, worker.role, worker.log_group
-        self.worker.add_event_source(
+        self.worker_alias = worker.alias
+        # The event source invokes the published version behind the alias, never $LATEST.
+        self.worker_alias.add_event_source(
             event_sources.SqsEventSource(
                 self.queue,
                 batch_size=batch_size,

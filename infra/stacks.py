@@ -27,6 +27,7 @@ from infra.config import API_GATEWAY_TIMEOUT_SECONDS, ConfigError, InfraConfig, 
 from infra.jobs import AsyncJobs
 from infra.lambda_routes import LambdaModelRoutes
 from infra.lambda_tier import LambdaModelFunction
+from infra.limits import image_limits, lambda_model_limits, model_key_limits
 from infra.model_store import ModelStore
 from infra.s3_pipeline import DEFAULT_JOBS_EXPIRY_DAYS, DataStore, InferencePipeline
 from infra.sagemaker_inference import (
@@ -189,6 +190,12 @@ class ServingStack(Stack):
 
     def _add_lambda_models(self, config: InfraConfig, catalog: Catalog, model_store: ModelStore) -> None:
         entries = catalog.by_tier("lambda", config.lambda_max_model_mb)
+        limits = [*model_key_limits(config, [e.name for e in entries]), *(image_limits() if entries else [])]
+        errors = [limit.message for limit in limits if limit.error]
+        for entry in entries:  # every model's errors at once, not the first one's
+            errors += [limit.message for limit in lambda_model_limits(entry.manifest, config) if limit.error]
+        if errors:
+            raise ConfigError("\n".join(errors))
         if not entries:
             return
         bucket = model_store.bucket_for(self)
@@ -199,14 +206,11 @@ class ServingStack(Stack):
                 functions,
                 entry.name,
                 manifest=entry.manifest,
+                config=config,
                 architecture=ARCHITECTURES[config.lambda_architecture],
                 model_bucket_name=bucket.bucket_name,
                 model_prefix=model_store.model_prefix,
-                timeout=Duration.seconds(config.lambda_timeout_seconds),
-                ephemeral_storage_mb=config.lambda_ephemeral_storage_mb,
                 log_retention=RETENTION[config.log_retention_days],
-                log_level=config.log_level,
-                preload=config.preload,
             )
             model_store.grant_read_model(model.function, entry.manifest)
             self.routes[entry.name] = LambdaModelRoutes(
@@ -214,7 +218,7 @@ class ServingStack(Stack):
                 entry.name,
                 api=self.api,
                 model_name=entry.name,
-                function=model.function,
+                function=model.alias,
                 version=entry.version,
             )
             self.lambda_models[entry.name] = model

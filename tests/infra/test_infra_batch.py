@@ -16,7 +16,7 @@ from cdk_nag import AwsSolutionsChecks
 from infra.batch import LAMBDA_TRANSIENT_ERRORS, BatchInference
 from tierserve.batch import BATCH_RETRY, READERS
 from tierserve.catalog import MB
-from tierserve.settings import DATA_BUCKET_ENV, GPU_ENDPOINTS_ENV, MODELS_ENV
+from tierserve.settings import DATA_BUCKET_ENV, GPU_ENDPOINTS_ENV, MODELS_ENV, GpuTarget
 
 TIMEOUT = 600
 
@@ -27,7 +27,7 @@ def build(make_app, manifests, *, name: str, **overrides: Any) -> cdk.Stack:
         "items_per_batch": 250,
         "max_concurrency": 40,
         "tolerated_failure_percentage": 2.5,
-        "gpu_endpoints": {"big-llm": "tierserve-big-llm"},
+        "gpu_endpoints": {"big-llm": GpuTarget("tierserve-g5-xlarge", "tierserve-big-llm")},
     }
     options.update(overrides)
     BatchInference(
@@ -160,7 +160,7 @@ def test_the_batch_function_is_the_workers_twin(batch):
     env = props["Environment"]["Variables"]
     assert env[DATA_BUCKET_ENV] == "data-bucket"
     assert env[MODELS_ENV] == "iris@3,big-llm@7"
-    assert env[GPU_ENDPOINTS_ENV] == "big-llm=tierserve-big-llm"
+    assert env[GPU_ENDPOINTS_ENV] == "big-llm=tierserve-g5-xlarge/tierserve-big-llm"
 
 
 def statements_of(template, role_fragment: str) -> list[dict[str, Any]]:
@@ -213,7 +213,9 @@ def test_the_batch_function_reads_inputs_and_writes_results_as_the_worker_does(b
     reads = [s for s in statements if _actions(s) == ["s3:GetObject", "s3:GetObjectVersion"]]
     assert [r.split("data-bucket/")[1].strip('"]}') for r in _resources(reads[0])] == ["inputs/*"]
     (invoke,) = [s for s in statements if "sagemaker:InvokeEndpoint" in _actions(s)]
-    assert _resources(invoke)[0].endswith(':endpoint/tierserve-big-llm"]]}')
+    endpoint, component = _resources(invoke)
+    assert endpoint.endswith(':endpoint/tierserve-g5-xlarge"]]}')
+    assert component.endswith(':inference-component/tierserve-big-llm"]]}')
 
 
 def test_the_construct_is_cdk_nag_clean_with_reasons(batch_stack):

@@ -55,12 +55,17 @@ def paths(template: dict[str, Any]) -> dict[str, str]:
 
 def test_every_model_of_both_tiers_has_its_jobs_routes_on_the_one_jobs_function(serving):
     function_id, _ = jobs_function(serving)
+    (alias_id,) = [
+        k
+        for k, a in of_type(serving, "AWS::Lambda::Alias").items()
+        if a["Properties"]["FunctionName"] == {"Ref": function_id}
+    ]
     by_path = paths(serving)
     routes = {}
     for method in of_type(serving, "AWS::ApiGateway::Method").values():
         props = method["Properties"]
         uri = json.dumps(props["Integration"].get("Uri", ""))
-        if function_id in uri:
+        if alias_id in uri:  # the routes invoke the function's alias
             routes[(props["HttpMethod"], by_path[props["ResourceId"]["Ref"]])] = props
     expected = set()
     for name, version in MODELS.items():

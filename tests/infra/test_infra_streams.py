@@ -18,10 +18,12 @@ from infra.nag import add_aws_solutions_checks
 from infra.stacks import STREAM_STACK, build_stacks
 from infra.streams import StreamInference
 from tierserve.catalog import MB
-from tierserve.settings import GPU_ENDPOINTS_ENV, MODELS_ENV, OUTPUT_STREAM_ENV, STREAM_MODEL_ENV
+from tierserve.settings import GPU_ENDPOINTS_ENV, MODELS_ENV, OUTPUT_STREAM_ENV, STREAM_MODEL_ENV, GpuTarget
 
 
-def build(make_app, manifest, *, name: str, gpu: dict[str, str] | None = None, **overrides: Any) -> cdk.Stack:
+def build(
+    make_app, manifest, *, name: str, gpu: dict[str, GpuTarget] | None = None, **overrides: Any
+) -> cdk.Stack:
     stack = cdk.Stack(make_app(), name)
     options: dict[str, Any] = {"shards": 2, "batch_size": 250, "max_retry_attempts": 4}
     options.update(overrides)
@@ -139,14 +141,20 @@ def test_the_worker_reads_the_records_writes_the_results_and_sends_only_to_its_f
 def test_a_gpu_tier_stream_model_runs_on_its_endpoint(make_app, manifest_factory, template_of):
     heavy = manifest_factory("big-llm", "7", 2048 * MB)
     template = template_of(
-        build(make_app, heavy, name="GpuStream", gpu={"big-llm": "tierserve-big-llm", "other": "x"})
+        build(
+            make_app,
+            heavy,
+            name="GpuStream",
+            gpu={"big-llm": GpuTarget("tierserve-g5-xlarge", "tierserve-big-llm"), "other": GpuTarget("x")},
+        )
     )
     env = worker(template)["Environment"]["Variables"]
-    assert env[GPU_ENDPOINTS_ENV] == "big-llm=tierserve-big-llm"
+    assert env[GPU_ENDPOINTS_ENV] == "big-llm=tierserve-g5-xlarge/tierserve-big-llm"
     invokes = [s for s in statements(template) if "sagemaker:InvokeEndpoint" in _actions(s)]
-    assert len(invokes) == 1 and json.dumps(invokes[0]["Resource"]).endswith(
-        ':endpoint/tierserve-big-llm"]]}'
-    )
+    assert len(invokes) == 1
+    endpoint, component = (json.dumps(r) for r in invokes[0]["Resource"])
+    assert endpoint.endswith(':endpoint/tierserve-g5-xlarge"]]}')
+    assert component.endswith(':inference-component/tierserve-big-llm"]]}')
 
 
 def test_the_construct_is_cdk_nag_clean_with_reasons(streams_stack):

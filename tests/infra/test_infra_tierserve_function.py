@@ -185,5 +185,6 @@ def test_image_requirements_are_pinned_to_what_the_tests_run(repo_root):
         "aws-lambda-powertools",
         "aws-xray-sdk",
         "boto3",
+        "snapshot-restore-py",
     ):
         assert pins[name] == importlib.metadata.version(name), name

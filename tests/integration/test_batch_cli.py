@@ -5,6 +5,7 @@ Stubber (no request leaves the process: the client's endpoint is a closed port o
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 
 import pytest
@@ -31,7 +32,9 @@ def local_stack(s3, embedded_s3, iris_package, tmp_path, restore_environ):
     s3.create_bucket(Bucket=LOCAL_DATA)
     stored = upload_package(iris_package, s3, "tierserve-models", "models").manifest
     Catalog(()).with_entry(stored).save(tmp_path / "catalog.json")
-    write_state(tmp_path, s3_endpoint=embedded_s3.endpoint, data_bucket=LOCAL_DATA)
+    write_state(
+        tmp_path, {"pid": os.getpid(), "s3_endpoint": embedded_s3.endpoint, "data_bucket": LOCAL_DATA}
+    )
     return tmp_path
 
 

@@ -6,6 +6,7 @@ retries, the on-failure destination), with their results read back from the outp
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -269,9 +270,12 @@ def test_tierserve_local_stream_prints_each_result_in_order(
     try:
         write_state(
             tmp_path,
-            s3_endpoint=embedded_s3.endpoint,
-            records_stream=stream.streams.records,
-            results_stream=stream.streams.results,
+            {
+                "pid": os.getpid(),
+                "s3_endpoint": embedded_s3.endpoint,
+                "records_stream": stream.streams.records,
+                "results_stream": stream.streams.results,
+            },
         )
         rows = tmp_path / "rows.jsonl"
         rows.write_text("[5.1, 3.5, 1.4, 0.2]\n\n" + json.dumps(REQUEST) + "\n")

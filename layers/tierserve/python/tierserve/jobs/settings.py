@@ -18,6 +18,8 @@ URL_EXPIRES_S = whole(
     JOBS_URL_EXPIRES_S_ENV, high=MAX_URL_EXPIRES_S, unset=f"the default, {DEFAULT_URL_EXPIRES_S} s"
 )
 
+VARIABLES = (URL_EXPIRES_S,)  # beyond Settings' and PipelineSettings' own
+
 
 @dataclass(frozen=True)
 class JobsSettings:
