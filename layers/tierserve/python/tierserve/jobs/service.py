@@ -42,9 +42,9 @@ from tierserve.protocol import BINARY_CONTENT_TYPE, HEADER_LENGTH, JSON_CONTENT_
 from tierserve.registry import ModelRegistry
 from tierserve.routes import HttpRequest, HttpResponse
 from tierserve.s3_pipeline.events import InputKey, PoisonMessage, parse_input_key
-from tierserve.s3_pipeline.formats import FORMATS
 from tierserve.settings import (
     ERROR_PREFIX,
+    INPUT_FORMATS,
     MAX_INPUT_MB_ENV,
     MAX_JSONL_MB_ENV,
     MAX_REQUEST_MB_ENV,
@@ -89,10 +89,10 @@ class Upload:
             )
         fmt = str(value.get("format", DEFAULT_UPLOAD_FORMAT)).lower()
         fmt = fmt if fmt.startswith(".") else f".{fmt}"
-        if fmt not in FORMATS:
+        if fmt not in INPUT_FORMATS:
             raise BadRequest(
                 f"upload format {value.get('format')!r} is not one the pipeline reads: use one of "
-                f"{', '.join(f.lstrip('.') for f in FORMATS)}"
+                f"{', '.join(f.lstrip('.') for f in INPUT_FORMATS)}"
             )
         size = _count(value, "bytes", low=1)
         header_length = _count(value, "inference_header_content_length", low=0)
