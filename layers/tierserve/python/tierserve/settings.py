@@ -234,13 +234,7 @@ def _split(text: str) -> list[str]:
 
 
 def _model_refs(text: str) -> tuple[ModelRef, ...]:
-    refs = []
-    for part in _split(text):
-        name, sep, version = part.partition("@")
-        if not sep or not NAME_PATTERN.match(name) or not VERSION_PATTERN.match(version):
-            raise ValueError(f"has {part!r}, which is no name@version")
-        refs.append(ModelRef(name, version))
-    return tuple(refs)
+    return tuple(ModelRef.parse(part) for part in _split(text))
 
 
 def _model_names(text: str) -> tuple[str, ...]:
@@ -272,10 +266,15 @@ class ModelRef:
 
     @classmethod
     def parse(cls, text: str) -> ModelRef:
-        """Parse ``name@version``, e.g. ``ModelRef.parse("iris@3")``."""
+        """Parse ``name@version``, e.g. ``ModelRef.parse("iris@3")``: the one parser of a model
+        reference (``TIERSERVE_MODELS`` reads each of its parts with it).
+
+        Raises:
+            ValueError: not a catalog name, ``@`` and a version.
+        """
         name, sep, version = text.strip().partition("@")
-        if not sep or not name or not version:
-            raise ValueError(f"model reference {text!r} must look like name@version, e.g. iris@1")
+        if not sep or not NAME_PATTERN.match(name) or not VERSION_PATTERN.match(version):
+            raise ValueError(f"has {text!r}, which is no name@version (e.g. iris@1)")
         return cls(name, version)
 
     @staticmethod
