@@ -1,6 +1,6 @@
 """The docs name files and code that exist: docs/architecture.md's module tables and its
 extension points, the README's layout block, and every ``.py`` file or dotted module name the
-README and docs/*.md cite, checked against the tree, so a rename that forgets the docs fails."""
+READMEs and docs/*.md cite, checked against the tree, so a rename that forgets the docs fails."""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ LIBRARY = REPO / "layers/tierserve/python"
 PACKAGE = LIBRARY / "tierserve"
 ARCHITECTURE = REPO / "docs/architecture.md"
 README = REPO / "README.md"
-DOCS = [README, *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [
+    README,
+    *sorted((REPO / "docs").glob("*.md")),
+    REPO / "bench/README.md",
+    REPO / "examples/minilm/README.md",
+]
 SOURCE_DIRS = ("layers", "infra", "functions", "bench", "tests")
 # Never in a checkout, or not ours: what these docs may name without it existing here.
 WRITTEN_BY_RUNS = (".tierserve/", "bench/results/", "catalog.json")  # gitignored outputs
@@ -205,6 +210,11 @@ def test_the_architecture_tables_name_every_module_of_the_package():
 
 def extension_points() -> str:
     return section(ARCHITECTURE.read_text(), "## Extension points")
+
+
+def test_the_extension_points_keep_each_code_span_on_one_line():
+    """A span broken over two lines would pair every later backtick wrongly, and hide names."""
+    assert [line for line in extension_points().splitlines() if line.count("`") % 2] == []
 
 
 def test_every_file_the_extension_points_name_exists():
