@@ -51,7 +51,7 @@ from tierserve.settings import (
     OUTPUT_PREFIX,
     ModelRef,
 )
-from tierserve.telemetry import logger
+from tierserve.telemetry import logger, record_count
 
 DEFAULT_UPLOAD_FORMAT = ".json"
 UPLOAD_CONTENT_TYPE = BINARY_CONTENT_TYPE
@@ -62,6 +62,10 @@ STATUS_OVERHEAD_BYTES = 2048
 MAX_ERROR_DOCUMENT_BYTES = 64 * 1024
 LIST_MAX_KEYS = 10  # a job's folder: its record, input, and one result (two while one replaces the other)
 Measure = Callable[[EncodedResponse], int]
+# Metrics of the jobs function (namespace Tierserve, like tierserve.telemetry's): jobs created,
+# inline or by upload, and status reads that found a job.
+JOBS_CREATED = "JobsCreated"
+JOB_STATUS_READS = "JobStatusReads"
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,7 @@ class Jobs:
         content_type = BINARY_CONTENT_TYPE if fmt == ".bin" else JSON_CONTENT_TYPE
         self._put(input_object_key(key), body, content_type, dict(metadata))
         logger.info("job created", extra={"job": keys.id, "model": str(ref), "input": "inline"})
+        record_count(JOBS_CREATED)
         return self._accepted(ref, keys, request, {})
 
     def _upload(self, ref: ModelRef, keys: JobKeys, request: HttpRequest, upload: Upload) -> HttpResponse:
@@ -211,6 +216,7 @@ class Jobs:
         )
         self._write_record(ref, keys, upload.format, upload_expires_at=_iso(expires_at))
         logger.info("job created", extra={"job": keys.id, "model": str(ref), "input": "upload"})
+        record_count(JOBS_CREATED)
         described = {
             "url": url,
             "method": "PUT",

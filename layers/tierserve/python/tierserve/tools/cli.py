@@ -48,6 +48,7 @@ HANDLER_EVENTS = {
     "worker.handler": ("Records", "an SQS event such as events/sqs-s3-put.json"),
     "batch.handler": ("Items", "a Distributed Map batch such as events/sfn-batch.json"),
     "stream.handler": ("Records", "a Kinesis event such as events/kinesis-records.json"),
+    "jobs.handler": ("httpMethod", "an API Gateway proxy event such as events/job-create.json"),
 }
 
 

@@ -492,6 +492,8 @@ def invoke_in_emulator(work_dir: Path, event: dict[str, Any], handler: str) -> t
         env = worker_env(work_dir, catalog)
     elif handler.startswith("stream."):
         env = stream_env(work_dir, catalog)
+    elif handler.startswith("jobs."):
+        env = jobs_env(work_dir, catalog)
     else:
         models = on_tier(catalog, "lambda")
         named = [m for m in models if m.name == model_in(str(event.get("path") or ""))]
