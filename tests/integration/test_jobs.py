@@ -5,6 +5,7 @@ SageMaker runtime to its GPU server process), results compared with onnxruntime.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -405,3 +406,35 @@ def test_tierserve_infer_errors_are_one_line_with_the_fix_and_their_exit_code(st
         LAMBDA_MODEL, str(tmp_path / "wrong.json"), "--url", stack.api.url, "--auth", "api_key"
     )
     assert code == 2 and "--api-key" in err, err
+
+
+def test_a_bin_input_says_where_its_header_length_goes_and_is_served_with_it(stack):
+    """The S3 pipeline's .bin format (a binary OIP request; how jobs store one) outside jobs."""
+    s3 = stack.s3.client()
+    rows = np.random.default_rng(6).standard_normal((2, FEATURES)).astype(np.float32)
+    encoded = encode_infer_request({"input": rows}, binary=True)
+    length = encoded.headers["Inference-Header-Content-Length"]
+    s3.put_object(Bucket=local_stack.DATA_BUCKET, Key=f"inputs/{LAMBDA_MODEL}/bare.bin", Body=encoded.body)
+    s3.put_object(
+        Bucket=local_stack.DATA_BUCKET,
+        Key=f"inputs/{LAMBDA_MODEL}/with-length.bin",
+        Body=encoded.body,
+        Metadata={"inference-header-content-length": length},
+    )
+    deadline = time.monotonic() + 60
+    found: dict[str, Any] = {}
+    while len(found) < 2:
+        assert time.monotonic() < deadline, found
+        for name, key in (
+            ("bare", f"errors/{LAMBDA_MODEL}/bare.bin.json"),
+            ("with", f"outputs/{LAMBDA_MODEL}/with-length.bin.json"),
+        ):
+            with contextlib.suppress(s3.exceptions.NoSuchKey):
+                found[name] = json.loads(
+                    s3.get_object(Bucket=local_stack.DATA_BUCKET, Key=key)["Body"].read()
+                )
+        time.sleep(0.2)
+    assert "inference-header-content-length" in found["bare"]["error"] and found["bare"]["status"] == 400
+    (output,) = found["with"]["outputs"]
+    expected = session(stack, LAMBDA_MODEL).run(None, {"input": rows})[0]
+    assert np.array_equal(np.asarray(output["data"], np.float32).reshape(output["shape"]), expected)
