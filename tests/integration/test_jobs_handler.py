@@ -52,3 +52,34 @@ def test_the_sample_create_event_answers_202_with_the_stage_in_the_jobs_url(jobs
 def test_the_sample_status_event_of_an_unknown_job_is_404(jobs):
     status, _, answer = jobs(load_event("job-status"))
     assert status == 404 and "for this caller" in answer["error"]
+
+
+@pytest.fixture
+def flaky_jobs(flaky, monkeypatch):
+    """The jobs handler whose S3 goes through a proxy that can be switched off."""
+    monkeypatch.setenv("TIERSERVE_MODELS", "iris@1")
+    monkeypatch.setenv("TIERSERVE_DATA_BUCKET", BUCKET)
+    handler = load_handler({}, module="jobs")
+
+    def invoke(event):
+        result = handler(event, LocalLambdaContext())
+        return result["statusCode"], json.loads(proxy_response_body(result))
+
+    return flaky, invoke
+
+
+def test_s3_down_is_a_503_that_says_so_and_loses_no_job(flaky_jobs, s3):
+    proxy, jobs = flaky_jobs
+    proxy.down = True
+    status, answer = jobs(load_event("job-create"))
+    assert status == 503 and "S3 is unavailable" in answer["error"] and "retry" in answer["error"]
+    status, answer = jobs(load_event("job-status"))
+    assert status == 503 and "S3 is unavailable" in answer["error"]
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="jobs/")  # nothing half-made
+    proxy.down = False
+    status, job = jobs(load_event("job-create"))
+    assert status == 202, job
+    asked = load_event("job-status")
+    asked["path"] = asked["path"].replace("0123456789abcdef0123456789abcdef", job["id"])
+    status, seen = jobs(asked)
+    assert status == 200 and seen["status"] == "pending", seen
