@@ -185,9 +185,11 @@ class Jobs:
                 'POST with no body (or {"upload": {"format": ...}}) for an upload URL that takes any size'
             )
         key = keys.input(ref.version, fmt)
-        self._write_record(ref, keys, fmt, upload_expires_at=None)
         content_type = BINARY_CONTENT_TYPE if fmt == ".bin" else JSON_CONTENT_TYPE
+        # The input first: a record without its input would read "pending" until the job
+        # expired; an input whose record failed is served, unseen, and expires with its folder.
         self._put(input_object_key(key), body, content_type, dict(metadata))
+        self._write_record(ref, keys, fmt, upload_expires_at=None)
         logger.info("job created", extra={"job": keys.id, "model": str(ref), "input": "inline"})
         record_count(JOBS_CREATED)
         return self._accepted(ref, keys, request, {})
