@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aws_cdk import Duration
+from aws_cdk import Duration, Stack
 from aws_cdk import aws_apigateway as apigw
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
@@ -46,6 +46,13 @@ from tierserve.settings import (
 )
 
 JOBS_HANDLER = "jobs.handler"
+# What API Gateway may invoke the jobs function for: these methods and paths of this API's stage,
+# every model's (one permission each, however many models).
+JOB_ROUTE_PATTERNS = {
+    "Create": ("POST", "/v2/models/*/jobs"),
+    "CreateVersion": ("POST", "/v2/models/*/versions/*/jobs"),
+    "Status": ("GET", "/v2/models/*/jobs/*"),
+}
 JOBS_MEMORY_MB = 512  # no model: S3 calls, and an inline result of at most the response limit
 JOBS_EPHEMERAL_MB = 1024  # the image's /tmp floor plus the cache's headroom; nothing is cached
 # Key patterns under jobs/ (IAM's * spans slashes): a job's record, its input, its results.
@@ -170,8 +177,22 @@ class AsyncJobs(Construct):
         self.function, self.alias = made.function, made.alias
         self.role, self.log_group = made.role, made.log_group
         grant_jobs_function(self.role, data_bucket)
-        # API Gateway invokes the alias, as every caller of a tierserve function does.
-        self.integration = apigw.LambdaIntegration(self.alias, proxy=True, allow_test_invoke=False)
+        # API Gateway invokes the alias, as every caller of a tierserve function does. A Lambda
+        # proxy integration of our own, not LambdaIntegration: that adds a permission per method
+        # (three per model), and a function's resource policy holds 20 KB, about 60 of them.
+        stack = Stack.of(self)
+        self.integration = apigw.Integration(
+            type=apigw.IntegrationType.AWS_PROXY,
+            integration_http_method="POST",
+            uri=f"arn:{stack.partition}:apigateway:{stack.region}:lambda:path/2015-03-31/functions/"
+            f"{self.alias.function_arn}/invocations",
+        )
+        for name, (method, path) in JOB_ROUTE_PATTERNS.items():
+            self.alias.add_permission(
+                f"ApiPermission{name}",
+                principal=iam.ServicePrincipal("apigateway.amazonaws.com"),
+                source_arn=api.rest_api.arn_for_execute_api(method, path, api.stage.stage_name),
+            )
         self.methods: list[apigw.Method] = []
 
     def add_model(self, resource: apigw.IResource, version_resource: apigw.IResource) -> None:

@@ -151,3 +151,21 @@ def test_jobs_expire_by_the_data_buckets_lifecycle(assembly):
         "Status": "Enabled",
     }
     assert "CorsConfiguration" not in data["Properties"]  # no browser uploads: docs/architecture.md
+
+
+def test_api_gateway_may_invoke_the_jobs_alias_for_the_jobs_routes_only(serving):
+    function_id, _ = jobs_function(serving)
+    (alias_id,) = [
+        k
+        for k, a in of_type(serving, "AWS::Lambda::Alias").items()
+        if a["Properties"]["FunctionName"] == {"Ref": function_id}
+    ]
+    permissions = [
+        p["Properties"]
+        for p in of_type(serving, "AWS::Lambda::Permission").values()
+        if p["Properties"]["FunctionName"] == {"Ref": alias_id}
+    ]
+    assert {p["Principal"] for p in permissions} == {"apigateway.amazonaws.com"}
+    # arn:...:execute-api:REGION:ACCOUNT:{api}/{stage}/METHOD/PATH
+    tails = sorted(p["SourceArn"]["Fn::Join"][1][-1].lstrip("/") for p in permissions)
+    assert tails == ["GET/v2/models/*/jobs/*", "POST/v2/models/*/jobs", "POST/v2/models/*/versions/*/jobs"]
