@@ -249,23 +249,30 @@ def test_a_job_created_while_the_gpu_model_is_cold_is_served_once_it_warms(stack
     assert done["result"]["outputs"][0]["shape"] == [1, 5]
 
 
-def test_presigned_urls_expire_and_name_one_key(stack):
-    """moto checks neither a presigned URL's expiry nor its signature; the embedded S3's front
-    checks both as S3 documents (tierserve.tools.local.embedded_s3)."""
+def jobs_service(expires_s: int) -> Jobs:
+    """The jobs service in this process, on the stack's S3 (through this process's environment)."""
     settings = JobsSettings(
         Settings(models=(ModelRef("iris", "1"),)),
         PipelineSettings(data_bucket=local_stack.DATA_BUCKET),
-        url_expires_s=1,
+        url_expires_s=expires_s,
     )
-    jobs = Jobs(settings)  # the stack's S3, through this process's environment
+    return Jobs(settings)
+
+
+def test_presigned_urls_expire_and_name_one_key(stack):
+    """moto checks neither a presigned URL's expiry nor its signature; the embedded S3's front
+    checks both as S3 documents (tierserve.tools.local.embedded_s3)."""
     request = HttpRequest("POST", "/v2/models/iris/jobs", {"Host": "api.example"}, b"")
-    created = json.loads(jobs.create("iris", request).body)
-    upload = created["upload"]
-    other_key = upload["url"].replace(created["id"], "0" * 32)
-    status, _, raw = http("PUT", other_key, b"{}", upload["headers"])
+    lasting = json.loads(jobs_service(600).create("iris", request).body)
+    other_key = lasting["upload"]["url"].replace(lasting["id"], "0" * 32)
+    status, _, raw = http("PUT", other_key, b"{}", lasting["upload"]["headers"])
     assert status == 403 and b"SignatureDoesNotMatch" in raw  # the signature covers the key
+    status, _, raw = http("PUT", lasting["upload"]["url"], b"{}", {"Content-Type": "text/plain"})
+    assert status == 403 and b"SignatureDoesNotMatch" in raw  # and the headers it names
+    jobs = jobs_service(1)
+    created = json.loads(jobs.create("iris", request).body)
     time.sleep(2.1)
-    status, _, raw = http("PUT", upload["url"], b"{}", upload["headers"])
+    status, _, raw = http("PUT", created["upload"]["url"], b"{}", created["upload"]["headers"])
     assert status == 403 and b"Request has expired" in raw
     status = json.loads(jobs.status("iris", created["id"], request).body)
     assert status["status"] == "failed" and "upload URL expired" in status["error"]
