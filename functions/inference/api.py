@@ -12,6 +12,7 @@ from typing import Any
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from tierserve.capture import Capture
 from tierserve.dataplane import DataPlane
 from tierserve.lambda_proxy import build_resolver
 from tierserve.registry import ModelRegistry
@@ -20,7 +21,8 @@ from tierserve.telemetry import logger, metrics, tracer
 
 with exit_on_bad_settings():  # a bad variable is one line in the init log, not a traceback
     registry = ModelRegistry(Settings.from_env())
-app = build_resolver(DataPlane(registry))
+    capture = Capture.from_env()  # None unless TIERSERVE_CAPTURE names a model
+app = build_resolver(DataPlane(registry, capture=capture))
 registry.preload()
 
 
@@ -28,4 +30,8 @@ registry.preload()
 @tracer.capture_lambda_handler(capture_response=False)
 @metrics.log_metrics(capture_cold_start_metric=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return app.resolve(event, context)
+    try:
+        return app.resolve(event, context)
+    finally:
+        if capture is not None:
+            capture.end_invocation()  # wakes the writer when a batch is due; never waits
