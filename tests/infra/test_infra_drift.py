@@ -41,7 +41,10 @@ def assembly(app):
 
 @pytest.fixture(scope="module")
 def templates(assembly) -> dict[str, dict[str, Any]]:
-    return {name: assembly.get_stack_by_name(name).template for name in (STORAGE_STACK, SERVING_STACK, PIPELINE_STACK)}
+    return {
+        name: assembly.get_stack_by_name(name).template
+        for name in (STORAGE_STACK, SERVING_STACK, PIPELINE_STACK)
+    }
 
 
 def of_type(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
@@ -72,7 +75,9 @@ def s3_grants(statements: list[dict[str, Any]]) -> dict[str, str]:
     for s in statements:
         for action in [s["Action"]] if isinstance(s["Action"], str) else s["Action"]:
             if action.startswith("s3:"):
-                grants[action] = grants.get(action, "") + json.dumps(s["Resource"]) + json.dumps(s.get("Condition", {}))
+                grants[action] = (
+                    grants.get(action, "") + json.dumps(s["Resource"]) + json.dumps(s.get("Condition", {}))
+                )
     return grants
 
 
@@ -104,7 +109,9 @@ def test_capture_expires_after_its_retention(templates, make_app, catalog):
         if "LifecycleConfiguration" in b["Properties"]
         and any(r.get("Prefix") == "capture/" for r in b["Properties"]["LifecycleConfiguration"]["Rules"])
     ]
-    (rule,) = [r for r in bucket["Properties"]["LifecycleConfiguration"]["Rules"] if r.get("Prefix") == "capture/"]
+    (rule,) = [
+        r for r in bucket["Properties"]["LifecycleConfiguration"]["Rules"] if r.get("Prefix") == "capture/"
+    ]
     assert rule["ExpirationInDays"] == 30 and rule["Status"] == "Enabled"
     other = build(make_app, catalog, capture=CAPTURE, capture_retention_days=7).synth()
     storage = other.get_stack_by_name(STORAGE_STACK).template
@@ -167,7 +174,9 @@ def test_without_capture_there_is_no_drift_job(make_app, catalog):
     assembly = build(make_app, catalog).synth()
     pipeline = assembly.get_stack_by_name(PIPELINE_STACK).template
     assert of_type(pipeline, "AWS::Events::Rule") == {}
-    commands = [f["Properties"].get("ImageConfig", {}) for f in of_type(pipeline, "AWS::Lambda::Function").values()]
+    commands = [
+        f["Properties"].get("ImageConfig", {}) for f in of_type(pipeline, "AWS::Lambda::Function").values()
+    ]
     assert {"Command": ["drift.handler"]} not in commands
 
 
@@ -185,12 +194,18 @@ def test_a_gpu_tier_model_in_capture_is_warned_about(make_app, catalog):
 
 
 def test_the_image_context_holds_what_the_drift_handler_imports(app, assembly):
-    (asset_dir,) = {p for p in Path(assembly.directory).glob("asset.*") if (p / "functions/inference").is_dir()}
+    (asset_dir,) = {
+        p for p in Path(assembly.directory).glob("asset.*") if (p / "functions/inference").is_dir()
+    }
     imported = import_from_context(
         asset_dir,
         "functions/inference",
         ["drift", "api"],
-        {"TIERSERVE_MODELS": "iris@3", "TIERSERVE_MODEL_BUCKET": "models-b", "TIERSERVE_DATA_BUCKET": "data-b"},
+        {
+            "TIERSERVE_MODELS": "iris@3",
+            "TIERSERVE_MODEL_BUCKET": "models-b",
+            "TIERSERVE_DATA_BUCKET": "data-b",
+        },
     )
     assert "tierserve.drift.job" in imported["loaded"] and "tierserve.capture" in imported["loaded"]
     assert not [m for m in imported["loaded"] if m.startswith("tierserve.tools")]
