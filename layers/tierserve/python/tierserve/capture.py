@@ -230,8 +230,9 @@ class Capture:
                 due, kept = len(buffer.lines) >= self.batch, True
         if not kept:
             self._count(CAPTURE_DROPPED)
+        if self._writer is None:
+            self._start_writer()  # its own timer writes what ages, in a server between requests too
         if due:
-            self._start_writer()
             self._wake.set()
 
     def end_invocation(self) -> None:
@@ -264,15 +265,22 @@ class Capture:
             )
 
     def _take(self, *, everything: bool = False) -> list[tuple[ModelRef, _Buffer]]:
+        """The lines due for writing: every full batch, and the rest of a buffer whose oldest
+        line is ``flush_s`` old (or all of it, with ``everything``)."""
         now = self._clock()
         taken = []
         with self._lock:
             for ref, buffer in self._buffers.items():
-                if buffer.lines and (
-                    everything or len(buffer.lines) >= self.batch or now - buffer.since >= self.flush_s
-                ):
-                    taken.append((ref, buffer))
-                    self._buffers[ref] = _Buffer()
+                if not buffer.lines:
+                    continue
+                if everything or now - buffer.since >= self.flush_s:
+                    count = len(buffer.lines)
+                else:
+                    count = len(buffer.lines) // self.batch * self.batch
+                if count:
+                    taken.append((ref, _Buffer(buffer.lines[:count], buffer.since, buffer.started)))
+                    buffer.lines = buffer.lines[count:]
+                    buffer.since, buffer.started = now, dt.datetime.now(dt.UTC)
         return taken
 
     def _start_writer(self) -> None:

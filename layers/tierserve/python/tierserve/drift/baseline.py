@@ -267,9 +267,11 @@ def read_baseline_rows(path: Path, inputs: Sequence[TensorSpec]) -> dict[str, np
             raw = _jsonl_rows(path, inputs)
         else:
             raise BaselineError(f"baseline file {path} must be .npy, .json or .jsonl")
-    except (ManifestError, ValueError, OSError) as error:
-        if isinstance(error, BaselineError):
-            raise
+    except BaselineError:
+        raise
+    except ManifestError as error:  # already says which file and what is wrong
+        raise BaselineError(str(error)) from None
+    except (ValueError, OSError) as error:
         raise BaselineError(f"baseline file {path} cannot be read ({reprlib.repr(str(error))})") from None
     return _check_rows(raw, inputs, path)
 

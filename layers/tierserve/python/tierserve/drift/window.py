@@ -189,9 +189,9 @@ def _array(tensor: Any) -> np.ndarray | None:
         or len(data) != int(np.prod(shape))
     ):
         return None
-    try:
-        return np.asarray(data, dtype=np.float64).reshape(shape)
-    except (TypeError, ValueError):
+    try:  # at the recorded precision: float32 values must land in the bins float32 baselines cut
+        return np.asarray(data, dtype=tensor["dtype"]).reshape(shape)
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
