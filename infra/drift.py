@@ -48,7 +48,7 @@ from tierserve.tools.cdk_context import ConfigError, InfraConfig
 DRIFT_HANDLER = "drift.handler"
 DRIFT_MEMORY_MB = 1024
 DRIFT_TIMEOUT = Duration.minutes(10)
-DRIFT_EPHEMERAL_MB = 512
+DRIFT_EPHEMERAL_MB = 1024  # TierserveFunction keeps 512 MB of /tmp off its (unused) model cache
 
 
 def capture_rules(capture: str, catalog: Catalog) -> dict[str, CaptureRule]:

@@ -293,3 +293,34 @@ def test_drift_of_a_model_without_baseline_says_how_to_make_one(s3, uploaded_iri
         in capsys.readouterr().err
     )
     aws.clear_clients()
+
+
+def test_hostile_capture_lines_are_skipped_and_counted(s3, buckets, iris_rows):
+    captured_feed(unshifted(iris_rows))
+    now = dt.datetime.now(dt.UTC)
+    good = {
+        "time": now.isoformat(),
+        "inputs": {"input": {"dtype": "float32", "shape": [1, 4], "data": [5, 3, 1, 0]}},
+    }
+    lines = [
+        b"not json",
+        b"[1, 2]",
+        json.dumps(
+            {**good, "inputs": {"input": {"dtype": "float32", "shape": [2, 4], "data": [1, 2]}}}
+        ).encode(),
+        json.dumps(
+            {**good, "inputs": {"input": {"dtype": "object", "shape": [1], "data": ["rm -rf"]}}}
+        ).encode(),
+        json.dumps(
+            {**good, "inputs": {"input": {"dtype": "int8", "shape": [1, 4], "data": [999, 0, 0, 0]}}}
+        ).encode(),
+        json.dumps({**good, "time": "yesterday"}).encode(),
+        json.dumps(good).encode(),
+    ]
+    key = f"capture/iris/1/date={now:%Y-%m-%d}/{now:%H%M%S}-0123456789ab.jsonl"
+    s3.put_object(Bucket=DATA, Key=key, Body=b"\n".join(lines))
+    s3.put_object(Bucket=DATA, Key=f"capture/iris/1/date={now:%Y-%m-%d}/../../../models/x.jsonl", Body=b"x")
+    report = check_model(s3, IRIS, model_bucket=BUCKET, data_bucket=DATA, window=dt.timedelta(hours=1))
+    assert report.requests == 120 + 1 and report.rows == 601
+    assert any("5 captured lines were not requests of this model" in note for note in report.notes)
+    assert report.verdict == "stable"
