@@ -187,3 +187,11 @@ def test_batch_keys_are_dated_and_unique():
     when = dt.datetime(2026, 12, 2, 1, 2, 3, tzinfo=dt.UTC)
     first, second = batch_key(IRIS, when), batch_key(IRIS, when)
     assert first.startswith("capture/iris/1/date=2026-12-02/010203-") and first != second
+
+
+def test_a_request_that_cannot_be_encoded_is_dropped_not_raised():
+    store = Store()
+    capture = Capture({"iris": CaptureRule(1.0)}, put=store.put)
+    capture.offer(IRIS, {"input": np.array([[1 + 2j]], dtype=np.complex128)}, OUT)
+    capture.flush()
+    assert store.objects == {} and capture.counts[CAPTURE_DROPPED] == 1

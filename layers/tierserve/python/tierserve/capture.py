@@ -204,18 +204,26 @@ class Capture:
         rule = self.rules.get(ref.name)
         if rule is None or self._closed or self._draw() >= rule.rate:
             return
+        try:
+            self._keep(ref, rule, inputs, outputs)
+        except Exception:  # whatever goes wrong here, the inference has its answer
+            logger.warning(
+                "capture: a request could not be kept; it is not captured", extra={"model": str(ref)}
+            )
+            self._count(CAPTURE_DROPPED)
+
+    def _keep(
+        self,
+        ref: ModelRef,
+        rule: CaptureRule,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+    ) -> None:
         arrays = [*inputs.values(), *(outputs.values() if rule.outputs else ())]
         if sum(a.size for a in arrays) * 2 > MAX_LINE_BYTES:  # 2+ bytes a value: too large, unencoded
             self._count(CAPTURE_DROPPED)
             return
-        try:
-            line = encode_line(ref, inputs, outputs if rule.outputs else None)
-        except Exception:  # an array orjson cannot encode must not fail the inference
-            logger.warning(
-                "capture: a request could not be encoded; it is not captured", extra={"model": str(ref)}
-            )
-            self._count(CAPTURE_DROPPED)
-            return
+        line = encode_line(ref, inputs, outputs if rule.outputs else None)
         if len(line) > MAX_LINE_BYTES:
             self._count(CAPTURE_DROPPED)
             return
