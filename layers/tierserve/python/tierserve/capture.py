@@ -172,6 +172,7 @@ class Capture:
         self._closed = False
         self._writer: threading.Thread | None = None
         self.counts = {CAPTURE_WRITTEN: 0, CAPTURE_DROPPED: 0, CAPTURE_WRITE_FAILED: 0}
+        self._unpublished: dict[str, int] = {}
         _open.add(self)
 
     @classmethod
@@ -244,7 +245,9 @@ class Capture:
             self._wake.set()
 
     def end_invocation(self) -> None:
-        """A Lambda invocation ends: wake the writer if a batch is due by size or age; returns at once."""
+        """A Lambda invocation ends: publish the counts, wake the writer if a batch is due by size
+        or age; returns at once."""
+        self._publish()
         if self._due():
             self._start_writer()
             self._wake.set()
@@ -319,11 +322,20 @@ class Capture:
                 )
                 continue
             self._count(CAPTURE_WRITTEN, len(lines))
+        self._publish()
 
     def _count(self, name: str, count: int = 1) -> None:
         with self._lock:
             self.counts[name] += count
-        record_count(name, count)
+            self._unpublished[name] = self._unpublished.get(name, 0) + count
+
+    def _publish(self) -> None:
+        """The counts since the last publication, one metric value each (not one per line: a
+        flood of drops must not become a flood of metric values on the request's thread)."""
+        with self._lock:
+            pending, self._unpublished = self._unpublished, {}
+        for name, count in pending.items():
+            record_count(name, count)
 
 
 _open: weakref.WeakSet[Capture] = weakref.WeakSet()
