@@ -172,7 +172,7 @@ def test_a_shifted_feed_alarms_emits_its_metric_and_writes_the_report(
 ):
     captured_feed(np.concatenate([shifted(iris_rows)] * 4))
     handler = drift_handler(monkeypatch)
-    answer = handler({"source": "aws.events"}, LocalLambdaContext())
+    answer = handler(load_event("drift-schedule"), LocalLambdaContext())
     result = answer["models"]["iris@1"]
     assert result["verdict"] == "drift" and result["max_psi"] > 0.25
     (metrics,) = emf_documents(capsys.readouterr().out)

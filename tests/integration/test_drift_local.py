@@ -59,15 +59,22 @@ def captured_rows(stack) -> int:
     )
 
 
-def test_requests_to_the_local_stack_are_captured_and_drift_reads_them(iris_stack, tmp_path, capsys):
-    assert "tierserve drift iris --local" in local_stack.describe(iris_stack)
-    rows = samples.iris_rows() + np.array([0.0, 0.0, 2.0, 0.8], dtype=np.float32)  # drifted petals
+@pytest.fixture(scope="module")
+def drifted_traffic(iris_stack):
+    """150 requests of iris rows with longer, wider petals, once they are all in the embedded S3."""
+    rows = samples.iris_rows() + np.array([0.0, 0.0, 2.0, 0.8], dtype=np.float32)
     for start in range(0, len(rows), 5):
         post_rows(iris_stack.state["api_url"], rows[start : start + 5])
     deadline = time.monotonic() + WAIT_S
     while captured_rows(iris_stack) < len(rows):  # batches go out every few seconds
         assert time.monotonic() < deadline, "the capture never reached the embedded S3"
         time.sleep(0.5)
+    return iris_stack
+
+
+def test_requests_to_the_local_stack_are_captured_and_drift_reads_them(drifted_traffic, tmp_path, capsys):
+    iris_stack = drifted_traffic
+    assert "tierserve drift iris --local" in local_stack.describe(iris_stack)
     out = tmp_path / "iris.png"
     args = [
         "drift",
@@ -84,3 +91,17 @@ def test_requests_to_the_local_stack_are_captured_and_drift_reads_them(iris_stac
     printed = capsys.readouterr().out
     assert "iris@1: 30 requests, 150 rows" in printed and "verdict: drift" in printed
     assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_drift_handler_runs_under_the_lambda_runtime_emulator_on_the_local_stack(drifted_traffic):
+    """The scheduled event through the image's handler string and the runtime's JSON."""
+    iris_stack = drifted_traffic
+    event = json.loads((local_stack.REPO_ROOT / "events" / "drift-schedule.json").read_text())
+    response, log_path = local_stack.invoke_in_emulator(iris_stack.work_dir, event, "drift.handler")
+    result = response["models"]["iris@1"]
+    assert result["verdict"] == "drift", log_path.read_text()[-2000:]
+    s3 = embedded_client(iris_stack.state["s3_endpoint"])
+    assert (
+        s3.head_object(Bucket=iris_stack.state["data_bucket"], Key=result["plot"])["ContentType"]
+        == "image/png"
+    )

@@ -47,6 +47,7 @@ HANDLER_EVENTS = {
     "api.handler": ("httpMethod", "an API Gateway proxy event such as events/infer-json.json"),
     "worker.handler": ("Records", "an SQS event such as events/sqs-s3-put.json"),
     "batch.handler": ("Items", "a Distributed Map batch such as events/sfn-batch.json"),
+    "drift.handler": ("detail-type", "an EventBridge scheduled event such as events/drift-schedule.json"),
     "stream.handler": ("Records", "a Kinesis event such as events/kinesis-records.json"),
 }
 
