@@ -324,3 +324,15 @@ def test_hostile_capture_lines_are_skipped_and_counted(s3, buckets, iris_rows):
     assert report.requests == 120 + 1 and report.rows == 601
     assert any("5 captured lines were not requests of this model" in note for note in report.notes)
     assert report.verdict == "stable"
+
+
+def test_a_window_larger_than_one_run_reads_compares_its_newest_and_says_so(
+    s3, buckets, iris_rows, monkeypatch
+):
+    from tierserve.drift import window
+
+    captured_feed(unshifted(iris_rows))  # 600 rows in batches of 40 requests (200 rows)
+    monkeypatch.setattr(window, "MAX_ROWS", 300)
+    report = check_model(s3, IRIS, model_bucket=BUCKET, data_bucket=DATA, window=dt.timedelta(hours=1))
+    assert report.rows == 400  # two of the three batches, then the bound
+    assert any("its newest requests were compared" in note for note in report.notes)

@@ -142,7 +142,7 @@ def check_model(
             f"{captured.rows} rows is under the {min_rows} a verdict needs: widen the window or raise the rate"
         )
     if captured.truncated:
-        notes.append("the window held more rows than one run reads; the oldest were compared")
+        notes.append("the window held more than one run reads; its newest requests were compared")
     if captured.skipped_lines:
         notes.append(
             f"{captured.skipped_lines} captured lines were not requests of this model and were skipped"

@@ -24,6 +24,7 @@ from tierserve.settings import ModelRef
 MAX_OBJECTS = 5_000
 MAX_OBJECT_BYTES = 64 * 1024 * 1024
 MAX_ROWS = 1_000_000
+MAX_WINDOW_BYTES = 256 * 1024 * 1024  # what one run reads at most (the drift function has 1 GB)
 KEY_TIME = re.compile(r"date=(\d{4}-\d{2}-\d{2})/(\d{6})-[0-9a-f]{12}\.jsonl$")
 NUMERIC_DTYPES = {
     "bool",
@@ -61,8 +62,8 @@ class Window:
 
 
 def window_keys(s3: Any, bucket: str, ref: ModelRef, since: dt.datetime, until: dt.datetime) -> list[str]:
-    """The batch keys of ``ref`` whose time is in [``since``, ``until``], oldest first, at most
-    :data:`MAX_OBJECTS` (the newest kept)."""
+    """The batch keys of ``ref`` whose time is in [``since``, ``until``] (an hour earlier for a
+    batch started before the window), oldest first, at most :data:`MAX_OBJECTS` (the newest kept)."""
     keys: list[str] = []
     day = since.date()
     while day <= until.date():
@@ -103,14 +104,16 @@ def read_window(
     until: dt.datetime,
     progress: Progress | None = None,
 ) -> Window:
-    """Every captured row of ``inputs`` for ``ref`` between ``since`` and ``until``."""
+    """Every captured row of ``inputs`` for ``ref`` between ``since`` and ``until``, newest
+    batches first, up to :data:`MAX_ROWS` rows and :data:`MAX_WINDOW_BYTES` read."""
     window = Window(since, until)
-    keys = window_keys(s3, bucket, ref, since, until)
+    keys = window_keys(s3, bucket, ref, since, until)[::-1]
     columns: dict[str, list[np.ndarray]] = {name: [] for name in inputs}
-    rows = 0
+    rows = read = 0
     for done, key in enumerate(keys, 1):
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read(MAX_OBJECT_BYTES + 1)
         window.objects += 1
+        read += len(body)
         for record in _records(body[:MAX_OBJECT_BYTES], window):
             when = _time(record.get("time"))
             if when is None or not since <= when <= until:
@@ -125,8 +128,8 @@ def read_window(
             rows += max(a.shape[0] for a in tensors.values())
         if progress is not None:
             progress(done, len(keys))
-        if rows >= MAX_ROWS:
-            window.truncated = True
+        if rows >= MAX_ROWS or read >= MAX_WINDOW_BYTES:
+            window.truncated = done < len(keys)
             break
     window.arrays = {name: _join(parts) for name, parts in columns.items() if parts}
     window.arrays = {name: a for name, a in window.arrays.items() if a is not None}
