@@ -95,6 +95,8 @@ CAPTURE = Variable(
 CAPTURE_BUCKET = bucket(DATA_BUCKET_ENV, unset="no capture (it needs the data bucket)")
 CAPTURE_BATCH = whole(CAPTURE_BATCH_ENV, high=100_000, unset=f"the default, {DEFAULT_BATCH} lines per object")
 CAPTURE_FLUSH_S = number(CAPTURE_FLUSH_S_ENV, unit="seconds", unset=f"the default, {DEFAULT_FLUSH_S:g}")
+# TIERSERVE_DATA_BUCKET is the S3 pipeline's variable (s3_pipeline/settings.py), read here with its own "unset"
+VARIABLES: tuple[Variable, ...] = (CAPTURE, CAPTURE_BATCH, CAPTURE_FLUSH_S)
 
 
 def capture_prefix(ref: ModelRef) -> str:

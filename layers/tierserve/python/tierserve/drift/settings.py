@@ -31,7 +31,7 @@ DATA_BUCKET = bucket(DATA_BUCKET_ENV, unset="nothing to read: the drift function
 WINDOW_HOURS = whole(DRIFT_WINDOW_HOURS_ENV, high=24 * 31, unset=f"the default, {DEFAULT_WINDOW_HOURS}")
 PSI_THRESHOLD = number(DRIFT_PSI_THRESHOLD_ENV, unset=f"the default, {DRIFT:g}")
 MIN_ROWS = whole(DRIFT_MIN_ROWS_ENV, unset=f"the default, {DEFAULT_MIN_ROWS}")
-VARIABLES: tuple[Variable, ...] = (DATA_BUCKET, WINDOW_HOURS, PSI_THRESHOLD, MIN_ROWS)
+VARIABLES: tuple[Variable, ...] = (WINDOW_HOURS, PSI_THRESHOLD, MIN_ROWS)  # the data bucket: the pipeline's
 
 
 @dataclass(frozen=True)
