@@ -14,7 +14,7 @@ from typing import Any
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from tierserve import aws
-from tierserve.drift import DriftError, check_model, emit_metrics, write_report
+from tierserve.drift import DriftError, check_model, emit_metrics, emit_not_checked, write_report
 from tierserve.drift.settings import DriftSettings
 from tierserve.settings import exit_on_bad_settings
 from tierserve.telemetry import logger, tracer
@@ -43,6 +43,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
             report_key, plot_key = write_report(s3, settings.data_bucket, report)
         except DriftError as error:
             logger.warning("drift: model not checked", extra={"model": str(ref), "reason": str(error)})
+            emit_not_checked(ref)
             results[str(ref)] = {"error": str(error)}
             continue
         emit_metrics(report)

@@ -336,3 +336,25 @@ def test_a_window_larger_than_one_run_reads_compares_its_newest_and_says_so(
     report = check_model(s3, IRIS, model_bucket=BUCKET, data_bucket=DATA, window=dt.timedelta(hours=1))
     assert report.rows == 400  # two of the three batches, then the bound
     assert any("its newest requests were compared" in note for note in report.notes)
+
+
+def test_drift_on_a_bucket_that_does_not_exist_names_the_fix(s3, buckets, capsys, tmp_path):
+    args = ["drift", "iris", "--bucket", "no-such-data", "--model-bucket", BUCKET, "--version", "1",
+            "--out", str(tmp_path / "x.png")]  # fmt: skip
+    assert cli.main(args) == 1
+    assert (
+        "the data bucket no-such-data does not exist: give the deployed data bucket"
+        in capsys.readouterr().err
+    )
+
+
+def test_the_drift_handler_reports_an_s3_outage_per_model_without_raising(
+    s3, buckets, monkeypatch, flaky, capsys
+):
+    handler = drift_handler(monkeypatch)
+    aws.clear_clients()
+    flaky.down = True  # S3 answers 503 SlowDown to everything, botocore's retries included
+    result = handler(load_event("drift-schedule"), LocalLambdaContext())["models"]["iris@1"]
+    assert result == {
+        "error": "s3://test-models/models/iris/1/manifest.json could not be read (SlowDown): try again"
+    }

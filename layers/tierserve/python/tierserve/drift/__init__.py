@@ -19,10 +19,12 @@ from tierserve.drift.baseline import (
 from tierserve.drift.job import (
     DRIFT_FEATURES_OVER,
     DRIFT_MAX_PSI,
+    DRIFT_NOT_CHECKED,
     DRIFT_ROWS,
     DriftError,
     check_model,
     emit_metrics,
+    emit_not_checked,
     load_baseline,
     write_report,
 )
@@ -34,6 +36,7 @@ __all__ = [
     "DRIFT",
     "DRIFT_FEATURES_OVER",
     "DRIFT_MAX_PSI",
+    "DRIFT_NOT_CHECKED",
     "DRIFT_PREFIX",
     "DRIFT_ROWS",
     "MODERATE",
@@ -44,6 +47,7 @@ __all__ = [
     "build_baseline",
     "check_model",
     "emit_metrics",
+    "emit_not_checked",
     "load_baseline",
     "psi",
     "read_baseline_rows",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Callable
 from typing import Any
 
 from tierserve import aws
@@ -34,6 +33,7 @@ from tierserve.settings import DEFAULT_MODEL_PREFIX, ModelRef
 DRIFT_MAX_PSI = "DriftMaxPSI"
 DRIFT_FEATURES_OVER = "DriftFeaturesOver"
 DRIFT_ROWS = "DriftRows"
+DRIFT_NOT_CHECKED = "DriftNotChecked"  # a run that could not compare (no baseline, S3 refused)
 DEFAULT_WINDOW = dt.timedelta(hours=24)
 
 
@@ -127,7 +127,10 @@ def check_model(
     until = until or dt.datetime.now(dt.UTC)
     since = until - window
     inputs = sorted({f.input for f in baseline.features})
-    captured = read_window(s3, data_bucket, ref, inputs, since=since, until=until, progress=progress)
+    try:
+        captured = read_window(s3, data_bucket, ref, inputs, since=since, until=until, progress=progress)
+    except Exception as error:
+        raise _read_error(error, data_bucket, ref) from None
     features = compare(
         baseline, feature_columns(inputs, captured.arrays), threshold=threshold, min_rows=min_rows
     )
@@ -160,6 +163,20 @@ def check_model(
     )
 
 
+def _read_error(error: BaseException, bucket: str, ref: ModelRef) -> DriftError:
+    failure = aws.classify(error)
+    where = f"s3://{bucket}/capture/{ref.name}/{ref.version}/"
+    if failure.kind == "gone":
+        return DriftError(
+            f"the data bucket {bucket} does not exist: give the deployed data bucket (--bucket)"
+        )
+    if failure.kind == "denied":
+        return DriftError(
+            f"{where} cannot be listed or read (access denied): give this role s3:ListBucket and s3:GetObject there"
+        )
+    return DriftError(f"reading {where} failed ({failure.code or failure.kind}): check the network and retry")
+
+
 def write_report(s3: Any, bucket: str, report: DriftReport) -> tuple[str, str]:
     """Put the report's JSON and PNG in ``bucket``; returns their keys."""
     report_key, plot_key = report.keys()
@@ -170,16 +187,33 @@ def write_report(s3: Any, bucket: str, report: DriftReport) -> tuple[str, str]:
     return report_key, plot_key
 
 
-def emit_metrics(report: DriftReport, metrics_factory: Callable[[], Any] | None = None) -> None:
-    """One EMF document per model: ``DriftMaxPSI`` (when a feature was judged), ``DriftFeaturesOver``
-    and ``DriftRows``, with ``model`` and ``version`` dimensions (namespace ``Tierserve``)."""
-    from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
+def _model_metrics(ref: ModelRef) -> Any:
+    from aws_lambda_powertools.metrics import EphemeralMetrics
 
     from tierserve.telemetry import NAMESPACE, SERVICE
 
-    metrics = (metrics_factory or (lambda: EphemeralMetrics(namespace=NAMESPACE, service=SERVICE)))()
-    metrics.add_dimension(name="model", value=report.ref.name)
-    metrics.add_dimension(name="version", value=report.ref.version)
+    metrics = EphemeralMetrics(namespace=NAMESPACE, service=SERVICE)
+    metrics.add_dimension(name="model", value=ref.name)
+    metrics.add_dimension(name="version", value=ref.version)
+    return metrics
+
+
+def emit_not_checked(ref: ModelRef) -> None:
+    """``DriftNotChecked`` = 1 for ``ref``: the run could not compare (the alarm on
+    ``DriftMaxPSI`` sees no data then, so this is what says the job is blind)."""
+    from aws_lambda_powertools.metrics import MetricUnit
+
+    metrics = _model_metrics(ref)
+    metrics.add_metric(name=DRIFT_NOT_CHECKED, unit=MetricUnit.Count, value=1)
+    metrics.flush_metrics()
+
+
+def emit_metrics(report: DriftReport) -> None:
+    """One EMF document per model: ``DriftMaxPSI`` (when a feature was judged), ``DriftFeaturesOver``
+    and ``DriftRows``, with ``model`` and ``version`` dimensions (namespace ``Tierserve``)."""
+    from aws_lambda_powertools.metrics import MetricUnit
+
+    metrics = _model_metrics(report.ref)
     if report.max_psi is not None:
         metrics.add_metric(name=DRIFT_MAX_PSI, unit=MetricUnit.NoUnit, value=round(report.max_psi, 6))
     metrics.add_metric(
