@@ -622,9 +622,10 @@ def _examples(stack: LocalStack, url: str) -> list[str]:
         ]
     captured = stack.captured
     if captured:
+        baselined = [m.name for m in manifests if m.name in captured and "baseline" in m.extra]
         lines += [
             f"drift: requests of {', '.join(captured)} are captured to s3://{DATA_BUCKET}/capture/; after some,",
-            f"  tierserve drift {captured[0]} --local",
+            f"  tierserve drift {(baselined or captured)[0]} --local",
         ]
     if stack.streams is not None:
         lines += [
