@@ -262,6 +262,8 @@ def add_capture(
             f"cdk.json context 'capture' names {name}, which is on the GPU tier: only Lambda-tier models "
             "capture requests so far, so it is not captured",
         )
+    if not set(rules) & set(lambda_functions):
+        return []  # no import of the data bucket into the serving stack without a use for it
     manifests = {entry.name: entry.manifest for entry in catalog}
     return wire_capture(lambda_functions, manifests, rules, data_store.bucket_for(serving))
 
