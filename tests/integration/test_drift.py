@@ -358,3 +358,26 @@ def test_the_drift_handler_reports_an_s3_outage_per_model_without_raising(
     assert result == {
         "error": "s3://test-models/models/iris/1/manifest.json could not be read (SlowDown): try again"
     }
+
+
+def test_tierserve_package_baseline_from_the_command_line(iris_onnx, iris_rows, tmp_path, capsys):
+    (tmp_path / "traffic.json").write_text(json.dumps({"input": iris_rows.tolist()}))
+    out = tmp_path / "pkg"
+    args = ["package", str(iris_onnx), "--name", "iris", "--version", "7", "--out", str(out),
+            "--baseline", str(tmp_path / "traffic.json")]  # fmt: skip
+    assert cli.main(args) == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["extra"]["baseline"]["rows"] == 150
+    assert json.loads((out / BASELINE_NAME).read_text())["source"] == "traffic.json"
+    assert "no drift baseline" not in capsys.readouterr().out
+
+
+def test_tierserve_package_refuses_a_bad_baseline_in_one_line_and_builds_nothing(iris_onnx, tmp_path, capsys):
+    (tmp_path / "traffic.jsonl").write_text("[1, 2, 3]\n")
+    out = tmp_path / "pkg"
+    args = ["package", str(iris_onnx), "--name", "iris", "--version", "8", "--out", str(out),
+            "--baseline", str(tmp_path / "traffic.jsonl")]  # fmt: skip
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "drift baseline: baseline rows of 'input'" in err and "the model takes [-1, 4]" in err
+    assert "Traceback" not in err and not out.exists()
