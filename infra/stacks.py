@@ -24,6 +24,7 @@ from constructs import Construct
 from infra.api import InferenceApi
 from infra.batch import BatchInference
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, ConfigError, InfraConfig, gpu_instance_overrides
+from infra.drift import add_capture, add_drift_job
 from infra.lambda_routes import LambdaModelRoutes
 from infra.lambda_tier import LambdaModelFunction
 from infra.limits import image_limits, lambda_model_limits, model_key_limits
@@ -303,6 +304,7 @@ class PipelineStack(Stack):
         model_store: ModelStore,
         data_store: DataStore,
         gpu_endpoints: dict[str, GpuTarget],
+        captured: list[str] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(
@@ -333,6 +335,17 @@ class PipelineStack(Stack):
         )
         for entry in catalog:
             model_store.grant_read_model(self.pipeline.worker, entry.manifest)
+        self.drift = add_drift_job(  # the scheduled drift job over the models that capture (infra/drift.py)
+            self,
+            captured=captured or [],
+            config=config,
+            catalog=catalog,
+            model_store=model_store,
+            data_store=data_store,
+            architecture=ARCHITECTURES[config.lambda_architecture],
+            log_retention=RETENTION[config.log_retention_days],
+            alarm_topic=self.pipeline.alarm_topic,
+        )
         CfnOutput(
             self,
             "DeadLetterQueueUrl",
@@ -545,6 +558,13 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
     serving = ServingStack(
         app, SERVING_STACK, config=config, catalog=catalog, model_store=storage.model_store
     )
+    captured = add_capture(
+        data_store=storage.data_store,
+        serving=serving,
+        lambda_functions={name: model.function for name, model in serving.lambda_models.items()},
+        config=config,
+        catalog=catalog,
+    )
     pipeline = batch = None
     if catalog.entries:
         pipeline = PipelineStack(
@@ -555,6 +575,7 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
             model_store=storage.model_store,
             data_store=storage.data_store,
             gpu_endpoints=serving.gpu_targets,
+            captured=captured,
         )
         pipeline.add_stack_dependency(serving, "invokes the GPU endpoints the serving stack creates")
         batch = BatchStack(
