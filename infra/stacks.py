@@ -24,6 +24,7 @@ from constructs import Construct
 from infra.api import InferenceApi
 from infra.batch import BatchInference
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, ConfigError, InfraConfig, gpu_instance_overrides
+from infra.drift import add_capture, add_drift_job
 from infra.jobs import AsyncJobs
 from infra.lambda_routes import LambdaModelRoutes
 from infra.lambda_tier import LambdaModelFunction
@@ -349,6 +350,7 @@ class PipelineStack(Stack):
         model_store: ModelStore,
         data_store: DataStore,
         gpu_endpoints: dict[str, GpuTarget],
+        captured: list[str] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(
@@ -380,6 +382,17 @@ class PipelineStack(Stack):
         )
         for entry in catalog:
             model_store.grant_read_model(self.pipeline.worker, entry.manifest)
+        self.drift = add_drift_job(  # the scheduled drift job over the models that capture (infra/drift.py)
+            self,
+            captured=captured or [],
+            config=config,
+            catalog=catalog,
+            model_store=model_store,
+            data_store=data_store,
+            architecture=ARCHITECTURES[config.lambda_architecture],
+            log_retention=RETENTION[config.log_retention_days],
+            alarm_topic=self.pipeline.alarm_topic,
+        )
         CfnOutput(
             self,
             "DeadLetterQueueUrl",
@@ -597,6 +610,13 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
         model_store=storage.model_store,
         data_store=storage.data_store,
     )
+    captured = add_capture(
+        data_store=storage.data_store,
+        serving=serving,
+        lambda_functions={name: model.function for name, model in serving.lambda_models.items()},
+        config=config,
+        catalog=catalog,
+    )
     pipeline = batch = None
     if catalog.entries:
         pipeline = PipelineStack(
@@ -607,6 +627,7 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
             model_store=storage.model_store,
             data_store=storage.data_store,
             gpu_endpoints=serving.gpu_targets,
+            captured=captured,
         )
         pipeline.add_stack_dependency(serving, "invokes the GPU endpoints the serving stack creates")
         batch = BatchStack(

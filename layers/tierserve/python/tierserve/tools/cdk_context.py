@@ -159,6 +159,12 @@ class InfraConfig:
     stream_shards: int = 1
     stream_batch_size: int = 100
     stream_max_retry_attempts: int = 3
+    # Drift (infra/drift.py): request capture per model, "model:rate[:outputs],..." ("" none).
+    capture: str = ""
+    capture_retention_days: int = 30
+    drift_window_hours: int = 24
+    drift_psi_threshold: float = 0.25
+    drift_min_rows: int = 100
 
     def __post_init__(self) -> None:
         """Checks that involve more than one key (each key alone is checked by its parser)."""
@@ -458,6 +464,35 @@ def _model_or_none(key: str, raw: Any) -> str:
     return value
 
 
+def _capture(key: str, raw: Any) -> str:
+    """``{"iris": {"rate": 0.1, "outputs": false}}`` (cdk.json) or ``iris:0.1,mlp:0.05:outputs``
+    (``-c``), as the normalized text the functions read (``TIERSERVE_CAPTURE``)."""
+    from tierserve.capture import CaptureRule, join_rules, parse_rules
+
+    wanted = (
+        'models and sampling rates, {"iris": {"rate": 0.1, "outputs": false}} in cdk.json or '
+        "iris:0.1,mlp:0.05:outputs on the command line (rates from 0 to 1, each model once)"
+    )
+    if isinstance(raw, dict):
+        rules = {}
+        for name, rule in raw.items():
+            if not isinstance(rule, dict) or set(rule) - {"rate", "outputs"} or "rate" not in rule:
+                raise _problem(key, raw, wanted)
+            rate, outputs = rule["rate"], rule.get("outputs", False)
+            if isinstance(rate, bool) or not isinstance(rate, int | float) or not isinstance(outputs, bool):
+                raise _problem(key, raw, wanted)
+            rules[name] = CaptureRule(float(rate), outputs)
+        text = join_rules(rules)
+    elif isinstance(raw, str):
+        text = raw
+    else:
+        raise _problem(key, raw, wanted)
+    try:
+        return join_rules(parse_rules(text))
+    except ValueError:
+        raise _problem(key, raw, wanted) from None
+
+
 _DEFAULTS: dict[str, Any] = {field.name: field.default for field in fields(InfraConfig)}
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "catalog": _text,
@@ -515,4 +550,9 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "stream_shards": _integer(1, KINESIS_MAX_SHARDS),
     "stream_batch_size": _integer(1, KINESIS_MAX_BATCH_SIZE),
     "stream_max_retry_attempts": _integer(0, KINESIS_MAX_RETRY_ATTEMPTS),
+    "capture": _capture,
+    "capture_retention_days": _integer(1, 3650),
+    "drift_window_hours": _integer(1, 24 * 7),
+    "drift_psi_threshold": _real(0.01, 10),
+    "drift_min_rows": _integer(1, 1_000_000),
 }

@@ -32,6 +32,7 @@ examples:
     tierserve infer iris request.json      # one input: sync when small, an async job when large
     tierserve package model.onnx --name iris --version 1 --quantization int8 --upload s3://BUCKET/models
     tierserve catalog validate
+    tierserve drift iris --local              # captured requests against the packaging baseline (PSI)
     tierserve --version
 
 `tierserve COMMAND --help` explains each command, with examples.
@@ -47,6 +48,7 @@ HANDLER_EVENTS = {
     "api.handler": ("httpMethod", "an API Gateway proxy event such as events/infer-json.json"),
     "worker.handler": ("Records", "an SQS event such as events/sqs-s3-put.json"),
     "batch.handler": ("Items", "a Distributed Map batch such as events/sfn-batch.json"),
+    "drift.handler": ("detail-type", "an EventBridge scheduled event such as events/drift-schedule.json"),
     "stream.handler": ("Records", "a Kinesis event such as events/kinesis-records.json"),
     "jobs.handler": ("httpMethod", "an API Gateway proxy event such as events/job-create.json"),
 }
@@ -113,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve exactly this catalog's models, found under --models (default .tierserve/packages)",
     )
     local.add_argument("--no-samples", action="store_true", help="leave the sample models out")
+    local.add_argument(
+        "--capture-rate",
+        type=float,
+        default=1.0,
+        metavar="RATE",
+        help="share of each lambda-tier model's requests captured for `tierserve drift` (default 1, 0: off)",
+    )
     local.set_defaults(run=run_local)
     local_commands = local.add_subparsers(dest="local_command", metavar="SUBCOMMAND")
     put = local_commands.add_parser(
@@ -193,12 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
     invoke.set_defaults(run=run_local_invoke)
     from tierserve.tools.batch import add_batch_command
+    from tierserve.tools.drift import add_drift_command
     from tierserve.tools.infer import add_infer_command
     from tierserve.tools.packaging.commands import add_commands
 
     add_commands(commands)  # package, upload, catalog
     add_batch_command(commands)
     add_infer_command(commands)
+    add_drift_command(commands)
     return parser
 
 
@@ -211,6 +222,10 @@ def run_local(args: argparse.Namespace) -> int:
     stack = None
     try:
         port = args.port if args.port is not None else LOCAL_PORT.read(os.environ, DEFAULT_LOCAL_PORT)
+        if not 0 <= args.capture_rate <= 1:
+            raise SettingsError(
+                f"--capture-rate {args.capture_rate:g} must be from 0 (off) to 1 (every request)"
+            )
         stack = start(
             args.work_dir,
             host=args.host,
@@ -218,6 +233,7 @@ def run_local(args: argparse.Namespace) -> int:
             chosen=() if args.no_samples else SAMPLES,
             model_dirs=args.models,
             catalog_path=args.catalog,
+            capture_rate=args.capture_rate,
         )
         print(describe(stack), flush=True)
         stack.wait()

@@ -30,8 +30,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tierserve import capture
 from tierserve.asgi import ServerThread
 from tierserve.catalog import Catalog, Manifest, tier_for
+from tierserve.drift.baseline import Baseline, build_baseline
 from tierserve.settings import (
     CACHE_DIR_ENV,
     DATA_BUCKET_ENV,
@@ -67,7 +69,7 @@ from tierserve.tools.local.state import (
     state_path,
     write_state,
 )
-from tierserve.tools.packaging import PackagedModel, package_model, upload_package
+from tierserve.tools.packaging import PackagedModel, package_model, signature_of, upload_package
 
 REPO_ROOT = Path(__file__).resolve().parents[6]
 CDK_JSON = REPO_ROOT / "cdk.json"
@@ -82,6 +84,10 @@ METRICS_DISABLED_ENV = "POWERTOOLS_METRICS_DISABLED"
 # The execution environment that answers what no model claims (health, /v2, unknown models);
 # model names start with a letter or digit, so it can never be one.
 FRONT = "_api"
+# Capture for drift: every request by default (a developer's traffic is small), flushed often.
+DEFAULT_CAPTURE_RATE = 1.0
+LOCAL_CAPTURE_BATCH = 50
+LOCAL_CAPTURE_FLUSH_S = 2.0
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
 
@@ -92,10 +98,18 @@ class Sample:
     build: Callable[[Path], Path]
     tier: str | None = None
     description: str = ""
+    # Real rows of the model's one input: its drift baseline (tierserve drift NAME --local).
+    baseline_rows: Callable[[], Any] | None = None
 
 
 SAMPLES: tuple[Sample, ...] = (
-    Sample("iris", "1", samples.iris_classifier, description="scikit-learn logistic regression (skl2onnx)"),
+    Sample(
+        "iris",
+        "1",
+        samples.iris_classifier,
+        description="scikit-learn logistic regression (skl2onnx)",
+        baseline_rows=samples.iris_rows,
+    ),
     Sample("mlp", "1", samples.mlp, description="4-layer perceptron, about 10 MB"),
     Sample("convnet", "1", samples.convnet, description="convolutional image classifier, 1x3x224x224 input"),
     Sample(
@@ -127,9 +141,27 @@ def package_samples(work_dir: Path, chosen: Sequence[Sample] = SAMPLES) -> list[
         if not source.exists():
             sample.build(source)
         packaged.append(
-            package_model(source, name=sample.name, version=sample.version, out_dir=out_dir, tier=sample.tier)
+            package_model(
+                source,
+                name=sample.name,
+                version=sample.version,
+                out_dir=out_dir,
+                tier=sample.tier,
+                baseline=sample_baseline(sample, source),
+            )
         )
     return packaged
+
+
+def sample_baseline(sample: Sample, source: Path) -> Baseline | None:
+    """The sample's drift baseline, from the data it was trained on (None: it has none)."""
+    if sample.baseline_rows is None:
+        return None
+    inputs, _ = signature_of(source)
+    rows = {inputs[0].name: sample.baseline_rows()}
+    return build_baseline(
+        sample.name, sample.version, inputs, rows, source=f"the {sample.name} training data"
+    )
 
 
 def lambda_max_model_mb(cdk_json: Path | None = None) -> int:
@@ -203,6 +235,7 @@ class LocalStack:
     sagemaker_runtime: SageMakerRuntime | None = None
     streams: StreamPoller | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    captured: list[str] = field(default_factory=list)  # models whose requests are captured (drift)
 
     def stop(self) -> None:
         remove_state(self.work_dir, os.getpid())  # first: the other commands see it stopping
@@ -213,6 +246,7 @@ class LocalStack:
             steps.append(self.pipeline.stop)
         if self.api is not None:
             steps.append(self.api.stop)
+        steps.append(capture.close_all)  # what the API captured, written while S3 still runs
         if self.sagemaker is not None:
             steps.append(self.sagemaker.stop)
         steps += [server.stop for server in self.gpu_servers]
@@ -239,11 +273,13 @@ def start(
     chosen: Sequence[Sample] = SAMPLES,
     model_dirs: Sequence[Path] = (),
     catalog_path: Path | None = None,
+    capture_rate: float = DEFAULT_CAPTURE_RATE,
 ) -> LocalStack:
     """Package the samples (``chosen``; none: ``()``) and take the user's packages
     (``model_dirs``, chosen by ``catalog_path`` when given), start the embedded S3, the local
     API, a GPU server process per gpu-tier model, the SageMaker runtime in front of them and
-    the S3 pipeline; returns once all of it answers, with the state file written.
+    the S3 pipeline; returns once all of it answers, with the state file written. Each
+    lambda-tier model captures ``capture_rate`` of its requests for ``tierserve drift`` (0: none).
 
     Raises:
         ConfigError: a bad cdk.json, before anything is built.
@@ -269,6 +305,7 @@ def start(
             host=host,
             port=port,
             s3_port=s3_port,
+            capture_rate=capture_rate,
         )
     except BaseException:
         stack.stop()
@@ -304,6 +341,7 @@ def _start(
     host: str,
     port: int,
     s3_port: int,
+    capture_rate: float = 0.0,
 ) -> None:
     work_dir = stack.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -322,9 +360,13 @@ def _start(
     lambda_models = on_tier(stack.catalog, "lambda", threshold)
     gpu_models = on_tier(stack.catalog, "gpu", threshold)
     functions = {
-        m.name: new_execution_environment(api_env(work_dir, [m], cache=m.name, preload=True), name=m.name)
+        m.name: new_execution_environment(
+            {**api_env(work_dir, [m], cache=m.name, preload=True), **capture_env([m], capture_rate)},
+            name=m.name,
+        )
         for m in lambda_models
     }
+    stack.captured = [m.name for m in lambda_models] if capture_rate > 0 else []
     every = [e.manifest for e in stack.catalog.entries]  # so an unknown model's 404 names them all
     front = new_execution_environment(api_env(work_dir, every, preload=False, cache=FRONT), name=FRONT)
     jobs = new_execution_environment(jobs_env(work_dir, stack.catalog), name="jobs", module="jobs")
@@ -430,6 +472,19 @@ def jobs_env(work_dir: Path, catalog: Catalog) -> dict[str, str]:
         **_model_env(work_dir, [e.manifest for e in catalog.entries], "_jobs"),
         DATA_BUCKET_ENV: DATA_BUCKET,
         PRELOAD_ENV: "",
+    }
+
+
+def capture_env(models: Sequence[Manifest], rate: float) -> dict[str, str]:
+    """Capture ``rate`` of the requests of ``models`` (into the data bucket), written in small
+    batches every few seconds so that ``tierserve drift --local`` soon sees them; 0: no capture."""
+    if rate <= 0:
+        return {capture.CAPTURE_ENV: ""}
+    rules = {m.name: capture.CaptureRule(rate) for m in models}
+    return {
+        capture.CAPTURE_ENV: capture.join_rules(rules),
+        capture.CAPTURE_BATCH_ENV: str(LOCAL_CAPTURE_BATCH),
+        capture.CAPTURE_FLUSH_S_ENV: str(LOCAL_CAPTURE_FLUSH_S),
     }
 
 
@@ -583,6 +638,13 @@ def _examples(stack: LocalStack, url: str) -> list[str]:
             "async jobs (any size; presigned URLs on the embedded S3):",
             f"  tierserve infer {shown.name} rows.jsonl --async --url {url}",
             f"  curl -s -X POST {url}/v2/models/{shown.name}/jobs   # an upload URL: curl -T FILE '<url>'",
+        ]
+    captured = stack.captured
+    if captured:
+        baselined = [m.name for m in manifests if m.name in captured and "baseline" in m.extra]
+        lines += [
+            f"drift: requests of {', '.join(captured)} are captured to s3://{DATA_BUCKET}/capture/; after some,",
+            f"  tierserve drift {(baselined or captured)[0]} --local",
         ]
     if stack.streams is not None:
         lines += [
