@@ -4,6 +4,7 @@ behind API Gateway (the stage in ``requestContext.path``), the upload, the calle
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 
@@ -83,3 +84,12 @@ def test_s3_down_is_a_503_that_says_so_and_loses_no_job(flaky_jobs, s3):
     asked["path"] = asked["path"].replace("0123456789abcdef0123456789abcdef", job["id"])
     status, seen = jobs(asked)
     assert status == 200 and seen["status"] == "pending", seen
+
+
+@pytest.mark.parametrize("length", ["abc", "12\u00b2", "-1", "99999"])
+def test_a_binary_job_whose_header_length_is_not_one_is_refused_at_the_door(jobs, length):
+    event = load_event("job-create")
+    event["body"], event["isBase64Encoded"] = base64.b64encode(b'{"inputs": []}').decode(), True
+    event["headers"] = {**event["headers"], "Inference-Header-Content-Length": length}
+    status, _, answer = jobs(event)
+    assert status == 400 and "is not the length of the body's JSON header" in answer["error"], answer

@@ -20,6 +20,7 @@ No table, no lock: the worker's conditional writes already decide which result i
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from tierserve.telemetry import logger, record_count
 
 DEFAULT_UPLOAD_FORMAT = ".json"
 UPLOAD_CONTENT_TYPE = BINARY_CONTENT_TYPE
+HEADER_LENGTH_PATTERN = re.compile(r"^[0-9]{1,12}$")  # S3 metadata is ASCII; a length is digits
 UPLOAD_FIELDS = ("format", "bytes", "inference_header_content_length")
 # What a status document adds around an inline result (ids, times, keys); a result that leaves
 # less room than this is not even read: its URL is answered.
@@ -161,7 +163,13 @@ class Jobs:
         body = request.body
         header_length = header(request.headers, HEADER_LENGTH)
         if header_length is not None:
-            return self._inline(ref, keys, request, body, ".bin", {HEADER_LENGTH: header_length.strip()})
+            length = header_length.strip()
+            if not HEADER_LENGTH_PATTERN.match(length) or int(length) > len(body):
+                raise BadRequest(
+                    f"{HEADER_LENGTH} {header_length[:40]!r} is not the length of the body's JSON header: "
+                    f"a whole number of bytes, at most the body's {len(body):,}"
+                )
+            return self._inline(ref, keys, request, body, ".bin", {HEADER_LENGTH: length})
         if not body.strip():
             return self._upload(ref, keys, request, Upload())
         document = _json_object(body)
