@@ -21,7 +21,7 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from infra.api import InferenceApi
+from infra.api import InferenceApi, KeyLimits
 from infra.batch import BatchInference
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, ConfigError, InfraConfig, gpu_instance_overrides
 from infra.lambda_routes import LambdaModelRoutes
@@ -150,6 +150,8 @@ class ServingStack(Stack):
             throttle_burst_limit=config.throttle_burst_limit,
             log_retention=RETENTION[config.log_retention_days],
             manage_cloudwatch_role=config.api_cloudwatch_role,
+            key_limits=key_limits(config),
+            waf_rate_limit=config.waf_rate_limit if config.waf else None,
         )
         self.lambda_models: dict[str, LambdaModelFunction] = {}
         self.gpu_endpoints: dict[str, GpuEndpoint] = {}
@@ -378,6 +380,16 @@ def gpu_placement(
         )
         placement.setdefault(instance_type, []).append((entry, requirements))
     return placement
+
+
+def key_limits(config: InfraConfig) -> KeyLimits:
+    """Each API key's throttle and quota under ``auth=api_key`` (the ``api_key_*`` keys)."""
+    return KeyLimits(
+        rate_limit=config.api_key_rate_limit,
+        burst_limit=config.api_key_burst_limit,
+        quota=config.api_key_quota,
+        quota_period=config.api_key_quota_period,
+    )
 
 
 def copy_scaling(config: InfraConfig) -> CopyScaling:
