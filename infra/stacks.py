@@ -28,6 +28,8 @@ from infra.lambda_routes import LambdaModelRoutes
 from infra.lambda_tier import LambdaModelFunction
 from infra.limits import image_limits, lambda_model_limits, model_key_limits
 from infra.model_store import ModelStore
+from infra.monitoring import AlarmPolicy, AlarmTopic, GpuModel, LambdaModel, Monitoring, notify
+from infra.rollout import LambdaRollouts, gpu_rolling_update, strategy
 from infra.s3_pipeline import DataStore, InferencePipeline
 from infra.sagemaker_inference import (
     INSTANCE_SPECS,
@@ -118,7 +120,10 @@ class ServingStack(Stack):
     Attributes: ``api``, ``lambda_models`` (model name -> :class:`LambdaModelFunction`),
     ``gpu_endpoints`` (instance type -> :class:`GpuEndpoint`), ``gpu_models`` (model name ->
     :class:`GpuModelComponent`), ``routes`` (model name -> :class:`LambdaModelRoutes` or
-    :class:`SageMakerModelRoutes`).
+    :class:`SageMakerModelRoutes`), ``monitoring`` (:class:`~infra.monitoring.Monitoring`: the
+    dashboard, every model's alarms, and ``monitoring.topic``, where every alarm of the app
+    publishes), ``rollouts`` (:class:`~infra.rollout.LambdaRollouts`: a CodeDeploy deployment
+    group per Lambda-tier model).
 
     Raises:
         ConfigError: a GPU-tier model cannot fit its instance type, or ``gpu_instance_types``
@@ -159,10 +164,18 @@ class ServingStack(Stack):
         self.routes: dict[str, LambdaModelRoutes | SageMakerModelRoutes] = {}
         self._add_lambda_models(config, catalog, model_store)
         self._add_gpu_models(config, catalog, model_store)
+        self.monitoring = self._monitor(config, pipeline_stack=PIPELINE_STACK if catalog.entries else None)
+        self.rollouts = self._roll_out(config)
         self._warn(config)
 
         CfnOutput(
             self, "ApiUrl", value=self.api.url, description="Open Inference Protocol base URL (append v2/...)"
+        )
+        CfnOutput(
+            self,
+            "DashboardName",
+            value=self.monitoring.dashboard.dashboard_name,
+            description="The CloudWatch dashboard: a row per model, the API and the S3 pipeline",
         )
         if self.api.api_key is not None:
             CfnOutput(
@@ -269,6 +282,66 @@ class ServingStack(Stack):
                 self.gpu_models[entry.name] = component
             self._warn_unchecked(endpoint)
 
+    def _monitor(self, config: InfraConfig, *, pipeline_stack: str | None) -> Monitoring:
+        """The dashboard and every model's alarms, publishing to the one alarm topic.
+
+        Raises:
+            ConfigError: ``latency_budget_ms`` or ``rollout_overrides`` names a model the
+                catalog does not serve.
+        """
+        served = {*self.lambda_models, *self.gpu_models}
+        for key in ("latency_budget_ms", "rollout_overrides"):
+            strays = sorted({name for name, _ in getattr(config, key)} - served)
+            if strays:
+                raise ConfigError(
+                    f"cdk.json context {key!r} names {', '.join(strays)}, which the catalog does not serve "
+                    f"(models: {', '.join(sorted(served)) or 'none'}); fix the name or remove the entry"
+                )
+        return Monitoring(
+            self,
+            "Monitoring",
+            alarm_email=config.alarm_email or None,
+            policy=AlarmPolicy(
+                error_rate_percent=config.error_rate_percent,
+                latency_budget_ms=dict(config.latency_budget_ms),
+                default_latency_budget_ms=config.latency_budget_default_ms,
+                no_capacity_minutes=config.gpu_cold_start_minutes + 5,
+            ),
+            api_name=self.api.rest_api.rest_api_name,
+            stage_name=self.api.stage.stage_name,
+            lambda_models=[
+                LambdaModel(name, m.manifest.version, m.function, m.alias)
+                for name, m in self.lambda_models.items()
+            ],
+            gpu_models=[
+                GpuModel(name, c.manifest.version, c.component_name) for name, c in self.gpu_models.items()
+            ],
+            pipeline_stack=pipeline_stack,
+        )
+
+    def _roll_out(self, config: InfraConfig) -> LambdaRollouts | None:
+        """A new default version of each model reaches traffic by its strategy and rolls back
+        on its alarms: CodeDeploy on a Lambda-tier model's alias, a rolling update of a GPU-tier
+        model's component."""
+        for name, component in self.gpu_models.items():
+            gpu_rolling_update(
+                component.component,
+                strategy=strategy(config.rollout_for(name)),
+                alarms=self.monitoring.alarms[name].rollback,
+                startup_timeout=Duration.seconds(config.gpu_startup_timeout_seconds),
+            )
+        if not self.lambda_models:
+            return None
+        rollouts = LambdaRollouts(self, "Rollouts")
+        for name, model in self.lambda_models.items():
+            rollouts.add(
+                name,
+                alias=model.alias,
+                strategy=strategy(config.rollout_for(name)),
+                alarms=self.monitoring.alarms[name].rollback,
+            )
+        return rollouts
+
     def _warn_unchecked(self, endpoint: GpuEndpoint) -> None:
         if endpoint.instance_type not in INSTANCE_SPECS:
             Annotations.of(endpoint).add_warning_v2(
@@ -305,6 +378,7 @@ class PipelineStack(Stack):
         model_store: ModelStore,
         data_store: DataStore,
         gpu_endpoints: dict[str, GpuTarget],
+        alarm_topic: AlarmTopic | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(
@@ -331,7 +405,7 @@ class PipelineStack(Stack):
             ephemeral_storage_mb=config.lambda_ephemeral_storage_mb,
             log_retention=RETENTION[config.log_retention_days],
             log_level=config.log_level,
-            alarm_email=config.alarm_email or None,
+            alarm_topic=alarm_topic.topic_for(self) if alarm_topic is not None else None,
         )
         for entry in catalog:
             model_store.grant_read_model(self.pipeline.worker, entry.manifest)
@@ -475,6 +549,7 @@ class StreamStack(Stack):
         manifest: Manifest,
         model_store: ModelStore,
         gpu_endpoints: dict[str, GpuTarget],
+        alarm_topic: AlarmTopic | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(
@@ -501,6 +576,8 @@ class StreamStack(Stack):
             log_level=config.log_level,
         )
         model_store.grant_read_model(self.streams.worker, manifest)
+        if alarm_topic is not None:
+            notify(self.streams.alarm, alarm_topic.topic_for(self))
         outputs = {
             "RecordsStreamName": (
                 self.streams.records.stream_name,
@@ -567,6 +644,7 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
             model_store=storage.model_store,
             data_store=storage.data_store,
             gpu_endpoints=serving.gpu_targets,
+            alarm_topic=serving.monitoring.alarm_topic,
         )
         pipeline.add_stack_dependency(serving, "invokes the GPU endpoints the serving stack creates")
         batch = BatchStack(
@@ -589,6 +667,7 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
             manifest=manifest,
             model_store=storage.model_store,
             gpu_endpoints=serving.gpu_targets,
+            alarm_topic=serving.monitoring.alarm_topic,
         )
         stream.add_stack_dependency(serving, "invokes the GPU endpoint the serving stack creates")
     return TierserveStacks(storage=storage, serving=serving, pipeline=pipeline, batch=batch, stream=stream)

@@ -515,8 +515,8 @@ def _per_model(
                 raise _problem(key, raw, wanted)
             try:
                 values.append((name, parse_value(key, value)))
-            except ConfigError:
-                raise _problem(key, raw, wanted) from None
+            except ConfigError as error:  # says what the value must be
+                raise ConfigError(f"model {name!r} in {error}") from None
         return tuple(values)
 
     return parse
