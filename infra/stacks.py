@@ -46,7 +46,7 @@ from infra.sagemaker_inference import (
 )
 from infra.sagemaker_routes import ColdStart, SageMakerModelRoutes
 from infra.streams import StreamInference
-from tierserve.catalog import Catalog, CatalogEntry, Manifest
+from tierserve.catalog import Catalog, CatalogEntry, Manifest, tier_for
 from tierserve.settings import GpuTarget
 
 STORAGE_STACK = "TierserveStorage"
@@ -189,8 +189,12 @@ class ServingStack(Stack):
         entries = catalog.by_tier("lambda", config.lambda_max_model_mb)
         limits = [*model_key_limits(config, [e.name for e in entries]), *(image_limits() if entries else [])]
         errors = [limit.message for limit in limits if limit.error]
+        errors += version_tier_errors(catalog, config)
         for entry in entries:  # every model's errors at once, not the first one's
-            errors += [limit.message for limit in lambda_model_limits(entry.manifest, config) if limit.error]
+            for version in (entry, *catalog.others_of(entry.name)):
+                errors += [
+                    limit.message for limit in lambda_model_limits(version.manifest, config) if limit.error
+                ]
         if errors:
             raise ConfigError("\n".join(errors))
         if not entries:
@@ -208,8 +212,10 @@ class ServingStack(Stack):
                 model_bucket_name=bucket.bucket_name,
                 model_prefix=model_store.model_prefix,
                 log_retention=RETENTION[config.log_retention_days],
+                other_versions=[e.manifest for e in catalog.others_of(entry.name)],
             )
-            model_store.grant_read_model(model.function, entry.manifest)
+            for manifest in model.manifests:
+                model_store.grant_read_model(model.function, manifest)
             self.routes[entry.name] = LambdaModelRoutes(
                 routes, entry.name, api=self.api, model_name=entry.name, function=model.alias
             )
@@ -415,6 +421,33 @@ class PipelineStack(Stack):
             value=self.pipeline.dead_letter_queue.queue_url,
             description="Inputs that failed every delivery; redrive with aws sqs start-message-move-task",
         )
+
+
+def version_tier_errors(catalog: Catalog, config: InfraConfig) -> list[str]:
+    """Why the catalog's other versions cannot be served: a GPU-tier model serves its default
+    version alone (one inference component; a new default rolls its copies over), and every
+    version of a Lambda-tier model must be on the Lambda tier (one function serves them)."""
+    errors = []
+    for entry in catalog:
+        others = catalog.others_of(entry.name)
+        tier = tier_for(entry.manifest, config.lambda_max_model_mb)
+        if others and tier == "gpu":
+            errors.append(
+                f"catalog lists versions {', '.join(e.version for e in others)} of {entry.name} beside its default "
+                f"{entry.version}, but {entry.name} is on the GPU tier, which serves one version per model (its "
+                "inference component): remove them, or make the one to serve the default"
+            )
+        elif tier == "lambda":
+            strays = [
+                e.version for e in others if tier_for(e.manifest, config.lambda_max_model_mb) != "lambda"
+            ]
+            if strays:
+                errors.append(
+                    f"versions {', '.join(strays)} of {entry.name} are on the GPU tier while its default "
+                    f"{entry.version} is on the Lambda tier, and one function serves every version: keep the "
+                    "versions of a model on one tier (lambda_max_model_mb, or a manifest's tier)"
+                )
+    return errors
 
 
 def gpu_placement(
