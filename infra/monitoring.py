@@ -18,7 +18,9 @@ SageMaker per inference component, SQS).
 Alarms per model (each publishes its alarm and its recovery to the one topic):
 
     server errors   5xx share of the model's requests over ``error_rate_percent``, 2 of 3 minutes
-    latency         p99 over the model's budget (``latency_budget_ms``), 2 of 3 minutes
+                    (a minute counts from 3 errors)
+    latency         p99 over the model's budget (``latency_budget_ms``), 2 of 3 minutes (a
+                    minute counts from 5 requests)
     function errors (Lambda tier) the alias's invocations that failed (crash, timeout), 2 of 3 minutes
     throttles       (Lambda tier) any throttled invocation in 5 minutes
     no capacity     (GPU tier) requests refused for want of a copy for longer than a start from
@@ -56,6 +58,9 @@ EVALUATION_PERIODS = 3
 DATAPOINTS_TO_ALARM = 2
 THROTTLE_PERIOD = Duration.minutes(5)
 NO_CAPACITY_MARGIN_MINUTES = 5
+# Below these a minute says nothing: the rate alarm needs this many errors, the p99 this many requests.
+MIN_ERRORS = 3
+MIN_LATENCY_SAMPLES = 5
 LATENCY_PERCENTILES = ("p50", "p90", "p99")
 SAGEMAKER_NAMESPACE = "AWS/SageMaker"
 COMPONENT_DIMENSION = "InferenceComponentName"
@@ -103,10 +108,24 @@ def component_metric(component: str, name: str, statistic: str = "Sum") -> cloud
 def error_rate(
     errors: cloudwatch.IMetric, requests: cloudwatch.IMetric, label: str
 ) -> cloudwatch.MathExpression:
-    """``errors`` as a percentage of ``requests`` (a minute without errors is 0)."""
+    """``errors`` as a percentage of ``requests``, counted from :data:`MIN_ERRORS` errors in a
+    minute (a minute with fewer is 0: one transient 503 of a quiet model is no outage)."""
     return cloudwatch.MathExpression(
-        expression="100 * FILL(errors, 0) / requests",
+        expression=f"IF(FILL(errors, 0) >= {MIN_ERRORS}, 100 * FILL(errors, 0) / requests, 0)",
         using_metrics={"errors": errors, "requests": requests},
+        label=label,
+        period=PERIOD,
+    )
+
+
+def sampled_latency(
+    latency: cloudwatch.IMetric, requests: cloudwatch.IMetric, label: str
+) -> cloudwatch.MathExpression:
+    """``latency`` (a percentile) in minutes with at least :data:`MIN_LATENCY_SAMPLES` requests,
+    else 0: the p99 of two requests is the slower one (a cold start, say), not a trend."""
+    return cloudwatch.MathExpression(
+        expression=f"IF(FILL(requests, 0) >= {MIN_LATENCY_SAMPLES}, latency, 0)",
+        using_metrics={"latency": latency, "requests": requests},
         label=label,
         period=PERIOD,
     )
@@ -336,7 +355,7 @@ class Monitoring(Construct):
             latency=self._alarm(
                 model.name,
                 "latency",
-                metric=metric(LATENCY_MS, "p99"),
+                metric=sampled_latency(metric(LATENCY_MS, "p99"), metric(REQUESTS), "p99 (ms)"),
                 threshold=budget,
                 description=f"p99 latency of version {model.version} over its budget of {budget:g} ms "
                 "(context latency_budget_ms)",
@@ -383,7 +402,7 @@ class Monitoring(Construct):
                 model.name,
                 "latency",
                 # SageMaker's ModelLatency is in microseconds.
-                metric=metric("ModelLatency", "p99"),
+                metric=sampled_latency(metric("ModelLatency", "p99"), metric("Invocations"), "p99 (μs)"),
                 threshold=budget * 1000,
                 description=f"p99 model latency over its budget of {budget:g} ms (context latency_budget_ms)",
             ),

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from aws_cdk.assertions import Annotations, Match
+from cdk_nag import AwsSolutionsChecks
 
 from infra.config import InfraConfig
 from infra.monitoring import LATENCY_MS, METRICS_NAMESPACE
@@ -104,14 +105,18 @@ def test_each_lambda_model_has_its_four_alarms_and_each_gpu_model_three(serving)
 
 def test_thresholds_come_from_context(serving):
     alarms = model_alarms(serving)
-    assert alarms[f"{SERVING_STACK}-iris-latency"]["Threshold"] == 150
-    assert alarms[f"{SERVING_STACK}-iris-latency"]["ExtendedStatistic"] == "p99"
+    latency = alarms[f"{SERVING_STACK}-iris-latency"]
+    assert latency["Threshold"] == 150
+    (guarded,) = [m for m in latency["Metrics"] if "Expression" in m]
+    assert guarded["Expression"] == "IF(FILL(requests, 0) >= 5, latency, 0)"
+    p99 = next(m for m in latency["Metrics"] if m["Id"] == "latency")["MetricStat"]
+    assert (p99["Metric"]["MetricName"], p99["Stat"]) == (LATENCY_MS, "p99")
     assert alarms[f"{SERVING_STACK}-resnet-50-latency"]["Threshold"] == 1000  # the default budget
     assert alarms[f"{SERVING_STACK}-big-llm-latency"]["Threshold"] == 1000 * 1000  # ModelLatency is in μs
     errors = alarms[f"{SERVING_STACK}-iris-server-errors"]
     assert errors["Threshold"] == 2
     (rate,) = [m for m in errors["Metrics"] if "Expression" in m]
-    assert rate["Expression"] == "100 * FILL(errors, 0) / requests"
+    assert rate["Expression"] == "IF(FILL(errors, 0) >= 3, 100 * FILL(errors, 0) / requests, 0)"
     dims = next(m for m in errors["Metrics"] if m["Id"] == "errors")["MetricStat"]["Metric"]["Dimensions"]
     assert {d["Name"]: d["Value"] for d in dims} == {"service": "tierserve", "model": "iris", "version": "3"}
     no_capacity = alarms[f"{SERVING_STACK}-big-llm-no-capacity"]
@@ -168,3 +173,18 @@ def test_alarm_email_subscribes_to_the_topic_and_silences_the_warning(make_app, 
         "*", Match.string_like_regexp("nobody is told")
     )
     assert warnings == []
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {"auth": "api_key", "stream": "iris", "alarm_email": "ops@example.com"},
+        {"auth": "none", "waf": "false", "rollout": "all_at_once"},
+    ],
+)
+def test_cdk_nag_is_clean_in_other_modes(make_app, catalog, context):
+    app = build(make_app, catalog, **context).serving.node.root
+    nag = AwsSolutionsChecks(app).validate_scope(app)
+    assert nag.success is True, [
+        (v.rule_name, [r.construct_path for r in v.violating_resources]) for v in nag.violations
+    ]
