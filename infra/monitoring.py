@@ -245,6 +245,7 @@ class LambdaModel:
     version: str
     function: lambda_.IFunction
     alias: lambda_.Alias
+    other_versions: tuple[str, ...] = ()  # served beside the default, under /versions/{v}
 
 
 @dataclass(frozen=True)
@@ -466,7 +467,15 @@ class Monitoring(Construct):
             )
 
         return [
-            _title(f"{model.name} version {model.version} (Lambda tier)"),
+            _title(
+                f"{model.name} version {model.version} (Lambda tier"
+                + (
+                    f"; also serves {', '.join(model.other_versions)}, not shown"
+                    if model.other_versions
+                    else ""
+                )
+                + ")"
+            ),
             _graph(
                 f"{model.name}: requests, 4xx, 5xx",
                 [metric(REQUESTS), metric(CLIENT_ERRORS), metric(SERVER_ERRORS)],

@@ -31,15 +31,17 @@ from dataclasses import dataclass
 from aws_cdk import Duration
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_codedeploy as codedeploy
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
 from infra.nag import acknowledge
-from infra.trust import confine_trust
+from infra.trust import service_principal
 
+CODEDEPLOY_LAMBDA_POLICY_NAME = "AWSCodeDeployRoleForLambdaLimited"
 CODEDEPLOY_LAMBDA_POLICY = (
-    "arn:<AWS::Partition>:iam::aws:policy/service-role/AWSCodeDeployRoleForLambdaLimited"
+    f"arn:<AWS::Partition>:iam::aws:policy/service-role/{CODEDEPLOY_LAMBDA_POLICY_NAME}"
 )
 # SageMaker's bounds for a rolling update: a batch is 5% to 50% of the copies, a deployment
 # takes at most 8 hours, a wait at most an hour.
@@ -96,12 +98,31 @@ def strategy(name: str) -> Strategy:
 
 
 class LambdaRollouts(Construct):
-    """One CodeDeploy application for the stack's Lambda-tier models, and a deployment group per
-    model (:meth:`add`). Attributes: ``application``, ``groups`` (model name -> group)."""
+    """One CodeDeploy application and service role for the stack's Lambda-tier models, and a
+    deployment group per model (:meth:`add`). Attributes: ``application``, ``role``, ``groups``
+    (model name -> group)."""
 
     def __init__(self, scope: Construct, construct_id: str) -> None:
         super().__init__(scope, construct_id)
         self.application = codedeploy.LambdaApplication(self, "Application")
+        self.role = iam.Role(
+            self,
+            "Role",
+            assumed_by=service_principal(self, "codedeploy.amazonaws.com"),
+            description="tierserve: CodeDeploy shifts the models' live aliases and reads their alarms",
+            managed_policies=[
+                iam.ManagedPolicy.from_aws_managed_policy_name(
+                    f"service-role/{CODEDEPLOY_LAMBDA_POLICY_NAME}"
+                )
+            ],
+        )
+        acknowledge(
+            self.role,
+            f"AwsSolutions-IAM4[Policy::{CODEDEPLOY_LAMBDA_POLICY}]",
+            "CodeDeploy's service role for Lambda deployments: AWSCodeDeployRoleForLambdaLimited lets it "
+            "read the alias, move its weights and read the alarms, and nothing more (AWS's narrowest policy "
+            "for Lambda deployments).",
+        )
         self.groups: dict[str, codedeploy.LambdaDeploymentGroup] = {}
 
     def add(
@@ -116,17 +137,10 @@ class LambdaRollouts(Construct):
             alias=alias,
             deployment_config=strategy.lambda_config,
             alarms=list(alarms),
+            role=self.role,
             auto_rollback=codedeploy.AutoRollbackConfig(
                 failed_deployment=True, stopped_deployment=True, deployment_in_alarm=True
             ),
-        )
-        confine_trust(group.role)  # CodeDeploy acts for this account only
-        acknowledge(
-            group,
-            f"AwsSolutions-IAM4[Policy::{CODEDEPLOY_LAMBDA_POLICY}]",
-            "CodeDeploy's service role for Lambda deployments: AWSCodeDeployRoleForLambdaLimited lets it "
-            "read the alias, move its weights and read the alarms, and nothing more (AWS's narrowest policy "
-            "for Lambda deployments).",
         )
         self.groups[model] = group
         return group

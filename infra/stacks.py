@@ -316,7 +316,9 @@ class ServingStack(Stack):
             api_name=self.api.rest_api.rest_api_name,
             stage_name=self.api.stage.stage_name,
             lambda_models=[
-                LambdaModel(name, m.manifest.version, m.function, m.alias)
+                LambdaModel(
+                    name, m.manifest.version, m.function, m.alias, tuple(v.version for v in m.manifests[1:])
+                )
                 for name, m in self.lambda_models.items()
             ],
             gpu_models=[

@@ -81,6 +81,8 @@ def test_a_deployment_group_per_lambda_model_with_its_strategy(serving):
         "resnet-50": "CodeDeployDefault.LambdaLinear10PercentEvery1Minute",
     }
     assert len(of_type(serving, "AWS::CodeDeploy::Application")) == 1
+    roles = {g["ServiceRoleArn"]["Fn::GetAtt"][0] for g in groups.values()}
+    assert len(roles) == 1, "one CodeDeploy role for every model"
     for group in groups.values():
         assert group["DeploymentStyle"] == {
             "DeploymentOption": "WITH_TRAFFIC_CONTROL",

@@ -75,3 +75,8 @@ def test_versions_of_one_model_on_two_tiers_stop_synth(make_app, catalog, manife
     heavy = manifest_factory("iris", "9", 2048 * MB)
     with pytest.raises(ConfigError, match="versions 9 of iris are on the GPU tier"):
         build(make_app, with_versions(catalog, CatalogEntry("iris", "9", heavy, default=False)))
+
+
+def test_the_dashboard_row_names_the_other_versions(serving):
+    (board,) = [r for r in serving["Resources"].values() if r["Type"] == "AWS::CloudWatch::Dashboard"]
+    assert "iris version 3 (Lambda tier; also serves 2, not shown)" in json.dumps(board)
