@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from tierserve.audit import api_gateway_caller
 from tierserve.dataplane import DataPlane
 from tierserve.protocol import JSON_CONTENT_TYPE, EncodedResponse
 from tierserve.routes import ROUTES, HttpRequest, HttpResponse, Route, Router
@@ -44,13 +45,22 @@ def build_resolver(dataplane: DataPlane) -> Any:
         (ROUTES, dataplane),
         max_response_bytes=dataplane.registry.settings.max_response_bytes,
         measure=sent_size,
+        tier="lambda",
     )
 
     def current_request() -> HttpRequest:
         event = app.current_event
         raw = event.body or ""
         body = base64.b64decode(raw) if event.is_base64_encoded else raw.encode()
-        return HttpRequest(event.http_method, event.path, dict(event.headers or {}), body)
+        context = event.get("requestContext") or {}
+        return HttpRequest(
+            event.http_method,
+            event.path,
+            dict(event.headers or {}),
+            body,
+            caller=api_gateway_caller(context),
+            request_id=str(context.get("requestId") or ""),
+        )
 
     def to_powertools(response: HttpResponse) -> Response:
         content_type = response.headers.get("Content-Type", JSON_CONTENT_TYPE)
