@@ -53,7 +53,7 @@ def emf(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def audit_records() -> Iterator[list[dict[str, Any]]]:
     """The audit records logged inside the block (parsed), appended to the yielded list as the
     block ends."""
-    handler = audit_logger.registered_handler
+    [handler] = audit_logger.handlers
     stream = io.StringIO()
     previous = handler.setStream(stream)  # type: ignore[attr-defined]
     records: list[dict[str, Any]] = []

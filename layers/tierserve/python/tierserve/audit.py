@@ -23,6 +23,8 @@ long-lived servers answer (:mod:`tierserve.stats`).
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -31,7 +33,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from aws_lambda_powertools import Logger
+from aws_lambda_powertools.logging.formatter import LambdaPowertoolsFormatter
 
 from tierserve.telemetry import (
     INFERENCE_CLIENT_ERRORS,
@@ -50,7 +52,20 @@ MAX_FIELD = 256  # an identity or a model name from a request is quoted at most 
 # Where a SageMaker caller (or a client of the GPU server) may name its request.
 REQUEST_ID_HEADERS = ("x-amzn-sagemaker-inference-id", "x-amzn-requestid", "x-request-id")
 
-audit_logger = Logger(service=SERVICE, logger_name=f"{SERVICE}.audit", level="INFO")
+
+def _audit_logger() -> logging.Logger:
+    """Powertools' JSON lines on stdout, at INFO, apart from the service logger's level."""
+    log = logging.getLogger(f"{SERVICE}.audit")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(LambdaPowertoolsFormatter(service=SERVICE))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # not again through the service logger's handler
+    return log
+
+
+audit_logger = _audit_logger()
 
 
 @dataclass
