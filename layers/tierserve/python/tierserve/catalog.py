@@ -449,6 +449,14 @@ class Manifest:
             problems += _signature_problems(kind, specs)
         if self.output_limits is not None:
             problems += _output_limit_problems(self.output_limits, self.outputs)
+        cache = self.response_cache
+        if cache is not None and not (
+            1 <= cache.max_entries <= MAX_CACHE_ENTRIES and 1 <= cache.max_mb <= MAX_CACHE_MB
+        ):
+            problems.append(
+                f"response_cache holds 1 to {MAX_CACHE_ENTRIES:,} entries (max_entries) "
+                f"in 1 to {MAX_CACHE_MB:,} MB (max_mb)"
+            )
         if problems:
             raise ManifestError(f"manifest for {self.name}@{self.version}: " + "; ".join(problems))
 

@@ -23,7 +23,16 @@ from typing import Any
 
 import zstandard
 
-from tierserve.catalog import COMPRESSIONS, MANIFEST_NAME, Digest, Manifest, ManifestError, TensorSpec
+from tierserve.catalog import (
+    COMPRESSIONS,
+    MANIFEST_NAME,
+    Digest,
+    Manifest,
+    ManifestError,
+    OutputLimits,
+    ResponseCachePolicy,
+    TensorSpec,
+)
 from tierserve.protocol import ONNX_TO_DATATYPE
 
 DEFAULT_ZSTD_LEVEL = 10
@@ -195,6 +204,8 @@ def write_package(
     accuracy: Mapping[str, Any] | None = None,
     allow_non_finite: bool = False,
     extra: Mapping[str, Any] | None = None,
+    output_limits: OutputLimits | None = None,
+    response_cache: ResponseCachePolicy | None = None,
 ) -> PackagedModel:
     """Compress ``model_path`` into ``directory`` and describe it; the manifest is not written.
 
@@ -225,6 +236,8 @@ def write_package(
         tier=tier,  # type: ignore[arg-type]
         allow_non_finite=allow_non_finite,
         extra=dict(extra or {}),
+        output_limits=output_limits,
+        response_cache=response_cache,
     )
     manifest.validate()
     return PackagedModel(manifest, artifact)
@@ -248,6 +261,8 @@ def package_model(
     accuracy: dict[str, Any] | None = None,
     allow_non_finite: bool = False,
     extra: Mapping[str, Any] | None = None,
+    output_limits: OutputLimits | None = None,
+    response_cache: ResponseCachePolicy | None = None,
 ) -> PackagedModel:
     """Compress a model and describe it in a manifest: ``out_dir/{artifact, manifest.json}``.
 
@@ -270,6 +285,8 @@ def package_model(
             accuracy=accuracy,
             allow_non_finite=allow_non_finite,
             extra=extra,
+            output_limits=output_limits,
+            response_cache=response_cache,
         )
         write_manifest(packaged)
         install_dir(staging, out_dir)
