@@ -47,9 +47,12 @@ def request_digest(
     for part in (manifest.name, manifest.version, manifest.model.sha256):
         _field(digest, part.encode())
     _field(digest, b"shared" if caller is None else b"caller:" + caller.encode("utf-8", "surrogatepass"))
-    _field(
-        digest, b"all" if output_names is None else "\0".join(output_names).encode("utf-8", "surrogatepass")
-    )
+    if output_names is None:
+        _field(digest, b"every output")
+    else:
+        _field(digest, b"outputs:%d" % len(output_names))
+        for output_name in output_names:
+            _field(digest, output_name.encode("utf-8", "surrogatepass"))
     for name in sorted(inputs):
         array = np.asarray(inputs[name])
         _field(digest, name.encode("utf-8", "surrogatepass"))
