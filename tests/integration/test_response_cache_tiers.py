@@ -67,11 +67,11 @@ def test_the_gpu_server_counts_cache_hits_as_triton_does(cached_package, cache_d
         assert server.host.wait_ready(30)
         body = load_event("infer-json")["body"].encode()
         answers = [request(server.port, "POST", "/v2/models/iris/infer", body) for _ in range(3)]
-        status, _, document = request(server.port, "GET", "/v2/models/iris/stats")
+        stats_status, _, document = request(server.port, "GET", "/v2/models/iris/stats")
     finally:
         server.stop()
         STATISTICS.clear()
-    assert [a[0] for a in answers] == [200, 200, 200]
+    assert [a[0] for a in answers] == [200, 200, 200] and stats_status == 200
     assert answers[1][2] == answers[2][2] == answers[0][2]
     [stat] = json.loads(document)["model_stats"]
     inference = stat["inference_stats"]
