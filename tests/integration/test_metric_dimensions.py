@@ -12,9 +12,10 @@ import pytest
 from support.common import load_event, make_invoke
 from support.gpu import InProcessServer, request
 from support.operations import dimension_sets, emf, emf_lines, lines_with, metric_names  # noqa: F401
-from tierserve import telemetry
+from tierserve import aws, telemetry
 from tierserve.settings import CACHE_DIR_ENV, MODEL_BUCKET_ENV, MODELS_ENV, PRELOAD_ENV
 from tierserve.tools.local.apigw import LocalLambdaContext
+from tierserve.tools.local.kinesis_stream import create_streams
 from tierserve.tools.local.stack import load_handler
 
 pytestmark = pytest.mark.usefixtures("emf")
@@ -128,3 +129,52 @@ def test_the_gpu_server_flushes_one_line_per_model(iris_package, cache_dir, caps
     assert_about(line, "iris", "1")
     assert {"InferenceRequests", "InferenceMs", "BatchRows"} <= metric_names(line)
     assert values(line, "InferenceRequests") == [1, 1, 1]
+
+
+def model_env(monkeypatch, cache_dir, **extra: str) -> None:
+    monkeypatch.setenv(MODEL_BUCKET_ENV, "test-models")
+    monkeypatch.setenv(MODELS_ENV, "iris@1")
+    monkeypatch.setenv(CACHE_DIR_ENV, str(cache_dir))
+    monkeypatch.delenv(PRELOAD_ENV, raising=False)
+    for name, value in extra.items():
+        monkeypatch.setenv(name, value)
+    aws.clear_clients()
+
+
+def test_the_batch_function_counts_each_item_under_its_model(
+    s3, uploaded_iris, cache_dir, monkeypatch, capsys
+):
+    data = "batch-metrics"
+    s3.create_bucket(Bucket=data)
+    model_env(monkeypatch, cache_dir, TIERSERVE_DATA_BUCKET=data)
+    handler = load_handler({}, module="batch")
+    put = s3.put_object(Bucket=data, Key="inputs/iris/a.jsonl", Body=b"[5.1,3.5,1.4,0.2]\n")
+    event = {
+        "Items": [{"Key": "inputs/iris/a.jsonl", "Etag": put["ETag"], "Size": 18}],
+        "BatchInput": {"bucket": data, "model": "iris", "reader": "prefix"},
+    }
+    capsys.readouterr()
+    assert handler(event, LocalLambdaContext())["outputs"] == 1
+    lines = emf_lines(capsys.readouterr().out)
+    [iris] = [line for line in lines if line.get("model") == "iris"]
+    assert_about(iris, "iris", "1")
+    assert metric_names(iris) >= {"PipelineOutput", "PipelineRows", "InferenceMs"}
+    [cold] = lines_with(lines, "ColdStart")
+    assert dimension_sets(cold) == [["function_name", "service"]]  # the batch function serves every model
+
+
+def test_the_stream_worker_counts_each_record_under_its_model(
+    s3, embedded_s3, uploaded_iris, cache_dir, monkeypatch, capsys
+):
+    streams = create_streams(embedded_s3.client("kinesis"), embedded_s3.client("sqs"))
+    model_env(monkeypatch, cache_dir, TIERSERVE_OUTPUT_STREAM=streams.results)
+    monkeypatch.delenv("TIERSERVE_STREAM_MODEL", raising=False)
+    handler = load_handler({}, module="stream")
+    capsys.readouterr()
+    assert handler(load_event("kinesis-records"), LocalLambdaContext())["batchItemFailures"] == []
+    lines = emf_lines(capsys.readouterr().out)
+    [iris] = [line for line in lines if line.get("model") == "iris" and "ColdStart" not in metric_names(line)]
+    assert_about(iris, "iris", "1")
+    assert metric_names(iris) >= {"StreamResult", "InferenceMs"}
+    [cold] = lines_with(lines, "ColdStart")
+    assert dimension_sets(cold) == [["function_name", "service"], ["service", "model", "version"]]
