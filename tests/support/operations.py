@@ -6,14 +6,13 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Any
 
 import pytest
 from aws_lambda_powertools.metrics.provider import cold_start
 
 from tierserve import telemetry
-from tierserve.audit import audit_logger
 
 
 def emf_lines(out: str) -> list[dict[str, Any]]:
@@ -51,14 +50,14 @@ def emf(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @contextmanager
 def audit_records() -> Iterator[list[dict[str, Any]]]:
-    """The audit records logged inside the block (parsed), appended to the yielded list as the
-    block ends."""
-    [handler] = audit_logger.handlers
+    """The audit records written to stdout inside the block (parsed), appended to the yielded
+    list as the block ends (other lines, EMF ones, are left out)."""
     stream = io.StringIO()
-    previous = handler.setStream(stream)  # type: ignore[attr-defined]
     records: list[dict[str, Any]] = []
     try:
-        yield records
+        with redirect_stdout(stream):
+            yield records
     finally:
-        handler.setStream(previous)  # type: ignore[attr-defined]
-        records.extend(json.loads(line) for line in stream.getvalue().splitlines() if line.strip())
+        for line in stream.getvalue().splitlines():
+            if line.startswith("{") and '"audit":"inference"' in line:
+                records.append(json.loads(line))
