@@ -64,7 +64,8 @@ def write_line(fields: Mapping[str, Any]) -> None:
 
     Written here, not through ``logging``: with the stdlib logger and powertools' formatter
     (caller location, record attributes, its JSON) the handler's warm overhead over
-    ``session.run`` was 0.49-0.72 ms p50 against 0.24-0.43 ms before issue 11, written here 0.35-0.41 ms (``python -m bench warm_overhead``, bench/README.md)."""
+    ``session.run`` was 0.49-0.72 ms p50 against 0.24-0.43 ms before issue 11; written here,
+    0.35-0.41 ms (``python -m bench warm_overhead``, bench/README.md)."""
     line = {
         "level": "INFO",
         "message": AUDIT_MESSAGE,
