@@ -17,8 +17,8 @@ would not be one), with ``"audit": "inference"`` to select them in CloudWatch Lo
 An HTTP inference is recorded around its route (:func:`http_inference`, which
 :class:`tierserve.routes.Router` opens for audited routes); the data plane names the model
 version that serves it (:func:`served`) and adds its timings. Closing the record also counts
-the request in the model's metrics (:mod:`tierserve.telemetry`) and in the statistics the
-long-lived servers answer (:mod:`tierserve.stats`).
+the request in the model's metrics (:mod:`tierserve.telemetry`) and, where a long-lived server
+keeps them, in its statistics (:mod:`tierserve.stats` observes the records).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -43,6 +43,7 @@ from tierserve.telemetry import (
     INFERENCE_SERVER_ERRORS,
     SERVICE,
     Versioned,
+    logger,
     record_count,
     record_ms,
 )
@@ -124,6 +125,15 @@ class InferenceRecord:
 
 
 _current: ContextVar[InferenceRecord | None] = ContextVar("tierserve_inference", default=None)
+# What else counts finished inferences of served models: tierserve.stats, where a process
+# imports it (the GPU server, the local API); a Lambda function keeps no statistics.
+_observers: list[Callable[[InferenceRecord, int], None]] = []
+
+
+def observe(observer: Callable[[InferenceRecord, int], None]) -> None:
+    """Call ``observer(record, elapsed_ns)`` for each finished inference of a served model."""
+    if observer not in _observers:
+        _observers.append(observer)
 
 
 def current() -> InferenceRecord | None:
@@ -164,9 +174,7 @@ def http_inference(
 
 def finish(record: InferenceRecord, elapsed_ns: int) -> None:
     """Log ``record`` and count it: its model's request, error and latency metrics (served
-    versions only) and its statistics."""
-    from tierserve.stats import STATISTICS  # stats reads records; records feed stats
-
+    versions only), and for the observers (:func:`observe`)."""
     write_line(record.as_log())
     model = record.served
     record_count(INFERENCE_REQUESTS, model=model)
@@ -176,16 +184,20 @@ def finish(record: InferenceRecord, elapsed_ns: int) -> None:
         record_count(INFERENCE_SERVER_ERRORS, model=model)
     record_ms(INFERENCE_LATENCY_MS, record.latency_ms, model=model)
     if model is not None:
-        STATISTICS.record(record, elapsed_ns)
+        for observer in _observers:
+            observer(record, elapsed_ns)
 
 
 def log_s3_inference(
     *, caller: str, key: str, model: Versioned | None, status: int, latency_ms: float, request_id: str = ""
 ) -> None:
-    """The audit line of one S3 input served by the pipeline (its result's status)."""
+    """The audit line of one S3 input served by the pipeline (its result's status); the
+    request id is the Lambda invocation's (the function's other lines say
+    ``function_request_id``) unless given."""
+    invocation = str(logger.get_current_keys().get("function_request_id") or "")
     record = InferenceRecord(
         caller=bounded(caller) or "s3:unknown",
-        request_id=bounded(request_id) or "",
+        request_id=bounded(request_id or invocation) or "",
         tier="s3",
         model=model.name if model else None,
         version=model.version if model else None,

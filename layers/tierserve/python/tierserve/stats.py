@@ -17,8 +17,9 @@ waited for its batch, ``compute_input`` decoding and checking it, ``compute_infe
 run, ``compute_output`` encoding the response. A response cache hit counts as a success and
 an inference, not as an execution.
 
-Figures are kept per process since it started (:data:`STATISTICS`), fed by the audit record of
-each inference (:mod:`tierserve.audit`). A Lambda execution environment is short-lived and one
+Figures are kept per process since this module was imported (:data:`STATISTICS`), fed by the
+audit record of each inference (:mod:`tierserve.audit`); the GPU server and the local API
+import it, a Lambda function does not and keeps none. A Lambda execution environment is short-lived and one
 of many, so the Lambda tier does not answer these routes: its fleet-wide figures are the
 ``Tierserve`` metrics on the dashboard.
 """
@@ -31,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tierserve import audit
 from tierserve.audit import InferenceRecord
 from tierserve.errors import ModelNotFound
 from tierserve.routes import Route
@@ -143,6 +145,7 @@ class Statistics:
 
 
 STATISTICS = Statistics()
+audit.observe(STATISTICS.record)  # from the import on: the processes that answer statistics
 
 
 class StatisticsEndpoint:
