@@ -1,6 +1,7 @@
 """The response cache on the Lambda tier and the GPU server: a repeated request is answered
-from the cache (the model does not run), a different caller or request is not, and a model
-without the opt-in never caches."""
+from the cache (the model does not run), a different caller or request is not, a model
+without the opt-in never caches, and where callers cannot be told apart (the GPU server) only
+a model that shares answers is cached."""
 
 from __future__ import annotations
 
@@ -17,15 +18,24 @@ from tierserve.stats import STATISTICS
 from tierserve.tools.packaging import package_model, upload_package
 
 
-@pytest.fixture(scope="module")
-def cached_package(iris_onnx, tmp_path_factory):
+def cached(iris_onnx, folder, **policy):
     return package_model(
         iris_onnx,
         name="iris",
         version="1",
-        out_dir=tmp_path_factory.mktemp("cached") / "iris",
-        response_cache=ResponseCachePolicy(max_entries=4),
+        out_dir=folder / "iris",
+        response_cache=ResponseCachePolicy(**policy),
     )
+
+
+@pytest.fixture(scope="module")
+def cached_package(iris_onnx, tmp_path_factory):
+    return cached(iris_onnx, tmp_path_factory.mktemp("cached"), max_entries=4)
+
+
+@pytest.fixture(scope="module")
+def shared_package(iris_onnx, tmp_path_factory):
+    return cached(iris_onnx, tmp_path_factory.mktemp("shared"), max_entries=4, shared_across_callers=True)
 
 
 def as_caller(event: dict, user: str) -> dict:
@@ -58,22 +68,38 @@ def test_a_model_without_the_opt_in_never_caches(invoke):
     assert [r.get("cache") for r in records] == [None, None]
 
 
-def test_the_gpu_server_counts_cache_hits_as_triton_does(cached_package, cache_dir):
+def gpu_statistics(package, cache_dir, requests: int = 3) -> tuple[list, dict]:
+    """``requests`` identical requests to the GPU server, and its statistics of the model."""
     STATISTICS.clear()
     server = InProcessServer(
-        {"TIERSERVE_MODEL_DIR": str(cached_package.artifact.parent), "TIERSERVE_CACHE_DIR": str(cache_dir)}
+        {"TIERSERVE_MODEL_DIR": str(package.artifact.parent), "TIERSERVE_CACHE_DIR": str(cache_dir)}
     )
     try:
         assert server.host.wait_ready(30)
         body = load_event("infer-json")["body"].encode()
-        answers = [request(server.port, "POST", "/v2/models/iris/infer", body) for _ in range(3)]
+        answers = [request(server.port, "POST", "/invocations", body) for _ in range(requests)]
         stats_status, _, document = request(server.port, "GET", "/v2/models/iris/stats")
+        assert stats_status == 200
     finally:
         server.stop()
         STATISTICS.clear()
-    assert [a[0] for a in answers] == [200, 200, 200] and stats_status == 200
-    assert answers[1][2] == answers[2][2] == answers[0][2]
     [stat] = json.loads(document)["model_stats"]
+    return answers, stat
+
+
+def test_the_gpu_server_caches_only_what_may_be_shared(cached_package, cache_dir):
+    # SageMaker does not tell the container who called: answers kept per caller cannot be kept apart.
+    answers, stat = gpu_statistics(cached_package, cache_dir)
+    assert [a[0] for a in answers] == [200, 200, 200]
+    inference = stat["inference_stats"]
+    assert (inference["cache_hit"]["count"], inference["cache_miss"]["count"]) == (0, 0)
+    assert stat["execution_count"] == 3
+
+
+def test_the_gpu_server_counts_cache_hits_as_triton_does(shared_package, cache_dir):
+    answers, stat = gpu_statistics(shared_package, cache_dir)
+    assert [a[0] for a in answers] == [200, 200, 200]
+    assert answers[1][2] == answers[2][2] == answers[0][2]
     inference = stat["inference_stats"]
     assert (inference["cache_hit"]["count"], inference["cache_miss"]["count"]) == (2, 1)
     assert stat["execution_count"] == 1  # the model ran once

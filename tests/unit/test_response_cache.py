@@ -92,6 +92,13 @@ def test_callers_share_answers_only_when_the_model_says_so():
     )
 
 
+@pytest.mark.parametrize("caller", ["anonymous", "sagemaker", "direct", "unknown", ""])
+def test_callers_that_name_nobody_get_nothing_cached_unless_answers_are_shared(caller):
+    cache = ResponseCache()
+    assert cache.key(MANIFEST, {"x": ROWS}, None, caller) is None  # they could not be kept apart
+    assert cache.key(cached_manifest(shared_across_callers=True), {"x": ROWS}, None, caller) is not None
+
+
 def answer(value: float) -> dict[str, np.ndarray]:
     return {"y": np.full((2, 3), value, dtype=np.float32)}
 

@@ -51,6 +51,9 @@ from tierserve.telemetry import (
 AUDIT_MARK = "inference"
 AUDIT_MESSAGE = "inference"
 MAX_FIELD = 256  # an identity or a model name from a request is quoted at most this long
+# Callers that name nobody: unauthenticated (auth=none), or a transport that is not told who
+# called (SageMaker hands the GPU server no identity). Nothing may be kept per caller for them.
+UNIDENTIFIED = frozenset({"anonymous", "sagemaker", "direct", "unknown", "s3:unknown", ""})
 # Where a SageMaker caller (or a client of the GPU server) may name its request.
 REQUEST_ID_HEADERS = ("x-amzn-sagemaker-inference-id", "x-amzn-requestid", "x-request-id")
 
@@ -223,6 +226,11 @@ def api_gateway_caller(request_context: Mapping[str, Any] | None) -> str:
     if context.get("apiId") == "local":
         return "local"
     return "anonymous"
+
+
+def identified(caller: str) -> bool:
+    """Whether ``caller`` names an identity (an IAM principal, an API key, ``local``)."""
+    return caller not in UNIDENTIFIED
 
 
 def request_id_from(headers: Mapping[str, str]) -> str:

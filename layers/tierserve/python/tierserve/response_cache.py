@@ -13,7 +13,8 @@ server's process) keeps its own cache: answers never leave the process.
             ``max_mb`` of their outputs; an answer larger than ``max_mb`` is not kept
 
 One model's answers never evict another's, a caller never reads another caller's answer
-unless the model allows it, and a new version (or a new artifact under the same version) is a
+unless the model allows it (so where the caller is not known, unauthenticated or behind
+SageMaker, only a model that allows it is cached), and a new version (or a new artifact under the same version) is a
 different key. Hits and misses are the metrics ``ResponseCacheHit`` and ``ResponseCacheMiss``
 with the model's dimensions. Only a model whose outputs depend on its inputs alone should opt
 in (no sampling, no dropout at inference, no clock).
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tierserve.audit import identified
 from tierserve.catalog import Manifest
 from tierserve.settings import MB
 from tierserve.telemetry import RESPONSE_CACHE_HIT, RESPONSE_CACHE_MISS, record_count
@@ -133,9 +135,11 @@ class ResponseCache:
         output_names: Sequence[str] | None,
         caller: str,
     ) -> bytes | None:
-        """The key of a request, or None when ``manifest`` does not opt in."""
+        """The key of a request, or None (nothing cached) when ``manifest`` does not opt in, or
+        when answers are kept per caller and ``caller`` names nobody (``auth=none``, or the GPU
+        server, which SageMaker does not tell who called): those callers cannot be kept apart."""
         policy = manifest.response_cache
-        if policy is None:
+        if policy is None or not (policy.shared_across_callers or identified(caller)):
             return None
         return request_digest(
             manifest, inputs, output_names, None if policy.shared_across_callers else caller
