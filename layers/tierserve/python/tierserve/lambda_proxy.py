@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tierserve.audit import api_gateway_caller
 from tierserve.dataplane import DataPlane
 from tierserve.errors import BadRequest
 from tierserve.protocol import BINARY_MEDIA_TYPES, HEADER_LENGTH, JSON_CONTENT_TYPE, EncodedResponse, header
@@ -91,13 +92,22 @@ def build_resolver(dataplane: DataPlane) -> Any:
         (ROUTES, dataplane),
         max_response_bytes=dataplane.registry.settings.max_response_bytes,
         measure=sent_size,
+        tier="lambda",
     )
 
     def current_request() -> HttpRequest:
         event = app.current_event
         headers = dict(event.headers or {})
         body = request_body(event.body, event.is_base64_encoded, headers)
-        return HttpRequest(event.http_method, event.path, headers, body)
+        context = event.get("requestContext") or {}
+        return HttpRequest(
+            event.http_method,
+            event.path,
+            headers,
+            body,
+            caller=api_gateway_caller(context),
+            request_id=str(context.get("requestId") or ""),
+        )
 
     def to_powertools(response: HttpResponse) -> Response:
         content_type = response.headers.get("Content-Type", JSON_CONTENT_TYPE)

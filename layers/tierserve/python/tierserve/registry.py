@@ -128,15 +128,15 @@ class ModelRegistry:
             model = self._hit(ref)
             load_lock = self._load_locks.setdefault(ref, threading.Lock())
         if model is not None:
-            record_count(CACHE_HIT)
+            record_count(CACHE_HIT, model=ref)
             return model
         with _held(load_lock, ref):
             with self._lock:
                 model = self._hit(ref)
             if model is not None:
-                record_count(CACHE_HIT)
+                record_count(CACHE_HIT, model=ref)
                 return model
-            record_count(CACHE_MISS)
+            record_count(CACHE_MISS, model=ref)
             return self._load(ref)
 
     def _hit(self, ref: ModelRef) -> Model | None:
@@ -179,9 +179,9 @@ class ModelRegistry:
                         self._models[manifest.cache_key] = model
                     self._reserved -= needed
                     self._room.notify_all()
-        record_ms(MODEL_FETCH_MS, timings.fetch_ms)
-        record_ms(MODEL_DECOMPRESS_MS, timings.decompress_ms)
-        record_ms(MODEL_SESSION_MS, timings.session_ms)
+        record_ms(MODEL_FETCH_MS, timings.fetch_ms, model=ref)
+        record_ms(MODEL_DECOMPRESS_MS, timings.decompress_ms, model=ref)
+        record_ms(MODEL_SESSION_MS, timings.session_ms, model=ref)
         logger.info(
             "model loaded",
             extra={
