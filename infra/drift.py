@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 
 from aws_cdk import Annotations, Duration, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
-from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
@@ -30,6 +29,7 @@ from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from infra.model_store import ModelStore, SharedBucketStore, model_objects_pattern
+from infra.monitoring import notify
 from infra.nag import acknowledge, wildcard_resource_finding
 from infra.tierserve_function import METRICS_NAMESPACE, SERVICE_NAME, TierserveFunction
 from tierserve.capture import CAPTURE_ENV, CAPTURE_PREFIX, CaptureRule, join_rules, parse_rules
@@ -227,8 +227,7 @@ class DriftMonitoring(Construct):
             ),
         )
         if topic is not None:
-            alarm.add_alarm_action(cloudwatch_actions.SnsAction(topic))
-            alarm.add_ok_action(cloudwatch_actions.SnsAction(topic))
+            notify(alarm, topic)
         else:
             Annotations.of(alarm).add_warning_v2(
                 "tierserve:driftAlarmWithoutRecipient",

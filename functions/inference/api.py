@@ -20,7 +20,7 @@ from tierserve.lambda_proxy import build_resolver
 from tierserve.registry import ModelRegistry
 from tierserve.settings import Settings, exit_on_bad_settings
 from tierserve.snapstart import register_hooks
-from tierserve.telemetry import logger, metrics, tracer
+from tierserve.telemetry import log_metrics, logger, tracer
 
 with exit_on_bad_settings():  # a bad variable is one line in the init log, not a traceback
     registry = ModelRegistry(Settings.from_env())
@@ -32,7 +32,7 @@ register_hooks()  # before the snapshot: close connections; after a restore: new
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)
 @tracer.capture_lambda_handler(capture_response=False)
-@metrics.log_metrics(capture_cold_start_metric=True)
+@log_metrics(models=registry.settings.models)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     try:
         # A cold load (and every S3 call) must end in time to answer: the invocation's remaining time.

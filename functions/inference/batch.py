@@ -24,7 +24,7 @@ from tierserve.aws import Deadline
 from tierserve.batch import serve_batch
 from tierserve.s3_pipeline import Pipeline
 from tierserve.settings import exit_on_bad_settings
-from tierserve.telemetry import logger, metrics, tracer
+from tierserve.telemetry import log_metrics, logger, tracer
 
 # Kept back from the invocation's remaining time, as the S3 worker keeps it (worker.py).
 DEADLINE_MARGIN_S = 5.0
@@ -37,7 +37,7 @@ pipeline.registry.preload()
 
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler(capture_response=False)
-@metrics.log_metrics(capture_cold_start_metric=True)
+@log_metrics()
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, int]:
     deadline = Deadline.for_invocation(context, DEADLINE_MARGIN_S)
     summary = serve_batch(pipeline, event, executor=executor, deadline=deadline)

@@ -22,7 +22,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from tierserve.aws import Deadline
 from tierserve.settings import exit_on_bad_settings
 from tierserve.streams import StreamWorker
-from tierserve.telemetry import logger, metrics, tracer
+from tierserve.telemetry import log_metrics, logger, tracer
 
 # Kept back from the invocation's remaining time, as the S3 worker keeps it (worker.py).
 DEADLINE_MARGIN_S = 5.0
@@ -37,7 +37,7 @@ stream.pipeline.registry.preload()
 
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler(capture_response=False)
-@metrics.log_metrics(capture_cold_start_metric=True)
+@log_metrics(models=(stream.model_ref,))
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     batch = stream.start(Deadline.for_invocation(context, DEADLINE_MARGIN_S))
     response = process_partial_response(

@@ -39,7 +39,7 @@ from tierserve.aws import Deadline, OutOfTime
 from tierserve.s3_pipeline import Pipeline
 from tierserve.s3_pipeline.results import ResultIndex
 from tierserve.settings import exit_on_bad_settings
-from tierserve.telemetry import logger, metrics, tracer
+from tierserve.telemetry import log_metrics, logger, tracer
 
 # Kept back from the invocation's remaining time: the calls end this much before Lambda's
 # timeout, the handler half of it, leaving time to report the batch and flush metrics.
@@ -70,7 +70,7 @@ async def record_handler(record: SQSRecord, deadline: Deadline, index: ResultInd
 
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler(capture_response=False)
-@metrics.log_metrics(capture_cold_start_metric=True)
+@log_metrics()
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     deadline = Deadline.for_invocation(context, DEADLINE_MARGIN_S)
     index = pipeline.index_messages((record.get("body", "") for record in event.get("Records", [])), deadline)

@@ -941,7 +941,8 @@ def test_tierserve_local_put_prints_the_output_or_the_error(embedded_s3, worker,
         broken.write_bytes(b"{")
         assert cli.main([*put[:2], str(broken), *put[3:], "--path", "2026/broken.json"]) == 1
         assert (
-            json.loads(capsys.readouterr().out)["parameters"]["input_key"] == "inputs/iris/2026/broken.json"
+            printed_document(capsys.readouterr().out)["parameters"]["input_key"]
+            == "inputs/iris/2026/broken.json"
         )
     finally:
         local.stop()

@@ -35,7 +35,7 @@ def load_event(name: str) -> dict[str, Any]:
 
 def printed_document(out: str) -> dict[str, Any]:
     """The indented JSON document a `tierserve local` command prints (powertools' metric lines
-    from the in-process worker may come first)."""
+    and audit lines from the in-process worker may come first)."""
     return json.loads(out[out.index("{\n") :])
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from tierserve.errors import BadRequest
-from tierserve.jobs import JobKeys, Upload, caller_identity, caller_of, new_job_id
+from tierserve.jobs import JobKeys, Upload, caller_of, new_job_id
 from tierserve.jobs.keys import input_object_key, input_suffixes
 from tierserve.s3_pipeline import PoisonMessage, parse_input_key
 from tierserve.settings import ERROR_PREFIX, OUTPUT_PREFIX
 
 
 def test_a_jobs_input_is_the_pipelines_and_its_results_lie_beside_it():
-    keys = JobKeys("iris", caller_of({}), new_job_id())
+    keys = JobKeys("iris", caller_of(""), new_job_id())
     key = keys.input("3", ".npy")
     stored = input_object_key(key)
     assert stored == f"jobs/iris/{keys.caller}/{keys.id}/3/input.npy" and stored.startswith(keys.folder)
@@ -40,11 +40,13 @@ def test_a_job_input_key_of_another_shape_is_poison(key):
 
 
 def test_callers_are_digests_of_their_identity_and_never_collide_across_kinds():
-    arn = {"identity": {"userArn": "arn:aws:iam::1:user/alice"}}
-    key = {"identity": {"apiKeyId": "arn:aws:iam::1:user/alice"}}
-    assert caller_identity(arn) == "iam:arn:aws:iam::1:user/alice"
-    assert caller_identity({"identity": {}}) == caller_identity({}) == "anonymous"
-    assert len({caller_of(arn), caller_of(key), caller_of({})}) == 3
+    from tierserve.audit import api_gateway_caller
+
+    arn = api_gateway_caller({"identity": {"userArn": "arn:aws:iam::1:user/alice"}})
+    key = api_gateway_caller({"identity": {"apiKeyId": "arn:aws:iam::1:user/alice"}})
+    assert arn == "iam:arn:aws:iam::1:user/alice" and key.startswith("api_key:")
+    assert caller_of("") == caller_of("anonymous")
+    assert len({caller_of(arn), caller_of(key), caller_of("")}) == 3
     assert all(len(caller_of(c)) == 32 and "/" not in caller_of(c) for c in (arn, key))
 
 

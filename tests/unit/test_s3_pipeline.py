@@ -81,6 +81,7 @@ def test_the_sample_event_parses_and_its_key_is_url_decoded():
         etag="0123456789abcdef0123456789abcdef",
         version_id=None,
         sequencer="0067A1B2C3D4E5F600",
+        principal="AWS:EXAMPLE",  # who put it: the audit record's caller
     )
 
 

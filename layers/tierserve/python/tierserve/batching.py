@@ -44,10 +44,12 @@ from typing import Any
 
 import numpy as np
 
+from tierserve import audit
 from tierserve.catalog import Manifest
 from tierserve.errors import ModelUnavailable, Overloaded
 from tierserve.model import Model, ModelFactory
 from tierserve.settings import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
+from tierserve.stats import STATISTICS
 from tierserve.telemetry import BATCH_ROWS, QUEUE_FULL, logger, record_count
 
 DEFAULT_MAX_QUEUE_SIZE = 256
@@ -117,7 +119,7 @@ def batchable(manifest: Manifest) -> bool:
 class _Pending:
     """One request in the queue and, once run, its result or its error."""
 
-    __slots__ = ("done", "enqueued", "error", "inputs", "key", "output_names", "result", "rows")
+    __slots__ = ("done", "enqueued", "error", "inputs", "key", "output_names", "result", "rows", "started")
 
     def __init__(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None, rows: int, enqueued: float
@@ -126,6 +128,7 @@ class _Pending:
         self.output_names = list(output_names) if output_names else None
         self.rows = rows
         self.enqueued = enqueued
+        self.started = enqueued  # when its run began (the batcher sets it)
         self.key = (
             tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in self.inputs.items())),
             tuple(self.output_names) if self.output_names else None,
@@ -223,7 +226,7 @@ class BatchingModel:
                 raise ModelUnavailable(self._unavailable)
             if len(self._queue) >= self.config.max_queue_size:
                 self.stats.rejected += 1
-                record_count(QUEUE_FULL)
+                record_count(QUEUE_FULL, model=self.manifest)
                 raise Overloaded(
                     f"{len(self._queue)} requests already wait for {self.manifest.name}, the limit of "
                     "TIERSERVE_MAX_QUEUE_SIZE: retry with backoff, or add instances to the endpoint"
@@ -239,6 +242,9 @@ class BatchingModel:
                 f"{self.manifest.name} gave no result within {self.config.wait_timeout_s:g} s (a run is "
                 "stuck or the queue is too long); retry, on another instance if it persists"
             )
+        record = audit.current()
+        if record is not None:  # the statistics' queue time; the batcher counts the run
+            record.queue_ns, record.executed = int((pending.started - pending.enqueued) * 1e9), False
         if pending.error is not None:
             raise pending.error
         assert pending.result is not None
@@ -318,7 +324,9 @@ class BatchingModel:
             self.stats.largest_run_requests = max(self.stats.largest_run_requests, len(batch))
             self.stats.largest_run_rows = max(self.stats.largest_run_rows, rows)
             self._run_started = self._clock()
-        record_count(BATCH_ROWS, rows)
+            for pending in batch:
+                pending.started = self._run_started
+        record_count(BATCH_ROWS, rows, model=self.manifest)
         return batch
 
     def _run(self, batch: list[_Pending]) -> None:
@@ -328,7 +336,9 @@ class BatchingModel:
         first = batch[0]
         try:
             merged = {name: np.concatenate([p.inputs[name] for p in batch]) for name in first.inputs}
+            started = time.perf_counter_ns()
             outputs = self.inner.predict(merged, first.output_names)
+            STATISTICS.executed(self.manifest, sum(p.rows for p in batch), time.perf_counter_ns() - started)
             results = _split(outputs, [p.rows for p in batch])
         except Exception as error:
             logger.warning(
@@ -345,10 +355,14 @@ class BatchingModel:
             pending.finish(result=result)
 
     def _run_alone(self, pending: _Pending) -> None:
+        started = time.perf_counter_ns()
         try:
-            pending.finish(result=self.inner.predict(pending.inputs, pending.output_names))
+            result = self.inner.predict(pending.inputs, pending.output_names)
         except Exception as error:
             pending.finish(error=error)
+            return
+        STATISTICS.executed(self.manifest, pending.rows, time.perf_counter_ns() - started)
+        pending.finish(result=result)
 
 
 def _rows(inputs: Mapping[str, np.ndarray]) -> int | None:

@@ -70,6 +70,11 @@ MAX_DIMENSION = 2**63 - 1  # onnxruntime's int64
 MAX_TENSOR_NAME = 1024
 MAX_ARTIFACT_NAME = 255  # a file name
 MAX_LABEL = 64  # quantization
+MAX_ROUND_DECIMALS = 15  # a double's ~15.9 significant decimal digits: past them rounding is a no-op
+MAX_TOP_K = 1_000_000
+MAX_CACHE_ENTRIES = 1_000_000
+MAX_CACHE_MB = 10_240  # a Lambda function's most memory
+FLOAT_DATATYPES = ("FP16", "FP32", "FP64")
 
 
 class ManifestError(ValueError):
@@ -265,6 +270,85 @@ class Digest:
 
 
 @dataclass(frozen=True)
+class OutputLimits:
+    """What a response may reveal of a model's floating-point outputs (against extraction by
+    querying): ``round`` to that many decimals, ``top_k`` keeps the k largest values along the
+    last axis of each row and sets the others to 0; ``outputs`` names the outputs limited
+    (empty: every FP16/FP32/FP64 output). Applied by :mod:`tierserve.output_limits`."""
+
+    round: int | None = None
+    top_k: int | None = None
+    outputs: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "output_limits") -> OutputLimits:
+        data = _object(data, _quoted(path), ("round", "top_k", "outputs"))
+        decimals = data.get("round")
+        top_k = data.get("top_k")
+        names = _get(data, "outputs", f"{path}.outputs", [])
+        if not isinstance(names, list) or len(names) > MAX_TENSORS:
+            raise ManifestError(
+                f"{_quoted(path + '.outputs')} must be a list of output names, got {_described(names)}"
+            )
+        limits = cls(
+            round=None if decimals is None else _integer(decimals, f"{path}.round", 0, MAX_ROUND_DECIMALS),
+            top_k=None if top_k is None else _integer(top_k, f"{path}.top_k", 1, MAX_TOP_K),
+            outputs=tuple(
+                _string(name, f"{path}.outputs[{i}]", limit=MAX_TENSOR_NAME) for i, name in enumerate(names)
+            ),
+        )
+        if limits.round is None and limits.top_k is None:
+            raise ManifestError(
+                f'{_quoted(path)} limits nothing: give "round" (decimals, 0 to {MAX_ROUND_DECIMALS}), '
+                '"top_k" (classes kept per row), or both; or remove it'
+            )
+        return limits
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"outputs": list(self.outputs)}
+        if self.round is not None:
+            data["round"] = self.round
+        if self.top_k is not None:
+            data["top_k"] = self.top_k
+        return data
+
+
+@dataclass(frozen=True)
+class ResponseCachePolicy:
+    """The model's opt-in response cache: at most ``max_entries`` answers and ``max_mb`` of
+    them per execution environment; ``shared_across_callers`` lets callers with different
+    identities read each other's answers (only for a model whose answers reveal nothing about
+    who asked). Applied by :mod:`tierserve.response_cache`."""
+
+    max_entries: int = 1024
+    max_mb: int = 64
+    shared_across_callers: bool = False
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "response_cache") -> ResponseCachePolicy:
+        data = _object(data, _quoted(path), ("max_entries", "max_mb", "shared_across_callers"))
+        default = cls()
+        return cls(
+            max_entries=_integer(
+                _get(data, "max_entries", f"{path}.max_entries", default.max_entries),
+                f"{path}.max_entries",
+                1,
+                MAX_CACHE_ENTRIES,
+            ),
+            max_mb=_integer(
+                _get(data, "max_mb", f"{path}.max_mb", default.max_mb), f"{path}.max_mb", 1, MAX_CACHE_MB
+            ),
+            shared_across_callers=_boolean(
+                _get(data, "shared_across_callers", f"{path}.shared_across_callers", False),
+                f"{path}.shared_across_callers",
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What ``manifest.json`` says about one model version."""
 
@@ -283,6 +367,8 @@ class Manifest:
     tier: Tier | None = None
     allow_non_finite: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
+    output_limits: OutputLimits | None = None
+    response_cache: ResponseCachePolicy | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
@@ -316,6 +402,12 @@ class Manifest:
                 _get(data, "allow_non_finite", "allow_non_finite", False), "allow_non_finite"
             ),
             extra=_optional_object(_get(data, "extra", "extra", None), "extra") or {},
+            output_limits=None
+            if data.get("output_limits") is None
+            else OutputLimits.from_dict(data["output_limits"]),
+            response_cache=None
+            if data.get("response_cache") is None
+            else ResponseCachePolicy.from_dict(data["response_cache"]),
         )
         manifest.validate()
         return manifest
@@ -355,6 +447,16 @@ class Manifest:
             problems.append("a model needs at least one input and one output")
         for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
             problems += _signature_problems(kind, specs)
+        if self.output_limits is not None:
+            problems += _output_limit_problems(self.output_limits, self.outputs)
+        cache = self.response_cache
+        if cache is not None and not (
+            1 <= cache.max_entries <= MAX_CACHE_ENTRIES and 1 <= cache.max_mb <= MAX_CACHE_MB
+        ):
+            problems.append(
+                f"response_cache holds 1 to {MAX_CACHE_ENTRIES:,} entries (max_entries) "
+                f"in 1 to {MAX_CACHE_MB:,} MB (max_mb)"
+            )
         if problems:
             raise ManifestError(f"manifest for {self.name}@{self.version}: " + "; ".join(problems))
 
@@ -363,6 +465,12 @@ class Manifest:
         data["inputs"] = [t.to_dict() for t in self.inputs]
         data["outputs"] = [t.to_dict() for t in self.outputs]
         data["schema_version"] = MANIFEST_SCHEMA_VERSION
+        for key in ("output_limits", "response_cache"):  # absent, not null: older readers refuse unknown keys
+            value = getattr(self, key)
+            if value is None:
+                data.pop(key)
+            else:
+                data[key] = value.to_dict()
         return data
 
     def to_json(self) -> str:
@@ -392,6 +500,26 @@ def _tensors(data: Mapping[str, Any], key: str) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec.from_dict(spec, f"{key}[{index}]") for index, spec in enumerate(specs))
 
 
+def _output_limit_problems(limits: OutputLimits, outputs: tuple[TensorSpec, ...]) -> list[str]:
+    """Output limits must name floating-point outputs of this model, and leave one to limit."""
+    by_name = {spec.name: spec for spec in outputs}
+    problems = []
+    for name in limits.outputs:
+        spec = by_name.get(name)
+        if spec is None:
+            problems.append(
+                f"output_limits names {reprlib.repr(name)}, not an output of the model ({', '.join(by_name)})"
+            )
+        elif spec.datatype not in FLOAT_DATATYPES:
+            problems.append(
+                f"output_limits names {reprlib.repr(name)}, a {spec.datatype} output: only "
+                f"{'/'.join(FLOAT_DATATYPES)} outputs (scores, probabilities) can be rounded or cut to the top k"
+            )
+    if not limits.outputs and not any(spec.datatype in FLOAT_DATATYPES for spec in outputs):
+        problems.append("output_limits would limit nothing: the model has no FP16/FP32/FP64 output")
+    return problems
+
+
 def _signature_problems(kind: str, specs: tuple[TensorSpec, ...]) -> list[str]:
     """What is wrong with one side of a signature built in code (parsing checks the same)."""
     problems: list[str] = []
@@ -419,17 +547,22 @@ class CatalogEntry:
     name: str
     version: str
     manifest: Manifest
+    # One version of a model is its default (what the unversioned routes serve); a catalog may
+    # list other versions of it too, served under /versions/{v} (``"default": false``).
+    default: bool = True
 
     @classmethod
     def from_dict(cls, data: Any, index: int) -> CatalogEntry:
-        """Entry ``index`` of a catalog's ``models``: ``{"name", "version", "manifest"}``, where
-        name and version, when given, agree with the manifest's.
+        """Entry ``index`` of a catalog's ``models``: ``{"name", "version", "manifest"}`` and an
+        optional ``"default"`` (true unless it says false), where name and version, when given,
+        agree with the manifest's.
 
         Raises:
             ManifestError: "models[i] is not a valid manifest: ..." or what else is wrong.
         """
         where = f"models[{index}]"
-        data = _object(data, where, ("name", "version", "manifest"))
+        data = _object(data, where, ("name", "version", "manifest", "default"))
+        default = _boolean(data.get("default", True), f"{where}.default")
         try:
             manifest = Manifest.from_dict(_get(data, "manifest", f"{where}.manifest"))
         except ManifestError as error:
@@ -443,14 +576,21 @@ class CatalogEntry:
                 f"{where}: the entry says {said[0]}@{said[1]} but its manifest describes "
                 f"{manifest.name}@{manifest.version}: make them agree"
             )
-        return cls(manifest.name, manifest.version, manifest)
+        return cls(manifest.name, manifest.version, manifest, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"name": self.name, "version": self.version, "manifest": self.manifest.to_dict()}
+        return data if self.default else {**data, "default": False}
 
 
 @dataclass(frozen=True)
 class Catalog:
-    """The models to deploy. Order is preserved so synth is deterministic."""
+    """The models to deploy: ``entries``, each model's default version (what every consumer
+    serves), and ``others``, further versions of those models that the Lambda tier serves
+    beside the default (under ``/versions/{v}``). Order is preserved so synth is deterministic."""
 
     entries: tuple[CatalogEntry, ...]
+    others: tuple[CatalogEntry, ...] = ()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Catalog:
@@ -458,14 +598,27 @@ class Catalog:
         models = data.get("models", []) if isinstance(data, Mapping) and set(data) <= {"models"} else None
         if not isinstance(models, list):
             raise ManifestError('a catalog is {"models": [{"name", "version", "manifest": {...}}, ...]}')
-        entries = [CatalogEntry.from_dict(raw, index) for index, raw in enumerate(models)]
+        listed = [CatalogEntry.from_dict(raw, index) for index, raw in enumerate(models)]
+        entries = [e for e in listed if e.default]
+        others = [e for e in listed if not e.default]
         names = [e.name for e in entries]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ManifestError(
-                f"catalog lists {duplicates} more than once: keep one deployed version per model"
+                f"catalog lists {duplicates} more than once as the default: keep one default version per "
+                'model, and mark the others "default": false to serve them under /versions/{v}'
             )
-        return cls(tuple(entries))
+        orphans = sorted({e.name for e in others} - set(names))
+        if orphans:
+            raise ManifestError(
+                f'catalog lists versions of {orphans} but none is the default: remove "default": false '
+                "from the version the unversioned routes should serve"
+            )
+        versions = [(e.name, e.version) for e in listed]
+        twice = sorted({f"{n}@{v}" for n, v in versions if versions.count((n, v)) > 1})
+        if twice:
+            raise ManifestError(f"catalog lists {twice} more than once: list each version once")
+        return cls(tuple(entries), tuple(others))
 
     @classmethod
     def load(cls, path: str | Path) -> Catalog:
@@ -492,19 +645,22 @@ class Catalog:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "models": [
-                {"name": e.name, "version": e.version, "manifest": e.manifest.to_dict()} for e in self.entries
-            ]
-        }
+        return {"models": [e.to_dict() for e in (*self.entries, *self.others)]}
 
     def get(self, name: str) -> CatalogEntry | None:
+        """The default version's entry of ``name``, or None."""
         return next((e for e in self.entries if e.name == name), None)
 
+    def others_of(self, name: str) -> list[CatalogEntry]:
+        """The versions of ``name`` served beside its default, in catalog order."""
+        return [e for e in self.others if e.name == name]
+
     def with_entry(self, manifest: Manifest) -> Catalog:
-        """A catalog where ``manifest`` replaces any entry of the same model name."""
+        """A catalog where ``manifest`` is the only version of its model (it replaces every entry
+        of the same model name)."""
         kept = [e for e in self.entries if e.name != manifest.name]
-        return Catalog((*kept, CatalogEntry(manifest.name, manifest.version, manifest)))
+        others = tuple(e for e in self.others if e.name != manifest.name)
+        return Catalog((*kept, CatalogEntry(manifest.name, manifest.version, manifest)), others)
 
     def by_tier(
         self, tier: Tier, lambda_max_model_mb: float = DEFAULT_LAMBDA_MAX_MODEL_MB

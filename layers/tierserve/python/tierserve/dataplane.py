@@ -15,10 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from tierserve import audit, output_limits
 from tierserve.capture import Capture
 from tierserve.errors import ModelUnavailable
 from tierserve.protocol import InferenceRequest, model_metadata, parse_infer_request, server_metadata
 from tierserve.registry import ModelRegistry
+from tierserve.response_cache import ResponseCache
 from tierserve.settings import ModelRef
 from tierserve.telemetry import INFERENCE_MS, record_ms, stopwatch, tracer
 
@@ -40,6 +42,8 @@ class DataPlane:
 
     ``readiness`` says why the server cannot serve yet (``None`` when it can); the GPU
     server passes its warm-up state, so ``ready()`` refuses until its models are warm.
+    ``response_cache`` keeps the answers of the models that opt in (one per execution
+    environment: each data plane its own, unless given).
     """
 
     def __init__(
@@ -47,10 +51,12 @@ class DataPlane:
         registry: ModelRegistry,
         readiness: Callable[[], str | None] | None = None,
         capture: Capture | None = None,
+        response_cache: ResponseCache | None = None,
     ) -> None:
         self.registry = registry
         self._readiness = readiness
         self.capture = capture  # drift: a sample of requests to S3 (tierserve.capture), never in the way
+        self.response_cache = response_cache or ResponseCache()
 
     def live(self) -> Document:
         return {"live": True}
@@ -84,21 +90,46 @@ class DataPlane:
     def infer(
         self, model: str, body: bytes, headers: Mapping[str, str] | None, version: str | None = None
     ) -> InferResult:
-        """Parse ``body`` against the model's signature and run it.
+        """Parse ``body`` against the model's signature and run it (or answer from the
+        model's response cache); the outputs within the manifest's output limits.
 
         Raises:
             ModelNotFound, BadRequest, PayloadTooLarge, ModelUnavailable, Overloaded: as the
                 registry, the protocol and the model raise them.
         """
         ref = self.registry.resolve(model, version)
+        audit.served(ref)
+        record = audit.current()
         manifest = self.registry.manifest(ref)
-        request = parse_infer_request(
-            body, headers, manifest, max_bytes=self.registry.settings.max_request_bytes
-        )
+        with stopwatch() as parsing:
+            request = parse_infer_request(
+                body, headers, manifest, max_bytes=self.registry.settings.max_request_bytes
+            )
+            names = request.output_names()
+            key = self.response_cache.key(manifest, request.inputs, names, record.caller if record else "")
+            cached = None if key is None else self.response_cache.get(manifest, key)
+        if record is not None:
+            record.input_ns, record.rows = int(parsing[0] * 1e6), _rows(request)
+            record.cache = None if key is None else ("miss" if cached is None else "hit")
+        if cached is not None:
+            if self.capture is not None:
+                self.capture.offer(ref, request.inputs, cached)
+            return InferResult(ref, request, cached)
         loaded = self.registry.get(ref)
         with stopwatch() as elapsed:
-            outputs = loaded.predict(request.inputs, request.output_names())
-        record_ms(INFERENCE_MS, elapsed[0])
+            outputs = loaded.predict(request.inputs, names)
+        record_ms(INFERENCE_MS, elapsed[0], model=ref)
+        if record is not None:  # a batcher has noted the time the request queued
+            record.infer_ns = max(0, int(elapsed[0] * 1e6) - record.queue_ns)
+        outputs = output_limits.apply(manifest, outputs)
+        if key is not None:
+            self.response_cache.put(manifest, key, outputs)
         if self.capture is not None:
             self.capture.offer(ref, request.inputs, outputs)
         return InferResult(ref, request, outputs)
+
+
+def _rows(request: InferenceRequest) -> int:
+    """The request's batch: the first dimension its inputs share (1 for scalars or disagreement)."""
+    sizes = {int(a.shape[0]) for a in request.inputs.values() if np.ndim(a)}
+    return sizes.pop() if len(sizes) == 1 else 1

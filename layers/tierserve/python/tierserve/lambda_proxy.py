@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from tierserve.audit import api_gateway_caller
 from tierserve.dataplane import DataPlane
 from tierserve.errors import BadRequest
 from tierserve.protocol import BINARY_MEDIA_TYPES, HEADER_LENGTH, JSON_CONTENT_TYPE, EncodedResponse, header
@@ -102,6 +103,7 @@ def build_route_resolver(
         max_response_bytes=max_response_bytes,
         measure=sent_size,
         **({"help": help} if help else {}),
+        tier="lambda",
     )
 
     def current_request() -> HttpRequest:
@@ -109,7 +111,15 @@ def build_route_resolver(
         headers = dict(event.headers or {})
         body = request_body(event.body, event.is_base64_encoded, headers)
         context = event.get("requestContext") or {}
-        return HttpRequest(event.http_method, event.path, headers, body, context=context)
+        return HttpRequest(
+            event.http_method,
+            event.path,
+            headers,
+            body,
+            caller=api_gateway_caller(context),
+            request_id=str(context.get("requestId") or ""),
+            context=context,
+        )
 
     def to_powertools(response: HttpResponse) -> Response:
         content_type = response.headers.get("Content-Type", JSON_CONTENT_TYPE)

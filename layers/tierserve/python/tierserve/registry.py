@@ -92,16 +92,23 @@ class ModelRegistry:
         return self._store
 
     def resolve(self, name: str, version: str | None = None) -> ModelRef:
-        """The deployed reference for ``name`` (and ``version`` if given), or a 404 that says why."""
+        """The deployed reference for ``name`` (and ``version`` if given), or a 404 that says why.
+
+        A process may serve several versions of a model (``TIERSERVE_MODELS`` lists each): the
+        first listed is the model's default, which a request without a version gets."""
         ref = self.settings.model_ref(name)
         served = ", ".join(str(r) for r in self.settings.models) or "none"
         if ref is None:
             raise ModelNotFound(f"model {name!r} is not served here; models served: {served}")
-        if version is not None and version != ref.version:
-            raise ModelNotFound(
-                f"version {version!r} of model {name!r} is not deployed; deployed version: {ref.version}"
-            )
-        return ref
+        if version is None or version == ref.version:
+            return ref
+        versions = [r for r in self.settings.models if r.name == name]
+        exact = next((r for r in versions if r.version == version), None)
+        if exact is None:
+            deployed = ", ".join(r.version for r in versions)
+            what = "deployed versions" if len(versions) > 1 else "deployed version"
+            raise ModelNotFound(f"version {version!r} of model {name!r} is not deployed; {what}: {deployed}")
+        return exact
 
     def manifest(self, ref: ModelRef) -> Manifest:
         """The manifest of a served model, read once from the store and then remembered."""
@@ -121,15 +128,15 @@ class ModelRegistry:
             model = self._hit(ref)
             load_lock = self._load_locks.setdefault(ref, threading.Lock())
         if model is not None:
-            record_count(CACHE_HIT)
+            record_count(CACHE_HIT, model=ref)
             return model
         with _held(load_lock, ref):
             with self._lock:
                 model = self._hit(ref)
             if model is not None:
-                record_count(CACHE_HIT)
+                record_count(CACHE_HIT, model=ref)
                 return model
-            record_count(CACHE_MISS)
+            record_count(CACHE_MISS, model=ref)
             return self._load(ref)
 
     def _hit(self, ref: ModelRef) -> Model | None:
@@ -172,9 +179,9 @@ class ModelRegistry:
                         self._models[manifest.cache_key] = model
                     self._reserved -= needed
                     self._room.notify_all()
-        record_ms(MODEL_FETCH_MS, timings.fetch_ms)
-        record_ms(MODEL_DECOMPRESS_MS, timings.decompress_ms)
-        record_ms(MODEL_SESSION_MS, timings.session_ms)
+        record_ms(MODEL_FETCH_MS, timings.fetch_ms, model=ref)
+        record_ms(MODEL_DECOMPRESS_MS, timings.decompress_ms, model=ref)
+        record_ms(MODEL_SESSION_MS, timings.session_ms, model=ref)
         logger.info(
             "model loaded",
             extra={

@@ -18,10 +18,12 @@ the same routes, with the same 404 and 405.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tierserve import audit
 from tierserve.dataplane import DataPlane, Document, InferResult
 from tierserve.errors import MethodNotAllowed, PayloadTooLarge, RouteNotFound, TierserveError, to_http
 from tierserve.protocol import (
@@ -42,14 +44,18 @@ ECHO_LIMIT = 120  # how much of a client's path an error message quotes
 class HttpRequest:
     """One request as a transport hands it over: ``path`` decoded, without the query;
     ``target`` as sent (path and query, percent-encoded), for a transport that forwards it;
-    ``context`` API Gateway's ``requestContext`` (the caller's identity, the stage), where the
-    Lambda transport carried it."""
+    ``caller`` and ``request_id`` as the transport knows them, for the audit record
+    (:mod:`tierserve.audit`; empty: unknown, and the audit names it or makes an id);
+    ``context`` API Gateway's ``requestContext`` (the stage, the domain), where the Lambda
+    transport carried it."""
 
     method: str
     path: str
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
     target: str = ""
+    caller: str = ""
+    request_id: str = ""
     context: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -74,13 +80,15 @@ Result = Document | InferResult | HttpResponse
 class Route:
     """``method rule`` (``<name>`` marks a path parameter) runs ``operation(target, **params)``,
     plus ``body=`` and ``headers=`` when ``takes_body``, or ``request=`` (the whole
-    :class:`HttpRequest`) when ``takes_request``."""
+    :class:`HttpRequest`) when ``takes_request``; an ``audited`` route is an inference,
+    recorded once per request (:func:`tierserve.audit.http_inference`)."""
 
     method: str
     rule: str
     operation: Callable[..., Result]
     takes_body: bool = False
     takes_request: bool = False
+    audited: bool = False
 
     def call(self, target: Any, params: Mapping[str, str], request: HttpRequest) -> Result:
         if self.takes_request:
@@ -98,8 +106,10 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v2/models/<model>/versions/<version>", DataPlane.model_metadata),
     Route("GET", "/v2/models/<model>/ready", DataPlane.model_ready),
     Route("GET", "/v2/models/<model>/versions/<version>/ready", DataPlane.model_ready),
-    Route("POST", "/v2/models/<model>/infer", DataPlane.infer, takes_body=True),
-    Route("POST", "/v2/models/<model>/versions/<version>/infer", DataPlane.infer, takes_body=True),
+    Route("POST", "/v2/models/<model>/infer", DataPlane.infer, takes_body=True, audited=True),
+    Route(
+        "POST", "/v2/models/<model>/versions/<version>/infer", DataPlane.infer, takes_body=True, audited=True
+    ),
 )
 
 
@@ -116,7 +126,8 @@ class Router:
     """Route tables bound to their targets, matched in order; ``help`` ends a 404's message.
 
     ``max_response_bytes`` bounds an inference's encoded response as ``measure`` counts it (the
-    body's length; the Lambda transport counts what its proxy integration sends).
+    body's length; the Lambda transport counts what its proxy integration sends). ``tier``
+    names the serving tier in the audit records of its inferences.
     """
 
     def __init__(
@@ -125,7 +136,9 @@ class Router:
         max_response_bytes: int,
         measure: Callable[[EncodedResponse], int] | None = None,
         help: str = ROUTE_HELP,
+        tier: str = "http",
     ) -> None:
+        self.tier = tier
         self._routes = [
             (route, _compile(route.rule), target) for routes, target in tables for route in routes
         ]
@@ -164,7 +177,24 @@ class Router:
             return error_response(error)
 
     def run(self, route: Route, target: Any, params: Mapping[str, str], request: HttpRequest) -> HttpResponse:
-        """Run a matched route and encode its result; any error becomes its response."""
+        """Run a matched route and encode its result; any error becomes its response. An
+        audited route's request is recorded (who, which model, status, latency)."""
+        if not route.audited:
+            return self._run(route, target, params, request)
+        with audit.http_inference(
+            caller=request.caller,
+            request_id=request.request_id,
+            tier=self.tier,
+            model=params.get("model"),
+            version=params.get("version"),
+        ) as record:
+            response = self._run(route, target, params, request)
+            record.status = response.status
+        return response
+
+    def _run(
+        self, route: Route, target: Any, params: Mapping[str, str], request: HttpRequest
+    ) -> HttpResponse:
         try:
             return encode_result(route.call(target, params, request), self.max_response_bytes, self.measure)
         except Exception as error:
@@ -183,7 +213,11 @@ def encode_result(
     if isinstance(result, HttpResponse):
         return result
     if isinstance(result, InferResult):
+        started = time.perf_counter_ns()
         encoded = encode_infer(result)
+        record = audit.current()
+        if record is not None:
+            record.output_ns = time.perf_counter_ns() - started
         check_response_size(measure(encoded), result.request, max_response_bytes, result.model.name)
         return HttpResponse(200, encoded.body, encoded.headers)
     return HttpResponse.json(result)

@@ -37,6 +37,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from tierserve.audit import request_id_from
 from tierserve.batching import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE_DELAY_MS,
@@ -92,6 +93,7 @@ from tierserve.settings import (
     path,
     whole,
 )
+from tierserve.stats import STATS_ROUTES, StatisticsEndpoint
 from tierserve.store import ArtifactStore, FileSource
 from tierserve.telemetry import flush_metrics, logger, stopwatch
 
@@ -371,11 +373,14 @@ class ModelHost:
         self.registry = registry
         self.server = server
         self.dataplane = DataPlane(registry, readiness=self._not_ready_reason)
+        self.statistics = StatisticsEndpoint(registry.resolve, lambda: registry.settings.models)
         self.router = Router(
             (SAGEMAKER_ROUTES, self),
+            (STATS_ROUTES, self.statistics),
             (ROUTES, self.dataplane),
             max_response_bytes=registry.settings.max_response_bytes,
             help=SAGEMAKER_HELP,
+            tier="gpu",
         )
         self._retry_s = retry_s
         self._ready = threading.Event()
@@ -459,8 +464,13 @@ class ModelHost:
     # ------------------------------------------------------------ routes
 
     def respond(self, request: HttpRequest) -> HttpResponse:
-        """Answer one HTTP request: the SageMaker routes, then every OIP route."""
-        return self.router.serve(request)
+        """Answer one HTTP request: the SageMaker routes, Triton's statistics, then every OIP
+        route. SageMaker hands the container no caller: the audit names ``sagemaker`` for
+        ``/invocations`` and ``direct`` for the OIP routes (reached only from the host)."""
+        caller = request.caller or ("sagemaker" if request.path.rstrip("/") == "/invocations" else "direct")
+        return self.router.serve(
+            replace(request, caller=caller, request_id=request.request_id or request_id_from(request.headers))
+        )
 
     def ping(self) -> dict[str, Any]:
         """``GET /ping``: the served models, once all are loaded, warmed and still ready.
@@ -504,9 +514,12 @@ class ModelHost:
 
 SAGEMAKER_ROUTES: tuple[Route, ...] = (
     Route("GET", "/ping", ModelHost.ping),
-    Route("POST", "/invocations", ModelHost.invoke, takes_body=True),
+    Route("POST", "/invocations", ModelHost.invoke, takes_body=True, audited=True),
 )
-SAGEMAKER_HELP = "SageMaker: GET /ping, POST /invocations; OIP " + ROUTE_HELP
+SAGEMAKER_HELP = (
+    "SageMaker: GET /ping, POST /invocations; statistics: GET /v2/models[/{model}[/versions/{v}]]/stats; OIP "
+    + ROUTE_HELP
+)
 
 
 def invocation_headers(headers: Mapping[str, str], attributes: Mapping[str, str]) -> dict[str, str]:

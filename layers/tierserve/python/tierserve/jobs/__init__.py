@@ -7,7 +7,7 @@ data bucket and served by the S3 pipeline's worker.
     settings.py  the jobs function's variables
 """
 
-from tierserve.jobs.keys import JobKeys, caller_identity, caller_of, new_job_id
+from tierserve.jobs.keys import JobKeys, caller_of, new_job_id
 from tierserve.jobs.routes import JOB_ROUTES, JOBS_HELP, is_jobs_path
 from tierserve.jobs.service import Jobs, Upload, job_url
 from tierserve.jobs.settings import JobsSettings
@@ -19,7 +19,6 @@ __all__ = [
     "Jobs",
     "JobsSettings",
     "Upload",
-    "caller_identity",
     "caller_of",
     "is_jobs_path",
     "job_url",

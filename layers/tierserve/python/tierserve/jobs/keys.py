@@ -18,9 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from tierserve.s3_pipeline.events import InputKey
 from tierserve.settings import JOB_INPUT_NAME, JOB_INPUT_SUFFIXES, JOB_RECORD_NAME, JOBS_PREFIX
@@ -36,21 +34,11 @@ def new_job_id() -> str:
     return secrets.token_hex(ID_BYTES)
 
 
-def caller_identity(context: Mapping[str, Any]) -> str:
-    """Who is calling, from API Gateway's ``requestContext``: the IAM principal (``userArn``,
-    with ``auth=iam``), else the API key's id (``apiKeyId``, with ``auth=api_key``), else
-    ``anonymous`` (``auth=none``: then the id alone is the capability)."""
-    identity = context.get("identity") or {}
-    if identity.get("userArn"):
-        return f"iam:{identity['userArn']}"
-    if identity.get("apiKeyId"):
-        return f"api_key:{identity['apiKeyId']}"
-    return ANONYMOUS
-
-
-def caller_of(context: Mapping[str, Any]) -> str:
-    """The ``{caller}`` segment of the caller's keys: a digest of :func:`caller_identity`."""
-    digest = hashlib.sha256(caller_identity(context).encode()).hexdigest()
+def caller_of(caller: str) -> str:
+    """The ``{caller}`` segment of a caller's keys: a digest of who called, as the transport
+    names them (:func:`tierserve.audit.api_gateway_caller`: ``iam:{userArn}`` with ``auth=iam``,
+    ``api_key:{apiKeyId}`` with ``auth=api_key``; empty is ``anonymous``)."""
+    digest = hashlib.sha256((caller or ANONYMOUS).encode()).hexdigest()
     return digest[:CALLER_DIGEST_CHARS]
 
 

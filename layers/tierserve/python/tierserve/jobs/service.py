@@ -159,7 +159,7 @@ class Jobs:
             TierserveError: S3 refused or failed (503 / 504).
         """
         ref = self.registry.resolve(model, version)
-        keys = JobKeys(ref.name, caller_of(request.context), new_job_id())
+        keys = JobKeys(ref.name, caller_of(request.caller), new_job_id())
         body = request.body
         header_length = header(request.headers, HEADER_LENGTH)
         if header_length is not None:
@@ -280,7 +280,7 @@ class Jobs:
             TierserveError: S3 refused or failed (503 / 504).
         """
         self.registry.resolve(model)
-        keys = JobKeys(model, caller_of(request.context), job_id)
+        keys = JobKeys(model, caller_of(request.caller), job_id)
         listed = self._list(keys.folder) if ID_PATTERN.match(job_id) else {}
         if keys.record not in listed:
             raise JobNotFound(

@@ -43,6 +43,7 @@ class S3Object:
     etag: str | None = None
     version_id: str | None = None
     sequencer: str | None = None
+    principal: str | None = None  # who put the object (the record's userIdentity), for the audit
 
 
 def parse_message(body: str) -> list[S3Object]:
@@ -95,7 +96,14 @@ def _created(record: S3EventRecord) -> S3Object:
         etag=str(item.etag).strip('"') or None,
         version_id=str(item.version_id) if item.version_id else None,
         sequencer=str(item["sequencer"]) if item.get("sequencer") else None,
+        principal=_principal(record),
     )
+
+
+def _principal(record: S3EventRecord) -> str | None:
+    identity = record.get("userIdentity")
+    principal = identity.get("principalId") if isinstance(identity, dict) else None
+    return str(principal) if principal else None
 
 
 @dataclass(frozen=True)

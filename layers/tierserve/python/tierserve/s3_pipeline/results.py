@@ -25,7 +25,7 @@ from tierserve.errors import TierserveError, UpstreamUnavailable
 from tierserve.s3_pipeline.errors import S3Action, data_error
 from tierserve.s3_pipeline.events import InputKey, ResultKind, S3Object, compare_sequencers
 from tierserve.settings import ERROR_PREFIX, OUTPUT_PREFIX
-from tierserve.telemetry import PIPELINE_ERROR, PIPELINE_OUTPUT, PIPELINE_SKIPPED, logger, record_count
+from tierserve.telemetry import logger
 
 # What a result object records about the input it answers (S3 user metadata, x-amz-meta-*).
 META_SEQUENCER = "tierserve-sequencer"
@@ -72,6 +72,7 @@ class Outcome:
     key: str
     result_key: str | None = None
     reason: str = ""
+    http_status: int = 0  # an error result's status (400, 404, 413, ...), as its document says
 
 
 def why_skip(item: S3Object, recorded: Iterable[Recorded], model: str) -> str | None:
@@ -390,15 +391,12 @@ def _shared_start(first: str, last: str) -> str:
 
 def finished(item: S3Object, kind: ResultKind, result_key: str) -> Outcome:
     if kind == OUTPUT_PREFIX:
-        record_count(PIPELINE_OUTPUT)
         logger.info("input served", extra={"key": item.key, "result": result_key})
         return Outcome("output", item.key, result_key)
-    record_count(PIPELINE_ERROR)
     logger.info("input cannot be served; reason written", extra={"key": item.key, "result": result_key})
     return Outcome("error", item.key, result_key)
 
 
 def skipped(item: S3Object, reason: str) -> Outcome:
-    record_count(PIPELINE_SKIPPED)
     logger.info("input skipped", extra={"key": item.key, "reason": reason})
     return Outcome("skipped", item.key, None, reason)

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from tierserve import aws
+from tierserve import audit, aws, output_limits
 from tierserve.catalog import Manifest
 from tierserve.errors import ModelNotFound, TierserveError, is_retryable, to_http
 from tierserve.model import Model
@@ -75,7 +75,10 @@ from tierserve.settings import (
 )
 from tierserve.telemetry import (
     INFERENCE_MS,
+    PIPELINE_ERROR,
+    PIPELINE_OUTPUT,
     PIPELINE_ROWS,
+    PIPELINE_SKIPPED,
     logger,
     record_count,
     record_ms,
@@ -197,7 +200,39 @@ class Pipeline:
         its results exist, where a listing of its batch covered them. With ``look_first`` (a
         bulk run, where a rerun finds most results current), or for an input of
         :data:`LOOK_FIRST_BYTES` or more, the results the index does not rule out are looked at
-        before the input is read."""
+        before the input is read.
+
+        Each input is counted by how it ended (``PipelineOutput``, ``PipelineError``,
+        ``PipelineSkipped``, with its model's dimensions where the key names a served model),
+        and one that ran or was refused gets its audit record (:mod:`tierserve.audit`)."""
+        started = time.perf_counter()
+        status = 503  # raised: retried
+        try:
+            outcome = self._handle(item, index, look_first=look_first)
+        except Exception as error:
+            status = to_http(error)[0] if isinstance(error, TierserveError) else 500
+            raise
+        else:
+            status = {"output": 200, "skipped": 0}.get(outcome.status, outcome.http_status or 400)
+            return outcome
+        finally:
+            ref = self._served_ref(item.key)
+            if status == 200:
+                record_count(PIPELINE_OUTPUT, model=ref)
+            elif status == 0:
+                record_count(PIPELINE_SKIPPED, model=ref)
+            elif status < 500:
+                record_count(PIPELINE_ERROR, model=ref)
+            if status:
+                audit.log_s3_inference(
+                    caller=f"s3:{item.principal or 'unknown'}",
+                    key=item.key,
+                    model=ref,
+                    status=status,
+                    latency_ms=(time.perf_counter() - started) * 1000,
+                )
+
+    def _handle(self, item: S3Object, index: ResultIndex | None, *, look_first: bool) -> Outcome:
         try:
             key = parse_input_key(item.key)
         except PoisonMessage as error:
@@ -231,10 +266,19 @@ class Pipeline:
                 )
                 raise
             reason = dumps(self._error_document(item, key, error))
-            return self.results.write(bucket, item, key, ERROR_PREFIX, reason, known, model_label)
+            outcome = self.results.write(bucket, item, key, ERROR_PREFIX, reason, known, model_label)
+            return dataclasses.replace(outcome, http_status=to_http(error)[0])
         return self.results.write(bucket, served.item, key, OUTPUT_PREFIX, served.body, known, model_label)
 
     # -------------------------------------------------- serving
+
+    def _served_ref(self, key: str) -> ModelRef | None:
+        """The served model an input key names, or None (not an input, or no model served here)."""
+        try:
+            parsed = parse_input_key(key)
+            return None if parsed is None else self.registry.resolve(parsed.model, parsed.version)
+        except (PoisonMessage, ModelNotFound):
+            return None
 
     def _model_label(self, name: str, version: str | None = None) -> str:
         try:
@@ -271,7 +315,7 @@ class Pipeline:
         finally:
             body.close()
         if key.format == ".jsonl":
-            record_count(PIPELINE_ROWS, rows)
+            record_count(PIPELINE_ROWS, rows, model=ref)
         encoded = encode_infer_response(request, outputs, model_name=ref.name, model_version=ref.version)
         parameters = self._input_parameters(item, key, rows if key.format == ".jsonl" else None)
         return _Served(with_parameters(encoded.body, parameters), rows, item)
@@ -289,9 +333,9 @@ class Pipeline:
             model = model or self._model(ref, manifest)
             with stopwatch() as elapsed:
                 parts.append(model.predict(request.inputs, output_names))
-            record_ms(INFERENCE_MS, elapsed[0])
+            record_ms(INFERENCE_MS, elapsed[0], model=ref)
             rows += count
-        return join_batches(parts), rows
+        return output_limits.apply(manifest, join_batches(parts)), rows
 
     def _get(self, item: S3Object) -> Mapping[str, Any]:
         """GetObject for exactly the version the event announced: by version id, or, in an

@@ -33,7 +33,7 @@ from typing import Any
 
 from aws_lambda_powertools.utilities.data_classes.kinesis_stream_event import KinesisStreamRecord
 
-from tierserve import aws
+from tierserve import aws, output_limits
 from tierserve.errors import TierserveError, UpstreamUnavailable, is_retryable
 from tierserve.protocol import dumps, encode_infer_response
 from tierserve.registry import ModelRegistry
@@ -116,19 +116,19 @@ class StreamWorker:
             request = decode_record(data, manifest, max_bytes=self.pipeline.settings.max_input_bytes)
             model = self.pipeline.model_for(ref)
             with stopwatch() as elapsed:
-                outputs = model.predict(request.inputs, request.output_names())
-            record_ms(INFERENCE_MS, elapsed[0])
+                outputs = output_limits.apply(manifest, model.predict(request.inputs, request.output_names()))
+            record_ms(INFERENCE_MS, elapsed[0], model=ref)
             encoded = encode_infer_response(request, outputs, model_name=ref.name, model_version=ref.version)
         except TierserveError as error:
             if is_retryable(error):
                 raise
-            record_count(STREAM_ERROR)
+            record_count(STREAM_ERROR, model=ref)
             logger.info(
                 "record cannot be served; error result written",
                 extra={**record.parameters(), "error": error.message},
             )
             return dumps(error_document(error, ref.name, record))
-        record_count(STREAM_RESULT)
+        record_count(STREAM_RESULT, model=ref)
         return with_parameters(encoded.body, record.parameters())
 
     def write(self, results: Sequence[tuple[str, bytes]]) -> int:

@@ -9,24 +9,37 @@ serve theirs; one model's slow load never holds up another. Requests no model cl
 server metadata, an unknown model) go to ``handler``, an environment of their own. Models
 routed to an upstream (the GPU tier's server process) are forwarded over HTTP instead,
 concurrently, as API Gateway forwards them to SageMaker.
+
+The local API is a long-lived process, so it answers Triton's statistics extension
+(:mod:`tierserve.stats`) for its Lambda-tier models, whose execution environments all count in
+this process; a GPU-tier model's statistics are its GPU server's, forwarded, and
+``/v2/models/stats`` merges both.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from tierserve.asgi import ServerLimits, ServerThread, bind, build_server, serve_until_stopped
-from tierserve.errors import TierserveError, UpstreamTimeout, UpstreamUnavailable
+from tierserve.errors import (
+    MethodNotAllowed,
+    RouteNotFound,
+    TierserveError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from tierserve.jobs.routes import is_jobs_path
 from tierserve.protocol import decode_content, header
-from tierserve.routes import HttpRequest, HttpResponse, error_response
-from tierserve.settings import DEFAULT_MAX_REQUEST_MB, MAX_REQUEST_MB, MB
+from tierserve.routes import HttpRequest, HttpResponse, Router, error_response
+from tierserve.settings import DEFAULT_MAX_REQUEST_MB, MAX_REQUEST_MB, MB, ModelRef
+from tierserve.stats import STATS_ROUTES, StatisticsEndpoint
 from tierserve.tools.local.apigw import (
     LocalLambdaContext,
     proxy_event,
@@ -58,7 +71,7 @@ class LocalApi:
     ``functions`` (model name -> its handler) in its own execution environment, ``upstreams``
     (model name -> base URL) forwarded, every model's jobs routes through ``jobs`` (the jobs
     function, both tiers), and everything else through ``handler``; ``limits`` bound what a
-    request may be."""
+    request may be. ``served`` are the Lambda-tier models whose statistics it answers."""
 
     def __init__(
         self,
@@ -71,9 +84,12 @@ class LocalApi:
         jobs: LambdaHandler | None = None,
         memory_mb: int = 2048,
         limits: ServerLimits = LIMITS,
+        served: Sequence[ModelRef] = (),
     ) -> None:
         self.handler = handler
         self.jobs = ExecutionEnvironment(jobs) if jobs is not None else None
+        self.statistics = StatisticsEndpoint.of_models(tuple(served))
+        self._stats_router = Router((STATS_ROUTES, self.statistics), max_response_bytes=64 * MB)
         self.upstreams = dict(upstreams or {})
         self.memory_mb = memory_mb
         self._default = ExecutionEnvironment(handler)
@@ -129,6 +145,9 @@ class LocalApi:
         jobs = self.jobs is not None and is_jobs_path(request.path)
         if upstream is not None and not jobs:
             return forward(upstream, request)
+        statistics = self._statistics(request)
+        if statistics is not None:
+            return statistics
         environment = self.environments.get(model or "", self._default)
         if jobs and self.jobs is not None:
             environment = self.jobs
@@ -136,6 +155,23 @@ class LocalApi:
         result = environment(event, LocalLambdaContext(memory_limit_in_mb=self.memory_mb))
         body = proxy_response_body(result, header(request.headers, "accept"))
         return HttpResponse(int(result["statusCode"]), body, proxy_response_headers(result))
+
+    def _statistics(self, request: HttpRequest) -> HttpResponse | None:
+        """The statistics routes' answer, or None for any other request."""
+        try:
+            route, target, params = self._stats_router.find(request.method, request.path)
+        except (MethodNotAllowed, RouteNotFound):
+            return None
+        response = self._stats_router.run(route, target, params, request)
+        if params or response.status != 200:
+            return response
+        document = json.loads(response.body)  # every model: the GPU servers' too
+        for upstream in sorted(set(self.upstreams.values())):
+            answer = forward(upstream, HttpRequest("GET", "/v2/models/stats", {}, b"", "/v2/models/stats"))
+            if answer.status != 200:
+                return answer
+            document["model_stats"] += json.loads(answer.body)["model_stats"]
+        return HttpResponse.json(document)
 
 
 def model_in(path: str) -> str | None:

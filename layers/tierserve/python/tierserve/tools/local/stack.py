@@ -370,8 +370,10 @@ def _start(
     every = [e.manifest for e in stack.catalog.entries]  # so an unknown model's 404 names them all
     front = new_execution_environment(api_env(work_dir, every, preload=False, cache=FRONT), name=FRONT)
     jobs = new_execution_environment(jobs_env(work_dir, stack.catalog), name="jobs", module="jobs")
-    # binds: a busy port fails here
-    stack.api = LocalApi(front, functions=functions, jobs=jobs, host=host, port=port)
+    served = [ModelRef(m.name, m.version) for m in lambda_models]
+    stack.api = LocalApi(
+        front, functions=functions, jobs=jobs, host=host, port=port, served=served
+    )  # binds: a busy port fails here
     if gpu_models:
         say(f"starting a GPU server process per gpu-tier model: {', '.join(m.name for m in gpu_models)}")
     stack.gpu_servers = start_gpu_servers(

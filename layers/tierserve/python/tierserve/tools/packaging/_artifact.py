@@ -28,7 +28,16 @@ from typing import Any
 
 import zstandard
 
-from tierserve.catalog import COMPRESSIONS, MANIFEST_NAME, Digest, Manifest, ManifestError, TensorSpec
+from tierserve.catalog import (
+    COMPRESSIONS,
+    MANIFEST_NAME,
+    Digest,
+    Manifest,
+    ManifestError,
+    OutputLimits,
+    ResponseCachePolicy,
+    TensorSpec,
+)
 from tierserve.drift.baseline import BASELINE_NAME, Baseline
 from tierserve.protocol import ONNX_TO_DATATYPE
 
@@ -284,6 +293,8 @@ def write_package(
     accuracy: Mapping[str, Any] | None = None,
     allow_non_finite: bool = False,
     extra: Mapping[str, Any] | None = None,
+    output_limits: OutputLimits | None = None,
+    response_cache: ResponseCachePolicy | None = None,
 ) -> PackagedModel:
     """Compress ``model_path`` into ``directory`` and describe it; the manifest is not written.
 
@@ -314,6 +325,8 @@ def write_package(
         tier=tier,  # type: ignore[arg-type]
         allow_non_finite=allow_non_finite,
         extra=dict(extra or {}),
+        output_limits=output_limits,
+        response_cache=response_cache,
     )
     manifest.validate()
     return PackagedModel(manifest, artifact)
@@ -345,6 +358,8 @@ def package_model(
     allow_non_finite: bool = False,
     extra: Mapping[str, Any] | None = None,
     baseline: Baseline | None = None,
+    output_limits: OutputLimits | None = None,
+    response_cache: ResponseCachePolicy | None = None,
 ) -> PackagedModel:
     """Compress a model and describe it in a manifest: ``out_dir/{artifact, manifest.json}``,
     with ``baseline.json`` beside them when a drift ``baseline`` is given.
@@ -368,6 +383,8 @@ def package_model(
             accuracy=accuracy,
             allow_non_finite=allow_non_finite,
             extra={**(extra or {}), **({"baseline": write_baseline(staging, baseline)} if baseline else {})},
+            output_limits=output_limits,
+            response_cache=response_cache,
         )
         write_manifest(packaged)
         install_dir(staging, out_dir)

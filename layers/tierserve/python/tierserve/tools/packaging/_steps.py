@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from tierserve import __version__
-from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB, MB, Manifest, TensorSpec, tier_for
+from tierserve.catalog import (
+    DEFAULT_LAMBDA_MAX_MODEL_MB,
+    MB,
+    Manifest,
+    ManifestError,
+    OutputLimits,
+    ResponseCachePolicy,
+    TensorSpec,
+    tier_for,
+)
 from tierserve.drift.baseline import Baseline, BaselineError, build_baseline, read_baseline_rows
 from tierserve.tools.packaging import _accuracy as accuracy
 from tierserve.tools.packaging._artifact import (
@@ -72,6 +81,8 @@ class PackageOptions:
     threads: int = 1
     seed: int = 0
     baseline: Path | None = None  # rows for the drift baseline; default: --inputs or --calibration
+    output_limits: OutputLimits | None = None  # what responses may reveal (manifest's output_limits)
+    response_cache: ResponseCachePolicy | None = None  # the opt-in response cache
 
 
 @dataclass(frozen=True)
@@ -270,7 +281,7 @@ def _build(
         else:
             level = choose_zstd_level(final, options.compress_budget_s)
         say(f"compressing with zstd level {level.level}")
-    packaged = write_package(
+    packaged = _described(
         final,
         staging,
         name=options.name,
@@ -280,6 +291,8 @@ def _build(
         tier=options.tier,
         quantization=label,
         optimized=optimized,
+        output_limits=options.output_limits,
+        response_cache=options.response_cache,
         extra={
             "packaged_by": f"tierserve {__version__}",
             "onnxruntime": ort.__version__,
@@ -406,6 +419,15 @@ def _more_accurate_int8(
 
 def _tier_by_size(model: Path, lambda_max_model_mb: float) -> str:
     return "lambda" if model.stat().st_size <= lambda_max_model_mb * MB else "gpu"
+
+
+def _described(final: Path, staging: Path, **fields: Any) -> PackagedModel:
+    """:func:`write_package`, a manifest it refuses (output limits naming what the model does
+    not have) said as the options to change."""
+    try:
+        return write_package(final, staging, **fields)
+    except ManifestError as error:
+        raise PackagingError(f"{error}: change --limit-outputs, --round or --top-k") from None
 
 
 def _tier_notes(label: str, tier: str) -> list[str]:

@@ -15,7 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tierserve.catalog import NAME_PATTERN, VERSION_PATTERN, ManifestError, lambda_memory_mb, tier_for
+from tierserve.catalog import (
+    MAX_ROUND_DECIMALS,
+    NAME_PATTERN,
+    VERSION_PATTERN,
+    ManifestError,
+    OutputLimits,
+    ResponseCachePolicy,
+    lambda_memory_mb,
+    tier_for,
+)
 
 DEBUG_ENV = "TIERSERVE_DEBUG"
 DEFAULT_WORK_DIR = Path(".tierserve") / "packages"
@@ -156,6 +165,41 @@ def add_commands(commands: Any) -> None:
     shaping.add_argument(
         "--tier", choices=("lambda", "gpu"), help="override the size rule (cdk.json lambda_max_model_mb)"
     )
+    serving = package.add_argument_group(
+        "what responses may reveal, and the response cache (written into the manifest; docs/packaging.md)"
+    )
+    serving.add_argument(
+        "--round",
+        type=int,
+        choices=range(0, MAX_ROUND_DECIMALS + 1),
+        metavar=f"0-{MAX_ROUND_DECIMALS}",
+        help="round float outputs (scores, probabilities) to this many decimals in every response",
+    )
+    serving.add_argument(
+        "--top-k",
+        type=_positive,
+        metavar="K",
+        help="keep the K largest values of each row of float outputs, 0 the rest",
+    )
+    serving.add_argument(
+        "--limit-outputs",
+        metavar="NAME[,NAME]",
+        help="the outputs --round and --top-k apply to (default every FP16/FP32/FP64 output)",
+    )
+    serving.add_argument(
+        "--response-cache",
+        type=_positive,
+        metavar="ENTRIES",
+        help="cache up to ENTRIES answers per execution environment (deterministic models only; off by default)",
+    )
+    serving.add_argument(
+        "--response-cache-mb", type=_positive, default=64, metavar="MB", help="the cache's memory bound (64)"
+    )
+    serving.add_argument(
+        "--response-cache-shared",
+        action="store_true",
+        help="let callers with different identities get each other's cached answers",
+    )
     budget = package.add_argument_group("accuracy budget (against the original model)")
     budget.add_argument(
         "--max-abs-diff",
@@ -275,6 +319,8 @@ def run_package(args: argparse.Namespace) -> int:
         min_cosine=args.min_cosine,
         force=args.force,
         rows=args.rows,
+        output_limits=_output_limits(args),
+        response_cache=_response_cache(args),
     )
     report = package(args.model, out_dir, options, say=_say("package"))
     print(report.table())
@@ -415,6 +461,43 @@ def _config(catalog: Path | None) -> Any:
             f"no catalog at {catalog}: check the path, or leave out --catalog for the one cdk.json names"
         )
     return project_config(catalog)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return value
+
+
+def _output_limits(args: argparse.Namespace) -> OutputLimits | None:
+    """The manifest's output limits from --round, --top-k and --limit-outputs (or None)."""
+    from tierserve.tools.packaging import PackagingError
+
+    names = tuple(n.strip() for n in (args.limit_outputs or "").split(",") if n.strip())
+    if args.round is None and args.top_k is None:
+        if names:
+            raise PackagingError("--limit-outputs names what --round or --top-k limit: give one of them too")
+        return None
+    return OutputLimits(round=args.round, top_k=args.top_k, outputs=names)
+
+
+def _response_cache(args: argparse.Namespace) -> ResponseCachePolicy | None:
+    """The manifest's response cache from --response-cache, -mb and -shared (or None)."""
+    from tierserve.tools.packaging import PackagingError
+
+    if args.response_cache is None:
+        if args.response_cache_shared:
+            raise PackagingError("--response-cache-shared needs --response-cache ENTRIES")
+        return None
+    return ResponseCachePolicy(
+        max_entries=args.response_cache,
+        max_mb=args.response_cache_mb,
+        shared_across_callers=args.response_cache_shared,
+    )
 
 
 def _guarded(
