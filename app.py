@@ -31,8 +31,7 @@ def main(app: cdk.App | None = None) -> cdk.App:
                 file=sys.stderr,
             )
         catalog = Catalog.load(catalog_path)
-        # Some keys are checked against the catalog (a GPU model's copy must fit its instance).
-        build_stacks(app, config=config, catalog=catalog)
+        build_stacks(app, config=config, catalog=catalog)  # refuses models that cannot be served
     except (ConfigError, ManifestError) as error:
         sys.exit(f"tierserve: {error}")
     add_aws_solutions_checks(app)

@@ -20,7 +20,7 @@ from bench.common import say
 BENCHMARKS = {
     "cold_start": (
         "bench.cold_start",
-        "cold start to first prediction, ~100 MB model: ours vs floor vs naive",
+        "cold start to first prediction, ~100 MB model: ours vs the floors and the old single-stream loader",
     ),
     "warm_overhead": ("bench.warm_overhead", "Lambda handler overhead over a bare session.run (iris)"),
     "tensor_encoding": ("bench.tensor_encoding", "binary vs JSON tensors for a 1x3x224x224 FP32 input"),

@@ -1,23 +1,40 @@
-"""S3-triggered inference throughput: objects per second for one worker, and how many got lost.
+"""S3-triggered inference throughput: objects per second for one worker, the same for a
+minimal GET-run-PUT worker in the same run, and how many inputs got lost.
 
 N small inputs (one iris row each, ``.json`` by default) are put under ``inputs/iris/`` of
 the embedded S3 (moto's server, in a child process, as S3 is never inside the Lambda); its
-S3 -> SQS notifications fill the queue; one poller hands SQS batches to the real worker
-handler the way Lambda's event source mapping does (one worker = Lambda concurrency 1),
-deleting what it did not report as failed. The model is already warm (the cold start is
-reported apart).
+S3 -> SQS notifications fill the queue; one poller hands SQS batches to a worker handler the
+way Lambda's event source mapping does (one worker = Lambda concurrency 1), deleting what it
+did not report as failed. The model is already warm (the cold start is reported apart).
 
-Inputs arrive in waves (``--wave``, default 100), each drained before the next: moto's
-ReceiveMessage costs grow with the queue's depth (about 26 ms at 10 messages, 2.7 s at 1,000 on
-the development machine), while SQS's do not; waves keep the figure about our code. The
-time is the sum of the drains; the puts are timed apart.
+Two handlers take turns, wave by wave, on the same S3, queue and model (ratios within one
+run: the machine is shared and noisy):
 
-Then the bucket is listed: every input must have exactly one result (output or error) or a
-message in the DLQ; ``lost`` counts those that have neither (target 0), ``duplicates`` the
-results without an input or beyond one per input.
+- ``worker``: the real worker handler (``functions/inference/worker.py``) with every
+  guarantee: exactly one current result per input version, duplicates and stale events
+  harmless, nothing under ``inputs/``.
+- ``minimal``: the least a worker can do: GetObject, run, PutObject, nothing else (no
+  idempotency, no ordering, no error files; ``.json`` inputs only), on the same thread pool
+  size, S3 client policy and warm model.
 
-    python -m bench.s3_pipeline                      # 1,000 .json inputs, SQS batches of 10
-    python -m bench.s3_pipeline --inputs 200 --format jsonl --rows 100
+Inputs arrive in waves (``--wave``, default 20), each drained before the next: moto's
+ReceiveMessage costs grow with the queue's depth (about 45 ms at 10 messages, 150 ms at 100,
+2.7 s at 1,000 on the development machine: it rescans every message per message returned),
+while SQS's do not; small waves keep the figure about our code (waves of 100 cost the end to
+end figure about a fifth). The time is the sum of the drains; the puts are timed apart. ``handler_objects_per_second`` is
+the time inside the handler alone (what one Lambda environment sustains if receiving from
+SQS cost nothing); ``objects_per_second`` is end to end on the local stack (receive, handle,
+delete).
+
+After each wave its objects are listed: every input must have exactly one result (output or
+error) or a message in the DLQ; ``lost`` counts those that have neither (target 0),
+``duplicates`` the results without an input or beyond one per input. Then the wave's objects
+are removed (``--keep-objects`` keeps them): moto's ListObjectsV2 scans every key of the
+bucket (about 3 ms with none, 10 ms with 6,000), where S3's costs one request whatever the
+bucket holds, and the worker lists one page of results per batch.
+
+    python -m bench.s3_pipeline                      # 1,000 .json inputs per handler, SQS batches of 10
+    python -m bench.s3_pipeline --inputs 200 --format jsonl --rows 100   # the worker alone
 """
 
 from __future__ import annotations
@@ -27,25 +44,38 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote_plus
 
 from bench.common import WORK_DIR, S3Server, say, summarize, write_results
 
 MODEL_BUCKET = "bench-models"
 DATA_BUCKET = "bench-data"
 NAME, VERSION = "iris", "1"
+VISIBILITY_TIMEOUT_S = 60
+Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.s3_pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inputs", type=int, default=1000, help="objects to put (default 1000)")
+    parser.add_argument("--inputs", type=int, default=1000, help="objects per handler (default 1000)")
     parser.add_argument("--format", choices=("json", "npy", "jsonl"), default="json", help="input format")
     parser.add_argument("--rows", type=int, default=1, help="rows per input (default 1)")
     parser.add_argument(
-        "--wave", type=int, default=100, help="inputs put before each drain (default 100; see the docstring)"
+        "--wave", type=int, default=20, help="inputs put before each drain (default 20; see the docstring)"
     )
     parser.add_argument("--sqs-batch", type=int, default=10, help="messages per handler call (default 10)")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="the worker alone (always so for other formats than json)"
+    )
+    parser.add_argument(
+        "--keep-objects",
+        action="store_true",
+        help="keep every wave's objects (by default each wave is audited, then removed: see Stack.settle)",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
     parser.add_argument("--mode", choices=("process", "thread"), default="process", help="where moto runs")
     return parser
@@ -82,19 +112,57 @@ def prepare_model(client: Any) -> None:
     upload(packaged, client, MODEL_BUCKET, "models")
 
 
-def load_worker() -> Any:
+def worker_env() -> dict[str, str]:
     from tierserve.settings import CACHE_DIR_ENV, MODEL_BUCKET_ENV, MODELS_ENV, PRELOAD_ENV
+
+    return {
+        MODEL_BUCKET_ENV: MODEL_BUCKET,
+        MODELS_ENV: f"{NAME}@{VERSION}",
+        PRELOAD_ENV: "*",  # the cold start is measured apart, below
+        CACHE_DIR_ENV: str(WORK_DIR / "pipeline" / "cache"),
+    }
+
+
+def load_worker() -> Handler:
     from tierserve.tools.local.stack import load_handler
 
-    return load_handler(
-        {
-            MODEL_BUCKET_ENV: MODEL_BUCKET,
-            MODELS_ENV: f"{NAME}@{VERSION}",
-            PRELOAD_ENV: "*",  # the cold start is measured apart, below
-            CACHE_DIR_ENV: str(WORK_DIR / "pipeline" / "cache"),
-        },
-        module="worker",
-    )
+    return load_handler(worker_env(), module="worker")
+
+
+def minimal_worker(concurrency: int) -> Handler:
+    """GetObject, run, PutObject for each S3 record of an SQS batch, on ``concurrency`` threads
+    and the worker's warm model and S3 client policy: the floor for the worker's own work."""
+    import numpy as np
+
+    from tierserve import aws
+    from tierserve.settings import ModelRef
+
+    model = sys.modules["worker"].pipeline.registry.get(ModelRef(NAME, VERSION))
+    pool = ThreadPoolExecutor(concurrency, thread_name_prefix="minimal-worker")
+
+    def serve(body: str) -> None:
+        for record in json.loads(body).get("Records", []):  # the s3:TestEvent has none
+            bucket, key = record["s3"]["bucket"]["name"], unquote_plus(record["s3"]["object"]["key"])
+            s3 = aws.client("s3")
+            request = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+            tensor = request["inputs"][0]
+            array = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
+            outputs = model.predict({tensor["name"]: array}, None)
+            document = {
+                "model_name": NAME,
+                "outputs": [
+                    {"name": name, "shape": list(value.shape), "data": value.ravel().tolist()}
+                    for name, value in outputs.items()
+                ],
+            }
+            result_key = f"outputs/{key.removeprefix('inputs/')}.json"
+            s3.put_object(Bucket=bucket, Key=result_key, Body=json.dumps(document).encode())
+
+    def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        list(pool.map(serve, [record["body"] for record in event["Records"]]))
+        return {"batchItemFailures": []}
+
+    return handler
 
 
 def depth(sqs: Any, url: str) -> int:
@@ -103,113 +171,189 @@ def depth(sqs: Any, url: str) -> int:
     return sum(int(v) for v in attributes.values())
 
 
-def list_keys(s3: Any, prefix: str) -> list[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=DATA_BUCKET, Prefix=prefix)
+def list_keys(s3: Any, prefix: str, bucket: str = DATA_BUCKET) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    import boto3
-    import numpy as np
+@dataclass
+class Lane:
+    """One handler's share of the run: its calls, drains and S3 requests."""
 
-    from tierserve.tools.local import samples
-    from tierserve.tools.local.s3_queue import QueuePoller, create_resources
+    name: str
+    handler: Handler
+    calls_ms: list[float] = field(default_factory=list)
+    drain_s: float = 0.0
+    put_s: float = 0.0
+    cpu_s: float = 0.0
+    received: int = 0
+    failed: int = 0
+    objects: int = 0
+    s3_calls: dict[str, int] = field(default_factory=dict)
+    audit: dict[str, int] = field(default_factory=dict)  # summed over the waves
 
-    with S3Server(args.mode) as server:
-        os.environ["AWS_ENDPOINT_URL_SQS"] = server.endpoint
-        s3 = server.client()
-        sqs = boto3.client("sqs", endpoint_url=server.endpoint)
-        prepare_model(s3)
-        queues = create_resources(s3, sqs, bucket=DATA_BUCKET, max_receive_count=3, visibility_timeout_s=60)
+    def timed(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            return self.handler(event, context)
+        finally:
+            self.calls_ms.append((time.perf_counter() - start) * 1000)
 
-        started = time.perf_counter()
-        handler = load_worker()
-        cold_ms = (time.perf_counter() - started) * 1000
-        calls: list[float] = []
 
-        def timed(event: dict[str, Any], context: Any) -> dict[str, Any]:
-            start = time.perf_counter()
-            try:
-                return handler(event, context)
-            finally:
-                calls.append((time.perf_counter() - start) * 1000)
+class Stack:
+    """The embedded S3 with the data bucket, queue and notification, and the warm worker."""
 
-        poller = QueuePoller(sqs, queues, timed, batch_size=args.sqs_batch, wait_s=0)
-        while poller.poll_once().received:  # the s3:TestEvent
-            pass
+    def __init__(self, server: S3Server, sqs_batch: int) -> None:
+        import boto3
 
-        rows = np.resize(samples.iris_rows(), (args.inputs * args.rows, 4)).astype(np.float32)
-        bodies = [encode(args.format, rows[i * args.rows : (i + 1) * args.rows]) for i in range(args.inputs)]
-        keys = [f"inputs/{NAME}/bench/{i:06d}.{args.format}" for i in range(args.inputs)]
         from tierserve import aws
+        from tierserve.tools.local.s3_queue import QueuePoller, create_resources
 
-        s3_calls: dict[str, int] = {}
-
-        def count_call(model: Any, **_: Any) -> None:
-            s3_calls[model.name] = s3_calls.get(model.name, 0) + 1
-
-        aws.s3_client().meta.events.register("before-call.s3", count_call)
-        say(
-            f"pipeline: {args.inputs} .{args.format} inputs ({args.rows} row(s) each) in waves of "
-            f"{args.wave}, one worker draining the queue after each wave"
+        os.environ["AWS_ENDPOINT_URL_SQS"] = server.endpoint
+        self.s3 = server.client()
+        self.sqs = boto3.client("sqs", endpoint_url=server.endpoint)
+        prepare_model(self.s3)
+        self.queues = create_resources(
+            self.s3,
+            self.sqs,
+            bucket=DATA_BUCKET,
+            max_receive_count=3,
+            visibility_timeout_s=VISIBILITY_TIMEOUT_S,
         )
-        received = failed = 0
-        put_s = seconds = cpu_s = 0.0
-        deadline = time.monotonic() + args.timeout
-        with ThreadPoolExecutor(8) as pool:
-            for start in range(0, args.inputs, args.wave):
-                wave = list(
-                    zip(keys[start : start + args.wave], bodies[start : start + args.wave], strict=True)
-                )
-                put_started = time.perf_counter()
-                list(pool.map(lambda kv: s3.put_object(Bucket=DATA_BUCKET, Key=kv[0], Body=kv[1]), wave))
-                put_s += time.perf_counter() - put_started
-                drain_started, cpu_started = time.perf_counter(), time.process_time()
-                while time.monotonic() < deadline:
-                    result = poller.poll_once()
-                    received += result.received
-                    failed += result.failed
-                    if not result.received and depth(sqs, queues.url) == 0:
-                        break
-                seconds += time.perf_counter() - drain_started
-                cpu_s += time.process_time() - cpu_started
-        cpu_ms_per_object = cpu_s * 1000 / args.inputs
-        s3_requests = {name: round(count / args.inputs, 2) for name, count in sorted(s3_calls.items())}
+        started = time.perf_counter()
+        self.worker = load_worker()
+        self.cold_start_ms = (time.perf_counter() - started) * 1000
+        self._poller = QueuePoller(self.sqs, self.queues, self.worker, batch_size=sqs_batch, wait_s=0)
+        while self._poller.poll_once().received:  # the s3:TestEvent
+            pass
+        self._lane: Lane | None = None
+        aws.s3_client().meta.events.register("before-call.s3", self._count)
 
-        inputs = set(list_keys(s3, "inputs/"))
-        outputs = list_keys(s3, "outputs/")
-        errors = list_keys(s3, "errors/")
+    def _count(self, model: Any, **_: Any) -> None:
+        if self._lane is not None:
+            self._lane.s3_calls[model.name] = self._lane.s3_calls.get(model.name, 0) + 1
+
+    def wave(
+        self, lane: Lane, items: list[tuple[str, bytes]], pool: ThreadPoolExecutor, deadline: float
+    ) -> None:
+        """Put ``items``, then drain the queue through ``lane``'s handler."""
+        put_started = time.perf_counter()
+        list(pool.map(lambda kv: self.s3.put_object(Bucket=DATA_BUCKET, Key=kv[0], Body=kv[1]), items))
+        lane.put_s += time.perf_counter() - put_started
+        self._poller.handler = lane.timed
+        self._lane = lane
+        drain_started, cpu_started = time.perf_counter(), time.process_time()
+        try:
+            while time.monotonic() < deadline:
+                result = self._poller.poll_once()
+                lane.received += result.received
+                lane.failed += result.failed
+                if not result.received and depth(self.sqs, self.queues.url) == 0:
+                    break
+        finally:
+            self._lane = None
+        lane.drain_s += time.perf_counter() - drain_started
+        lane.cpu_s += time.process_time() - cpu_started
+        lane.objects += len(items)
+
+    def settle(
+        self, lane: Lane, prefix: str, expected: int, *, keep: bool, bucket: str = DATA_BUCKET
+    ) -> None:
+        """Audit the wave under ``inputs/{prefix}`` into ``lane``, then (unless ``keep``) remove its
+        objects: moto's ListObjectsV2 scans every key of the bucket (about 3 ms with none, 10 ms
+        with 6,000), where S3's costs one request whatever the bucket holds."""
+        for name, value in self.audit(prefix, expected, bucket).items():
+            lane.audit[name] = lane.audit.get(name, 0) + value
+        if keep:
+            return
+        found = [
+            k
+            for kind in ("inputs", "outputs", "errors")
+            for k in list_keys(self.s3, f"{kind}/{prefix}", bucket)
+        ]
+        for start in range(0, len(found), 1000):
+            objects = [{"Key": k} for k in found[start : start + 1000]]
+            self.s3.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+
+    def audit(self, prefix: str, expected: int, bucket: str = DATA_BUCKET) -> dict[str, int]:
+        """Every input under ``inputs/{prefix}`` answered once (or dead-lettered)?"""
+        inputs = set(list_keys(self.s3, f"inputs/{prefix}", bucket))
+        outputs = list_keys(self.s3, f"outputs/{prefix}", bucket)
+        errors = list_keys(self.s3, f"errors/{prefix}", bucket)
         answered = [f"inputs/{k.split('/', 1)[1].removesuffix('.json')}" for k in outputs + errors]
-        dead = depth(sqs, queues.dlq_url)
-        still_queued = depth(sqs, queues.url)
-        lost = len(inputs - set(answered)) - dead
-        duplicates = len(answered) - len(set(answered)) + len(set(answered) - inputs)
+        dead = depth(self.sqs, self.queues.dlq_url)
         return {
-            "config": vars(args),
-            "objects": args.inputs,
-            "rows_per_object": args.rows,
-            "objects_per_second": args.inputs / seconds if seconds else float("nan"),
-            "rows_per_second": args.inputs * args.rows / seconds if seconds else float("nan"),
-            "drain_seconds": seconds,
-            # Time inside the worker handler only: what one Lambda environment would sustain
-            # if receiving from SQS cost nothing (moto's ReceiveMessage slows as the queue grows).
-            "handler_objects_per_second": args.inputs / (sum(calls) / 1000) if calls else float("nan"),
-            "put_seconds": put_s,
-            "cold_start_ms": cold_ms,
-            # This process only (worker + poller + their boto3 clients); moto runs in a child.
-            "worker_cpu_ms_per_object": cpu_ms_per_object,
-            "s3_requests_per_object": s3_requests,
-            "handler_call_ms": summarize(calls),
-            "messages_received": received,
-            "messages_failed": failed,
             "outputs": len(outputs),
             "errors": len(errors),
             "dead_lettered": dead,
-            "still_queued": still_queued,
-            "lost": lost,
-            "duplicates": duplicates,
-            "written_under_inputs": len(inputs) - args.inputs,  # anything but the inputs themselves
+            "still_queued": depth(self.sqs, self.queues.url),
+            "lost": len(inputs - set(answered)) - dead,
+            "duplicates": len(answered) - len(set(answered)) + len(set(answered) - inputs),
+            "inputs_missing_or_extra": len(inputs) - expected,
         }
+
+
+def lane_figures(lane: Lane) -> dict[str, Any]:
+    seconds = lane.drain_s
+    return {
+        "objects": lane.objects,
+        "objects_per_second": lane.objects / seconds if seconds else float("nan"),
+        "handler_objects_per_second": lane.objects / (sum(lane.calls_ms) / 1000)
+        if lane.calls_ms
+        else float("nan"),
+        "drain_seconds": seconds,
+        "put_seconds": lane.put_s,
+        # This process only (worker + poller + their boto3 clients); moto runs in a child.
+        "cpu_ms_per_object": lane.cpu_s * 1000 / lane.objects if lane.objects else float("nan"),
+        "s3_requests_per_object": {
+            name: round(count / lane.objects, 2) for name, count in sorted(lane.s3_calls.items())
+        },
+        "handler_call_ms": summarize(lane.calls_ms) if lane.calls_ms else {},
+        "messages_received": lane.received,
+        "messages_failed": lane.failed,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from tierserve.tools.local import samples
+
+    baseline = args.format == "json" and not args.no_baseline
+    with S3Server(args.mode) as server:
+        stack = Stack(server, args.sqs_batch)
+        concurrency = sys.modules["worker"].pipeline.settings.concurrency
+        lanes = [Lane("worker", stack.worker)]
+        if baseline:
+            lanes.append(Lane("minimal", minimal_worker(concurrency)))
+        rows = np.resize(samples.iris_rows(), (args.inputs * args.rows, 4)).astype(np.float32)
+        bodies = [encode(args.format, rows[i * args.rows : (i + 1) * args.rows]) for i in range(args.inputs)]
+        say(
+            f"pipeline: {args.inputs} .{args.format} inputs ({args.rows} row(s) each) per handler "
+            f"({', '.join(lane.name for lane in lanes)}), in waves of {args.wave} taking turns, "
+            "each drained by one worker"
+        )
+        deadline = time.monotonic() + args.timeout
+        with ThreadPoolExecutor(8) as pool:
+            for start in range(0, args.inputs, args.wave):
+                for lane in lanes:
+                    prefix = f"{NAME}/bench/{lane.name}/{start:06d}/"
+                    keys = [
+                        f"inputs/{prefix}{i:06d}.{args.format}"
+                        for i in range(start, min(start + args.wave, args.inputs))
+                    ]
+                    items = list(zip(keys, bodies[start : start + len(keys)], strict=True))
+                    stack.wave(lane, items, pool, deadline)
+                    stack.settle(lane, prefix, len(keys), keep=args.keep_objects)
+        results: dict[str, Any] = {"config": vars(args), "cold_start_ms": stack.cold_start_ms}
+        for lane in lanes:
+            results[lane.name] = {**lane_figures(lane), **lane.audit}
+        if baseline:
+            results["handler_ratio_worker_to_minimal"] = (
+                results["worker"]["handler_objects_per_second"]
+                / results["minimal"]["handler_objects_per_second"]
+            )
+        return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,19 +364,27 @@ def main(argv: list[str] | None = None) -> None:
         "pipeline" if (args.format, args.rows) == ("json", 1) else f"pipeline-{args.format}-{args.rows}rows"
     )
     path = write_results(name, results, command=command)
-    print(
-        f"{results['objects']} .{args.format} objects through S3 -> SQS -> one worker: "
-        f"{results['objects_per_second']:.1f} objects/s ({results['rows_per_second']:.0f} rows/s), "
-        f"drained in {results['drain_seconds']:.1f} s\n"
-        f"  inside the handler alone: {results['handler_objects_per_second']:.1f} objects/s\n"
-        f"  handler call (batch of up to {args.sqs_batch}): median {results['handler_call_ms']['median']:.1f} ms, "
-        f"p90 {results['handler_call_ms']['p90']:.1f} ms; cold start (import + preload) {results['cold_start_ms']:.0f} ms\n"
-        f"  worker CPU {results['worker_cpu_ms_per_object']:.1f} ms/object; S3 requests/object "
-        f"{results['s3_requests_per_object']}\n"
-        f"  outputs {results['outputs']}, errors {results['errors']}, dead-lettered {results['dead_lettered']}, "
-        f"still queued {results['still_queued']}, lost {results['lost']}, duplicates {results['duplicates']}\n"
-        f"  results: {path}"
-    )
+    lines = []
+    for lane in ("worker", "minimal"):
+        if lane not in results:
+            continue
+        figures = results[lane]
+        lines += [
+            f"{lane}: {figures['objects']} .{args.format} objects through S3 -> SQS -> one worker: "
+            f"{figures['objects_per_second']:.1f} objects/s end to end, drained in {figures['drain_seconds']:.1f} s",
+            f"  inside the handler alone: {figures['handler_objects_per_second']:.1f} objects/s; handler call "
+            f"(batch of up to {args.sqs_batch}): median {figures['handler_call_ms']['median']:.1f} ms, "
+            f"p90 {figures['handler_call_ms']['p90']:.1f} ms",
+            f"  CPU {figures['cpu_ms_per_object']:.1f} ms/object; S3 requests/object {figures['s3_requests_per_object']}",
+            f"  outputs {figures['outputs']}, errors {figures['errors']}, dead-lettered {figures['dead_lettered']}, "
+            f"still queued {figures['still_queued']}, lost {figures['lost']}, duplicates {figures['duplicates']}",
+        ]
+    if "handler_ratio_worker_to_minimal" in results:
+        lines.append(
+            f"worker / minimal, inside the handler: {results['handler_ratio_worker_to_minimal']:.2f}x (target 0.9x)"
+        )
+    lines.append(f"cold start (import + preload) {results['cold_start_ms']:.0f} ms; results: {path}")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """LambdaModelRoutes: every OIP route of one Lambda-tier model, proxied to its function.
 
 ``GET /v2/models/{name}`` and ``ANY /v2/models/{name}/{proxy+}`` are Lambda proxy
-integrations of the model's function, which answers ``ready``, ``infer`` and the
+integrations of the model's function alias (``live``: a published version, SnapStart's or
+provisioned concurrency's; never ``$LATEST``), whose integration URI and invoke permissions
+name the alias. The function answers ``ready``, ``infer`` and the
 ``versions/{version}/...`` forms itself (the core's route table), so the handler sees the
 path the caller sent. Under the ``*/*`` binary media type every request body reaches the
 function base64-encoded (``isBase64Encoded``), byte for byte; the function's base64 body goes
@@ -18,7 +20,8 @@ from infra.api import InferenceApi
 
 
 class LambdaModelRoutes(Construct):
-    """``/v2/models/{model_name}`` and everything under it, to ``function`` (Lambda proxy).
+    """``/v2/models/{model_name}`` and everything under it, to ``function`` (Lambda proxy): the
+    model function's alias, so the integration and its permissions are alias-qualified.
 
     Attributes: ``model_name``, ``resource`` (``/v2/models/{model_name}``), ``proxy_resource``
     (its ``{proxy+}``), ``integration``, ``methods``. Raises ValueError for a model that

@@ -2,8 +2,19 @@
 
 One model per function keeps memory sized to the model (``lambda_memory_mb``), scaling and
 cold starts independent, and IAM narrowed to that model's artifact. The image, environment,
-log group and role are :class:`infra.tierserve_function.TierserveFunction`'s, shared with the
-S3 worker; this module adds what is per model: memory, the /tmp check and the preload.
+log group, role, published version and ``live`` alias are
+:class:`infra.tierserve_function.TierserveFunction`'s, shared with the S3 worker; this module
+adds what is per model: memory, the preload, SnapStart or provisioned concurrency, /tmp and
+the disk cache, and the limits the model must fit (:mod:`infra.limits`: an error stops synth,
+a warning is printed).
+
+Cold starts: with SnapStart (context ``snapstart``, on by default) each published version runs
+its init once, the preload included, and new environments resume from that snapshot (the
+session warm, the model never fetched again). Lambda bills SnapStart for Python: the snapshot's
+cache for as long as the version is live (per GB-second of its memory, at least three hours)
+and each restore (per GB restored); ``snapstart: false`` trades that for an init (and a model
+fetch) in every new environment. Provisioned concurrency (``provisioned_concurrency``, per model)
+keeps environments initialized instead, billed while they exist; a model has one or the other.
 """
 
 from __future__ import annotations
@@ -13,16 +24,22 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from infra.tierserve_function import INFERENCE_HANDLER, TMP_HEADROOM_MB, TierserveFunction
-from tierserve.catalog import MB, Manifest, lambda_memory_mb
+from infra.config import ConfigError, InfraConfig
+from infra.limits import Limit, cache_mb, lambda_model_limits, tmp_mb
+from infra.tierserve_function import INFERENCE_HANDLER, TierserveFunction
+from tierserve.catalog import Manifest, ManifestError, lambda_memory_mb
 from tierserve.settings import PRELOAD_ENV, ModelRef
 
 
 class LambdaModelFunction(TierserveFunction):
     """One container function serving one model version from the model bucket.
 
-    Attributes: ``function``, ``role``, ``log_group``, ``manifest``, ``model_name``.
+    Attributes: ``function``, ``version``, ``alias`` (what callers invoke), ``role``,
+    ``log_group``, ``manifest``, ``model_name``, ``limits`` (the findings of its checks).
     The stack grants the read of the model version's objects (``ModelStore.grant_read_model``).
+
+    Raises:
+        ConfigError: the model cannot be served as configured (every error, one per line).
     """
 
     def __init__(
@@ -31,16 +48,22 @@ class LambdaModelFunction(TierserveFunction):
         construct_id: str,
         *,
         manifest: Manifest,
+        config: InfraConfig,
         architecture: lambda_.Architecture,
         model_bucket_name: str,
         model_prefix: str,
-        timeout: Duration,
-        ephemeral_storage_mb: int,
         log_retention: logs.RetentionDays,
-        log_level: str,
-        preload: bool,
     ) -> None:
         ref = ModelRef(manifest.name, manifest.version)
+        self.limits: list[Limit] = lambda_model_limits(manifest, config)
+        errors = [limit.message for limit in self.limits if limit.error]
+        if errors:
+            raise ConfigError("\n".join(errors))
+        snapstart = config.snapstart_for(manifest.name)
+        try:
+            memory_mb = lambda_memory_mb(manifest)
+        except ManifestError as error:  # also a limit above; kept for a caller that skips them
+            raise ConfigError(str(error)) from None
         super().__init__(
             scope,
             construct_id,
@@ -49,21 +72,21 @@ class LambdaModelFunction(TierserveFunction):
             models=[manifest],
             model_bucket_name=model_bucket_name,
             model_prefix=model_prefix,
-            memory_mb=lambda_memory_mb(manifest),
-            timeout=timeout,
-            ephemeral_storage_mb=ephemeral_storage_mb,
+            memory_mb=memory_mb,
+            timeout=Duration.seconds(config.lambda_timeout_seconds),
+            ephemeral_storage_mb=tmp_mb(config, manifest.name),
+            cache_max_mb=cache_mb(config, manifest.name),
+            fetch_connections=config.fetch_connections,
             log_retention=log_retention,
-            log_level=log_level,
-            environment={PRELOAD_ENV: manifest.name} if preload else None,
+            log_level=config.log_level,
+            # SnapStart snapshots the init: the preload is what makes the snapshot worth taking.
+            environment={PRELOAD_ENV: manifest.name} if config.preload or snapstart else None,
             description=f"tierserve Lambda tier: serves model {ref} ({manifest.model.bytes:,} bytes)",
             role_description=f"tierserve function for model {manifest.name}: logs, traces, reads its model",
+            snapstart=snapstart,
+            provisioned_concurrency=config.provisioned_concurrency_for(manifest.name),
         )
         self.manifest = manifest
         self.model_name = manifest.name
-        if manifest.model.bytes > self.cache_max_mb * MB:
-            Annotations.of(self).add_warning_v2(
-                "tierserve:modelLargerThanTmp",
-                f"model {ref} decompresses to {manifest.model.bytes / MB:.0f} MB, more than the "
-                f"{self.cache_max_mb} MB its function can cache in /tmp (lambda_ephemeral_storage_mb "
-                f"less {TMP_HEADROOM_MB} MB); raise lambda_ephemeral_storage_mb",
-            )
+        for limit in self.limits:
+            Annotations.of(self).add_warning_v2(f"tierserve:{limit.code}", limit.message)

@@ -145,6 +145,63 @@ def prefix_pattern(prefix: str) -> str:
     return f"{prefix.strip('/')}/*"
 
 
+def grant_data_bucket(role: iam.IRole, bucket: s3.IBucket) -> None:
+    """What a function serving the data bucket's inputs may do there (the S3 worker's and the
+    batch function's): read ``inputs/*`` (any version); read, write and delete ``outputs/*``
+    and ``errors/*`` (the results' metadata is the idempotency and ordering record; writing
+    one kind of result removes the other); list the bucket (the results of a batch, one page
+    per model, and without it S3 answers a HeadObject for a result not written yet with 403
+    instead of 404). Nothing may write under ``inputs/``."""
+    inputs = bucket.arn_for_objects(prefix_pattern(INPUT_PREFIX))
+    results = [bucket.arn_for_objects(prefix_pattern(p)) for p in (OUTPUT_PREFIX, ERROR_PREFIX)]
+    statements = [
+        iam.PolicyStatement(actions=["s3:GetObject", "s3:GetObjectVersion"], resources=[inputs]),
+        iam.PolicyStatement(actions=["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], resources=results),
+        iam.PolicyStatement(actions=["s3:ListBucket"], resources=[bucket.bucket_arn]),
+    ]
+    for statement in statements:
+        role.add_to_principal_policy(statement)
+    reasons = {
+        inputs: "Reads the inputs dropped under inputs/ (any key, any version the event names): the "
+        "keys are chosen by whoever uploads them.",
+        results[0]: "Writes outputs/{model}/{path}.json for inputs/{model}/{path} and reads it back "
+        "(HeadObject) to skip duplicates: keys mirror the inputs' and cannot be listed ahead of time.",
+        results[1]: "Writes errors/{model}/{path}.json for inputs that cannot be served and reads or "
+        "removes it when a result replaces it: keys mirror the inputs' and cannot be listed ahead of time.",
+    }
+    for arn, reason in reasons.items():
+        acknowledge(role, wildcard_resource_finding(role, arn), reason)
+
+
+def pipeline_function_environment(
+    data_bucket: s3.IBucket, gpu_endpoints: Mapping[str, GpuTarget]
+) -> dict[str, str]:
+    """The variables a function serving the data bucket reads beyond the models' (the S3
+    worker's, the batch function's): where results go, and which models run on an endpoint."""
+    return {DATA_BUCKET_ENV: data_bucket.bucket_name, **gpu_endpoints_environment(gpu_endpoints)}
+
+
+def gpu_endpoints_environment(gpu_endpoints: Mapping[str, GpuTarget]) -> dict[str, str]:
+    """``TIERSERVE_GPU_ENDPOINTS`` for the models that run on an endpoint (none: no variable)."""
+    return {GPU_ENDPOINTS_ENV: GpuTarget.join(gpu_endpoints)} if gpu_endpoints else {}
+
+
+def pipeline_memory_mb(models: Sequence[Manifest], gpu_endpoints: Mapping[str, GpuTarget]) -> int:
+    """Memory for a function that runs ``models`` itself, but those on GPU endpoints."""
+    in_function = [m for m in models if m.name not in gpu_endpoints]
+    return max([lambda_memory_mb(m) for m in in_function], default=LAMBDA_MIN_MEMORY_MB)
+
+
+def grant_invoke_endpoints(role: iam.IRole, scope: Construct, gpu_endpoints: Mapping[str, GpuTarget]) -> None:
+    """``sagemaker:InvokeEndpoint`` on the named GPU endpoints and their components, and no other."""
+    if gpu_endpoints:
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                actions=["sagemaker:InvokeEndpoint"], resources=invoke_arns(scope, gpu_endpoints)
+            )
+        )
+
+
 class InferencePipeline(Construct):
     """Queue, dead-letter queue, worker, notification and dead-letter alarm for a data bucket.
 
@@ -156,7 +213,8 @@ class InferencePipeline(Construct):
     (``ModelStore.grant_read_model(pipeline.worker, manifest)``). Without ``alarm_email`` the
     alarm notifies nobody, and synth warns so.
 
-    Attributes: ``queue``, ``dead_letter_queue``, ``worker``, ``role``, ``log_group``,
+    Attributes: ``queue``, ``dead_letter_queue``, ``worker``, ``worker_alias`` (what the event
+    source invokes), ``role``, ``log_group``,
     ``alarm``, ``alarm_topic`` (None without ``alarm_email``), ``data_bucket``.
     """
 
@@ -211,7 +269,9 @@ class InferencePipeline(Construct):
             log_level=log_level,
         )
         self.worker, self.role, self.log_group = worker.function, worker.role, worker.log_group
-        self.worker.add_event_source(
+        self.worker_alias = worker.alias
+        # The event source invokes the published version behind the alias, never $LATEST.
+        self.worker_alias.add_event_source(
             event_sources.SqsEventSource(
                 self.queue,
                 batch_size=batch_size,
@@ -226,13 +286,8 @@ class InferencePipeline(Construct):
                 ),
             )
         )
-        self._grant_data_bucket()
-        if gpu_endpoints:
-            self.role.add_to_principal_policy(
-                iam.PolicyStatement(
-                    actions=["sagemaker:InvokeEndpoint"], resources=invoke_arns(self, gpu_endpoints)
-                )
-            )
+        grant_data_bucket(self.role, self.data_bucket)
+        grant_invoke_endpoints(self.role, self, gpu_endpoints)
 
         self.alarm_topic: sns.Topic | None = self._alarm_topic(alarm_email) if alarm_email else None
         self.alarm = self._dead_letter_alarm()
@@ -310,10 +365,6 @@ class InferencePipeline(Construct):
     ) -> TierserveFunction:
         """The worker, sized for the largest model it runs itself (GPU-tier models run on
         their endpoints, named in ``TIERSERVE_GPU_ENDPOINTS``)."""
-        in_worker = [m for m in models if m.name not in gpu_endpoints]
-        environment = {DATA_BUCKET_ENV: self.data_bucket.bucket_name}
-        if gpu_endpoints:
-            environment[GPU_ENDPOINTS_ENV] = GpuTarget.join(gpu_endpoints)
         return TierserveFunction(
             self,
             "Worker",
@@ -322,45 +373,17 @@ class InferencePipeline(Construct):
             models=models,
             model_bucket_name=model_bucket_name,
             model_prefix=model_prefix,
-            memory_mb=max([lambda_memory_mb(m) for m in in_worker], default=LAMBDA_MIN_MEMORY_MB),
+            memory_mb=pipeline_memory_mb(models, gpu_endpoints),
             timeout=timeout,
             ephemeral_storage_mb=ephemeral_storage_mb,
             log_retention=log_retention,
             log_level=log_level,
-            environment=environment,
+            environment=pipeline_function_environment(self.data_bucket, gpu_endpoints),
             reserved_concurrency=reserved_concurrency or None,
             description=f"tierserve S3 worker: {INPUT_PREFIX}/ -> {OUTPUT_PREFIX}/, {ERROR_PREFIX}/ "
             f"for {len(models)} model(s)",
             role_description="tierserve S3 worker: reads inputs/, writes outputs/ and errors/, reads its models",
         )
-
-    def _grant_data_bucket(self) -> None:
-        """Read ``inputs/*`` (any version); read, write and delete ``outputs/*`` and ``errors/*``
-        (the results' metadata is the idempotency and ordering record; writing one kind of
-        result removes the other); list the bucket, without which S3 answers a HeadObject for
-        a result not written yet with 403 instead of 404. Nothing may write under ``inputs/``."""
-        bucket = self.data_bucket
-        inputs = bucket.arn_for_objects(prefix_pattern(INPUT_PREFIX))
-        results = [bucket.arn_for_objects(prefix_pattern(p)) for p in (OUTPUT_PREFIX, ERROR_PREFIX)]
-        statements = [
-            iam.PolicyStatement(actions=["s3:GetObject", "s3:GetObjectVersion"], resources=[inputs]),
-            iam.PolicyStatement(
-                actions=["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], resources=results
-            ),
-            iam.PolicyStatement(actions=["s3:ListBucket"], resources=[bucket.bucket_arn]),
-        ]
-        for statement in statements:
-            self.role.add_to_principal_policy(statement)
-        reasons = {
-            inputs: "Reads the inputs dropped under inputs/ (any key, any version the event names): the "
-            "keys are chosen by whoever uploads them.",
-            results[0]: "Writes outputs/{model}/{path}.json for inputs/{model}/{path} and reads it back "
-            "(HeadObject) to skip duplicates: keys mirror the inputs' and cannot be listed ahead of time.",
-            results[1]: "Writes errors/{model}/{path}.json for inputs that cannot be served and reads or "
-            "removes it when a result replaces it: keys mirror the inputs' and cannot be listed ahead of time.",
-        }
-        for arn, reason in reasons.items():
-            acknowledge(self.role, wildcard_resource_finding(self.role, arn), reason)
 
     def _alarm_topic(self, email: str) -> sns.Topic:
         """An encrypted, TLS-only topic with ``email`` subscribed. CloudWatch alarms cannot

@@ -7,6 +7,9 @@ GPU-tier model on it as an inference component, the API shell and each model's r
 imports the model bucket by its export and reads only each model's own manifest and artifact.
 ``TierservePipeline`` (only when the catalog has models) holds the S3-triggered pipeline's
 queue, worker and alarm; it deploys after the serving stack, whose GPU endpoints it calls.
+``TierserveBatch`` (only when the catalog has models) holds the bulk-inference state machine
+and its batch function, likewise after the serving stack. ``TierserveStream`` (only when
+context ``stream`` names a catalog model) holds the Kinesis streams and their worker.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from infra.api import InferenceApi
+from infra.batch import BatchInference
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, ConfigError, InfraConfig, gpu_instance_overrides
 from infra.lambda_routes import LambdaModelRoutes
 from infra.lambda_tier import LambdaModelFunction
+from infra.limits import image_limits, lambda_model_limits, model_key_limits
 from infra.model_store import ModelStore
 from infra.s3_pipeline import DataStore, InferencePipeline
 from infra.sagemaker_inference import (
@@ -38,12 +43,15 @@ from infra.sagemaker_inference import (
     needs_volume_key,
 )
 from infra.sagemaker_routes import ColdStart, SageMakerModelRoutes
-from tierserve.catalog import Catalog, CatalogEntry
+from infra.streams import StreamInference
+from tierserve.catalog import Catalog, CatalogEntry, Manifest
 from tierserve.settings import GpuTarget
 
 STORAGE_STACK = "TierserveStorage"
 SERVING_STACK = "TierserveServing"
 PIPELINE_STACK = "TierservePipeline"
+BATCH_STACK = "TierserveBatch"
+STREAM_STACK = "TierserveStream"
 TAGS = {"project": "tierserve"}
 
 ARCHITECTURES = {"x86_64": lambda_.Architecture.X86_64, "arm64": lambda_.Architecture.ARM_64}
@@ -164,6 +172,12 @@ class ServingStack(Stack):
 
     def _add_lambda_models(self, config: InfraConfig, catalog: Catalog, model_store: ModelStore) -> None:
         entries = catalog.by_tier("lambda", config.lambda_max_model_mb)
+        limits = [*model_key_limits(config, [e.name for e in entries]), *(image_limits() if entries else [])]
+        errors = [limit.message for limit in limits if limit.error]
+        for entry in entries:  # every model's errors at once, not the first one's
+            errors += [limit.message for limit in lambda_model_limits(entry.manifest, config) if limit.error]
+        if errors:
+            raise ConfigError("\n".join(errors))
         if not entries:
             return
         bucket = model_store.bucket_for(self)
@@ -174,18 +188,15 @@ class ServingStack(Stack):
                 functions,
                 entry.name,
                 manifest=entry.manifest,
+                config=config,
                 architecture=ARCHITECTURES[config.lambda_architecture],
                 model_bucket_name=bucket.bucket_name,
                 model_prefix=model_store.model_prefix,
-                timeout=Duration.seconds(config.lambda_timeout_seconds),
-                ephemeral_storage_mb=config.lambda_ephemeral_storage_mb,
                 log_retention=RETENTION[config.log_retention_days],
-                log_level=config.log_level,
-                preload=config.preload,
             )
             model_store.grant_read_model(model.function, entry.manifest)
             self.routes[entry.name] = LambdaModelRoutes(
-                routes, entry.name, api=self.api, model_name=entry.name, function=model.function
+                routes, entry.name, api=self.api, model_name=entry.name, function=model.alias
             )
             self.lambda_models[entry.name] = model
 
@@ -382,20 +393,159 @@ def copy_scaling(config: InfraConfig) -> CopyScaling:
     )
 
 
+class BatchStack(Stack):
+    """Bulk inference over the data bucket for every model in the catalog: the state machine
+    that ``tierserve batch`` starts, and its batch function. Attribute: ``batch``."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: InfraConfig,
+        catalog: Catalog,
+        model_store: ModelStore,
+        data_store: DataStore,
+        gpu_endpoints: dict[str, GpuTarget],
+        **kwargs: object,
+    ) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            description="tierserve: bulk inference over S3 (Step Functions Distributed Map)",
+            tags=TAGS,
+            **kwargs,
+        )
+        data_bucket = data_store.bucket_for(self)
+        self.batch = BatchInference(
+            self,
+            "Batch",
+            data_bucket=data_bucket,
+            models=[entry.manifest for entry in catalog],
+            gpu_endpoints=gpu_endpoints,
+            architecture=ARCHITECTURES[config.lambda_architecture],
+            model_bucket_name=model_store.bucket_for(self).bucket_name,
+            model_prefix=model_store.model_prefix,
+            function_timeout=Duration.seconds(config.batch_function_timeout_seconds),
+            ephemeral_storage_mb=config.lambda_ephemeral_storage_mb,
+            items_per_batch=config.batch_items_per_batch,
+            max_concurrency=config.batch_max_concurrency,
+            tolerated_failure_percentage=config.batch_tolerated_failure_percentage,
+            log_retention=RETENTION[config.log_retention_days],
+            log_level=config.log_level,
+        )
+        for entry in catalog:
+            model_store.grant_read_model(self.batch.function, entry.manifest)
+        CfnOutput(
+            self,
+            "StateMachineArn",
+            value=self.batch.state_machine.state_machine_arn,
+            description="tierserve batch s3://<data bucket>/inputs/<model>/<prefix> --model <model> starts it",
+        )
+        CfnOutput(
+            self,
+            "DataBucketName",
+            value=data_bucket.bucket_name,
+            description="The data bucket the state machine reads and writes",
+        )
+
+
+class StreamStack(Stack):
+    """Inference on a Kinesis stream for the model context ``stream`` names: the records and
+    results streams, the stream worker and its failure queue. Attribute: ``streams``."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: InfraConfig,
+        manifest: Manifest,
+        model_store: ModelStore,
+        gpu_endpoints: dict[str, GpuTarget],
+        **kwargs: object,
+    ) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            description=f"tierserve: inference on a Kinesis stream ({manifest.name})",
+            tags=TAGS,
+            **kwargs,
+        )
+        self.streams = StreamInference(
+            self,
+            "Streams",
+            manifest=manifest,
+            gpu_endpoints=gpu_endpoints,
+            architecture=ARCHITECTURES[config.lambda_architecture],
+            model_bucket_name=model_store.bucket_for(self).bucket_name,
+            model_prefix=model_store.model_prefix,
+            shards=config.stream_shards,
+            batch_size=config.stream_batch_size,
+            max_retry_attempts=config.stream_max_retry_attempts,
+            worker_timeout=Duration.seconds(config.pipeline_worker_timeout_seconds),
+            ephemeral_storage_mb=config.lambda_ephemeral_storage_mb,
+            log_retention=RETENTION[config.log_retention_days],
+            log_level=config.log_level,
+        )
+        model_store.grant_read_model(self.streams.worker, manifest)
+        outputs = {
+            "RecordsStreamName": (
+                self.streams.records.stream_name,
+                "Put records here (v2 infer requests or rows)",
+            ),
+            "ResultsStreamName": (
+                self.streams.results.stream_name,
+                "Read results here, under each record's partition key",
+            ),
+            "FailureQueueUrl": (
+                self.streams.failures.queue_url,
+                "Positions of batches that failed every retry",
+            ),
+        }
+        for output_id, (value, description) in outputs.items():
+            CfnOutput(self, output_id, value=value, description=description)
+
+
+def stream_model(config: InfraConfig, catalog: Catalog) -> Manifest | None:
+    """The manifest of the model context ``stream`` names (None: no stream).
+
+    Raises:
+        ConfigError: the catalog holds no such model.
+    """
+    if not config.stream:
+        return None
+    entry = catalog.get(config.stream)
+    if entry is None:
+        names = ", ".join(e.name for e in catalog) or "none"
+        raise ConfigError(
+            f"cdk.json context 'stream' is {config.stream!r}, which the catalog does not hold (it holds {names}): "
+            'package that model, or set stream to one of these, or to "" for no stream'
+        )
+    return entry.manifest
+
+
 @dataclass(frozen=True)
 class TierserveStacks:
     storage: StorageStack
     serving: ServingStack
     pipeline: PipelineStack | None
+    batch: BatchStack | None = None
+    stream: StreamStack | None = None
 
 
 def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> TierserveStacks:
-    """Every stack in ``app``; the pipeline only when the catalog has a model to serve."""
+    """Every stack in ``app``; the pipeline and the batch stack only when the catalog has a model to
+    serve, the stream stack only when context ``stream`` names one.
+
+    Raises:
+        ConfigError: ``stream`` names a model the catalog does not hold.
+    """
     storage = StorageStack(app, STORAGE_STACK)
     serving = ServingStack(
         app, SERVING_STACK, config=config, catalog=catalog, model_store=storage.model_store
     )
-    pipeline = None
+    pipeline = batch = None
     if catalog.entries:
         pipeline = PipelineStack(
             app,
@@ -407,4 +557,26 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
             gpu_endpoints=serving.gpu_targets,
         )
         pipeline.add_stack_dependency(serving, "invokes the GPU endpoints the serving stack creates")
-    return TierserveStacks(storage=storage, serving=serving, pipeline=pipeline)
+        batch = BatchStack(
+            app,
+            BATCH_STACK,
+            config=config,
+            catalog=catalog,
+            model_store=storage.model_store,
+            data_store=storage.data_store,
+            gpu_endpoints=serving.gpu_targets,
+        )
+        batch.add_stack_dependency(serving, "invokes the GPU endpoints the serving stack creates")
+    stream = None
+    manifest = stream_model(config, catalog)
+    if manifest is not None:
+        stream = StreamStack(
+            app,
+            STREAM_STACK,
+            config=config,
+            manifest=manifest,
+            model_store=storage.model_store,
+            gpu_endpoints=serving.gpu_targets,
+        )
+        stream.add_stack_dependency(serving, "invokes the GPU endpoint the serving stack creates")
+    return TierserveStacks(storage=storage, serving=serving, pipeline=pipeline, batch=batch, stream=stream)

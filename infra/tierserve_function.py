@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from aws_cdk import Duration, IgnoreMode, Size
+from aws_cdk import Annotations, Duration, IgnoreMode, Size
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
@@ -32,7 +32,15 @@ from constructs import Construct
 from infra.nag import acknowledge
 from infra.trust import service_principal
 from tierserve.catalog import Manifest
-from tierserve.settings import CACHE_MAX_MB_ENV, MODEL_BUCKET_ENV, MODEL_PREFIX_ENV, MODELS_ENV, ModelRef
+from tierserve.settings import (
+    CACHE_MAX_MB_ENV,
+    DEFAULT_FETCH_CONNECTIONS,
+    FETCH_CONNECTIONS_ENV,
+    MODEL_BUCKET_ENV,
+    MODEL_PREFIX_ENV,
+    MODELS_ENV,
+    ModelRef,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INFERENCE_DOCKERFILE = "functions/inference/Dockerfile"
@@ -49,6 +57,10 @@ POWERTOOLS_METRICS_NAMESPACE_ENV = "POWERTOOLS_METRICS_NAMESPACE"
 LOG_LEVEL_ENV = "POWERTOOLS_LOG_LEVEL"
 # /tmp the model cache leaves to the runtime, partial downloads' neighbours and temp files.
 TMP_HEADROOM_MB = 512
+# Every caller (API Gateway, the S3 pipeline's event source) invokes this alias, never $LATEST:
+# a published version, which SnapStart and provisioned concurrency need.
+ALIAS_NAME = "live"
+SNAPSTART_PUBLISH_WARNING = "@aws-cdk/aws-lambda:snapStartRequirePublish"
 XRAY_REASON = (
     "Active tracing needs xray:PutTraceSegments and xray:PutTelemetryRecords, which support no "
     "resource-level permissions: the X-Ray docs require Resource '*'."
@@ -102,13 +114,16 @@ def model_environment(
 
 
 class TierserveFunction(Construct):
-    """One tierserve container function: image, environment, log group, role, tracing.
+    """One tierserve container function: image, environment, log group, role, tracing, and a
+    published version behind the alias ``live`` that every caller invokes.
 
     ``models`` are what the function serves (its ``TIERSERVE_MODELS``); ``environment`` adds
-    the handler's own variables. The disk cache gets all of ``ephemeral_storage_mb`` but
-    :data:`TMP_HEADROOM_MB`.
+    the handler's own variables. The disk cache gets ``cache_max_mb``, by default all of
+    ``ephemeral_storage_mb`` but :data:`TMP_HEADROOM_MB`. ``snapstart`` snapshots each published
+    version (SnapStart ``ApplyOn: PublishedVersions``; /tmp at most 512 MB);
+    ``provisioned_concurrency`` keeps that many environments of the alias initialized instead.
 
-    Attributes: ``function``, ``role``, ``log_group``, ``cache_max_mb``.
+    Attributes: ``function``, ``version``, ``alias``, ``role``, ``log_group``, ``cache_max_mb``.
     """
 
     def __init__(
@@ -130,9 +145,17 @@ class TierserveFunction(Construct):
         role_description: str,
         environment: Mapping[str, str] | None = None,
         reserved_concurrency: int | None = None,
+        cache_max_mb: int | None = None,
+        fetch_connections: int = DEFAULT_FETCH_CONNECTIONS,
+        snapstart: bool = False,
+        provisioned_concurrency: int = 0,
     ) -> None:
         super().__init__(scope, construct_id)
-        self.cache_max_mb = ephemeral_storage_mb - TMP_HEADROOM_MB
+        if snapstart and provisioned_concurrency:
+            raise ValueError(
+                "a function has SnapStart or provisioned concurrency, not both (Lambda refuses it)"
+            )
+        self.cache_max_mb = ephemeral_storage_mb - TMP_HEADROOM_MB if cache_max_mb is None else cache_max_mb
         self.log_group = logs.LogGroup(self, "Logs", retention=log_retention)
         self.role = iam.Role(
             self,
@@ -162,8 +185,24 @@ class TierserveFunction(Construct):
                     log_level=log_level,
                 ),
                 CACHE_MAX_MB_ENV: str(self.cache_max_mb),
+                FETCH_CONNECTIONS_ENV: str(fetch_connections),
                 **(environment or {}),
             },
             reserved_concurrent_executions=reserved_concurrency,
             description=description,
+            snap_start=lambda_.SnapStartConf.ON_PUBLISHED_VERSIONS if snapstart else None,
+        )
+        if snapstart:  # CDK's reminder that SnapStart needs a published version: this is one
+            Annotations.of(self.function).acknowledge_warning(
+                SNAPSTART_PUBLISH_WARNING, "the alias below targets a published version"
+            )
+        # A new version whenever the function's configuration or image changes; SnapStart
+        # snapshots it when it is published, so the alias only ever points at a ready one.
+        self.version = self.function.current_version
+        self.alias = lambda_.Alias(
+            self,
+            "Live",
+            alias_name=ALIAS_NAME,
+            version=self.version,
+            provisioned_concurrent_executions=provisioned_concurrency or None,
         )

@@ -9,7 +9,9 @@ mapping must enable ``ReportBatchItemFailures``.
 
 The records of a batch are served concurrently (``TIERSERVE_WORKER_CONCURRENCY`` threads):
 most of the time goes to S3 round trips, and the pipeline's conditional writes keep two
-records for the same key from overwriting each other's newer result.
+records for the same key from overwriting each other's newer result. Before they start, the
+batch's error results are listed in the background (``Pipeline.index_messages``): one request
+for the batch where each record would otherwise look for its own.
 
 The invocation never outlasts itself: its remaining time, less a margin, is a deadline that
 bounds every S3 and SageMaker call of its records (``tierserve.aws``), and a record still
@@ -35,6 +37,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from tierserve.aws import Deadline, OutOfTime
 from tierserve.s3_pipeline import Pipeline
+from tierserve.s3_pipeline.results import ResultIndex
 from tierserve.settings import exit_on_bad_settings
 from tierserve.telemetry import logger, metrics, tracer
 
@@ -51,9 +54,9 @@ processor = AsyncBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_
 pipeline.registry.preload()
 
 
-async def record_handler(record: SQSRecord, deadline: Deadline) -> None:
+async def record_handler(record: SQSRecord, deadline: Deadline, index: ResultIndex) -> None:
     work = asyncio.get_running_loop().run_in_executor(
-        executor, pipeline.handle_message, record.body, deadline
+        executor, pipeline.handle_message, record.body, deadline, index
     )
     try:
         await asyncio.wait_for(work, timeout=max(0.0, deadline.hard_at - time.monotonic()))
@@ -70,9 +73,10 @@ async def record_handler(record: SQSRecord, deadline: Deadline) -> None:
 @metrics.log_metrics(capture_cold_start_metric=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     deadline = Deadline.for_invocation(context, DEADLINE_MARGIN_S)
+    index = pipeline.index_messages((record.get("body", "") for record in event.get("Records", [])), deadline)
     return async_process_partial_response(
         event=event,
-        record_handler=partial(record_handler, deadline=deadline),
+        record_handler=partial(record_handler, deadline=deadline, index=index),
         processor=processor,
         context=context,
     )

@@ -15,10 +15,10 @@ import pytest
 from aws_cdk import aws_s3 as s3
 from cdk_nag import AwsSolutionsChecks
 
-from infra.config import InfraConfig
+from infra.config import ConfigError, InfraConfig
 from infra.nag import acknowledge, add_aws_solutions_checks
 from infra.sagemaker_inference import component_name_for, endpoint_name_for
-from infra.stacks import PIPELINE_STACK, SERVING_STACK, STORAGE_STACK, build_stacks
+from infra.stacks import BATCH_STACK, PIPELINE_STACK, SERVING_STACK, STORAGE_STACK, build_stacks
 from tierserve.catalog import lambda_memory_mb
 from tierserve.settings import GPU_ENDPOINTS_ENV, MODEL_BUCKET_ENV, MODELS_ENV, GpuTarget
 
@@ -433,7 +433,15 @@ def test_every_service_role_trusts_its_service_for_this_account_only(assembly):
                 )
                 if statement["Principal"]["Service"] == "sagemaker.amazonaws.com":
                     assert ":sagemaker:" in json.dumps(condition["ArnLike"]["aws:SourceArn"])
-    assert seen == {"lambda.amazonaws.com", "apigateway.amazonaws.com", "sagemaker.amazonaws.com"}
+                if statement["Principal"]["Service"] == "states.amazonaws.com":
+                    assert ":stateMachine:*" in json.dumps(condition["ArnLike"]["aws:SourceArn"])
+    services = {
+        "lambda.amazonaws.com",
+        "apigateway.amazonaws.com",
+        "sagemaker.amazonaws.com",
+        "states.amazonaws.com",
+    }
+    assert seen == services
 
 
 def test_every_log_group_expires_and_every_function_logs_to_one(make_app, catalog):
@@ -472,6 +480,28 @@ def test_pipeline_deploys_after_storage_and_serving(assembly):
     assert {STORAGE_STACK, SERVING_STACK} <= dependencies
 
 
+def test_the_batch_stack_serves_every_model_after_storage_and_serving(assembly, catalog):
+    dependencies = {d.id for d in assembly.get_stack_by_name(BATCH_STACK).dependencies}
+    assert {STORAGE_STACK, SERVING_STACK} <= dependencies
+    template = assembly.get_stack_by_name(BATCH_STACK).template
+    assert {"StateMachineArn", "DataBucketName"} <= set(template["Outputs"])
+    (function,) = [
+        f
+        for f in of_type(template, "AWS::Lambda::Function").values()
+        if f["Properties"].get("PackageType") == "Image"
+    ]
+    env = function["Properties"]["Environment"]["Variables"]
+    assert env[MODELS_ENV] == ",".join(f"{e.name}@{e.version}" for e in catalog)
+    assert env[GPU_ENDPOINTS_ENV] == GpuTarget.join(
+        {
+            n: GpuTarget(endpoint_name_for("ml.g5.xlarge"), component_name_for(n, "ml.g5.xlarge"))
+            for n in GPU_MODELS
+        }
+    )
+    reads = json.dumps([s for s in policy_statements_of(template, function) if "s3:GetObject" in _actions(s)])
+    assert reads.count("/models/") == 2 * len(catalog.entries), "each model's manifest and artifact, no more"
+
+
 def test_other_stacks_import_the_buckets_that_storage_exports(serving, storage, pipeline, assembly):
     model_export, data_export = (
         f"{STORAGE_STACK}-ModelStore-BucketName",
@@ -497,7 +527,7 @@ def test_outputs_for_ops(serving, storage, pipeline):
 
 def test_synth_is_deterministic(assembly, make_app, catalog):
     again = synth_app(make_app, catalog, validate=False, nag=True)
-    for name in (STORAGE_STACK, SERVING_STACK, PIPELINE_STACK):
+    for name in (STORAGE_STACK, SERVING_STACK, PIPELINE_STACK, BATCH_STACK):
         one, two = assembly.get_stack_by_name(name).template, again.get_stack_by_name(name).template
         changed = sorted(
             k
@@ -571,3 +601,96 @@ def test_app_py_runs_as_the_cdk_cli_runs_it(repo_root, cdk_context, tmp_path):
         f"{STORAGE_STACK}.template.json",
         f"{SERVING_STACK}.template.json",
     }
+
+
+# ---------------------------------------------------------------- SnapStart, versions, aliases
+
+
+def alias_of(template: dict[str, Any], function_id: str) -> tuple[str, dict[str, Any]]:
+    """The alias (logical id, properties) of a function: ``live``, on a published version."""
+    versions = {
+        k: v
+        for k, v in of_type(template, "AWS::Lambda::Version").items()
+        if v["Properties"]["FunctionName"] == {"Ref": function_id}
+    }
+    (version_id,) = versions
+    ((alias_id, alias),) = [
+        (k, a["Properties"])
+        for k, a in of_type(template, "AWS::Lambda::Alias").items()
+        if a["Properties"]["FunctionName"] == {"Ref": function_id}
+    ]
+    assert alias["Name"] == "live" and alias["FunctionVersion"] == {"Fn::GetAtt": [version_id, "Version"]}
+    return alias_id, alias
+
+
+def test_every_model_function_has_snapstart_on_a_published_version_behind_live(serving):
+    functions = of_type(serving, "AWS::Lambda::Function")
+    for name in LAMBDA_MODELS:
+        (function_id,) = [
+            k
+            for k, f in functions.items()
+            if f["Properties"]["Environment"]["Variables"][MODELS_ENV].startswith(f"{name}@")
+        ]
+        props = functions[function_id]["Properties"]
+        assert props["SnapStart"] == {"ApplyOn": "PublishedVersions"}
+        assert props["EphemeralStorage"] == {"Size": 512}
+        alias_of(serving, function_id)
+
+
+def test_api_gateway_integrations_and_permissions_name_the_alias_never_latest(serving):
+    functions = of_type(serving, "AWS::Lambda::Function")
+    aliases = {alias_of(serving, function_id)[0] for function_id in functions}
+    lambda_methods = [
+        m["Properties"]
+        for m in of_type(serving, "AWS::ApiGateway::Method").values()
+        if m["Properties"]["Integration"].get("Type") == "AWS_PROXY"
+    ]
+    assert len(lambda_methods) == 2 * len(LAMBDA_MODELS)
+    for method in lambda_methods:
+        uri = json.dumps(method["Integration"]["Uri"])
+        assert any(f'{{"Ref": "{alias}"}}' in uri for alias in aliases), uri  # the alias ARN
+        assert not any(f'"{function_id}"' in uri for function_id in functions), "never the function ($LATEST)"
+    permissions = of_type(serving, "AWS::Lambda::Permission")
+    assert permissions and all(
+        p["Properties"]["FunctionName"]["Ref"] in aliases for p in permissions.values()
+    )
+
+
+def test_the_pipelines_event_source_invokes_the_workers_alias(pipeline):
+    (function_id,) = of_type(pipeline, "AWS::Lambda::Function").keys() & {
+        k
+        for k, f in of_type(pipeline, "AWS::Lambda::Function").items()
+        if f["Properties"].get("PackageType") == "Image"
+    }
+    alias_id, _ = alias_of(pipeline, function_id)
+    (mapping,) = of_type(pipeline, "AWS::Lambda::EventSourceMapping").values()
+    name = json.dumps(mapping["Properties"]["FunctionName"])  # function-name:live, from the alias ARN
+    assert f'{{"Ref": "{alias_id}"}}' in name and name.endswith('":live"]]}')
+    assert "SnapStart" not in of_type(pipeline, "AWS::Lambda::Function")[function_id]["Properties"]
+
+
+def test_an_impossible_combination_stops_synth_naming_the_keys(make_app, catalog):
+    with pytest.raises(ConfigError) as raised:
+        build_app(make_app, catalog, validate=False, nag=False, provisioned_concurrency={"iris": 2})
+    assert "model iris has both SnapStart (context 'snapstart') and provisioned concurrency" in str(
+        raised.value
+    )
+    with pytest.raises(ConfigError, match="'provisioned_concurrency' names nope, not a Lambda-tier model"):
+        build_app(
+            make_app, catalog, validate=False, nag=False, snapstart=False, provisioned_concurrency={"nope": 1}
+        )
+    app = build_app(
+        make_app,
+        catalog,
+        validate=False,
+        nag=False,
+        snapstart=["resnet-50"],
+        provisioned_concurrency={"iris": 2},
+    )
+    serving = app.synth().get_stack_by_name(SERVING_STACK).template
+    aliases = [a["Properties"] for a in of_type(serving, "AWS::Lambda::Alias").values()]
+    assert [a.get("ProvisionedConcurrencyConfig") for a in aliases].count(
+        {"ProvisionedConcurrentExecutions": 2}
+    ) == 1
+    snap = [f["Properties"].get("SnapStart") for f in of_type(serving, "AWS::Lambda::Function").values()]
+    assert snap.count({"ApplyOn": "PublishedVersions"}) == 1

@@ -110,6 +110,17 @@ def test_bad_auth_names_the_key_the_value_and_the_choices():
         ("pipeline_reserved_concurrency", -1),
         ("alarm_email", "ops"),
         ("alarm_email", True),
+        ("snapstart", "iris,Not-Valid!"),
+        ("snapstart", ["Not A Name"]),
+        ("snapstart", 3),
+        ("provisioned_concurrency", "iris"),
+        ("provisioned_concurrency", {"iris": 0}),
+        ("provisioned_concurrency", {"iris": "two"}),
+        ("provisioned_concurrency", ["iris"]),
+        ("lambda_disk_cache", "sometimes"),
+        ("fetch_connections", 0),
+        ("fetch_connections", 17),
+        ("s3_mb_per_s_per_connection", 0),
     ],
 )
 def test_every_bad_value_is_an_error_naming_its_key(key, value):
@@ -299,3 +310,32 @@ def test_a_cdk_json_that_is_no_json_object_is_refused_with_its_path(tmp_path, te
     path.write_text(text)
     with pytest.raises(ConfigError, match=f"{path}.*fix it"):
         InfraConfig.from_cdk_json(path)
+
+
+def test_cold_start_keys_from_cdk_json_and_from_the_command_line():
+    config = InfraConfig()
+    assert config.snapstart is True and config.provisioned_concurrency == ()
+    assert config.snapstart_for("iris") and config.provisioned_concurrency_for("iris") == 0
+    assert config.lambda_disk_cache is True
+    assert config.cold_start_mb_per_s == 8 * 90
+    listed = from_mapping({"snapstart": ["iris", "mlp"], "provisioned_concurrency": {"resnet-50": 2}})
+    assert listed.snapstart_for("iris") and not listed.snapstart_for("resnet-50")
+    assert listed.provisioned_concurrency_for("resnet-50") == 2
+    typed = from_mapping(
+        {"snapstart": "iris,mlp", "provisioned_concurrency": "resnet-50=2, big=1", "fetch_connections": "4"}
+    )
+    assert typed.snapstart == ("iris", "mlp")
+    assert typed.provisioned_concurrency == (("resnet-50", 2), ("big", 1))
+    assert typed.fetch_connections == 4
+    assert from_mapping({"snapstart": "false"}).snapstart is False
+    assert from_mapping({"provisioned_concurrency": '{"iris": 3}'}).provisioned_concurrency_for("iris") == 3
+    assert listed.to_context()["snapstart"] == ["iris", "mlp"]
+    assert listed.to_context()["provisioned_concurrency"] == {"resnet-50": 2}
+
+
+def test_the_readme_lists_every_context_key(repo_root):
+    from dataclasses import fields
+
+    readme = (repo_root / "README.md").read_text()
+    missing = [f.name for f in fields(InfraConfig) if f"`{f.name}`" not in readme]
+    assert missing == [], "add them to the README's context table"

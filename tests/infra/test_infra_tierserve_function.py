@@ -141,12 +141,19 @@ def test_image_context_is_only_what_the_dockerfile_copies(function_stack):
 
 
 def test_image_context_holds_what_its_handlers_import_and_none_of_the_tools(function_stack):
-    """The API and worker handlers import from the staged context alone, and load nothing of
+    """The API, worker, batch and stream handlers import from the staged context alone, and load nothing of
     the CLI, the local stack or the packager."""
     assembly = function_stack.node.root.synth()
     (asset_dir,) = Path(assembly.directory).glob("asset.*")
-    imported = import_from_context(asset_dir, "functions/inference", ["api", "worker"])
+    handlers = ["api", "worker", "batch", "stream"]
+    imported = import_from_context(
+        asset_dir,
+        "functions/inference",
+        handlers,
+        {"TIERSERVE_OUTPUT_STREAM": "results", "TIERSERVE_MODELS": "iris@1"},
+    )
     assert "tierserve.registry" in imported["loaded"] and "tierserve.s3_pipeline.worker" in imported["loaded"]
+    assert "tierserve.batch.runner" in imported["loaded"] and "tierserve.streams.worker" in imported["loaded"]
     assert not [m for m in imported["loaded"] if m.startswith("tierserve.tools")]
     assert all(f.startswith(str(asset_dir)) for f in imported["files"])
 
@@ -178,5 +185,6 @@ def test_image_requirements_are_pinned_to_what_the_tests_run(repo_root):
         "aws-lambda-powertools",
         "aws-xray-sdk",
         "boto3",
+        "snapshot-restore-py",
     ):
         assert pins[name] == importlib.metadata.version(name), name

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from support.common import Invoke, make_invoke
+from support.flaky import FlakyProxy
 from tierserve import aws
 
 
@@ -26,3 +27,14 @@ def restore_environ() -> Iterator[None]:
     os.environ.clear()
     os.environ.update(saved)
     aws.clear_clients()
+
+
+@pytest.fixture
+def flaky(s3: object, embedded_s3: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[FlakyProxy]:
+    """A switchable proxy in front of the embedded S3 for the code under test's clients (the
+    tests' own ``s3`` client still reaches S3 directly)."""
+    proxy = FlakyProxy(embedded_s3.endpoint)  # type: ignore[attr-defined]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+    aws.clear_clients()
+    yield proxy
+    proxy.stop()

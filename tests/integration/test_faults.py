@@ -38,15 +38,15 @@ def stored_manifest(s3) -> Manifest:
             "stored bytes do not match",
         ),
         (
-            lambda m: dataclasses.replace(m, model=Digest("0" * 64, m.model.bytes)),
-            "decompressed bytes do not match",
+            lambda m: dataclasses.replace(m, model=Digest(m.model.sha256, m.model.bytes + 1)),
+            "zstd frame without the declared size",
         ),
         (
             lambda m: dataclasses.replace(m, model=Digest(m.model.sha256, 16)),
-            "decompresses past its declared 16",
+            "zstd frame without the declared size (16 bytes)",
         ),
     ],
-    ids=["wrong-stored-digest", "wrong-model-digest", "decompression-bomb"],
+    ids=["wrong-stored-digest", "wrong-model-size", "decompression-bomb"],
 )
 def test_rejected_artifacts_are_503_and_never_cached(
     s3, uploaded_iris, cache_dir, monkeypatch, doctor, fragment

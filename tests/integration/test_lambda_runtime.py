@@ -125,6 +125,45 @@ def test_the_worker_handler_turns_the_shared_sqs_event_into_an_output(start_func
     assert sorted(item["Key"] for item in listing) == [key, "outputs/iris/2026/my sample.json.json"]
 
 
+def test_the_batch_handler_serves_the_shared_map_batch_and_names_its_errors_for_the_state_machine(
+    start_function, s3
+):
+    s3.create_bucket(Bucket=DATA)
+    event = load_event("sfn-batch")
+    event["BatchInput"]["bucket"] = DATA
+    request = {"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32", "data": ROWS.tolist()}]}
+    put = s3.put_object(Bucket=DATA, Key="inputs/iris/2026/a.json", Body=json.dumps(request).encode())
+    event["Items"][0]["Etag"] = put["ETag"]  # the second item was never put: skipped
+    function = start_function("batch.handler", **{DATA_BUCKET_ENV: DATA})
+
+    assert function.invoke(event) == {"items": 2, "outputs": 1, "errors": 0, "skipped": 1}
+    assert (
+        s3.head_object(Bucket=DATA, Key="outputs/iris/2026/a.json.json")["ContentType"] == "application/json"
+    )
+    # Step Functions' Retry and the map run read the error by the errorType the runtime reports.
+    event["Items"].append({"Key": "inputs/mlp/2026/x.json"})
+    with pytest.raises(FunctionError) as raised:
+        function.invoke(event)
+    assert raised.value.payload["errorType"] == "PoisonItems"
+    assert "inputs/mlp/2026/x.json is not under inputs/iris/" in raised.value.payload["errorMessage"]
+
+
+def test_the_stream_handler_serves_the_shared_kinesis_event_to_the_results_stream(
+    start_function, s3, embedded_s3
+):
+    kinesis = embedded_s3.client("kinesis")
+    kinesis.create_stream(StreamName="test-results", ShardCount=1)
+    function = start_function("stream.handler", TIERSERVE_OUTPUT_STREAM="test-results")
+    assert function.invoke(load_event("kinesis-records")) == {"batchItemFailures": []}
+    (shard,) = kinesis.list_shards(StreamName="test-results")["Shards"]
+    iterator = kinesis.get_shard_iterator(
+        StreamName="test-results", ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
+    )["ShardIterator"]
+    results = [json.loads(r["Data"]) for r in kinesis.get_records(ShardIterator=iterator)["Records"]]
+    assert [r["parameters"]["partition_key"] for r in results] == ["sensor-7", "sensor-7"]
+    assert results[1]["id"] == "req-2"
+
+
 def test_tierserve_local_invoke_runs_an_event_against_the_running_local_stack(
     tmp_path, capsys, restore_environ
 ):

@@ -1,6 +1,7 @@
-"""The local API's own behaviour over real HTTP on 127.0.0.1: like one Lambda execution
-environment it hands the handler one request at a time, while the models it forwards to their
-GPU server run side by side; an upstream that is down is a JSON 503."""
+"""The local API's own behaviour over real HTTP on 127.0.0.1: each model has its own execution
+environment, which takes one request at a time as a Lambda execution environment does, while
+the other models' environments, and the models it forwards to their GPU server, run side by
+side; an upstream that is down is a JSON 503."""
 
 from __future__ import annotations
 
@@ -48,16 +49,46 @@ def apis() -> Iterator[list[Any]]:
         api.stop()
 
 
-def test_the_handler_serves_one_request_at_a_time(apis):
-    handler = RecordingHandler()
-    api = LocalApi(handler, port=0).start()
+def port_of(api: LocalApi) -> int:
+    return int(api.url.rsplit(":", 1)[1])
+
+
+def test_each_environment_serves_one_request_at_a_time(apis):
+    front, small, large = RecordingHandler(), RecordingHandler(), RecordingHandler()
+    api = LocalApi(front, functions={"small": small, "large": large}, port=0).start()
     apis.append(api)
-    port = int(api.url.rsplit(":", 1)[1])
+    paths = [f"/v2/models/{m}/infer" for m in ("small", "large", "unknown")] + ["/v2/health/ready"]
     with ThreadPoolExecutor(16) as pool:
-        replies = list(pool.map(lambda i: exchange(port, post(f"/v2/models/m{i}/infer", b"{}")), range(16)))
-    assert [r.status for r in replies] == [200] * 16
-    assert {r.json()["path"] for r in replies} == {f"/v2/models/m{i}/infer" for i in range(16)}
-    assert handler.most_inside == 1
+        replies = list(pool.map(lambda i: exchange(port_of(api), post(paths[i % 4], b"{}")), range(32)))
+    assert [r.status for r in replies] == [200] * 32
+    assert [r.json()["path"] for r in replies] == [paths[i % 4] for i in range(32)]
+    assert (small.most_inside, large.most_inside, front.most_inside) == (1, 1, 1)
+
+
+class MeetingHandler(RecordingHandler):
+    """Answers only once ``meet``'s other parties call too: it breaks (and the test fails)
+    unless the environments run side by side."""
+
+    def __init__(self, meet: threading.Barrier) -> None:
+        super().__init__()
+        self.meet = meet
+
+    def __call__(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        self.meet.wait()
+        return super().__call__(event, context)
+
+
+def test_the_models_environments_and_the_front_run_side_by_side(apis):
+    """A model that is slow (a cold load) never holds up another model, nor health."""
+    meet = threading.Barrier(3, timeout=20)
+    api = LocalApi(
+        MeetingHandler(meet), functions={"a": MeetingHandler(meet), "b": MeetingHandler(meet)}, port=0
+    ).start()
+    apis.append(api)
+    requests = [post("/v2/models/a/infer", b"{}"), post("/v2/models/b/infer", b"{}"), get("/v2/health/live")]
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda raw: exchange(port_of(api), raw), requests))
+    assert [r.status for r in replies] == [200] * 3
 
 
 def test_forwarded_models_run_side_by_side_and_keep_their_body_and_target(apis):

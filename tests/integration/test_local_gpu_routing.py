@@ -1,6 +1,7 @@
 """``tierserve local`` with a model on each tier: the gpu-tier model is served by a GPU server
 process (CPU provider) that the local API forwards to; the lambda-tier model by the handler.
-And the command as users run it: SIGTERM stops it and its GPU server process."""
+And the command as users run it: SIGTERM stops it and its GPU server process, and removes its
+state file."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 from tierserve.protocol import decode_infer_response, encode_infer_request
 from tierserve.tools.local import samples
 from tierserve.tools.local import stack as local_stack
+from tierserve.tools.local.state import STATE_FILE
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None):
@@ -91,6 +93,7 @@ def test_sigterm_stops_tierserve_local_and_its_gpu_server_process(tmp_path):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log_path.read_text()[-3000:]
         assert "tierserve local: stopping" in log_path.read_text()
+        assert not (tmp_path / "work" / STATE_FILE).exists()  # the other commands see it stopped
         assert not Path(f"/proc/{gpu_servers[0]}").exists()  # drained and reaped, not orphaned
     finally:
         process.kill()

@@ -1,6 +1,8 @@
 """onnxruntime's telemetry is off in every process tierserve starts: each entry point, run in a
 fresh interpreter whose ``onnxruntime.disable_telemetry_events`` and ``InferenceSession``
-record their calls, turns telemetry off, and does so before it creates any session."""
+record their calls, turns telemetry off, and does so before it creates any session; and
+``ORT_DISABLE_TELEMETRY=1`` is set before onnxruntime is first imported (1.29+ uploads a
+process-info event from Linux at initialization otherwise)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,24 @@ finally:
     print("EVENTS " + json.dumps(events))
 """
 
+IMPORT_WATCH = """
+import json, os, sys
+
+seen = []
+
+class _WatchOnnxruntime:
+    def find_spec(self, name, path=None, target=None):
+        if name == "onnxruntime" and not seen:
+            seen.append(os.environ.get("ORT_DISABLE_TELEMETRY"))
+        return None
+
+sys.meta_path.insert(0, _WatchOnnxruntime())
+try:
+    exec(sys.argv[1])
+finally:
+    print("SEEN " + json.dumps(seen))
+"""
+
 ENTRY_POINTS = {
     "lambda-api": "import api",
     "lambda-worker": "import worker",
@@ -53,9 +73,8 @@ ENTRY_POINTS = {
 }
 
 
-@pytest.mark.parametrize("code", ENTRY_POINTS.values(), ids=ENTRY_POINTS)
-def test_every_entry_point_turns_telemetry_off_before_any_session(code, tmp_path: Path):
-    paths = ("layers/tierserve/python", "functions/inference", "functions/gpu_server")
+def _environment() -> dict[str, str]:
+    paths = ("layers/tierserve/python", "functions/inference", "functions/gpu_server", ".")
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / p) for p in paths),
@@ -63,18 +82,36 @@ def test_every_entry_point_turns_telemetry_off_before_any_session(code, tmp_path
         "POWERTOOLS_METRICS_DISABLED": "true",
         "POWERTOOLS_TRACE_DISABLED": "true",
     }
-    result = subprocess.run(
-        [sys.executable, "-c", HARNESS, code, str(tmp_path)],
+    env.pop("ORT_DISABLE_TELEMETRY", None)  # the Makefile's, say: the process must set it itself
+    return env
+
+
+def _run(harness: str, code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", harness, code, str(tmp_path)],
         capture_output=True,
         text=True,
-        env=env,
+        env=_environment(),
         cwd=tmp_path,
         timeout=300,
         check=False,
     )
+
+
+@pytest.mark.parametrize("code", ENTRY_POINTS.values(), ids=ENTRY_POINTS)
+def test_every_entry_point_turns_telemetry_off_before_any_session(code, tmp_path: Path):
+    result = _run(HARNESS, code, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     [line] = [line for line in result.stdout.splitlines() if line.startswith("EVENTS ")]
     events = json.loads(line.removeprefix("EVENTS "))
     assert "telemetry off" in events, events
     if "session" in events:
         assert events.index("telemetry off") < events.index("session"), events
+
+
+@pytest.mark.parametrize("code", [*ENTRY_POINTS.values(), "import app"], ids=[*ENTRY_POINTS, "cdk-app"])
+def test_every_entry_point_opts_out_before_onnxruntime_is_imported(code, tmp_path: Path):
+    result = _run(IMPORT_WATCH, code, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("SEEN ")]
+    assert json.loads(line.removeprefix("SEEN ")) == ["1"], "onnxruntime imported before the opt-out"

@@ -95,7 +95,8 @@ def test_package_upload_register_and_serve(s3, mlp_onnx, tmp_path, cache_dir, ca
 
     entry = Catalog.load(catalog_path).get("mlp")
     assert entry is not None and entry.manifest.quantization == "int8-dynamic"
-    artifact = f"model-{entry.manifest.stored.sha256[:16]}.onnx.zst"  # content-addressed
+    suffix = {"zstd": ".zst", "none": ""}[entry.manifest.compression]  # zstd only where it pays
+    artifact = f"model-{entry.manifest.stored.sha256[:16]}.onnx{suffix}"  # content-addressed
     assert entry.manifest.artifact == artifact
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"])
     assert keys == ["models/mlp/1/manifest.json", f"models/mlp/1/{artifact}"]

@@ -20,7 +20,9 @@ import pytest
 from sklearn.datasets import load_iris
 
 from support.common import BUCKET, count_s3_calls, load_event, printed_document
-from support.flaky import FlakyProxy
+from support.pipeline import ROWS, infer_request, jsonl
+from support.pipeline import assert_one_result_per_input as assert_one_result
+from support.pipeline import keys as bucket_keys
 from support.sagemaker import SageMakerDouble, container_error, model_error, service_error, start_container
 from tierserve import aws
 from tierserve.errors import ModelUnavailable, UpstreamUnavailable
@@ -43,7 +45,6 @@ from tierserve.tools.local.s3_queue import QueuePoller, create_resources
 from tierserve.tools.local.stack import load_handler
 
 DATA = "test-data"
-ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]  # a setosa (0) and a virginica (2)
 PIPELINE_ENV = (
     DATA_BUCKET_ENV,
     GPU_ENDPOINTS_ENV,
@@ -52,13 +53,6 @@ PIPELINE_ENV = (
     MAX_ROWS_ENV,
     MAX_JSONL_MB_ENV,
 )
-
-
-def infer_request(rows=ROWS, **extra) -> bytes:
-    shape = [len(rows), len(rows[0])]
-    return json.dumps(
-        {"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": rows}], **extra}
-    ).encode()
 
 
 def npy(array: np.ndarray, **kwargs) -> bytes:
@@ -76,10 +70,6 @@ def npy_claiming(rows: int) -> bytes:
 
 def nested(depth: int) -> bytes:
     return b"[" * depth + b"]" * depth
-
-
-def jsonl(rows) -> bytes:
-    return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
 
 
 class Worker:
@@ -121,23 +111,11 @@ class Worker:
 
 
 def keys(s3, bucket: str = DATA) -> list[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+    return bucket_keys(s3, bucket)
 
 
-def assert_one_result_per_input(s3, bucket: str = DATA, *, dead_lettered=(), extra_prefixes=()) -> None:
-    listed = keys(s3, bucket)
-    inputs = [k for k in listed if k.startswith("inputs/")]
-    results = {k for k in listed if k.startswith(("outputs/", "errors/"))}
-    assert not [
-        k for k in listed if k not in inputs and k not in results and not k.startswith(extra_prefixes)
-    ]
-    for key in inputs:
-        answers = {f"{kind}/{key.removeprefix('inputs/')}.json" for kind in ("outputs", "errors")} & results
-        expected = 0 if key in dead_lettered else 1
-        assert len(answers) == expected, (key, answers)
-    answered = {f"inputs/{k.split('/', 1)[1].removesuffix('.json')}" for k in results}
-    assert answered <= set(inputs), answered - set(inputs)
+def assert_one_result_per_input(s3, bucket: str = DATA, **kwargs) -> None:
+    assert_one_result(s3, bucket, **kwargs)
 
 
 @pytest.fixture
@@ -404,15 +382,6 @@ def test_when_every_message_fails_each_is_reported_not_raised(worker):
 # ---------------------------------------------------------------- transient faults
 
 
-@pytest.fixture
-def flaky(s3, embedded_s3, monkeypatch):
-    proxy = FlakyProxy(embedded_s3.endpoint)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)  # only the worker's clients go through it
-    aws.clear_clients()
-    yield proxy
-    proxy.stop()
-
-
 def test_s3_down_is_a_batch_item_failure_then_redelivery_succeeds(flaky, worker):
     message = worker.put("inputs/iris/x.jsonl", jsonl(ROWS))
     flaky.down = True
@@ -442,7 +411,7 @@ def fail_s3_once(operation: str, code: str = "SlowDown", status: int = 503) -> l
 
     def fail(params, **_):
         if not failures:
-            failures.append(params["Key"])
+            failures.append(params.get("Key", params.get("Prefix")))
             raise ClientError(
                 {
                     "Error": {"Code": code, "Message": "injected"},
@@ -459,7 +428,7 @@ def fail_s3_once(operation: str, code: str = "SlowDown", status: int = 503) -> l
     ("operation", "action", "result"),
     [
         ("PutObject", "writing", "outputs/iris/x.json.json"),
-        ("HeadObject", "reading", "outputs/iris/x.json.json"),
+        ("HeadObject", "reading", "errors/iris/x.json.json"),  # the other kind, once the output is written
     ],
 )
 def test_an_s3_failure_says_what_the_worker_was_doing(worker, operation, action, result):
@@ -517,15 +486,72 @@ def test_with_sequencers_a_duplicate_removes_the_older_result_of_the_other_kind(
 # ---------------------------------------------------------------- idempotency and ordering
 
 
-def test_duplicate_deliveries_leave_one_output_and_skip_the_work(worker):
+def test_duplicate_deliveries_leave_one_output_and_write_nothing_again(worker):
     message = worker.put("inputs/iris/x.json", infer_request())
     assert worker.deliver(message, message) == []
     first = worker.s3.get_object(Bucket=DATA, Key="outputs/iris/x.json.json")["Body"].read()
     calls = count_s3_calls(aws.s3_client())
     assert worker.deliver(message) == []
-    assert calls == ["HeadObject", "HeadObject"]  # seen as a duplicate: no GetObject, no PutObject
+    # A small input is read and run; its conditional write is refused, and the look that
+    # follows finds the duplicate: nothing is written or removed.
+    assert calls == ["GetObject", "PutObject", "HeadObject", "HeadObject"]
     assert worker.s3.get_object(Bucket=DATA, Key="outputs/iris/x.json.json")["Body"].read() == first
     assert_one_result_per_input(worker.s3)
+
+
+def test_a_large_input_delivered_again_is_skipped_before_it_is_read(worker):
+    from tierserve.s3_pipeline.worker import LOOK_FIRST_BYTES
+
+    rows = jsonl(ROWS * (LOOK_FIRST_BYTES // len(jsonl(ROWS)) + 1))
+    message = worker.put("inputs/iris/big.jsonl", rows)
+    assert worker.deliver(message) == []
+    calls = count_s3_calls(aws.s3_client())
+    assert worker.deliver(message) == []
+    assert calls == ["HeadObject", "HeadObject"]  # seen as a duplicate: no GetObject, no model run
+    assert_one_result_per_input(worker.s3)
+
+
+def test_a_batch_of_new_inputs_costs_a_get_and_a_put_each_and_one_listing(worker):
+    assert worker.deliver(worker.put("inputs/iris/warm.json", infer_request())) == []  # the model loads
+    messages = [worker.put(f"inputs/iris/b/{i}.json", infer_request()) for i in range(6)]
+    calls = count_s3_calls(aws.s3_client())
+    assert worker.deliver(*messages) == []
+    assert sorted(calls) == ["GetObject"] * 6 + ["ListObjectsV2"] + ["PutObject"] * 6
+    assert_one_result_per_input(worker.s3)
+
+
+def test_the_listing_of_a_batch_finds_errors_to_replace(worker):
+    broken = [worker.put(f"inputs/iris/b/{i}.json", b"{broken") for i in range(3)]
+    assert worker.deliver(*broken) == []
+    fixed = [worker.put(f"inputs/iris/b/{i}.json", infer_request()) for i in range(3)]
+    new = [worker.put(f"inputs/iris/b/new-{i}.json", infer_request()) for i in range(3)]
+    calls = count_s3_calls(aws.s3_client())
+    assert worker.deliver(*fixed, *new) == []
+    assert keys(worker.s3) == sorted(
+        [f"inputs/iris/b/{i}.json" for i in range(3)]
+        + [f"inputs/iris/b/new-{i}.json" for i in range(3)]
+        + [f"outputs/iris/b/{i}.json.json" for i in range(3)]
+        + [f"outputs/iris/b/new-{i}.json.json" for i in range(3)]
+    )
+    # The listed errors are looked at once the outputs are written, and removed; the new
+    # inputs, which the listing shows without an error, need no look at all.
+    assert calls.count("HeadObject") == 3 and calls.count("DeleteObject") == 3
+
+
+def test_a_batch_whose_listing_fails_looks_for_each_result_instead(worker):
+    broken = worker.put("inputs/iris/b/0.json", b"{broken")
+    assert worker.deliver(broken) == []
+    failures = fail_s3_once("ListObjectsV2", "AccessDenied", 403)
+    fixed = worker.put("inputs/iris/b/0.json", infer_request())
+    new = worker.put("inputs/iris/b/1.json", infer_request())
+    assert worker.deliver(fixed, new) == []
+    assert failures
+    assert keys(worker.s3) == [
+        "inputs/iris/b/0.json",
+        "inputs/iris/b/1.json",
+        "outputs/iris/b/0.json.json",
+        "outputs/iris/b/1.json.json",
+    ]
 
 
 def test_the_same_input_processed_again_writes_the_same_bytes(make_worker):

@@ -2,15 +2,20 @@
 
 While ``down`` it answers every request with 503 SlowDown (what S3 itself says under
 load), so botocore's retries run for real and then give up; while ``stalled`` it reads each
-request and answers nothing (until it is stopped), as a hung S3 would; switched back,
-requests pass through unchanged. Tests use it to prove that a fault is reported and then
-recovered from, and that a hung dependency cannot outlast a deadline.
+request and answers nothing (until it is stopped), as a hung S3 would; with
+``trickle_bytes_per_s`` it sends the headers at once and then the body at that rate, slowly
+enough that every read gets a byte before any socket timeout; ``slow_paths`` limits stalling
+and trickling to paths that contain it (the artifact, say, not the manifest). With
+``hold_path`` set, requests whose path contains it wait until ``release()`` and then pass
+through (one slow object, the rest of S3 at its speed). Switched back, requests pass through unchanged. Tests use it to prove that a fault is reported and
+then recovered from, and that a hung or trickling dependency cannot outlast a deadline.
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -26,19 +31,37 @@ class FlakyProxy:
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.down = False
         self.stalled = False
+        self.trickle_bytes_per_s: float | None = None
+        self.slow_paths: str | None = None
+        self.delay_s = 0.0  # before each answer: concurrent requests then overlap
+        self.ranges: list[str] = []  # the Range header of each GET that had one
+        self.in_flight = self.max_in_flight = 0
+        self._count_lock = threading.Lock()
         self._released = threading.Event()
         self.requests = 0
         self.fail_next = 0
+        self.hold_path = ""
+        self.held = threading.Semaphore(0)  # released once per request that is being held
+        self._hold_released = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
+    def release(self) -> None:
+        """Let the held requests (and every later one) through."""
+        self._hold_released.set()
+
     def stop(self) -> None:
         self._released.set()
+        self._hold_released.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -58,9 +81,27 @@ class FlakyProxy:
             protocol_version = "HTTP/1.1"
 
             def _relay(self) -> None:
+                with proxy._count_lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                    if self.headers.get("Range"):
+                        proxy.ranges.append(self.headers["Range"])
+                try:
+                    self._answer()
+                finally:
+                    with proxy._count_lock:
+                        proxy.in_flight -= 1
+
+            def _answer(self) -> None:
+                if proxy.delay_s:
+                    time.sleep(proxy.delay_s)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                if proxy.stalled:
+                if proxy.hold_path and proxy.hold_path in self.path and not proxy._hold_released.is_set():
+                    proxy.held.release()
+                    proxy._hold_released.wait(120)
+                slow = proxy.slow_paths is None or proxy.slow_paths in self.path
+                if proxy.stalled and slow:
                     proxy.requests += 1
                     proxy._released.wait(120)  # no answer at all: the client's timeout must end it
                     self.close_connection = True
@@ -84,8 +125,24 @@ class FlakyProxy:
                         self.send_header(name, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                if proxy.trickle_bytes_per_s and slow:
+                    self._trickle(payload, proxy.trickle_bytes_per_s)
+                else:
+                    self.wfile.write(payload)
                 connection.close()
+
+            def _trickle(self, payload: bytes, rate: float) -> None:
+                piece = max(1, int(rate / 20))  # twenty writes a second
+                for start in range(0, len(payload), piece):
+                    if proxy._released.is_set():
+                        break
+                    try:
+                        self.wfile.write(payload[start : start + piece])
+                        self.wfile.flush()
+                    except OSError:  # the client gave up
+                        break
+                    time.sleep(piece / rate)
+                self.close_connection = True
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay
 

@@ -24,11 +24,18 @@ print(json.dumps({"loaded": loaded, "files": [sys.modules[m].__file__ for m in l
 """
 
 
-def import_from_context(asset_dir: Path, handler_dir: str, modules: list[str]) -> dict[str, Any]:
+def import_from_context(
+    asset_dir: Path, handler_dir: str, modules: list[str], environ: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Import ``modules`` (e.g. ``["api", "worker"]``) as the image would: only the staged
-    context's core and handlers are importable. Returns the tierserve modules that loaded and
-    the files they came from."""
-    env = {"PATH": "/usr/bin:/bin", "POWERTOOLS_TRACE_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1"}
+    context's core and handlers are importable; ``environ`` adds what a handler needs at init.
+    Returns the tierserve modules that loaded and the files they came from."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        **(environ or {}),
+    }
     result = subprocess.run(
         [
             sys.executable,

@@ -201,3 +201,18 @@ def test_an_attempt_that_would_outlast_the_deadline_is_not_started():
         hung.stop()
     assert hung.requests == 1
     assert deadline.remaining() > 0
+
+
+@pytest.mark.parametrize(
+    ("initialization_type", "seconds"),
+    [("on-demand", 10.0), ("snap-start", 130.0), ("provisioned-concurrency", 130.0)],
+)
+def test_the_init_deadline_is_lambdas_init_limit_less_a_margin(initialization_type, seconds):
+    deadline = Deadline.for_init(initialization_type)
+    assert deadline is not None
+    assert seconds - aws.INIT_MARGIN_S - 1 < deadline.remaining() <= seconds - aws.INIT_MARGIN_S
+
+
+def test_outside_lambda_an_init_has_no_deadline():
+    assert Deadline.for_init(None) is None
+    assert Deadline.for_init("a-kind-of-start-not-known-yet") is None

@@ -45,10 +45,35 @@ def mlp_packages(mlp_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     root = tmp_path_factory.mktemp("mlp-packages")
     return {
         quantization: package(
-            mlp_onnx, root / quantization, PackageOptions(name="mlp", version="1", quantization=quantization)
+            mlp_onnx,
+            root / quantization,
+            PackageOptions(name="mlp", version="1", quantization=quantization, compression="zstd"),
         )
         for quantization in ("none", "int8")
     }
+
+
+@pytest.mark.parametrize(("target_mb_s", "expected"), [(1.0, "zstd"), (100_000.0, "none")])
+def test_zstd_is_kept_only_where_it_makes_a_cold_start_faster(mlp_onnx, tmp_path, target_mb_s, expected):
+    """At 1 MB/s every byte saved is worth far more than its decoding; at 100 GB/s none is."""
+    report = package(
+        mlp_onnx,
+        tmp_path / "models" / "mlp" / "1",
+        PackageOptions(name="mlp", version="1", optimize=False, target_mb_s=target_mb_s),
+    )
+    manifest = report.manifest
+    assert manifest.compression == expected
+    assert manifest.extra["compression_choice"]["compression"] == expected
+    assert manifest.extra["compression_choice"]["target_mb_s"] == target_mb_s
+    assert any(
+        note.startswith("zstd pays" if expected == "zstd" else "stored uncompressed") for note in report.notes
+    )
+    if expected == "none":
+        assert manifest.stored == manifest.model and manifest.artifact.endswith(".onnx")
+    # Served as the core reads it, either way.
+    store = ArtifactStore(FileSource(tmp_path / "models"), tmp_path / "cache", 1 << 30)
+    session = create_session(store.fetch(manifest).path, manifest, threads=1)
+    assert [i.name for i in session.get_inputs()] == [spec.name for spec in manifest.inputs]
 
 
 def test_int8_mlp_is_smaller_and_within_budget(mlp_packages, mlp_onnx):
@@ -84,7 +109,8 @@ def test_ort_format_is_served_by_the_core_as_packaged(mlp_onnx, tmp_path):
         tmp_path / "ort",
         PackageOptions(name="mlp", version="1", quantization="int8", model_format="ort"),
     )
-    assert report.manifest.format == "ort" and report.manifest.artifact == "model.ort.zst"
+    suffix = {"zstd": ".zst", "none": ""}[report.manifest.compression]  # whichever pays
+    assert report.manifest.format == "ort" and report.manifest.artifact == "model.ort" + suffix
     assert report.accuracy["within_budget"] is True  # measured through tierserve.model.create_session
 
 

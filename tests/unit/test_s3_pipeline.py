@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -184,6 +185,12 @@ def test_the_same_version_served_by_the_same_model_is_a_duplicate():
     assert "duplicate" in why_skip(S3Object("b", "k", etag="e1", sequencer="0A"), [recorded("0A")], "iris@1")
     assert "duplicate" in why_skip(S3Object("b", "k", etag="e1"), [recorded()], "iris@1")
     assert "duplicate" in why_skip(S3Object("b", "k", etag="e1"), [recorded(kind="errors", model="")], "")
+
+
+def test_a_listed_item_without_a_version_id_is_its_etag():
+    # A bulk run lists inputs (ETags, no version ids); the worker recorded the version it read.
+    assert "duplicate" in why_skip(S3Object("b", "k", etag="e1"), [recorded(version="v1")], "iris@1")
+    assert why_skip(S3Object("b", "k", etag="e2"), [recorded(version="v1")], "iris@1") is None
 
 
 @pytest.mark.parametrize(
@@ -438,6 +445,51 @@ def test_lines_across_chunk_boundaries_and_crlf():
 def test_a_line_longer_than_the_limit_is_refused_before_it_is_whole():
     with pytest.raises(PayloadTooLarge, match="over 10 bytes"):
         list(iter_lines([b"x" * 8, b"x" * 8, b"\n"], 10))
+
+
+def splits(data: bytes) -> Iterator[list[bytes]]:
+    """``data`` as one chunk, and cut into two and three chunks at every place."""
+    yield [data]
+    for i in range(len(data) + 1):
+        yield [data[:i], data[i:]]
+        for j in range(i, len(data) + 1):
+            yield [data[:i], data[i:j], data[j:]]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[1]\n" + b"x" * 7 + b"\n[2]",  # 7 bytes: one over, in the middle
+        b"x" * 7,  # the last line, with no newline after it
+        b"[1]\r\n" + b"x" * 7 + b"\r\n",
+        b"x" * 6 + b"\rx\n",  # a carriage return inside a line counts
+    ],
+)
+def test_a_line_over_the_limit_is_refused_wherever_the_chunks_split_it(data):
+    for chunks in splits(data):
+        with pytest.raises(PayloadTooLarge, match=r"over 6 bytes.*TIERSERVE_MAX_INPUT_MB"):
+            list(iter_lines(chunks, 6))
+
+
+@pytest.mark.parametrize("data", [b"x" * 6 + b"\n[1]", b"[1]\r\n" + b"x" * 6 + b"\r\n", b"x" * 6 + b"\r"])
+def test_a_line_at_the_limit_is_kept_wherever_the_chunks_split_it(data):
+    expected = [line.rstrip(b"\r") for line in data.split(b"\n")]
+    expected = expected if expected[-1] else expected[:-1]
+    for chunks in splits(data):
+        assert list(iter_lines(chunks, 6)) == expected, chunks
+
+
+def test_a_long_line_is_refused_before_more_than_the_limit_is_read():
+    read: list[bytes] = []
+
+    def endless() -> Iterator[bytes]:
+        while True:
+            read.append(b"x" * 4)
+            yield read[-1]
+
+    with pytest.raises(PayloadTooLarge):
+        list(iter_lines(endless(), 10))
+    assert len(read) == 3  # 12 bytes: the first chunk that takes the line past 10
 
 
 # ---------------------------------------------------------------- settings

@@ -13,11 +13,14 @@ from tierserve.s3_pipeline import settings as pipeline_settings
 from tierserve.s3_pipeline.settings import PipelineSettings
 from tierserve.sagemaker_hosting import ServerSettings, server_model_settings
 from tierserve.settings import ModelRef, Settings, SettingsError, Variable
+from tierserve.streams import settings as stream_settings
+from tierserve.streams.settings import StreamSettings
 
 READERS: dict[str, Callable[[Mapping[str, str]], object]] = {
     **{v.name: Settings.from_env for v in settings.VARIABLES},
     **{v.name: PipelineSettings.from_env for v in pipeline_settings.VARIABLES},
     **{v.name: ServerSettings.from_env for v in sagemaker_hosting.VARIABLES},
+    **{v.name: StreamSettings.from_env for v in stream_settings.VARIABLES},
 }
 
 # One bad value per variable: what a person plausibly types by mistake.
@@ -28,10 +31,12 @@ BAD_VALUES = {
     "TIERSERVE_MODELS": "iris",
     "TIERSERVE_PRELOAD": "iris@1",
     "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "2GB",
+    "AWS_LAMBDA_INITIALIZATION_TYPE": "snap start",
     "TIERSERVE_MEMORY_BUDGET_MB": "0",
     "TIERSERVE_THREADS": "x",
     "TIERSERVE_CACHE_DIR": "tmp/tierserve",
     "TIERSERVE_CACHE_MAX_MB": "1.5",
+    "TIERSERVE_FETCH_CONNECTIONS": "32",
     "TIERSERVE_MAX_REQUEST_MB": "-1",
     "TIERSERVE_MAX_RESPONSE_MB": "inf",
     "TIERSERVE_DATA_BUCKET": "My_Bucket",
@@ -52,11 +57,18 @@ BAD_VALUES = {
     "TIERSERVE_TRT_CACHE_DIR": "engines",
     "TIERSERVE_IO_BINDING": "sometimes",
     "TIERSERVE_DRAIN_TIMEOUT_S": "-3",
+    "TIERSERVE_OUTPUT_STREAM": "arn:aws:kinesis:us-east-1:123456789012:stream/results",
+    "TIERSERVE_STREAM_MODEL": "Iris v1",
 }
 
 
 def every_variable() -> list[Variable]:
-    return [*settings.VARIABLES, *pipeline_settings.VARIABLES, *sagemaker_hosting.VARIABLES]
+    return [
+        *settings.VARIABLES,
+        *pipeline_settings.VARIABLES,
+        *sagemaker_hosting.VARIABLES,
+        *stream_settings.VARIABLES,
+    ]
 
 
 def test_every_variable_name_is_declared_once_and_has_a_bad_value_here():
@@ -126,6 +138,12 @@ def test_a_bad_value_at_init_is_one_line_on_stderr_and_an_exit(capsys):
     assert raised.value.code == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [
-        "tierserve: TIERSERVE_CACHE_MAX_MB='lots' is not a whole number; set it to 1 or more, "
-        "or unset it for the default, 1024"
+        "tierserve: TIERSERVE_CACHE_MAX_MB='lots' is not a whole number; set it to 0 or more, "
+        "or unset it for the default, 1024 (0: no disk cache, sessions hold the models)"
     ]
+
+
+def test_the_readme_lists_every_variable():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [v.name for v in every_variable() if f"`{v.name}`" not in readme]
+    assert missing == [], "add them to the README's configuration tables"

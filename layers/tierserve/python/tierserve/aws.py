@@ -78,11 +78,15 @@ class Policy:
 
 
 # SageMaker gives an invocation 60 s; S3 answers within a few seconds or is in trouble; SQS
-# long polls wait up to 20 s (the local stack's poller).
+# long polls wait up to 20 s (the local stack's poller). Step Functions, CloudFormation and
+# Kinesis answer control and record calls within seconds (the batch CLI, the stream worker).
 POLICIES: Mapping[str, Policy] = {
     "s3": Policy(connect_timeout_s=3, read_timeout_s=10, attempts=3),
     "sagemaker-runtime": Policy(connect_timeout_s=3, read_timeout_s=65, attempts=3),
     "sqs": Policy(connect_timeout_s=3, read_timeout_s=30, attempts=3),
+    "stepfunctions": Policy(connect_timeout_s=3, read_timeout_s=10, attempts=3),
+    "cloudformation": Policy(connect_timeout_s=3, read_timeout_s=10, attempts=3),
+    "kinesis": Policy(connect_timeout_s=3, read_timeout_s=10, attempts=3),
 }
 
 _clients: dict[tuple[Any, ...], Any] = {}
@@ -90,7 +94,7 @@ _clients_lock = threading.Lock()
 
 
 def client(service: str, *, endpoint_url: str | None = None, **credentials: str) -> Any:
-    """This process's client for ``service`` (``s3``, ``sagemaker-runtime``, ``sqs``), created on
+    """This process's client for ``service`` (a key of :data:`POLICIES`), created on
     first use with the service's :data:`POLICIES` entry.
 
     ``endpoint_url`` and ``credentials`` (``aws_access_key_id``, ``aws_secret_access_key``,
@@ -131,9 +135,21 @@ def sagemaker_runtime_client() -> Any:
 
 
 def clear_clients() -> None:
-    """Forget every client (tests call this between moto set-ups and endpoint changes)."""
+    """Forget every client (tests call this between moto set-ups and endpoint changes; a
+    restored SnapStart environment, whose pooled connections are dead, gets new ones)."""
     with _clients_lock:
         _clients.clear()
+
+
+def close_clients() -> None:
+    """Close every client's pooled connections, then forget the clients: nothing of ours holds a
+    connection afterwards (what a SnapStart snapshot must not capture)."""
+    with _clients_lock:
+        made = list(_clients.values())
+        _clients.clear()
+    for found in made:
+        with contextlib.suppress(Exception):  # a client that cannot close has nothing left to close
+            found.close()
 
 
 def _new_client(
@@ -162,6 +178,15 @@ def _new_client(
 # ---------------------------------------------------------------- deadlines
 
 
+# Lambda's init phase, by AWS_LAMBDA_INITIALIZATION_TYPE: 10 s on demand; SnapStart and
+# provisioned concurrency allow 130 s or the function timeout, whichever is higher.
+INIT_SECONDS: Mapping[str, float] = {"on-demand": 10.0, "snap-start": 130.0, "provisioned-concurrency": 130.0}
+# What an API invocation keeps of its remaining time to answer (an error is a few bytes).
+RESPONSE_MARGIN_S = 2.0
+# What the rest of the init (imports before, the runtime's own work after) keeps of that.
+INIT_MARGIN_S = 2.0
+
+
 class OutOfTime(UpstreamTimeout):
     """The invocation has no time left for this call (or this work); the caller reports it
     as a transient failure, so the work is delivered again."""
@@ -188,6 +213,15 @@ class Deadline:
         that is less."""
         remaining_s = max(0.0, context.get_remaining_time_in_millis() / 1000)
         return cls.after(remaining_s, min(margin_s, remaining_s / 5))
+
+    @classmethod
+    def for_init(cls, initialization_type: str | None, margin_s: float = INIT_MARGIN_S) -> Deadline | None:
+        """The deadline of Lambda's init phase, for work done there (a model preload): 10 s
+        on demand, and at least 130 s with SnapStart or provisioned concurrency (the limit is
+        130 s or the function timeout, whichever is higher), less ``margin_s`` for the rest of
+        the init. None outside Lambda (``initialization_type`` unset): nothing bounds it."""
+        seconds = INIT_SECONDS.get(initialization_type or "")
+        return None if seconds is None else cls.after(seconds, margin_s)
 
     def remaining(self) -> float:
         """Seconds left for calls (negative once past)."""

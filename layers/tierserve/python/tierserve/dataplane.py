@@ -19,7 +19,7 @@ from tierserve.errors import ModelUnavailable
 from tierserve.protocol import InferenceRequest, model_metadata, parse_infer_request, server_metadata
 from tierserve.registry import ModelRegistry
 from tierserve.settings import ModelRef
-from tierserve.telemetry import INFERENCE_MS, capture_method, record_ms, stopwatch
+from tierserve.telemetry import INFERENCE_MS, record_ms, stopwatch, tracer
 
 Document = dict[str, Any]
 
@@ -73,7 +73,7 @@ class DataPlane:
         self.registry.get(ref)
         return {"name": ref.name, "version": ref.version, "ready": True}
 
-    @capture_method
+    @tracer.capture_method(capture_response=False)
     def infer(
         self, model: str, body: bytes, headers: Mapping[str, str] | None, version: str | None = None
     ) -> InferResult:

@@ -21,7 +21,8 @@ import numpy as np
 import onnxruntime as ort
 
 from tierserve.catalog import Manifest, TensorSpec
-from tierserve.errors import ArtifactRejected, BadRequest, ModelUnavailable
+from tierserve.errors import ArtifactRejected, BadRequest
+from tierserve.onnx_layout import GRAPH_FILE, WEIGHTS_FILE, NotOnnx, write_graph
 from tierserve.protocol import ONNX_TO_DATATYPE, model_metadata
 
 # The one place tierserve imports onnxruntime before using it: the Lambda handlers, the GPU
@@ -88,9 +89,20 @@ def session_options(manifest: Manifest, threads: int) -> ort.SessionOptions:
 
 
 def create_session(
-    path: Path, manifest: Manifest, *, threads: int, providers: Sequence[ProviderSpec] = CPU_PROVIDERS
+    path: Path,
+    manifest: Manifest,
+    *,
+    threads: int,
+    providers: Sequence[ProviderSpec] = CPU_PROVIDERS,
+    map_weights: bool = True,
 ) -> ort.InferenceSession:
-    """Open an onnxruntime session for a verified model file.
+    """Open an onnxruntime session for a verified model file, the fastest way measured.
+
+    An ``.onnx`` model is opened in the loader's own layout (:mod:`tierserve.onnx_layout`): a
+    small graph file beside it whose large weights are references into the verified file, which
+    onnxruntime memory-maps instead of copying every initializer out of the protobuf (about
+    half the session time of a 100 MB model: bench/README.md). ``map_weights`` false (the file
+    will not stay on disk) opens the file itself, so the session holds its own copy.
 
     ORT-format models are read by onnxruntime into one buffer that the session keeps and
     uses for its initializers (``use_ort_model_bytes_for_initializers``): no second copy of
@@ -98,22 +110,42 @@ def create_session(
     gone once the call returns, and initializers pointing into it read freed memory.
 
     Raises:
-        ModelUnavailable: onnxruntime cannot open the file.
-        ArtifactRejected: the session's inputs or outputs are not the manifest's
-            (:func:`check_signature`).
+        ArtifactRejected: onnxruntime cannot open the file (not a model, an operator or opset
+            it lacks), the model declares external data of its own, or the session's inputs or
+            outputs are not the manifest's (:func:`check_signature`).
     """
     options = session_options(manifest, threads)
+    model_file = _mapped_form(path, manifest) if map_weights else path
     try:
         if manifest.format == "ort":
             options.add_session_config_entry("session.use_ort_model_bytes_for_initializers", "1")
-        session = ort.InferenceSession(str(path), options, providers=list(providers))
+        session = ort.InferenceSession(str(model_file), options, providers=list(providers))
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... family
-        raise ModelUnavailable(
+        raise ArtifactRejected(
             f"onnxruntime cannot load {manifest.name}@{manifest.version} ({type(error).__name__}): "
             "check the model with `tierserve package` (onnx checker) and re-upload it"
         ) from None
     check_signature(manifest, session)
     return session
+
+
+def _mapped_form(path: Path, manifest: Manifest) -> Path:
+    """The file to open: the loader's graph file beside ``path`` (written on first use), or
+    ``path`` itself when the layout does not apply (ORT format, nothing large to map, or bytes
+    this cannot read: onnxruntime then says what is wrong with them)."""
+    if manifest.format != "onnx" or path.name != WEIGHTS_FILE:
+        return path
+    graph = path.with_name(GRAPH_FILE)
+    if graph.exists():
+        return graph
+    try:
+        moved = write_graph(path, graph, f"{manifest.name}@{manifest.version}")
+    except NotOnnx:
+        return path
+    if not moved:
+        graph.unlink()
+        return path
+    return graph
 
 
 def check_signature(manifest: Manifest, session: ort.InferenceSession) -> None:

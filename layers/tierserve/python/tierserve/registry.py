@@ -10,7 +10,8 @@ becomes the loaded model (or is released if the load fails). Models are evicted 
 fit a reservation, least recently used first, and only as many as needed. Trade-off: the
 artifact is fetched and verified before anything is evicted, so a download or digest
 failure costs no warm model; a model onnxruntime then refuses to open has already cost the
-models evicted for it (opening a session is what needs the memory, so room is made first).
+models evicted for it from memory (opening a session is what needs the memory, so room is made
+first), never anything on disk: the disk cache keeps only what onnxruntime accepted.
 Evicted models that have a ``close()`` (the GPU server's batching wrapper) are closed, so
 nothing keeps their session alive.
 """
@@ -20,8 +21,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
+from tierserve import aws
 from tierserve.catalog import Manifest
 from tierserve.errors import ArtifactRejected, ModelNotFound, ModelUnavailable, Overloaded
 from tierserve.model import (
@@ -120,7 +123,7 @@ class ModelRegistry:
         if model is not None:
             record_count(CACHE_HIT)
             return model
-        with load_lock:
+        with _held(load_lock, ref):
             with self._lock:
                 model = self._hit(ref)
             if model is not None:
@@ -140,25 +143,35 @@ class ModelRegistry:
     def _load(self, ref: ModelRef) -> Model:
         manifest = self.manifest(ref)
         needed = self._cost_within_budget(manifest)
-        fetched = self.store.fetch(manifest)  # before any eviction: a failed fetch costs no warm model
-        self._reserve(manifest, needed)
-        model: Model | None = None
-        try:
-            with stopwatch() as session_ms:
-                session = create_session(
-                    fetched.path, manifest, threads=self.settings.threads, providers=self.providers
+        # Fetched and verified before any eviction: a failed fetch costs no warm model. The copy
+        # joins the disk cache only once onnxruntime has accepted it (ArtifactStore.verified).
+        with self.store.verified(manifest) as fetched:
+            # A verified copy outlasts this error in the disk cache: a retry goes on from there.
+            aws.check_deadline(f"opening {ref} (its verified copy stays in the disk cache)")
+            self._reserve(manifest, needed)
+            model: Model | None = None
+            try:
+                with stopwatch() as session_ms:
+                    session = create_session(
+                        fetched.path,
+                        manifest,
+                        threads=self.settings.threads,
+                        providers=self.providers,
+                        map_weights=fetched.kept,
+                    )
+                timings = LoadTimings(
+                    fetched.fetch_ms, fetched.decompress_ms, session_ms[0], fetched.cache_hit
                 )
-            timings = LoadTimings(fetched.fetch_ms, fetched.decompress_ms, session_ms[0], fetched.cache_hit)
-            model = self._model_factory(manifest, session, timings)
-        except ArtifactRejected:
-            self._forget(ref, manifest)
-            raise
-        finally:  # the reservation becomes the loaded model, or is released if the load failed
-            with self._room:
-                if model is not None:
-                    self._models[manifest.cache_key] = model
-                self._reserved -= needed
-                self._room.notify_all()
+                model = self._model_factory(manifest, session, timings)
+            except ArtifactRejected:
+                self._forget(ref)
+                raise
+            finally:  # the reservation becomes the loaded model, or is released if the load failed
+                with self._room:
+                    if model is not None:
+                        self._models[manifest.cache_key] = model
+                    self._reserved -= needed
+                    self._room.notify_all()
         record_ms(MODEL_FETCH_MS, timings.fetch_ms)
         record_ms(MODEL_DECOMPRESS_MS, timings.decompress_ms)
         record_ms(MODEL_SESSION_MS, timings.session_ms)
@@ -175,12 +188,12 @@ class ModelRegistry:
         )
         return model
 
-    def _forget(self, ref: ModelRef, manifest: Manifest) -> None:
-        """A model refused at load (its manifest does not match its session) leaves nothing
-        behind: the manifest is read again on the next request and the file leaves the disk cache."""
+    def _forget(self, ref: ModelRef) -> None:
+        """A model refused at load (onnxruntime cannot open it, or its manifest does not match
+        its session) leaves nothing behind: the manifest is read again on the next request, and
+        the store keeps no copy of what was refused."""
         with self._lock:
             self._manifests.pop(ref, None)
-        self.store.cache_path(manifest).unlink(missing_ok=True)
 
     def _cost_within_budget(self, manifest: Manifest) -> int:
         """The model's cost in bytes, or a 503 when it could never fit the budget."""
@@ -236,11 +249,15 @@ class ModelRegistry:
 
     def preload(self) -> None:
         """Load the models the preload setting names, during init (a failure is logged, not fatal:
-        the first request retries and reports it)."""
+        the first request retries and reports it). In Lambda the init phase's own time limit
+        bounds it (:meth:`tierserve.aws.Deadline.for_init`): a slow S3 cannot make the init
+        time out, which would only run it again inside the first invocation."""
+        deadline = aws.Deadline.for_init(self.settings.initialization_type)
         for ref in self.settings.models:
             if self.settings.should_preload(ref.name):
                 try:
-                    self.get(ref)
+                    with aws.within(deadline):
+                        self.get(ref)
                 except Exception:
                     logger.exception(
                         "preload failed; the first request will retry", extra={"model": str(ref)}
@@ -256,6 +273,19 @@ class ModelRegistry:
             self._store = None
         for model in models:
             close_model(model)
+
+
+@contextmanager
+def _held(lock: threading.Lock, ref: ModelRef) -> Iterator[None]:
+    """Hold ``lock`` (another thread may be loading ``ref``), waiting no longer than the
+    current deadline allows."""
+    deadline = aws.current_deadline()
+    if not lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline.remaining())):
+        raise Overloaded(f"{ref} is still loading for another request; retry shortly")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def close_model(model: Model) -> None:

@@ -39,9 +39,11 @@ MEMORY_BUDGET_ENV = "TIERSERVE_MEMORY_BUDGET_MB"
 THREADS_ENV = "TIERSERVE_THREADS"
 CACHE_DIR_ENV = "TIERSERVE_CACHE_DIR"
 CACHE_MAX_MB_ENV = "TIERSERVE_CACHE_MAX_MB"
+FETCH_CONNECTIONS_ENV = "TIERSERVE_FETCH_CONNECTIONS"
 MAX_REQUEST_MB_ENV = "TIERSERVE_MAX_REQUEST_MB"
 MAX_RESPONSE_MB_ENV = "TIERSERVE_MAX_RESPONSE_MB"
 LAMBDA_MEMORY_ENV = "AWS_LAMBDA_FUNCTION_MEMORY_SIZE"
+INITIALIZATION_TYPE_ENV = "AWS_LAMBDA_INITIALIZATION_TYPE"
 # The S3-triggered pipeline (tierserve/pipeline.py, read by its PipelineSettings).
 DATA_BUCKET_ENV = "TIERSERVE_DATA_BUCKET"
 GPU_ENDPOINTS_ENV = "TIERSERVE_GPU_ENDPOINTS"
@@ -50,6 +52,9 @@ MAX_INPUT_MB_ENV = "TIERSERVE_MAX_INPUT_MB"
 MAX_ROWS_ENV = "TIERSERVE_MAX_ROWS"
 MAX_JSONL_MB_ENV = "TIERSERVE_MAX_JSONL_MB"
 WORKER_CONCURRENCY_ENV = "TIERSERVE_WORKER_CONCURRENCY"
+# The Kinesis stream worker (tierserve/streams, read by its StreamSettings).
+OUTPUT_STREAM_ENV = "TIERSERVE_OUTPUT_STREAM"
+STREAM_MODEL_ENV = "TIERSERVE_STREAM_MODEL"
 # The GPU server (functions/gpu_server, read by tierserve.sagemaker_hosting.ServerSettings).
 PORT_ENV = "SAGEMAKER_BIND_TO_PORT"
 MODEL_DIR_ENV = "TIERSERVE_MODEL_DIR"
@@ -69,9 +74,15 @@ DEFAULT_FUNCTION_MEMORY_MB = 2048
 DEFAULT_MODEL_PREFIX = "models"
 DEFAULT_CACHE_DIR = "/tmp/tierserve"
 DEFAULT_CACHE_MAX_MB = 1024
+# Ranged GETs at once per artifact: chosen by bench.cold_start on a paced S3 (bench/README.md).
+DEFAULT_FETCH_CONNECTIONS = 8
+# The S3 client's connection pool (tierserve.aws POLICIES): more would wait for a connection.
+MAX_FETCH_CONNECTIONS = 16
 DEFAULT_MAX_REQUEST_MB = 6.0
 # Lambda's synchronous response limit; API Gateway turns a larger one into a bare 502.
 DEFAULT_MAX_RESPONSE_MB = 6.0
+# How Lambda started this execution environment (its init phase's time limit depends on it).
+INITIALIZATION_TYPES = ("on-demand", "provisioned-concurrency", "snap-start")
 # What a function keeps for the runtime, numpy and request buffers, beyond the models.
 RESERVED_MEMORY_MB = 384
 
@@ -291,8 +302,10 @@ class Settings:
     threads: int = 1
     cache_dir: Path = field(default_factory=lambda: Path(DEFAULT_CACHE_DIR))
     cache_max_mb: int = DEFAULT_CACHE_MAX_MB
+    fetch_connections: int = DEFAULT_FETCH_CONNECTIONS
     max_request_bytes: int = int(DEFAULT_MAX_REQUEST_MB * MB)
     max_response_bytes: int = int(DEFAULT_MAX_RESPONSE_MB * MB)
+    initialization_type: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -314,8 +327,10 @@ class Settings:
             threads=THREADS.read(env, threads_for_memory(memory_mb)),
             cache_dir=CACHE_DIR.read(env, Path(DEFAULT_CACHE_DIR)),
             cache_max_mb=CACHE_MAX_MB.read(env, DEFAULT_CACHE_MAX_MB),
+            fetch_connections=FETCH_CONNECTIONS.read(env, DEFAULT_FETCH_CONNECTIONS),
             max_request_bytes=int(MAX_REQUEST_MB.read(env, DEFAULT_MAX_REQUEST_MB) * MB),
             max_response_bytes=int(MAX_RESPONSE_MB.read(env, DEFAULT_MAX_RESPONSE_MB) * MB),
+            initialization_type=INITIALIZATION_TYPE.read(env, None),
         )
         return replace(settings, **overrides) if overrides else settings
 
@@ -364,9 +379,32 @@ THREADS = whole(
     unset=f"one per {LAMBDA_MB_PER_VCPU:,} MB of memory (Lambda) or one per CPU (GPU server)",
 )
 CACHE_DIR = path(CACHE_DIR_ENV, unset=f"the default, {DEFAULT_CACHE_DIR}")
-CACHE_MAX_MB = whole(CACHE_MAX_MB_ENV, unset=f"the default, {DEFAULT_CACHE_MAX_MB}")
+CACHE_MAX_MB = whole(
+    CACHE_MAX_MB_ENV,
+    low=0,
+    unset=f"the default, {DEFAULT_CACHE_MAX_MB} (0: no disk cache, sessions hold the models)",
+)
+FETCH_CONNECTIONS = whole(
+    FETCH_CONNECTIONS_ENV, high=MAX_FETCH_CONNECTIONS, unset=f"the default, {DEFAULT_FETCH_CONNECTIONS}"
+)
 MAX_REQUEST_MB = number(MAX_REQUEST_MB_ENV, unit="MB", unset=f"the default, {DEFAULT_MAX_REQUEST_MB:g}")
 MAX_RESPONSE_MB = number(MAX_RESPONSE_MB_ENV, unit="MB", unset=f"the default, {DEFAULT_MAX_RESPONSE_MB:g}")
+
+
+def _initialization_type(text: str) -> str:
+    # A kind this version does not know (a new way to start) is kept, never refused: it must not
+    # stop a function at init. Only what no kind could be is.
+    if not re.fullmatch(r"[a-z0-9-]{1,64}", text.lower()):
+        raise ValueError("is not a kind of start")
+    return text.lower()
+
+
+INITIALIZATION_TYPE = Variable(
+    INITIALIZATION_TYPE_ENV,
+    _initialization_type,
+    ", ".join(INITIALIZATION_TYPES) + " (Lambda sets it)",
+    "outside Lambda: a preload has no deadline",
+)
 VARIABLES: tuple[Variable, ...] = (
     MODEL_BUCKET,
     MODEL_PREFIX,
@@ -378,8 +416,10 @@ VARIABLES: tuple[Variable, ...] = (
     THREADS,
     CACHE_DIR,
     CACHE_MAX_MB,
+    FETCH_CONNECTIONS,
     MAX_REQUEST_MB,
     MAX_RESPONSE_MB,
+    INITIALIZATION_TYPE,
 )
 
 
@@ -449,6 +489,10 @@ GPU_ENDPOINTS = Variable(
 INPUT_PREFIX = "inputs"
 OUTPUT_PREFIX = "outputs"
 ERROR_PREFIX = "errors"
+# Bulk inference (tierserve.batch): key lists it reads, S3 Inventory reports, and each run's summary.
+MANIFEST_PREFIX = "manifests"
+INVENTORY_PREFIX = "inventory"
+SUMMARY_PREFIX = "batch-summaries"
 
 # Dynamic batching defaults of the GPU server; cdk.json's gpu_max_* context starts from these.
 DEFAULT_MAX_BATCH_SIZE = 32

@@ -3,15 +3,16 @@
 One instance of each per process, so the Lambda handlers, the GPU server and the local
 API log the same structured fields and emit the same metric names.
 
-Two costs on a server's request path are avoided here. Powertools' ``add_metric`` validates
-its arguments and formats the whole metric set into a debug message on every call (tens of
-microseconds, growing with the values held), so a long-running server collects values with
-:func:`buffer_metrics` and publishes them as the same EMF lines, up to 100 values per metric
-each, as powertools would; Lambda handlers keep powertools' own path, which
-``@metrics.log_metrics`` flushes at the end of each invocation. And a method traced with
-:func:`capture_method` is not wrapped at all where tracing is off (outside Lambda, or
-``POWERTOOLS_TRACE_DISABLED``): the X-Ray SDK's no-op segments still cost tens of
-microseconds a call.
+The tracer is powertools' only where tracing is on (in Lambda, unless
+``POWERTOOLS_TRACE_DISABLED``: powertools' own rule). Elsewhere it is :class:`Untraced`,
+whose decorators return the function as it is: powertools' Tracer imports the X-Ray SDK
+(100-190 ms of a cold start here) even when it is disabled.
+
+Powertools' ``add_metric`` validates its arguments and formats the whole metric set into a
+debug message on every call (tens of microseconds, growing with the values held), so a
+long-running server collects values with :func:`buffer_metrics` and publishes them as the
+same EMF lines, up to 100 values per metric each, as powertools would; Lambda handlers keep
+powertools' own path, which ``@metrics.log_metrics`` flushes at the end of each invocation.
 """
 
 from __future__ import annotations
@@ -21,17 +22,42 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
-from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.logging import Logger
+from aws_lambda_powertools.metrics import Metrics, MetricUnit
 from aws_lambda_powertools.metrics.functions import is_metrics_disabled
+from aws_lambda_powertools.metrics.provider import cold_start
+from aws_lambda_powertools.tracing.tracer import Tracer
 
 SERVICE = "tierserve"
 NAMESPACE = "Tierserve"
 
+
+class Untraced:
+    """The tracer where tracing is off: every decorator is the identity, every call a no-op."""
+
+    disabled = True
+
+    def capture_method(self, method: Callable[..., Any] | None = None, **_: Any) -> Any:
+        return method if method is not None else lambda decorated: decorated
+
+    capture_lambda_handler = capture_method
+
+    def put_annotation(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def put_metadata(self, *_: Any, **__: Any) -> None:
+        pass
+
+
+def tracing_enabled() -> bool:
+    """Whether powertools would trace here: in Lambda, not in SAM/Chalice local, not disabled."""
+    return not Tracer._is_tracer_disabled()  # powertools' own rule, so the two never disagree
+
+
 logger = Logger(service=SERVICE)
-tracer = Tracer(service=SERVICE)
+tracer: Any = Tracer(service=SERVICE) if tracing_enabled() else Untraced()
 metrics = Metrics(namespace=NAMESPACE, service=SERVICE)
 
 # Metric names live here so dashboards and alarms read the same spelling.
@@ -49,11 +75,16 @@ PIPELINE_ROWS = "PipelineRows"
 # The GPU server's dynamic batching: rows per model run, and requests refused by a full queue.
 BATCH_ROWS = "BatchRows"
 QUEUE_FULL = "QueueFull"
+# An execution environment restored from a SnapStart snapshot (beside powertools' ColdStart,
+# which counts environments that ran their own init).
+SNAPSTART_RESTORE = "SnapStartRestore"
 
 
 # Powertools' metric set is a plain dict that flushes itself at 100 values: fine for one Lambda
 # invocation at a time, not for the GPU server's request threads, so every access holds this lock.
 _metrics_lock = threading.Lock()
+
+
 EMF_MAX_VALUES = 100  # values of one metric in one EMF line (CloudWatch's limit; powertools' too)
 
 
@@ -130,15 +161,15 @@ def flush_metrics() -> None:
             metrics.flush_metrics()
 
 
-Method = TypeVar("Method", bound=Callable[..., Any])
-
-
-def capture_method(method: Method) -> Method:
-    """``tracer.capture_method(capture_response=False)``, or ``method`` itself where tracing is
-    off (decided when the tracer was made: outside Lambda, or ``POWERTOOLS_TRACE_DISABLED``)."""
-    if tracer.disabled:
-        return method
-    return tracer.capture_method(capture_response=False)(method)  # type: ignore[return-value]
+def reset_for_new_environment() -> None:
+    """Forget what belongs to the environment a snapshot was taken in: metrics recorded during
+    its init (flushed there, before the snapshot) and request keys on the logger. A restored
+    environment did not run the init, so its first invocation is no cold start: restores are
+    counted apart (:data:`SNAPSTART_RESTORE`)."""
+    with _metrics_lock:
+        metrics.clear_metrics()
+    logger.remove_keys(["function_request_id", "correlation_id", "xray_trace_id"])
+    cold_start.is_cold_start = False
 
 
 @contextmanager

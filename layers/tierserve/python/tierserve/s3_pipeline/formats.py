@@ -9,7 +9,7 @@ import dataclasses
 import io
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -71,11 +71,11 @@ def read_input(
     limit = settings.max_input_bytes
     check_size(size, limit, MAX_INPUT_MB_ENV)
     data = _read_limited(body, limit, where)
-    with _decoding():
+    with decoding():
         if fmt == ".npy":
             request = decode_npy(data, manifest, max_bytes=limit)
         else:
-            request = _json_outputs(parse_infer_request(data, None, manifest, max_bytes=limit))
+            request = json_outputs(parse_infer_request(data, None, manifest, max_bytes=limit))
     return request, iter([(request, 0)])
 
 
@@ -210,12 +210,22 @@ def _parse_row(line: bytes, number: int, single: str | None, names: list[str]) -
         raise BadRequest(
             f"line {number} is nested too deeply to decode: a row nests lists only as deep as the input's shape"
         ) from None
+    return row_values(value, f"line {number}", single, names)
+
+
+def row_values(value: Any, where: str, single: str | None, names: list[str]) -> dict[str, Any]:
+    """One row, decoded from JSON, as ``{input name: value}``: an object naming exactly the
+    model's inputs, or for a single-input model (``single``) the value itself.
+
+    Raises:
+        BadRequest: neither (the message starts with ``where``: "line 3", "the record").
+    """
     if isinstance(value, dict):
         unknown = [k for k in value if k not in names]
         missing = [n for n in names if n not in value]
         if unknown or missing:
             raise BadRequest(
-                f"line {number}: a row needs exactly the model's inputs {names}"
+                f"{where}: a row needs exactly the model's inputs {names}"
                 + (f"; unknown {unknown}" if unknown else "")
                 + (f"; missing {missing}" if missing else "")
             )
@@ -223,7 +233,7 @@ def _parse_row(line: bytes, number: int, single: str | None, names: list[str]) -
     if single is not None and value is not None:
         return {single: value}
     raise BadRequest(
-        f"line {number}: a row must be an object {{input name: value}}"
+        f"{where}: a row must be an object {{input name: value}}"
         + (" or the value of the model's one input" if single else f"; the model's inputs are {names}")
     )
 
@@ -232,35 +242,61 @@ def _row_batch(rows: list[tuple[int, dict[str, Any]]], manifest: Manifest) -> In
     first, last = rows[0][0], rows[-1][0]
     where = f"line {first}" if first == last else f"lines {first}-{last}"
     try:
-        arrays = {}
-        for spec in manifest.inputs:
-            values = [row[spec.name] for _, row in rows]
-            try:
-                sample_shape = np.shape(values[0])
-            except ValueError:
-                raise BadRequest(f"input {spec.name!r}: nested data is ragged") from None
-            arrays[spec.name] = decode_json(values, spec.datatype, (len(values), *sample_shape), spec.name)
-        return request_from_arrays(arrays, manifest)
+        return rows_request([row for _, row in rows], manifest)
     except BadRequest as error:
         raise BadRequest(f"{where}: {error.message}") from None
 
 
+def rows_request(rows: list[dict[str, Any]], manifest: Manifest) -> InferenceRequest:
+    """Rows (each ``{input name: value}``, one sample without the batch dimension) stacked
+    along the first dimension into one validated request.
+
+    Raises:
+        BadRequest: ragged rows, or rows that do not fit the signature.
+    """
+    arrays = {}
+    for spec in manifest.inputs:
+        values = [row[spec.name] for row in rows]
+        try:
+            sample_shape = np.shape(values[0])
+        except ValueError:
+            raise BadRequest(f"input {spec.name!r}: nested data is ragged") from None
+        arrays[spec.name] = decode_json(values, spec.datatype, (len(values), *sample_shape), spec.name)
+    return request_from_arrays(arrays, manifest)
+
+
 def iter_lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[bytes]:
     """Lines (without their ``\\n`` / ``\\r\\n``) of a stream of chunks; memory holds at most
-    one line and one chunk."""
+    one line and one chunk.
+
+    Raises:
+        PayloadTooLarge: a line is longer than ``max_line_bytes``, wherever the chunks split
+            it; refused before more than ``max_line_bytes`` of it is held.
+    """
     pending = bytearray()
     for chunk in chunks:
         start = 0
         while (end := chunk.find(b"\n", start)) >= 0:
+            last = chunk[end - 1 : end] if end > start else pending[-1:]
+            _check_line(len(pending) + end - start, max_line_bytes, last == b"\r")
             pending += chunk[start:end]
             yield bytes(pending).rstrip(b"\r")
             pending.clear()
             start = end + 1
-        pending += chunk[start:]
-        if len(pending) > max_line_bytes:
-            raise PayloadTooLarge(f"a line of the .jsonl file is over {max_line_bytes:,} bytes")
+        if start < len(chunk):  # the rest may end in the "\r" of a "\r\n" the next chunk completes
+            _check_line(len(pending) + len(chunk) - start, max_line_bytes, chunk.endswith(b"\r"))
+            pending += chunk[start:]
     if pending:
         yield bytes(pending).rstrip(b"\r")
+
+
+def _check_line(length: int, max_line_bytes: int, carriage_return: bool) -> None:
+    """``length`` bytes of one line, the last a ``\\r`` (not counted) when ``carriage_return``."""
+    if length - carriage_return > max_line_bytes:
+        raise PayloadTooLarge(
+            f"a line of the .jsonl file is over {max_line_bytes:,} bytes: split the row, or send it "
+            f"as a .npy or .json file (the limit is {MAX_INPUT_MB_ENV})"
+        )
 
 
 def join_batches(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -275,7 +311,7 @@ def join_batches(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         ) from None
 
 
-def _json_outputs(request: InferenceRequest) -> InferenceRequest:
+def json_outputs(request: InferenceRequest) -> InferenceRequest:
     """An output file is JSON: ignore requests for binary outputs."""
     outputs = (
         None if request.outputs is None else tuple(RequestedOutput(o.name, False) for o in request.outputs)
@@ -315,7 +351,7 @@ def _guarded(chunks: Iterator[bytes], where: str) -> Iterator[bytes]:
 
 
 @contextmanager
-def _decoding() -> Iterator[None]:
+def decoding() -> Iterator[None]:
     """Faults of decoding that the same input raises on every delivery become its error file,
     not retries that end in the dead-letter queue without a reason."""
     try:
@@ -337,10 +373,20 @@ def _decoding() -> Iterator[None]:
 
 
 def _decoded(batches: Iterator[tuple[InferenceRequest, int]]) -> Iterator[tuple[InferenceRequest, int]]:
-    """``batches``, each decoded under :func:`_decoding`."""
+    """``batches``, each decoded under :func:`decoding`."""
     while True:
-        with _decoding():
+        with decoding():
             batch = next(batches, None)
         if batch is None:
             return
         yield batch
+
+
+def with_parameters(response: bytes, parameters: Mapping[str, Any]) -> bytes:
+    """The encoded JSON response object with ``"parameters"`` (what it answers) added as its
+    last member, without parsing it back: the response of a 100,000-row file is large."""
+    if not (response.startswith(b"{") and response.endswith(b"}")):
+        raise ValueError("the response to add parameters to is not one JSON object")
+    # ASCII: a lone surrogate (a JSON "\ud800" escape) stays escaped instead of failing to encode.
+    encoded = json.dumps(dict(parameters), separators=(",", ":")).encode()
+    return b"".join((response[:-1], b',"parameters":', encoded, b"}"))

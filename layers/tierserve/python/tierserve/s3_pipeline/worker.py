@@ -18,6 +18,14 @@ the message carries, exactly one of these happens:
   worker reports the message as a batch item failure; SQS redelivers it and moves it to the
   dead-letter queue after ``maxReceiveCount`` receives. Nothing is written.
 
+**Requests.** The common path, a new input, costs what a bare GET-run-PUT worker pays: one
+GetObject, one conditional PutObject (``If-None-Match: *``), and for the other kind of result
+one listing per batch (:meth:`Pipeline.index_messages`) instead of a HeadObject per input.
+The results are looked at first (HeadObject) only when there is something to compare with (a
+listing found one) or the input is large enough (:data:`LOOK_FIRST_BYTES`) that reading and
+running it twice would cost more than a look; otherwise the conditional write carries the
+decision, and a refused write looks and decides again (a duplicate or stale delivery).
+
 Events are parsed in :mod:`~tierserve.s3_pipeline.events`, files decoded in
 :mod:`~tierserve.s3_pipeline.formats`, results written in :mod:`~tierserve.s3_pipeline.results`.
 """
@@ -26,9 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -41,8 +52,17 @@ from tierserve.protocol import InferenceRequest, encode_infer_response
 from tierserve.registry import ModelRegistry
 from tierserve.s3_pipeline.errors import data_error
 from tierserve.s3_pipeline.events import InputKey, PoisonMessage, S3Object, parse_input_key, parse_message
-from tierserve.s3_pipeline.formats import check_format, join_batches, read_input
-from tierserve.s3_pipeline.results import Outcome, ResultStore, skipped, why_skip
+from tierserve.s3_pipeline.formats import check_format, join_batches, read_input, with_parameters
+from tierserve.s3_pipeline.results import (
+    KINDS,
+    Known,
+    Outcome,
+    ResultIndex,
+    ResultKind,
+    ResultStore,
+    skipped,
+    why_skip,
+)
 from tierserve.s3_pipeline.settings import PipelineSettings
 from tierserve.sagemaker_model import SageMakerModel
 from tierserve.settings import (
@@ -63,6 +83,11 @@ from tierserve.telemetry import (
     stopwatch,
     tracer,
 )
+
+# Inputs this large look at their results before they are read: a duplicate delivery would
+# otherwise read and run them again only to have its write refused (a HeadObject is cheaper).
+LOOK_FIRST_BYTES = 1024 * 1024
+LISTING_THREADS = 2  # listings of a batch's results, beside the records' own threads
 
 
 class _Skip(Exception):
@@ -97,6 +122,8 @@ class Pipeline:
         self.results = ResultStore(
             s3_client_factory, clock, DATA_BUCKET_ENV if settings.data_bucket else None
         )
+        self._listing_pool: ThreadPoolExecutor | None = None
+        self._listing_pool_lock = threading.Lock()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Pipeline:
@@ -104,11 +131,43 @@ class Pipeline:
         Nothing touches S3 until the first message."""
         return cls(ModelRegistry(Settings.from_env(environ)), PipelineSettings.from_env(environ))
 
-    def handle_message(self, body: str, deadline: aws.Deadline | None = None) -> list[Outcome]:
+    def index_messages(self, bodies: Iterable[str], deadline: aws.Deadline | None = None) -> ResultIndex:
+        """Start listing, in the background, the error results of the inputs a batch of SQS
+        message bodies announces (an output, the common result, is written conditionally
+        and needs no look): what :meth:`handle_message` then knows without a HeadObject.
+        Bodies that do not parse are left to :meth:`handle_message` to fail."""
+        return self.index_inputs(_announced(bodies), (ERROR_PREFIX,), deadline)
+
+    def index_inputs(
+        self, items: Iterable[S3Object], kinds: Iterable[ResultKind], deadline: aws.Deadline | None = None
+    ) -> ResultIndex:
+        """Start listing the results of ``kinds`` for ``items`` (see :class:`ResultIndex`)."""
+        inputs = []
+        for item in items:
+            try:
+                key = parse_input_key(item.key)
+            except PoisonMessage:
+                continue
+            if key is not None:
+                inputs.append((self.settings.data_bucket or item.bucket, key))
+        return self.results.index(inputs, tuple(kinds), self._listings(), deadline)
+
+    def _listings(self) -> ThreadPoolExecutor:
+        with self._listing_pool_lock:
+            if self._listing_pool is None:
+                self._listing_pool = ThreadPoolExecutor(
+                    LISTING_THREADS, thread_name_prefix="tierserve-listing"
+                )
+            return self._listing_pool
+
+    def handle_message(
+        self, body: str, deadline: aws.Deadline | None = None, index: ResultIndex | None = None
+    ) -> list[Outcome]:
         """Serve every object an SQS message body announces; raise if the message must be retried.
 
         With a ``deadline`` (the invocation's), every S3 and SageMaker call fits before it,
         and work that cannot is refused with :class:`~tierserve.aws.OutOfTime` (retryable).
+        ``index`` is what :meth:`index_messages` listed for the batch the message came in.
 
         Raises:
             PoisonMessage: the message can never succeed (report it; SQS dead-letters it).
@@ -124,7 +183,7 @@ class Pipeline:
             raise
         try:
             with aws.within(deadline):
-                return [self.handle(item) for item in objects]
+                return [self.handle(item, index) for item in objects]
         except (PoisonMessage, TierserveError):
             raise  # logged where they were raised
         except Exception:
@@ -132,8 +191,14 @@ class Pipeline:
             raise
 
     @tracer.capture_method(capture_response=False)
-    def handle(self, item: S3Object) -> Outcome:
-        """One S3 object to its one result (see the module docstring)."""
+    def handle(
+        self, item: S3Object, index: ResultIndex | None = None, *, look_first: bool = False
+    ) -> Outcome:
+        """One S3 object to its one result (see the module docstring); ``index`` says which of
+        its results exist, where a listing of its batch covered them. With ``look_first`` (a
+        bulk run, where a rerun finds most results current), or for an input of
+        :data:`LOOK_FIRST_BYTES` or more, the results the index does not rule out are looked at
+        before the input is read."""
         try:
             key = parse_input_key(item.key)
         except PoisonMessage as error:
@@ -143,11 +208,18 @@ class Pipeline:
             return skipped(item, f"not under {INPUT_PREFIX}/{{model}}/: not an input")
         bucket = self.settings.data_bucket or item.bucket
         model_label = self._model_label(key.model)
-        recorded = self.results.recorded(bucket, key)
-        reason = why_skip(item, recorded.values(), model_label)
-        if reason:
-            self.results.remove_stale(bucket, item, key, recorded, model_label)
-            return skipped(item, reason)
+        if look_first or item.size >= LOOK_FIRST_BYTES:
+            # Looking first pays when results are likely current (a rerun) or the input is large.
+            listed = {kind: index.exists(bucket, kind, key) if index else None for kind in KINDS}
+            absent = [kind for kind, found in listed.items() if found is False]
+            recorded = self.results.recorded(bucket, key, [k for k in KINDS if k not in absent])
+            reason = why_skip(item, recorded.values(), model_label)
+            if reason:
+                self.results.remove_stale(bucket, item, key, recorded, model_label)
+                return skipped(item, reason)
+            known = Known.looked(recorded)
+        else:  # the write decides; the listing is asked once the result is written
+            known = Known(listed=partial(index.exists, bucket, key=key) if index else None)
         try:
             served = self._serve(item, key)
         except _Skip as skip:
@@ -160,8 +232,8 @@ class Pipeline:
                 )
                 raise
             reason = _dumps(self._error_document(item, key, error))
-            return self.results.write(bucket, item, key, ERROR_PREFIX, reason, recorded, model_label)
-        return self.results.write(bucket, served.item, key, OUTPUT_PREFIX, served.body, recorded, model_label)
+            return self.results.write(bucket, item, key, ERROR_PREFIX, reason, known, model_label)
+        return self.results.write(bucket, served.item, key, OUTPUT_PREFIX, served.body, known, model_label)
 
     # -------------------------------------------------- serving
 
@@ -170,6 +242,10 @@ class Pipeline:
             return str(self.registry.resolve(name))
         except ModelNotFound:
             return ""
+
+    def model_for(self, ref: ModelRef) -> Model:
+        """What serves ``ref``: its warm session here, or its GPU endpoint (``TIERSERVE_GPU_ENDPOINTS``)."""
+        return self._model(ref, self.registry.manifest(ref))
 
     def _model(self, ref: ModelRef, manifest: Manifest) -> Model:
         target = self.settings.gpu_endpoints.get(ref.name)
@@ -197,7 +273,7 @@ class Pipeline:
             record_count(PIPELINE_ROWS, rows)
         encoded = encode_infer_response(request, outputs, model_name=ref.name, model_version=ref.version)
         parameters = self._input_parameters(item, key, rows if key.format == ".jsonl" else None)
-        return _Served(_with_parameters(encoded.body, parameters), rows, item)
+        return _Served(with_parameters(encoded.body, parameters), rows, item)
 
     def _run(
         self,
@@ -234,6 +310,17 @@ class Pipeline:
                 raise _Skip("the input was overwritten after this event; its own event serves it") from None
             raise data_error(error, f"s3://{item.bucket}/{item.key}") from error
 
+    def describe_input(self, item: S3Object) -> S3Object:
+        """``item`` with the ETag, size and version id its input has now (one HeadObject); as it
+        is when the input is gone (serving it then skips it)."""
+        try:
+            head = self._s3().head_object(Bucket=item.bucket, Key=item.key)
+        except Exception as error:
+            if aws.classify(error).kind == "gone":
+                return item
+            raise data_error(error, f"s3://{item.bucket}/{item.key}") from error
+        return _as_read(dataclasses.replace(item, size=int(head.get("ContentLength") or item.size)), head)
+
     def _input_parameters(self, item: S3Object, key: InputKey, rows: int | None) -> dict[str, Any]:
         parameters: dict[str, Any] = {"input_bucket": item.bucket, "input_key": item.key}
         if item.etag:
@@ -253,6 +340,14 @@ class Pipeline:
         return document
 
 
+def _announced(bodies: Iterable[str]) -> Iterator[S3Object]:
+    for body in bodies:
+        try:
+            yield from parse_message(body)
+        except PoisonMessage:
+            continue
+
+
 def _as_read(item: S3Object, response: Mapping[str, Any]) -> S3Object:
     """``item`` with the ETag and version id of what GetObject returned, where the event lacked them."""
     version = item.version_id or response.get("VersionId")
@@ -261,14 +356,6 @@ def _as_read(item: S3Object, response: Mapping[str, Any]) -> S3Object:
         etag=item.etag or str(response.get("ETag", "")).strip('"') or None,
         version_id=version if version and version != "null" else None,
     )
-
-
-def _with_parameters(response: bytes, parameters: Mapping[str, Any]) -> bytes:
-    """The encoded JSON response object with ``"parameters"`` added as its last member, without
-    parsing it back: the response of a 100,000-row file is large."""
-    if not (response.startswith(b"{") and response.endswith(b"}")):
-        raise ValueError("the response to add parameters to is not one JSON object")
-    return b"".join((response[:-1], b',"parameters":', _dumps(parameters), b"}"))
 
 
 def _dumps(document: Mapping[str, Any]) -> bytes:

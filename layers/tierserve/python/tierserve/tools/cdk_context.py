@@ -25,7 +25,12 @@ from typing import Any, Literal
 
 from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB, LAMBDA_MAX_MEMORY_MB
 from tierserve.catalog import NAME_PATTERN as MODEL_NAME_PATTERN
-from tierserve.settings import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
+from tierserve.settings import (
+    DEFAULT_FETCH_CONNECTIONS,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE_DELAY_MS,
+    MAX_FETCH_CONNECTIONS,
+)
 
 AuthMode = Literal["iam", "api_key", "none"]
 Architecture = Literal["x86_64", "arm64"]
@@ -64,7 +69,18 @@ SQS_MAX_BATCH_WITHOUT_WINDOW = 10
 SQS_MAX_BATCH_SIZE = 10_000
 SQS_MAX_BATCHING_WINDOW_SECONDS = 300
 LAMBDA_MAX_RESERVED_CONCURRENCY = 1_000
+# Step Functions: a Distributed Map runs at most 10,000 child executions at once.
+DISTRIBUTED_MAP_MAX_CONCURRENCY = 10_000
+BATCH_MAX_ITEMS_PER_BATCH = 10_000
+# Kinesis: an event source mapping's batch is at most 10,000 records, its retries at most 10,000.
+KINESIS_MAX_BATCH_SIZE = 10_000
+KINESIS_MAX_RETRY_ATTEMPTS = 10_000
+KINESIS_MAX_SHARDS = 500  # a new account's default shard quota per region
 EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# One S3 connection from a Lambda function moves about this many MB/s.
+DEFAULT_S3_MB_PER_S_PER_CONNECTION = 90.0
+# Lambda's account default for concurrent executions: provisioned concurrency cannot exceed it.
+LAMBDA_MAX_PROVISIONED_CONCURRENCY = 1_000
 CDK_JSON = "cdk.json"
 
 
@@ -91,6 +107,13 @@ class InfraConfig:
     log_level: str = "INFO"
     preload: bool = True
     api_cloudwatch_role: bool = True
+    # Cold starts (infra/lambda_tier.py): SnapStart for every Lambda-tier model (true), none
+    # (false), or the models named; provisioned concurrency per model instead (name -> count).
+    snapstart: bool | tuple[str, ...] = True
+    provisioned_concurrency: tuple[tuple[str, int], ...] = ()
+    lambda_disk_cache: bool = True
+    fetch_connections: int = DEFAULT_FETCH_CONNECTIONS
+    s3_mb_per_s_per_connection: float = DEFAULT_S3_MB_PER_S_PER_CONNECTION
     # GPU tier (infra/sagemaker_inference.py): one SageMaker endpoint per instance type, every
     # GPU-tier model on it as an inference component that scales to zero copies.
     gpu_instance_type: str = "ml.g5.xlarge"
@@ -121,6 +144,16 @@ class InfraConfig:
     pipeline_batching_window_seconds: int = 5
     pipeline_reserved_concurrency: int = 0
     alarm_email: str = ""
+    # Bulk inference (infra/batch.py): the Distributed Map over an S3 prefix or manifest.
+    batch_items_per_batch: int = 100
+    batch_max_concurrency: int = 100
+    batch_tolerated_failure_percentage: float = 0
+    batch_function_timeout_seconds: int = 600
+    # Streams (infra/streams.py): a Kinesis stream served by one model of the catalog, "" for none.
+    stream: str = ""
+    stream_shards: int = 1
+    stream_batch_size: int = 100
+    stream_max_retry_attempts: int = 3
 
     def __post_init__(self) -> None:
         """Checks that involve more than one key (each key alone is checked by its parser)."""
@@ -206,14 +239,32 @@ class InfraConfig:
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from None
 
+    @property
+    def cold_start_mb_per_s(self) -> float:
+        """The S3 bandwidth a cold start reads a model at: every connection at its rate."""
+        return self.fetch_connections * self.s3_mb_per_s_per_connection
+
+    def snapstart_for(self, model: str) -> bool:
+        """Whether the function of Lambda-tier ``model`` gets SnapStart (context ``snapstart``)."""
+        return self.snapstart if isinstance(self.snapstart, bool) else model in self.snapstart
+
+    def provisioned_concurrency_for(self, model: str) -> int:
+        """Provisioned concurrency of ``model``'s alias (context ``provisioned_concurrency``), 0: none."""
+        return dict(self.provisioned_concurrency).get(model, 0)
+
     def catalog_path(self, root: Path) -> Path:
         """The catalog file: ``catalog`` as given when absolute, else relative to ``root``."""
         path = Path(self.catalog)
         return path if path.is_absolute() else root / path
 
     def to_context(self) -> dict[str, Any]:
-        """The context keys and values this config stands for (the inverse of :meth:`from_context`)."""
-        return {field.name: getattr(self, field.name) for field in fields(self)}
+        """The context keys and values this config stands for (the inverse of :meth:`from_context`),
+        as JSON writes them (lists and objects for the per-model keys)."""
+        context = {field.name: getattr(self, field.name) for field in fields(self)}
+        if not isinstance(self.snapstart, bool):
+            context["snapstart"] = list(self.snapstart)
+        context["provisioned_concurrency"] = dict(self.provisioned_concurrency)
+        return context
 
 
 def find_cdk_json(start: Path) -> Path | None:
@@ -227,7 +278,7 @@ def find_cdk_json(start: Path) -> Path | None:
 
 def _problem(key: str, raw: Any, wanted: str) -> ConfigError:
     default = _DEFAULTS[key]
-    example = str(default).lower() if isinstance(default, bool) else (default if default != "" else '""')
+    example = str(default).lower() if isinstance(default, bool) else '""' if default in ("", ()) else default
     return ConfigError(
         f"cdk.json context {key!r} is {raw!r}; it must be {wanted}. "
         f"Fix it in cdk.json or on the command line, e.g. `cdk synth -c {key}={example}` (the default)"
@@ -287,6 +338,61 @@ def _retention(key: str, raw: Any) -> int:
     return days
 
 
+def _model_names(key: str, raw: Any) -> bool | tuple[str, ...]:
+    """true, false, or model names: a JSON list, or text (``-c``) as true/false or ``a,b``."""
+    wanted = "true, false, or a list of model names (JSON list, or names joined by commas)"
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.lower() in {"true", "false", "1", "0", "yes", "no"}:
+            return _boolean(key, text)
+        raw = (
+            _json_text(key, text, wanted)
+            if text.startswith("[")
+            else [p.strip() for p in text.split(",") if p.strip()]
+        )
+    if not isinstance(raw, list) or not all(isinstance(n, str) and MODEL_NAME_PATTERN.match(n) for n in raw):
+        raise _problem(key, raw, wanted)
+    return tuple(dict.fromkeys(raw))
+
+
+def _per_model_counts(key: str, raw: Any) -> tuple[tuple[str, int], ...]:
+    """``{"model": count}`` (a JSON object, or text ``a=2,b=1`` from ``-c``); counts from 1."""
+    wanted = (
+        f'an object of model names and counts from 1 to {LAMBDA_MAX_PROVISIONED_CONCURRENCY}, e.g. {{"iris": 2}} '
+        "(on the command line: iris=2,mlp=1)"
+    )
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("{"):
+            raw = _json_text(key, text, wanted)
+        else:
+            pairs = [p.partition("=") for p in text.split(",") if p.strip()]
+            if any(not sep for _, sep, _ in pairs):
+                raise _problem(key, raw, wanted)
+            raw = {name.strip(): count.strip() for name, _, count in pairs}
+    if not isinstance(raw, dict):
+        raise _problem(key, raw, wanted)
+    counts = []
+    for name, count in raw.items():
+        if not isinstance(name, str) or not MODEL_NAME_PATTERN.match(name):
+            raise _problem(key, raw, wanted)
+        try:
+            value = _number(key, count, 1, LAMBDA_MAX_PROVISIONED_CONCURRENCY, integer=True)
+        except ConfigError:
+            raise _problem(key, raw, wanted) from None
+        counts.append((name, value))
+    return tuple(counts)
+
+
+def _json_text(key: str, text: str, wanted: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise _problem(key, text, wanted) from None
+
+
 def _text(key: str, raw: Any) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise _problem(key, raw, "a non-empty path to the catalog JSON file")
@@ -338,6 +444,15 @@ def _email(key: str, raw: Any) -> str:
     return value
 
 
+def _model_or_none(key: str, raw: Any) -> str:
+    value = "" if raw is None else str(raw).strip()
+    if isinstance(raw, bool) or (value and not MODEL_NAME_PATTERN.match(value)):
+        raise _problem(
+            key, raw, 'the name of a catalog model whose records the stream carries, or "" for no stream'
+        )
+    return value
+
+
 _DEFAULTS: dict[str, Any] = {field.name: field.default for field in fields(InfraConfig)}
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "catalog": _text,
@@ -352,6 +467,11 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "log_level": _choice(LOG_LEVELS, upper=True),
     "preload": _boolean,
     "api_cloudwatch_role": _boolean,
+    "snapstart": _model_names,
+    "provisioned_concurrency": _per_model_counts,
+    "lambda_disk_cache": _boolean,
+    "fetch_connections": _integer(1, MAX_FETCH_CONNECTIONS),
+    "s3_mb_per_s_per_connection": _real(1, 10_000),
     "gpu_instance_type": _instance_type,
     "gpu_instance_types": _instance_types,
     "gpu_initial_instance_count": _integer(1, GPU_MAX_INSTANCES),
@@ -379,4 +499,12 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "pipeline_batching_window_seconds": _integer(0, SQS_MAX_BATCHING_WINDOW_SECONDS),
     "pipeline_reserved_concurrency": _integer(0, LAMBDA_MAX_RESERVED_CONCURRENCY),
     "alarm_email": _email,
+    "batch_items_per_batch": _integer(1, BATCH_MAX_ITEMS_PER_BATCH),
+    "batch_max_concurrency": _integer(1, DISTRIBUTED_MAP_MAX_CONCURRENCY),
+    "batch_tolerated_failure_percentage": _real(0, 100),
+    "batch_function_timeout_seconds": _integer(1, LAMBDA_MAX_TIMEOUT_SECONDS),
+    "stream": _model_or_none,
+    "stream_shards": _integer(1, KINESIS_MAX_SHARDS),
+    "stream_batch_size": _integer(1, KINESIS_MAX_BATCH_SIZE),
+    "stream_max_retry_attempts": _integer(0, KINESIS_MAX_RETRY_ATTEMPTS),
 }

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tierserve import __version__
 from tierserve.settings import SettingsError, whole
@@ -21,8 +23,12 @@ A model goes from an ONNX file to a served API in three steps:
 examples:
     tierserve local                      # sample models, embedded S3, OIP on 127.0.0.1:3000
     tierserve local --port 8000
+    tierserve local --models .tierserve/packages --no-samples   # your packages, each on its tier
     tierserve local put rows.jsonl --model iris   # S3-triggered inference on the running stack
+    tierserve local stream rows.jsonl             # records on the local Kinesis stream, their results
     tierserve local invoke events/infer-json.json # the handler under Lambda's runtime emulator
+    tierserve batch s3://BUCKET/inputs/iris/ --model iris          # bulk inference (Step Functions)
+    tierserve batch s3://tierserve-data/inputs/iris/ --model iris --local
     tierserve package model.onnx --name iris --version 1 --quantization int8 --upload s3://BUCKET/models
     tierserve catalog validate
     tierserve --version
@@ -39,6 +45,8 @@ LOCAL_PORT = whole("PORT", high=65535, unset=f"the default, {DEFAULT_LOCAL_PORT}
 HANDLER_EVENTS = {
     "api.handler": ("httpMethod", "an API Gateway proxy event such as events/infer-json.json"),
     "worker.handler": ("Records", "an SQS event such as events/sqs-s3-put.json"),
+    "batch.handler": ("Items", "a Distributed Map batch such as events/sfn-batch.json"),
+    "stream.handler": ("Records", "a Kinesis event such as events/kinesis-records.json"),
 }
 
 
@@ -53,19 +61,30 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     local = commands.add_parser(
         "local",
-        help="run the local API on sample models (no Docker, no AWS account)",
+        help="serve sample models, or your own packages, locally (no Docker, no AWS account)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Builds sample models (a scikit-learn classifier, a perceptron, a convnet on the Lambda tier,\n"
             "and convnet-xl on the GPU tier), packages them (zstd + manifest), puts them into an embedded\n"
             "S3 on 127.0.0.1 and serves the Open Inference Protocol by handing API Gateway proxy events\n"
-            "to the real Lambda handler; gpu-tier models are forwarded to the GPU server running as a\n"
-            "local process (CPU). An embedded queue runs S3-triggered inference: see `local put`."
+            "to the real Lambda handler, each model in its own execution environment; gpu-tier models\n"
+            "are forwarded to the GPU server running as a local process (CPU). An embedded queue runs\n"
+            "S3-triggered inference on every model: see `local put`.\n"
+            "\n"
+            "Your own models: --models DIR serves the packages `tierserve package` wrote (DIR itself, or\n"
+            "its NAME/VERSION folders), --catalog PATH exactly the catalog's entries (their bytes found\n"
+            "under --models, default .tierserve/packages); each on its tier by the tier rule (cdk.json's\n"
+            "lambda_max_model_mb, or the manifest's override). --no-samples leaves the samples out.\n"
+            "The banner names the embedded S3 endpoint, its credentials and buckets. Ready means all of\n"
+            "it answers; the other `tierserve local` commands find it through .tierserve/local-stack.json."
         ),
         epilog=(
             "examples:\n"
             "  tierserve local\n"
             "  PORT=8000 tierserve local\n"
+            "  tierserve package model.onnx --name mymodel --version 1\n"
+            "  tierserve local --models .tierserve/packages --no-samples\n"
+            "  tierserve local --catalog catalog.json --no-samples\n"
             "  curl -s localhost:3000/v2/models/iris"
         ),
     )
@@ -75,8 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir",
         type=Path,
         default=Path(".tierserve"),
-        help="models, cache, catalog (default .tierserve)",
+        help="models, cache, catalog, logs, state (default .tierserve)",
     )
+    local.add_argument(
+        "--models",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="serve the packages in DIR (from `tierserve package`); repeatable",
+    )
+    local.add_argument(
+        "--catalog",
+        type=Path,
+        metavar="PATH",
+        help="serve exactly this catalog's models, found under --models (default .tierserve/packages)",
+    )
+    local.add_argument("--no-samples", action="store_true", help="leave the sample models out")
     local.set_defaults(run=run_local)
     local_commands = local.add_subparsers(dest="local_command", metavar="SUBCOMMAND")
     put = local_commands.add_parser(
@@ -104,6 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     put.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
     put.set_defaults(run=run_local_put)
+    stream = local_commands.add_parser(
+        "stream",
+        help="put records on the running local stack's Kinesis stream and print their results",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Puts each line of FILE (or stdin, with -) as one record of the local Kinesis stream\n"
+            "tierserve-records that a running `tierserve local` polls; the stream worker serves them\n"
+            "in order with its model (iris) and writes results to tierserve-results, which this prints,\n"
+            "one JSON document per line, in the records' order. A line is a v2 infer request or one\n"
+            "row of the model's inputs. Exit 0 when every record has an output, 1 when one has an error\n"
+            "result or none came in time. See docs/batch-and-streams.md."
+        ),
+        epilog=(
+            "examples:\n"
+            "  printf '[5.1,3.5,1.4,0.2]\\n[6.7,3.0,5.2,2.3]\\n' | tierserve local stream -\n"
+            "  tierserve local stream rows.jsonl --partition-key sensor-7"
+        ),
+    )
+    stream.add_argument("file", help="a file with one record per line, or - for stdin")
+    stream.add_argument("--partition-key", default="tierserve-local", help="the records' partition key")
+    stream.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the results (default 30)"
+    )
+    stream.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
+    stream.set_defaults(run=run_local_stream)
     invoke = local_commands.add_parser(
         "invoke",
         help="run a handler on one event as Lambda runs it (sam local invoke, without Docker)",
@@ -131,50 +190,80 @@ def build_parser() -> argparse.ArgumentParser:
     )
     invoke.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
     invoke.set_defaults(run=run_local_invoke)
+    from tierserve.tools.batch import add_batch_command
     from tierserve.tools.packaging.commands import add_commands
 
     add_commands(commands)  # package, upload, catalog
+    add_batch_command(commands)
     return parser
 
 
 def run_local(args: argparse.Namespace) -> int:
     from tierserve.tools.cdk_context import ConfigError
-    from tierserve.tools.local.stack import describe, say, start
+    from tierserve.tools.local.packages import LocalModelsError
+    from tierserve.tools.local.stack import SAMPLES, LocalStackRunning, describe, say, start
 
+    previous = stop_on_termination()  # before anything starts: a signal during the start cleans up too
+    stack = None
     try:
         port = args.port if args.port is not None else LOCAL_PORT.read(os.environ, DEFAULT_LOCAL_PORT)
-        stack = start(args.work_dir, host=args.host, port=port)
-    except (ConfigError, SettingsError) as error:
+        stack = start(
+            args.work_dir,
+            host=args.host,
+            port=port,
+            chosen=() if args.no_samples else SAMPLES,
+            model_dirs=args.models,
+            catalog_path=args.catalog,
+        )
+        print(describe(stack), flush=True)
+        stack.wait()
+    except KeyboardInterrupt:
+        say("stopping")
+    except (ConfigError, SettingsError, LocalModelsError, LocalStackRunning, RuntimeError) as error:
         print(f"tierserve local: {error}", file=sys.stderr)
         return 1
     except OSError as error:
-        print(
-            f"tierserve local: cannot listen on {args.host}:{port} ({error.strerror}); pick --port",
-            file=sys.stderr,
-        )
+        if error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES) and stack is None:
+            print(
+                f"tierserve local: cannot listen on {args.host}:{port} ({error.strerror}); pick --port",
+                file=sys.stderr,
+            )
+        else:
+            print(f"tierserve local: {error}", file=sys.stderr)
         return 1
-    print(describe(stack), flush=True)
-    stop_on_termination()
-    try:
-        stack.api._thread.join() if stack.api._thread else None  # type: ignore[func-returns-value]
-    except KeyboardInterrupt:
-        say("stopping")
     finally:
-        stack.stop()
+        ignore_termination()  # stopping is bounded; a second Ctrl-C must not cut it short
+        try:
+            if stack is not None:
+                stack.stop()
+        finally:
+            restore_signals(previous)
     return 0
 
 
-def stop_on_termination() -> None:
-    """SIGTERM and SIGHUP (kill, a closed terminal) stop the local stack as Ctrl-C does, so
-    its GPU server processes drain and exit instead of outliving it."""
+TERMINATION = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_on_termination() -> dict[int, Any]:
+    """Ctrl-C, SIGTERM and SIGHUP (kill, a closed terminal) stop the local stack alike, once
+    (a repeated signal must not cut the stop short), so its GPU server processes drain and exit
+    instead of outliving it and its state file goes. Returns the handlers it replaced."""
 
     def interrupt(signum: int, _frame: object) -> None:
-        for again in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(again, signal.SIG_IGN)  # one stop: a repeated signal must not cut it short
+        ignore_termination()
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, interrupt)
+    return {signum: signal.signal(signum, interrupt) for signum in TERMINATION}
+
+
+def ignore_termination() -> None:
+    for signum in TERMINATION:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def restore_signals(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def run_local_put(args: argparse.Namespace) -> int:
@@ -199,6 +288,39 @@ def run_local_put(args: argparse.Namespace) -> int:
     print(f"{where}:", file=sys.stderr)
     print(json.dumps(document, indent=2))
     return 0 if status == "output" else 1
+
+
+def run_local_stream(args: argparse.Namespace) -> int:
+    import json
+
+    from tierserve.tools.local.kinesis_stream import put_and_read
+    from tierserve.tools.local.state import LocalStackNotRunning
+
+    try:
+        text = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as error:
+        print(f"tierserve local stream: cannot read {args.file}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        print(f"tierserve local stream: {args.file} has no records: write one per line", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        results = put_and_read(args.work_dir, lines, partition_key=args.partition_key, timeout_s=args.timeout)
+    except LocalStackNotRunning as error:
+        print(f"tierserve local stream: {error}", file=sys.stderr)
+        return 1
+    for document in results:
+        print(json.dumps(document) if document is not None else "null")
+    missing = sum(d is None for d in results)
+    errors = sum(d is not None and "error" in d for d in results)
+    print(
+        f"{len(lines)} records -> {len(results) - missing} results ({errors} errors"
+        + (f", {missing} not seen after {args.timeout:g} s" if missing else "")
+        + ") from tierserve-results",
+        file=sys.stderr,
+    )
+    return 0 if not missing and not errors else 1
 
 
 def run_local_invoke(args: argparse.Namespace) -> int:

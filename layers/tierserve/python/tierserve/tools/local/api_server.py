@@ -2,9 +2,13 @@
 same Lambda handler that runs in AWS.
 
 The HTTP front is the GPU server's (:mod:`tierserve.asgi`: uvicorn, JSON for every refusal,
-bounded heads, bodies and waits). Like one Lambda execution environment, the handler serves
-one request at a time. Models routed to an upstream (the GPU tier's server process) are
-forwarded over HTTP instead, concurrently, as API Gateway forwards them to SageMaker.
+bounded heads, bodies and waits). In AWS each model has its own function, so here each model
+has its own execution environment: its own handler (``functions``), which serves one request
+at a time, as one Lambda execution environment does, while the other models' environments
+serve theirs; one model's slow load never holds up another. Requests no model claims (health,
+server metadata, an unknown model) go to ``handler``, an environment of their own. Models
+routed to an upstream (the GPU tier's server process) are forwarded over HTTP instead,
+concurrently, as API Gateway forwards them to SageMaker.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from tierserve.asgi import ServerLimits, ServerThread, bind, build_server, serve_until_stopped
@@ -28,18 +32,33 @@ from tierserve.tools.local.apigw import (
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 UPSTREAM_TIMEOUT_S = 60
 FORWARDED_HEADERS = {"content-type", "inference-header-content-length"}
-LIMITS = ServerLimits(threads=32)  # the handler takes one at a time; forwarded requests run side by side
+LIMITS = ServerLimits(threads=32)  # one at a time per environment; forwarded requests run side by side
 DRAIN_TIMEOUT_S = 5.0  # a developer's Ctrl-C should not wait on a stuck client for long
 
 
+class ExecutionEnvironment:
+    """One Lambda execution environment: ``handler``, called one request at a time."""
+
+    def __init__(self, handler: LambdaHandler) -> None:
+        self.handler = handler
+        self._lock = threading.Lock()
+
+    def __call__(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        with self._lock:
+            return self.handler(event, context)
+
+
 class LocalApi:
-    """Serve ``handler`` on ``host:port`` (bound at once: a busy port fails here);
-    ``upstreams`` maps model names to base URLs; ``limits`` bound what a request may be."""
+    """Serve on ``host:port`` (bound at once: a busy port fails here): each model of
+    ``functions`` (model name -> its handler) in its own execution environment, ``upstreams``
+    (model name -> base URL) forwarded, and everything else through ``handler``; ``limits``
+    bound what a request may be."""
 
     def __init__(
         self,
         handler: LambdaHandler,
         *,
+        functions: Mapping[str, LambdaHandler] | None = None,
         host: str = "127.0.0.1",
         port: int = 3000,
         upstreams: Mapping[str, str] | None = None,
@@ -49,7 +68,8 @@ class LocalApi:
         self.handler = handler
         self.upstreams = dict(upstreams or {})
         self.memory_mb = memory_mb
-        self._handler_lock = threading.Lock()
+        self._default = ExecutionEnvironment(handler)
+        self.environments = {name: ExecutionEnvironment(f) for name, f in (functions or {}).items()}
         self._socket = bind(host, port)
         self._server = build_server(
             self.respond, name="tierserve-local", limits=limits, drain_timeout_s=DRAIN_TIMEOUT_S
@@ -68,6 +88,11 @@ class LocalApi:
         self._thread = self._serving.thread
         return self
 
+    def wait(self) -> None:
+        """Until the server started by :meth:`start` stops."""
+        if self._thread is not None:
+            self._thread.join()
+
     def serve_forever(self) -> None:
         """Serve in this thread until SIGTERM or SIGINT (then drain)."""
         serve_until_stopped(self._server, self._socket)
@@ -80,31 +105,35 @@ class LocalApi:
             self._socket.close()
 
     def respond(self, request: HttpRequest) -> HttpResponse:
-        """One request: forwarded to its model's upstream, or through the Lambda handler."""
-        upstream = self._upstream_for(request.path)
+        """One request: forwarded to its model's upstream, or through the Lambda handler of its
+        model's execution environment."""
+        model = model_in(request.path)
+        upstream = self.upstreams.get(model or "")
         if upstream is not None:
             return forward(upstream, request)
+        environment = self.environments.get(model or "", self._default)
         event = proxy_event(request.method, request.target or request.path, request.headers, request.body)
-        context = LocalLambdaContext(memory_limit_in_mb=self.memory_mb)
-        with self._handler_lock:
-            result = self.handler(event, context)
+        result = environment(event, LocalLambdaContext(memory_limit_in_mb=self.memory_mb))
         return HttpResponse(
             int(result["statusCode"]), proxy_response_body(result), proxy_response_headers(result)
         )
 
-    def _upstream_for(self, path: str) -> str | None:
-        parts = path.strip("/").split("/")
-        if len(parts) >= 3 and parts[:2] == ["v2", "models"]:
-            return self.upstreams.get(parts[2])
-        return None
+
+def model_in(path: str) -> str | None:
+    """The model a path names (``/v2/models/{model}/...``), or None."""
+    parts = path.strip("/").split("/")
+    return parts[2] if len(parts) >= 3 and parts[:2] == ["v2", "models"] else None
 
 
-def forward(base_url: str, request: HttpRequest) -> HttpResponse:
-    """Send one request to an upstream OIP server, its target as the client sent it; the
-    upstream's failures become OIP errors (503 unreachable, 504 too slow)."""
+def forward(
+    base_url: str, request: HttpRequest, forwarded_headers: Collection[str] = FORWARDED_HEADERS
+) -> HttpResponse:
+    """Send one request to an upstream OIP server, its target as the client sent it, with the
+    headers named in ``forwarded_headers`` (lower case); the upstream's failures become OIP
+    errors (503 unreachable, 504 too slow)."""
     if not base_url.startswith(("http://127.", "http://localhost")):
         raise ValueError(f"upstream {base_url!r} must be a loopback http URL")
-    keep = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
+    keep = {k: v for k, v in request.headers.items() if k.lower() in forwarded_headers}
     upstream = urllib.request.Request(  # noqa: S310 - checked above: a loopback http URL
         base_url.rstrip("/") + (request.target or request.path),
         data=request.body or None,

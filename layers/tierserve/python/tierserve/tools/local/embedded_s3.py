@@ -20,9 +20,19 @@ LOCAL_CREDENTIALS = {
 }
 
 
-def endpoint_env(endpoint: str) -> dict[str, str]:
-    """The variables that point boto3's S3 and SQS clients (and never AWS) at ``endpoint``."""
-    return {**LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ENDPOINT_URL_SQS": endpoint}
+def endpoint_env(endpoint: str, sagemaker_runtime: str | None = None) -> dict[str, str]:
+    """The variables that point boto3's S3, SQS and Kinesis clients (and never AWS) at
+    ``endpoint``, and its SageMaker runtime client at ``sagemaker_runtime`` (the local stack's,
+    when it has one)."""
+    env = {
+        **LOCAL_CREDENTIALS,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ENDPOINT_URL_SQS": endpoint,
+        "AWS_ENDPOINT_URL_KINESIS": endpoint,
+    }
+    if sagemaker_runtime:
+        env["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"] = sagemaker_runtime
+    return env
 
 
 class EmbeddedS3:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -29,7 +30,7 @@ from tierserve.settings import ERROR_PREFIX, INPUT_PREFIX, OUTPUT_PREFIX
 from tierserve.telemetry import logger
 from tierserve.tools.local.apigw import LocalLambdaContext
 from tierserve.tools.local.embedded_s3 import LOCAL_CREDENTIALS, EmbeddedS3, embedded_client
-from tierserve.tools.local.state import LocalStackNotRunning, read_state, write_state
+from tierserve.tools.local.state import LocalStackNotRunning, running_stack, write_state
 
 DATA_BUCKET = "tierserve-data"
 QUEUE_NAME = "tierserve-inputs"
@@ -141,11 +142,13 @@ class QueuePoller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def poll_once(self) -> PollResult:
+    def poll_once(self, wait_s: int | None = None) -> PollResult:
+        """One receive (waiting up to ``wait_s``, default the poller's) and its batch handed to
+        the handler."""
         messages = self.sqs.receive_message(
             QueueUrl=self.queues.url,
             MaxNumberOfMessages=self.batch_size,
-            WaitTimeSeconds=self.wait_s,
+            WaitTimeSeconds=self.wait_s if wait_s is None else wait_s,
             AttributeNames=["All"],
             MessageAttributeNames=["All"],
         ).get("Messages", [])
@@ -168,6 +171,9 @@ class QueuePoller:
         return PollResult(len(messages), len(failed))
 
     def start(self) -> QueuePoller:
+        """Poll once here (a queue or a handler that cannot work fails the caller), then keep
+        polling on a background thread."""
+        self.poll_once(wait_s=0)
         self._thread = threading.Thread(target=self._loop, name="tierserve-local-poller", daemon=True)
         self._thread.start()
         return self
@@ -197,20 +203,27 @@ class LocalPipeline:
     def stop(self) -> None:
         self.poller.stop()
 
+    def state(self) -> dict[str, str]:
+        """What ``local put`` reads from the state file."""
+        return {"data_bucket": self.bucket, "queue_url": self.queues.url}
+
 
 def start_local_pipeline(
     s3: EmbeddedS3, handler: LambdaHandler, *, state_dir: Path | None = None
 ) -> LocalPipeline:
     """Create the data bucket, queues and notification in ``s3`` and start polling into
-    ``handler`` (the worker). ``state_dir`` receives where to find them, for ``local put``."""
+    ``handler`` (the worker); returns once the first poll went through. ``state_dir`` records
+    where to find them, for ``local put``, in a harness that runs the pipeline alone (the
+    local stack records all its services itself, last)."""
     queues = create_resources(s3.client(), s3.client("sqs"))
     # moto's server logs every request through werkzeug; a poll every few seconds would bury
     # the useful lines. Warnings and errors still show.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     poller = QueuePoller(s3.client("sqs"), queues, handler, wait_s=POLL_WAIT_S).start()
+    pipeline = LocalPipeline(queues, poller)
     if state_dir is not None:
-        write_state(state_dir, s3_endpoint=s3.endpoint, data_bucket=DATA_BUCKET, queue_url=queues.url)
-    return LocalPipeline(queues, poller)
+        write_state(state_dir, {"pid": os.getpid(), "s3_endpoint": s3.endpoint, **pipeline.state()})
+    return pipeline
 
 
 def put_and_wait(
@@ -222,7 +235,7 @@ def put_and_wait(
     Raises:
         LocalStackNotRunning: no ``tierserve local`` answers from ``work_dir``.
     """
-    state = read_state(work_dir)
+    state = running_stack(work_dir)
     client = embedded_client(state["s3_endpoint"])
     key = InputKey(model, path or file.name)
     bucket = state["data_bucket"]

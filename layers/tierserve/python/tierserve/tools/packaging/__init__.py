@@ -11,9 +11,12 @@ measurement), used by the local API for its sample models. The command line
 
 from tierserve.tools.packaging._accuracy import Budget, Timing
 from tierserve.tools.packaging._artifact import (
+    DEFAULT_TARGET_MB_S,
     DEFAULT_ZSTD_LEVEL,
+    CompressionChoice,
     LevelChoice,
     PackagedModel,
+    choose_compression,
     choose_zstd_level,
     compress_file,
     package_model,
@@ -47,6 +50,7 @@ from tierserve.tools.packaging._upload import (
 from tierserve.tools.packaging._validate import check_model
 
 __all__ = [
+    "DEFAULT_TARGET_MB_S",
     "DEFAULT_ZSTD_LEVEL",
     "AccuracyOutOfBudget",
     "BucketForbidden",
@@ -54,6 +58,7 @@ __all__ = [
     "BucketUnreachable",
     "Budget",
     "CatalogProblem",
+    "CompressionChoice",
     "InvalidModel",
     "LevelChoice",
     "PackageOptions",
@@ -69,6 +74,7 @@ __all__ = [
     "UploadResult",
     "VersionConflict",
     "check_model",
+    "choose_compression",
     "choose_zstd_level",
     "compress_file",
     "generate_inputs",

@@ -1,7 +1,12 @@
-"""The stored form of a model: a compressed artifact, its manifest, and the zstd level rule.
+"""The stored form of a model: an artifact, its manifest, the zstd level rule and whether
+compressing pays at all.
 
     package_model(model.onnx, name=..., version=..., out_dir=...) -> PackagedModel
     choose_zstd_level(model.onnx, budget_s=20) -> LevelChoice
+    choose_compression(model.onnx, target_mb_s=720) -> CompressionChoice   # zstd, or none
+
+A zstd artifact is one frame that records its content size and checksum (the loader refuses
+any other: the checksum is what covers decompression, beside the stored bytes' sha256).
 
 A package directory is written next to its destination and renamed into place, so a reader
 never finds a half-written package.
@@ -36,6 +41,9 @@ ZSTD_WORTHWHILE_GAIN = 0.01
 SAMPLE_BYTES = 8 * 1024 * 1024
 SAMPLE_BLOCK = 1024 * 1024
 GZIP_LEVEL = 9
+# Only what a cold start reads over the network, at this many MB/s, decides whether zstd pays:
+# the loader's connections (TIERSERVE_FETCH_CONNECTIONS, 8) at about 90 MB/s each from Lambda.
+DEFAULT_TARGET_MB_S = 8 * 90.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,39 @@ class LevelChoice:
 
     level: int
     trials: tuple[dict[str, float], ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class CompressionChoice:
+    """What :func:`choose_compression` decided and the measurement behind it: at ``target_mb_s``
+    zstd saves ``saved_ms`` of transfer and hashing and costs ``decode_ms`` of decoding (one core,
+    where the two add up), for the whole model."""
+
+    compression: str
+    level: int | None
+    ratio: float
+    decode_mb_s: float
+    target_mb_s: float
+    saved_ms: float
+    decode_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "compression": self.compression,
+            "zstd_level": self.level,
+            "ratio": round(self.ratio, 4),
+            "decode_mb_s": round(self.decode_mb_s, 1),
+            "target_mb_s": self.target_mb_s,
+            "saved_ms": round(self.saved_ms, 1),
+            "decode_ms": round(self.decode_ms, 1),
+        }
+
+    def describe(self) -> str:
+        verdict = "zstd pays" if self.compression == "zstd" else "stored uncompressed: zstd does not pay"
+        return (
+            f"{verdict} at {self.target_mb_s:g} MB/s (it would save {self.saved_ms:,.0f} ms of transfer "
+            f"and hashing for {self.decode_ms:,.0f} ms of decoding; ratio {self.ratio:.3f})"
+        )
 
 
 def size_text(size: int) -> str:
@@ -124,7 +165,9 @@ def compress_file(source: Path, destination: Path, compression: str, level: int 
     """Compress ``source`` into ``destination`` as a stream (memory stays flat)."""
     with Path(source).open("rb") as reader, Path(destination).open("wb") as writer:
         if compression == "zstd":
-            zstandard.ZstdCompressor(level=level, threads=-1).copy_stream(reader, writer)
+            # One frame with its content size and checksum: what the loader requires.
+            compressor = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
+            compressor.copy_stream(reader, writer, size=Path(source).stat().st_size)
         elif compression == "gzip":
             with gzip.GzipFile(fileobj=writer, mode="wb", compresslevel=min(level, 9), mtime=0) as gz:
                 while chunk := reader.read(1 << 20):
@@ -166,6 +209,51 @@ def choose_zstd_level(
     best = min(t["ratio"] for t in within)
     chosen = next(t for t in within if t["ratio"] <= best * (1 + ZSTD_WORTHWHILE_GAIN))
     return LevelChoice(int(chosen["level"]), tuple(trials))
+
+
+def choose_compression(
+    path: Path,
+    target_mb_s: float = DEFAULT_TARGET_MB_S,
+    budget_s: float = DEFAULT_COMPRESS_BUDGET_S,
+    level: int | None = None,
+) -> CompressionChoice:
+    """zstd, or none when it does not pay, by measurement on a sample of the model.
+
+    A cold start pays, per byte stored, its transfer at ``target_mb_s`` and its sha256; zstd
+    stores fewer bytes but adds decoding (on one vCPU, as Lambda gives up to 1,769 MB, they add
+    up). So: compress the sample at the level the level rule picks (or ``level``), time its
+    decoding and a sha256 of it here, and keep zstd only when the transfer and hashing it saves
+    on the whole model exceed the decoding it costs. FP32 weights usually store uncompressed.
+    """
+    import hashlib
+
+    size = Path(path).stat().st_size
+    sample = _sample(Path(path), size)
+    chosen = level if level is not None else choose_zstd_level(path, budget_s).level
+    compressed = zstandard.ZstdCompressor(level=chosen, write_checksum=True).compress(sample)
+    ratio = len(compressed) / max(len(sample), 1)
+    decoder = zstandard.ZstdDecompressor()
+    decode_s = min(_timed(lambda: decoder.decompress(compressed)) for _ in range(3))
+    hash_s = min(_timed(lambda: hashlib.sha256(sample).digest()) for _ in range(3))
+    scale = size / max(len(sample), 1)
+    decode_ms = decode_s * scale * 1000
+    per_byte_ms = 1000 / (target_mb_s * 1e6) + hash_s * 1000 / max(len(sample), 1)
+    saved_ms = size * (1 - ratio) * per_byte_ms
+    return CompressionChoice(
+        compression="zstd" if saved_ms > decode_ms else "none",
+        level=chosen,
+        ratio=ratio,
+        decode_mb_s=len(sample) / max(decode_s, 1e-9) / 1e6,
+        target_mb_s=target_mb_s,
+        saved_ms=saved_ms,
+        decode_ms=decode_ms,
+    )
+
+
+def _timed(work: Any) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
 
 
 def _sample(path: Path, size: int) -> bytes:

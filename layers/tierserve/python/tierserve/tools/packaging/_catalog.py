@@ -32,11 +32,13 @@ from tierserve.tools.packaging._upload import S3Location, object_missing, upload
 
 @dataclass(frozen=True)
 class ProjectConfig:
-    """What packaging needs from ``cdk.json``: the catalog file and the tier threshold."""
+    """What packaging needs from ``cdk.json``: the catalog file, the tier threshold, and the S3
+    bandwidth a cold start reads at (``fetch_connections`` x ``s3_mb_per_s_per_connection``)."""
 
     catalog_path: Path | None
     lambda_max_model_mb: float
     cdk_json: Path | None
+    target_mb_s: float = InfraConfig().cold_start_mb_per_s
 
 
 def project_config(
@@ -57,17 +59,17 @@ def project_config(
         config = InfraConfig() if cdk_json is None else InfraConfig.from_cdk_json(cdk_json)
     except ConfigError as error:
         raise CatalogProblem(str(error)) from None
-    threshold = config.lambda_max_model_mb
+    threshold, bandwidth = config.lambda_max_model_mb, config.cold_start_mb_per_s
     if catalog is not None:
-        return ProjectConfig(Path(catalog), threshold, cdk_json)
+        return ProjectConfig(Path(catalog), threshold, cdk_json, bandwidth)
     if cdk_json is None:
         if not need_catalog:
-            return ProjectConfig(None, threshold, None)
+            return ProjectConfig(None, threshold, None, bandwidth)
         raise CatalogProblem(
             "no cdk.json in this folder or above it, so no catalog to register the model in: "
             "run from the project, pass --catalog PATH, or --no-register"
         )
-    return ProjectConfig(config.catalog_path(cdk_json.parent), threshold, cdk_json)
+    return ProjectConfig(config.catalog_path(cdk_json.parent), threshold, cdk_json, bandwidth)
 
 
 def load_catalog(path: Path) -> Catalog:

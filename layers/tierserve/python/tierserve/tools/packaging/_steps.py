@@ -21,9 +21,12 @@ from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB, MB, Manifest, TensorS
 from tierserve.tools.packaging import _accuracy as accuracy
 from tierserve.tools.packaging._artifact import (
     DEFAULT_COMPRESS_BUDGET_S,
+    DEFAULT_TARGET_MB_S,
     GZIP_LEVEL,
+    CompressionChoice,
     LevelChoice,
     PackagedModel,
+    choose_compression,
     choose_zstd_level,
     install_dir,
     sha256_file,
@@ -53,9 +56,10 @@ class PackageOptions:
     per_channel: bool | None = None
     optimize: bool = True
     model_format: str = "onnx"
-    compression: str = "zstd"
+    compression: str = "auto"
     zstd_level: int | None = None
     compress_budget_s: float = DEFAULT_COMPRESS_BUDGET_S
+    target_mb_s: float = DEFAULT_TARGET_MB_S
     tier: str | None = None
     lambda_max_model_mb: float = DEFAULT_LAMBDA_MAX_MODEL_MB
     max_abs_diff: float | None = UNSET
@@ -79,6 +83,7 @@ class PackageReport:
     accuracy: Mapping[str, Any]
     level: LevelChoice | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    compression_choice: CompressionChoice | None = None
 
     @property
     def manifest(self) -> Manifest:
@@ -105,6 +110,7 @@ class PackageReport:
             "after": self.after.to_dict(),
             "accuracy": dict(self.accuracy),
             "notes": list(self.notes),
+            "compression_choice": self.compression_choice.to_dict() if self.compression_choice else None,
         }
 
     def table(self) -> str:
@@ -237,19 +243,27 @@ def _build(
     _check_signature(final, inputs, outputs)
 
     level = None
-    if options.compression == "zstd":
-        level = (
-            LevelChoice(options.zstd_level)
-            if options.zstd_level is not None
-            else choose_zstd_level(final, options.compress_budget_s)
-        )
+    compression = options.compression
+    choice = None
+    if compression == "auto":
+        say(f"measuring whether zstd pays at {options.target_mb_s:g} MB/s")
+        choice = choose_compression(final, options.target_mb_s, options.compress_budget_s, options.zstd_level)
+        compression = choice.compression
+        notes.append(choice.describe())
+    if compression == "zstd":
+        if options.zstd_level is not None:
+            level = LevelChoice(options.zstd_level)
+        elif choice is not None and choice.level is not None:
+            level = LevelChoice(choice.level)
+        else:
+            level = choose_zstd_level(final, options.compress_budget_s)
         say(f"compressing with zstd level {level.level}")
     packaged = write_package(
         final,
         staging,
         name=options.name,
         version=options.version,
-        compression=options.compression,
+        compression=compression,
         level=level.level if level else GZIP_LEVEL,
         tier=options.tier,
         quantization=label,
@@ -266,6 +280,7 @@ def _build(
                 else {}
             ),
             **({"zstd_level": level.level} if level else {}),
+            **({"compression_choice": choice.to_dict()} if choice else {}),
         },
     )
 
@@ -316,6 +331,7 @@ def _build(
         accuracy=measured,
         level=level,
         notes=tuple(notes),
+        compression_choice=choice,
     )
 
 

@@ -22,7 +22,7 @@ DEFAULT_WORK_DIR = Path(".tierserve") / "packages"
 
 PACKAGE_EXAMPLES = """\
 examples:
-  # compress and describe a model as it is (zstd, level chosen by measurement)
+  # check and describe a model as it is (zstd where it pays at the target bandwidth, measured)
   tierserve package model.onnx --name iris --version 1
 
   # int8 weights for the CPU (Lambda) tier, ORT format, uploaded and registered in the catalog
@@ -121,9 +121,17 @@ def add_commands(commands: Any) -> None:
     )
     shaping.add_argument(
         "--compression",
-        choices=("zstd", "gzip", "none"),
-        default="zstd",
-        help="zstd (default; its level is chosen by measurement), gzip, or none",
+        choices=("auto", "zstd", "gzip", "none"),
+        default="auto",
+        help="auto (default): zstd where it makes a cold start faster at --target-mb-s, else none "
+        "(measured); or zstd (level measured), gzip, none",
+    )
+    shaping.add_argument(
+        "--target-mb-s",
+        type=float,
+        metavar="MB/S",
+        help="the S3 bandwidth a cold start reads at, for --compression auto (default: cdk.json "
+        "fetch_connections x s3_mb_per_s_per_connection, 8 x 90)",
     )
     shaping.add_argument(
         "--zstd-level", type=int, choices=range(1, 23), metavar="1-22", help="default: measured"
@@ -248,6 +256,7 @@ def run_package(args: argparse.Namespace) -> int:
         compression=args.compression,
         zstd_level=args.zstd_level,
         compress_budget_s=args.compress_seconds,
+        target_mb_s=args.target_mb_s or config.target_mb_s,
         tier=args.tier,
         lambda_max_model_mb=config.lambda_max_model_mb,
         max_abs_diff=UNSET if args.max_abs_diff is _DEFAULT else args.max_abs_diff,
