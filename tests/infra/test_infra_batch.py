@@ -136,9 +136,9 @@ def test_each_batch_runs_the_batch_function_with_the_shared_retry_policy(batch):
             {  # a batch that waits for a GPU model with no copy running: minutes, not seconds
                 "ErrorEquals": ["BatchModelStarting"],
                 "IntervalSeconds": 60,
-                "MaxAttempts": 12,
+                "MaxAttempts": 25,
                 "BackoffRate": 2,
-                "MaxDelaySeconds": 900,
+                "MaxDelaySeconds": 300,
             },
         ]
         assert "PoisonItems" not in json.dumps(task["Retry"]), "a batch that can never succeed is not retried"

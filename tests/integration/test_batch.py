@@ -434,5 +434,5 @@ def test_a_batch_for_a_cold_model_waits_on_the_slow_retrier_and_is_served_once_w
     source = BatchSource.parse(f"s3://{DATA}/inputs/iris/cold/", "iris")
     result = run_locally(function.module.pipeline, function.s3, source, SETTINGS, sleep=sleep)
     assert result.status == "SUCCEEDED" and result.outcomes["outputs"] == 3
-    assert slept == [60.0, 120.0, 240.0, 480.0, 900.0]  # COLD_RETRY: doubling, at most 15 minutes
+    assert slept == [60.0, 120.0, 240.0, 300.0, 300.0]  # COLD_RETRY: doubling, at most 5 minutes
     assert_one_result_per_input(function.s3, DATA, extra_prefixes=("batch-summaries/",))

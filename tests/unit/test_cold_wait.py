@@ -10,10 +10,10 @@ from tierserve.s3_pipeline.cold import COLD_DELIVERIES_ATTRIBUTE, MAX_DELAY_S, C
 QUEUE_ARN = "arn:aws:sqs:us-east-1:000000000000:tierserve-inputs"
 
 
-def test_the_wait_doubles_from_the_first_and_stops_at_15_minutes():
+def test_the_wait_doubles_from_the_first_and_stops_at_5_minutes():
     wait = ColdModelWait(60)
-    assert [wait.delay_s(n) for n in range(1, 7)] == [60, 120, 240, 480, 900, 900]
-    assert wait.delay_s(10_000) == MAX_DELAY_S == 900
+    assert [wait.delay_s(n) for n in range(1, 7)] == [60, 120, 240, 300, 300, 300]
+    assert wait.delay_s(10_000) == MAX_DELAY_S == 300
     assert ColdModelWait(0).delay_s(5) == 0
 
 

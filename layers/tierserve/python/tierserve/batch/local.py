@@ -62,13 +62,14 @@ BATCH_RETRY = RetryPolicy(
     errors=(BatchItemsFailed.__name__,), interval_s=2.0, max_attempts=3, backoff_rate=2.0
 )
 # A batch whose failed items all met a model with no copy running: a copy takes minutes to
-# start, so 1 minute doubling to 15, twelve times (about 2 h 15 min in all) before the batch fails.
+# start, so 1 minute doubling to 5 (under a copy's idle period before it scales in), 25 times
+# (about 2 h in all) before the batch fails.
 COLD_RETRY = RetryPolicy(
     errors=(BatchModelStarting.__name__,),
     interval_s=60.0,
-    max_attempts=12,
+    max_attempts=25,
     backoff_rate=2.0,
-    max_delay_s=900.0,
+    max_delay_s=300.0,
 )
 
 

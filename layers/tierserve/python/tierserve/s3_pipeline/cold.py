@@ -15,10 +15,12 @@ file uploaded while it starts. So a delivery that meets a cold model is handled 
            DelaySeconds=delay(n)), the item reported done: SQS deletes this one, and the copy
            starts again at zero receives
 
-    delay(n) = min(first_delay_s * 2**(n-1), 900 s)
+    delay(n) = min(first_delay_s * 2**(n-1), 300 s)
 
-so a file is tried again at least every 15 minutes for as long as the queue keeps messages
-(its retention), and served once a copy is running. Each such delivery counts
+so a file is tried again at least every 5 minutes for as long as the queue keeps messages
+(its retention), and served once a copy is running. The cap is under the idle period after
+which a copy scales in (``gpu_scale_in_idle_minutes``, 10): a waiting file comes back before
+the copy its own refused call woke goes idle again (refused calls count as activity). Each such delivery counts
 ``PipelineColdWaits``. Where a call to SQS fails, the item is reported failed as any transient
 fault is (SQS delivers it again after the visibility timeout). The worker's role needs
 ``sqs:ChangeMessageVisibility``, ``sqs:GetQueueAttributes`` and ``sqs:SendMessage`` on its
@@ -40,8 +42,9 @@ from tierserve.telemetry import PIPELINE_COLD_WAITS, logger, record_count
 
 # A message attribute on the copies: the cold deliveries of the messages before them.
 COLD_DELIVERIES_ATTRIBUTE = "tierserve-cold-deliveries"
-# SendMessage's longest DelaySeconds; also how long a cold file waits at most between tries.
-MAX_DELAY_S = 900
+# How long a cold file waits at most between tries: within SendMessage's DelaySeconds (900)
+# and under a copy's idle period before it scales in (gpu_scale_in_idle_minutes, 10 by default).
+MAX_DELAY_S = 300
 
 
 @dataclass(frozen=True)

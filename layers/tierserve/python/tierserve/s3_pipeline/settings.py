@@ -45,7 +45,7 @@ COLD_RETRY_S = number(
     COLD_RETRY_S_ENV,
     unit="s",
     zero=True,
-    unset="the default, 60 (doubling per cold delivery, at most 900)",
+    unset="the default, 60 (doubling per cold delivery, at most 300)",
 )
 WORKER_CONCURRENCY = whole(
     WORKER_CONCURRENCY_ENV, high=MAX_WORKER_CONCURRENCY, unset=f"the default, {DEFAULT_WORKER_CONCURRENCY}"

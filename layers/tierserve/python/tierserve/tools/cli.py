@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  tierserve package model.onnx --name mymodel --version 1\n"
             "  tierserve local --models .tierserve/packages --no-samples\n"
             "  tierserve local --catalog catalog.json --no-samples\n"
+            "  tierserve local --gpu-idle-s 60      # gpu-tier models start on demand, stop when idle\n"
             "  curl -s localhost:3000/v2/models/iris"
         ),
     )
@@ -111,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve exactly this catalog's models, found under --models (default .tierserve/packages)",
     )
     local.add_argument("--no-samples", action="store_true", help="leave the sample models out")
+    local.add_argument(
+        "--gpu-idle-s",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=(
+            "run gpu-tier models cold, as they scale to zero in AWS: no GPU server process until a request "
+            "comes (it gets 503 + Retry-After while the process starts), stopped after SECONDS without requests"
+        ),
+    )
     local.set_defaults(run=run_local)
     local_commands = local.add_subparsers(dest="local_command", metavar="SUBCOMMAND")
     put = local_commands.add_parser(
@@ -203,6 +214,12 @@ def run_local(args: argparse.Namespace) -> int:
     from tierserve.tools.local.packages import LocalModelsError
     from tierserve.tools.local.stack import SAMPLES, LocalStackRunning, describe, say, start
 
+    if args.gpu_idle_s is not None and not 0 < args.gpu_idle_s < float("inf"):
+        print(
+            f"tierserve local: --gpu-idle-s must be a number of seconds over 0, got {args.gpu_idle_s:g}",
+            file=sys.stderr,
+        )
+        return 2
     previous = stop_on_termination()  # before anything starts: a signal during the start cleans up too
     stack = None
     try:
@@ -214,6 +231,7 @@ def run_local(args: argparse.Namespace) -> int:
             chosen=() if args.no_samples else SAMPLES,
             model_dirs=args.models,
             catalog_path=args.catalog,
+            gpu_idle_s=args.gpu_idle_s,
         )
         print(describe(stack), flush=True)
         stack.wait()
