@@ -285,7 +285,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"p50 {line['latency_ms']['p50']:7.2f} ms  p99 {line['latency_ms']['p99']:7.2f} ms  "
                 f"server CPU {line['server_cpu_ms_per_request']:.2f} ms/request"
             )
-    alone = figures["batching"]["c1"]["throughput_rps"] / max(figures["no_batching"]["c1"]["throughput_rps"], 1e-9)
+    alone = figures["batching"]["c1"]["throughput_rps"] / max(
+        figures["no_batching"]["c1"]["throughput_rps"], 1e-9
+    )
     say(
         f"throughput at concurrency {args.concurrency}: {speedup:.2f}x with batching (target >= {TARGET_SPEEDUP}x)"
     )
