@@ -56,6 +56,8 @@ finally:
 ENTRY_POINTS = {
     "lambda-api": "import api",
     "lambda-worker": "import worker",
+    "lambda-batch": "import batch",
+    "lambda-stream": 'import os\nos.environ.update(TIERSERVE_OUTPUT_STREAM="results", TIERSERVE_STREAM_MODEL="iris", TIERSERVE_MODELS="iris@1")\nimport stream',
     "gpu-server": "import server",
     "local-stack": (
         "from pathlib import Path\n"

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -356,7 +357,23 @@ def test_an_unreachable_endpoint_fails_in_one_line(s3, packaged_mlp, capsys, mon
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed_port}")
     code, _, err = cli(capsys, "upload", packaged_mlp, f"s3://{BUCKET}/models", "--no-register")
     assert code == 1
-    assert "cannot reach S3 for s3://test-models/models" in one_error_line(err)
+    line = one_error_line(err)
+    assert "cannot reach S3 for s3://test-models/models" in line
+    assert "start `tierserve local`" in line and "unset AWS_ENDPOINT_URL_S3" in line
+
+
+def test_upload_to_a_stopped_local_stack_fails_at_once_naming_the_fix(
+    packaged_mlp, tmp_path, capsys, monkeypatch
+):
+    """What the banner of a `tierserve local` that has since stopped told the user to export."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        gone = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{gone}")
+    began = time.monotonic()
+    code, _, err = cli(capsys, "upload", packaged_mlp, "s3://tierserve-models/models", "--no-register")
+    assert code == 1 and time.monotonic() - began < 30
+    assert f"at http://127.0.0.1:{gone}" in one_error_line(err) and "start `tierserve local`" in err
 
 
 def test_invalid_model_fails_in_one_line_and_leaves_nothing(tmp_path, capsys):

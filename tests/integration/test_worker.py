@@ -337,17 +337,16 @@ def test_the_response_is_encoded_once_with_its_parameters(worker, monkeypatch):
         return response
 
     parsed: list[object] = []
+    from tierserve import protocol
+    from tierserve.s3_pipeline import formats
 
-    class SpyJson:
-        def __getattr__(self, name):
-            return getattr(json, name)
-
-        def loads(self, text, *args, **kwargs):
-            parsed.append(text)
-            return json.loads(text, *args, **kwargs)
+    def spy_loads(text, *args, **kwargs):
+        parsed.append(text)
+        return json.loads(text, *args, **kwargs)
 
     monkeypatch.setattr(module, "encode_infer_response", spy_encode)
-    monkeypatch.setattr(module, "json", SpyJson())
+    for parser in (protocol, formats):  # every JSON reader the worker's path could reach
+        monkeypatch.setattr(parser, "loads", spy_loads)
     assert worker.deliver(worker.put("inputs/iris/x.npy", npy(np.asarray(ROWS, np.float32)))) == []
     [body] = encoded
     assert not [text for text in parsed if text == body]

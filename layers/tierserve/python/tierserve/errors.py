@@ -11,6 +11,7 @@ they call :func:`to_http` on whatever reached them.
     ├── RequestTimeout (408)        the request did not arrive in time
     ├── PayloadTooLarge (413)       request body over the configured limit
     ├── UriTooLong (414)            the request target is over the server's limit
+    ├── UnsupportedEncoding (415)   a Content-Encoding the servers do not decode
     ├── HeadersTooLarge (431)       the request's headers are over the server's limit
     ├── ModelUnavailable (503)      the artifact cannot be fetched, verified or loaded
     │   └── ArtifactRejected (503)  digest mismatch, decompression bomb, corrupt archive
@@ -78,6 +79,10 @@ class PayloadTooLarge(TierserveError):
 
 class UriTooLong(TierserveError):
     status_code = HTTPStatus.REQUEST_URI_TOO_LONG
+
+
+class UnsupportedEncoding(TierserveError):
+    status_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
 
 
 class HeadersTooLarge(TierserveError):

@@ -6,18 +6,26 @@ body goes out base64-encoded and a JSON body as an escaped string inside the pro
 envelope, so a response under the raw limit may still be over Lambda's payload limit
 (where API Gateway would answer a bare 502). An unmatched method on a known path is a
 405 naming the methods it takes, an unknown path a 404, both from the same table.
+
+A request body is taken only when it is provably the caller's bytes (:func:`request_body`):
+under ``binaryMediaTypes`` ``*/*`` API Gateway base64-encodes every body; a text body
+(``isBase64Encoded`` false) has been re-encoded as UTF-8 on its way, which keeps JSON but
+mangles binary tensors, so one that carries the binary extension's header or cannot have
+been UTF-8 is refused with a 400 that names the fix, never parsed.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tierserve.dataplane import DataPlane
-from tierserve.protocol import JSON_CONTENT_TYPE, EncodedResponse
-from tierserve.routes import ROUTES, HttpRequest, HttpResponse, Route, Router
+from tierserve.errors import BadRequest
+from tierserve.protocol import BINARY_MEDIA_TYPES, HEADER_LENGTH, JSON_CONTENT_TYPE, EncodedResponse, header
+from tierserve.routes import ROUTES, HttpRequest, HttpResponse, Route, Router, error_response
 
 # What Lambda's proxy integration wraps around a body (status, headers, the JSON envelope).
 PROXY_ENVELOPE_BYTES = 1024
@@ -34,6 +42,45 @@ def sent_size(encoded: EncodedResponse) -> int:
     return size + PROXY_ENVELOPE_BYTES
 
 
+def request_body(body: str | None, is_base64_encoded: bool, headers: Mapping[str, str] | None) -> bytes:
+    """The request body of a proxy event as the caller sent it, or a refusal.
+
+    Raises:
+        BadRequest: a base64 body that is not base64; a text body that carries
+            ``Inference-Header-Content-Length`` (binary tensors that reached the function as
+            text) or holds what UTF-8 text cannot (U+FFFD, API Gateway's mark for bytes that
+            were not UTF-8, or lone surrogates).
+    """
+    if not body:
+        return b""
+    if is_base64_encoded:
+        try:
+            return base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("the request body is marked isBase64Encoded but is not base64") from None
+    fix = (
+        f"list {', '.join(BINARY_MEDIA_TYPES)} in the REST API's binaryMediaTypes "
+        "(tierserve.protocol.BINARY_MEDIA_TYPES, as the CDK app does), so every body arrives base64-encoded"
+    )
+    if header(headers, HEADER_LENGTH) is not None:
+        raise BadRequest(
+            "a binary request (Inference-Header-Content-Length) reached the function as text "
+            f"(isBase64Encoded false), so its tensor bytes may have been changed on the way: {fix}; "
+            "or send the tensors as JSON"
+        )
+    if "\ufffd" in body:
+        raise BadRequest(
+            "the request body reached the function as text with U+FFFD, the mark of bytes that were "
+            f"not UTF-8 and were replaced on the way: {fix}; or send UTF-8 JSON"
+        )
+    try:
+        return body.encode()
+    except UnicodeEncodeError:
+        raise BadRequest(
+            f"the request body reached the function as text that is not valid UTF-8: {fix}"
+        ) from None
+
+
 def build_resolver(dataplane: DataPlane) -> Any:
     """A powertools ``APIGatewayRestResolver`` serving every OIP route through ``dataplane``,
     inference responses bounded by ``TIERSERVE_MAX_RESPONSE_MB`` as Lambda sends them."""
@@ -48,9 +95,9 @@ def build_resolver(dataplane: DataPlane) -> Any:
 
     def current_request() -> HttpRequest:
         event = app.current_event
-        raw = event.body or ""
-        body = base64.b64decode(raw) if event.is_base64_encoded else raw.encode()
-        return HttpRequest(event.http_method, event.path, dict(event.headers or {}), body)
+        headers = dict(event.headers or {})
+        body = request_body(event.body, event.is_base64_encoded, headers)
+        return HttpRequest(event.http_method, event.path, headers, body)
 
     def to_powertools(response: HttpResponse) -> Response:
         content_type = response.headers.get("Content-Type", JSON_CONTENT_TYPE)
@@ -60,7 +107,11 @@ def build_resolver(dataplane: DataPlane) -> Any:
 
     def view(route: Route) -> Callable[..., Response]:
         def handle(**params: str) -> Response:
-            return to_powertools(router.run(route, dataplane, params, current_request()))
+            try:
+                request = current_request()
+            except BadRequest as error:
+                return to_powertools(error_response(error))
+            return to_powertools(router.run(route, dataplane, params, request))
 
         return handle
 
@@ -69,6 +120,9 @@ def build_resolver(dataplane: DataPlane) -> Any:
 
     @app.not_found
     def not_found(_error: Exception) -> Response:
-        return to_powertools(router.serve(current_request()))  # the table's 405 or 404
+        event = app.current_event  # the table's 405 or 404, which never read the body
+        return to_powertools(
+            router.serve(HttpRequest(event.http_method, event.path, dict(event.headers or {})))
+        )
 
     return app

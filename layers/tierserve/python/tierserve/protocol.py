@@ -29,8 +29,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import reprlib
 import struct
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,19 +42,31 @@ import orjson
 
 from tierserve import __version__
 from tierserve.catalog import Manifest, TensorSpec
-from tierserve.errors import BadRequest, PayloadTooLarge
+from tierserve.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
+from tierserve.settings import MAX_REQUEST_MB_ENV
 
 HEADER_LENGTH = "inference-header-content-length"
+CONTENT_ENCODING = "content-encoding"
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 EXTENSIONS = ("binary_tensor_data",)
-# The REST API's binaryMediaTypes, for the CDK app and the local API alike: a request body
-# whose Content-Type matches reaches the function base64-encoded, byte for byte. "*/*"
-# matches every type, so no client's choice can mangle a body (tritonclient sends binary
-# bodies without a Content-Type; KServe's REST client sends JSON without one). A response is
-# bytes when the function marks it isBase64Encoded (and the request's first Accept matches,
-# as any does under "*/*"), text otherwise. Why: docs/architecture.md, "Binary bodies".
+# The REST API's binaryMediaTypes, for the CDK app and the local API alike (the local API
+# applies API Gateway's rule to it: tierserve.tools.local.apigw.is_binary_media_type). A request
+# body whose Content-Type matches reaches the function base64-encoded, byte for byte, and a
+# response the function marks isBase64Encoded goes out as bytes when the request's first Accept
+# matches. "*/*" matches every type, and requests without a Content-Type or an Accept: no
+# client's headers can mangle a body either way (tritonclient's sync client sends neither).
+# Why, with sources: docs/architecture.md, "Binary bodies".
 BINARY_MEDIA_TYPES: tuple[str, ...] = ("*/*",)
+# The request Content-Encodings every tier decodes (API Gateway's own list: gzip, deflate,
+# identity); "deflate" is the zlib format (RFC 9110), as tritonclient sends it.
+CONTENT_ENCODINGS: tuple[str, ...] = ("gzip", "deflate", "identity")
+_CODING_ALIASES = {"x-gzip": "gzip"}
+_ZLIB_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+_CODING_MAGIC = {"gzip": "it does not start with gzip's magic bytes", "deflate": "it is not zlib data"}
+# An OIP request body starts with its JSON header: a body that does was not compressed (or a
+# gateway in front already decompressed it, as API Gateway does, leaving the header in place).
+_JSON_START = re.compile(rb"[ \t\r\n]*\{")
 ROUTE_HELP = (
     "routes: GET /v2, /v2/health/{live,ready}, /v2/models/{model}[/versions/{v}][/ready]; POST .../infer"
 )
@@ -207,11 +221,16 @@ def parse_infer_request(
 ) -> InferenceRequest:
     """Parse a v2 infer request (JSON or binary extension) and validate it against ``manifest``.
 
+    A body with a ``Content-Encoding`` is decompressed first (:func:`decode_content`), never
+    past ``max_bytes``.
+
     Raises:
-        PayloadTooLarge: the body is over ``max_bytes``.
+        PayloadTooLarge: the body is over ``max_bytes`` (decompressed, where it was compressed).
+        UnsupportedEncoding: a Content-Encoding other than gzip, deflate or identity.
         BadRequest: anything malformed or not fitting the model's signature; the message
             names the problem and the fix.
     """
+    body = decode_content(body, headers, max_bytes)
     if len(body) > max_bytes:
         raise PayloadTooLarge(
             f"request body is {len(body):,} bytes, over the limit of {max_bytes:,}: "
@@ -243,6 +262,81 @@ def parse_infer_request(
         binary_outputs=_flag(parameters, "binary_data_output", "the request"),
         parameters=parameters,
     )
+
+
+def decode_content(body: bytes, headers: Mapping[str, str] | None, max_bytes: int) -> bytes:
+    """``body`` with its ``Content-Encoding`` undone: every transport's one request-body decoder.
+
+    gzip (``x-gzip``), deflate (the zlib format) and identity are decoded, in the reverse of the
+    order listed, never past ``max_bytes`` of output. A body that already starts with the JSON
+    header is taken as it is whatever the header says: API Gateway decompresses a request
+    before its integration and passes the ``Content-Encoding`` header on (docs/architecture.md,
+    "Compressed requests"), and neither a gzip nor a zlib stream can start with ``{``.
+
+    Raises:
+        UnsupportedEncoding: a coding other than those (415, naming what is accepted).
+        PayloadTooLarge: the body decompresses past ``max_bytes`` (TIERSERVE_MAX_REQUEST_MB).
+        BadRequest: the body is not data of the coding it names: corrupt, cut off, or followed
+            by bytes that belong to no stream.
+    """
+    value = header(headers, CONTENT_ENCODING)
+    if value is None:
+        return body
+    codings = [_CODING_ALIASES.get(c, c) for c in (part.strip().lower() for part in value.split(",")) if c]
+    unknown = [c for c in codings if c not in CONTENT_ENCODINGS]
+    if unknown:
+        raise UnsupportedEncoding(
+            f"Content-Encoding {_short(', '.join(unknown))} is not accepted: compress the request "
+            f"with {' or '.join(CONTENT_ENCODINGS[:2])}, or send it uncompressed "
+            f"(accepted: {', '.join(CONTENT_ENCODINGS)})"
+        )
+    for coding in reversed(codings):
+        if coding != "identity" and not _JSON_START.match(body):
+            body = _decompress(body, coding, max_bytes)
+    return body
+
+
+def _decompress(body: bytes, coding: str, max_bytes: int) -> bytes:
+    """One coding undone, the output bounded: a bomb is refused at ``max_bytes`` + 1 bytes."""
+    if not body:
+        raise BadRequest(
+            f"Content-Encoding is {coding} but the request body is empty: send the compressed body"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    pending = body
+    decompressor = zlib.decompressobj(_ZLIB_WBITS[coding])
+    try:
+        while pending:
+            piece = decompressor.decompress(pending, max_bytes + 1 - size)
+            size += len(piece)
+            if size > max_bytes:
+                raise PayloadTooLarge(
+                    f"the request body decompresses to more than {max_bytes:,} bytes, the limit "
+                    f"({MAX_REQUEST_MB_ENV}): split the batch into smaller requests"
+                )
+            chunks.append(piece)
+            if not decompressor.eof:
+                pending = decompressor.unconsumed_tail
+                continue
+            pending = decompressor.unused_data
+            if pending and coding == "gzip" and pending.startswith(b"\x1f\x8b"):
+                decompressor = zlib.decompressobj(_ZLIB_WBITS[coding])  # gzip allows several members
+            elif pending:
+                raise BadRequest(
+                    f"the {coding} request body is followed by {len(pending):,} bytes that are not part of "
+                    "it: send exactly one compressed body"
+                )
+    except zlib.error:
+        raise BadRequest(
+            f"Content-Encoding is {coding} but the body is not {coding} data ({_CODING_MAGIC[coding]}, "
+            "or it is corrupt): compress the body as the header says, or drop the header"
+        ) from None
+    if not decompressor.eof:
+        raise BadRequest(
+            f"the {coding} request body is cut off before its end: send the whole compressed body"
+        )
+    return b"".join(chunks)
 
 
 def _parameters(value: Any, owner: str, example: str) -> dict[str, Any]:

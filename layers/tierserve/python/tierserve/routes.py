@@ -17,7 +17,6 @@ the same routes, with the same 404 and 405.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from tierserve.protocol import (
     ROUTE_HELP,
     EncodedResponse,
     InferenceRequest,
+    dumps,
     encode_infer_response,
 )
 from tierserve.settings import MAX_RESPONSE_MB_ENV
@@ -58,7 +58,7 @@ class HttpResponse:
 
     @classmethod
     def json(cls, document: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> HttpResponse:
-        body = json.dumps(document, separators=(",", ":")).encode()
+        body = dumps(document)
         return cls(status, body, {"Content-Type": JSON_CONTENT_TYPE, **(headers or {})})
 
 

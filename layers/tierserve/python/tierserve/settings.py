@@ -44,7 +44,7 @@ MAX_REQUEST_MB_ENV = "TIERSERVE_MAX_REQUEST_MB"
 MAX_RESPONSE_MB_ENV = "TIERSERVE_MAX_RESPONSE_MB"
 LAMBDA_MEMORY_ENV = "AWS_LAMBDA_FUNCTION_MEMORY_SIZE"
 INITIALIZATION_TYPE_ENV = "AWS_LAMBDA_INITIALIZATION_TYPE"
-# The S3-triggered pipeline (tierserve/pipeline.py, read by its PipelineSettings).
+# The S3-triggered pipeline (tierserve/s3_pipeline, read by its PipelineSettings).
 DATA_BUCKET_ENV = "TIERSERVE_DATA_BUCKET"
 GPU_ENDPOINTS_ENV = "TIERSERVE_GPU_ENDPOINTS"
 ROW_BATCH_SIZE_ENV = "TIERSERVE_ROW_BATCH_SIZE"
@@ -235,13 +235,7 @@ def _split(text: str) -> list[str]:
 
 
 def _model_refs(text: str) -> tuple[ModelRef, ...]:
-    refs = []
-    for part in _split(text):
-        name, sep, version = part.partition("@")
-        if not sep or not NAME_PATTERN.match(name) or not VERSION_PATTERN.match(version):
-            raise ValueError(f"has {part!r}, which is no name@version")
-        refs.append(ModelRef(name, version))
-    return tuple(refs)
+    return tuple(ModelRef.parse(part) for part in _split(text))
 
 
 def _model_names(text: str) -> tuple[str, ...]:
@@ -273,10 +267,15 @@ class ModelRef:
 
     @classmethod
     def parse(cls, text: str) -> ModelRef:
-        """Parse ``name@version``, e.g. ``ModelRef.parse("iris@3")``."""
+        """Parse ``name@version``, e.g. ``ModelRef.parse("iris@3")``: the one parser of a model
+        reference (``TIERSERVE_MODELS`` reads each of its parts with it).
+
+        Raises:
+            ValueError: not a catalog name, ``@`` and a version.
+        """
         name, sep, version = text.strip().partition("@")
-        if not sep or not name or not version:
-            raise ValueError(f"model reference {text!r} must look like name@version, e.g. iris@1")
+        if not sep or not NAME_PATTERN.match(name) or not VERSION_PATTERN.match(version):
+            raise ValueError(f"has {text!r}, which is no name@version (e.g. iris@1)")
         return cls(name, version)
 
     @staticmethod

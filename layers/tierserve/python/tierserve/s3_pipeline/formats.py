@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -21,6 +20,8 @@ from tierserve.protocol import (
     InferenceRequest,
     RequestedOutput,
     decode_json,
+    dumps,
+    loads,
     parse_infer_request,
     request_from_arrays,
 )
@@ -201,7 +202,7 @@ def iter_row_batches(
 
 def _parse_row(line: bytes, number: int, single: str | None, names: list[str]) -> dict[str, Any]:
     try:
-        value = json.loads(line)
+        value = loads(line)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest(
             f"line {number} is not valid JSON: a .jsonl file holds one JSON row per line"
@@ -387,6 +388,5 @@ def with_parameters(response: bytes, parameters: Mapping[str, Any]) -> bytes:
     last member, without parsing it back: the response of a 100,000-row file is large."""
     if not (response.startswith(b"{") and response.endswith(b"}")):
         raise ValueError("the response to add parameters to is not one JSON object")
-    # ASCII: a lone surrogate (a JSON "\ud800" escape) stays escaped instead of failing to encode.
-    encoded = json.dumps(dict(parameters), separators=(",", ":")).encode()
+    encoded = dumps(dict(parameters))
     return b"".join((response[:-1], b',"parameters":', encoded, b"}"))

@@ -33,7 +33,6 @@ Events are parsed in :mod:`~tierserve.s3_pipeline.events`, files decoded in
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -48,7 +47,7 @@ from tierserve import aws
 from tierserve.catalog import Manifest
 from tierserve.errors import ModelNotFound, TierserveError, is_retryable, to_http
 from tierserve.model import Model
-from tierserve.protocol import InferenceRequest, encode_infer_response
+from tierserve.protocol import InferenceRequest, dumps, encode_infer_response
 from tierserve.registry import ModelRegistry
 from tierserve.s3_pipeline.errors import data_error
 from tierserve.s3_pipeline.events import InputKey, PoisonMessage, S3Object, parse_input_key, parse_message
@@ -231,7 +230,7 @@ class Pipeline:
                     extra={"key": item.key, "error": error.message},
                 )
                 raise
-            reason = _dumps(self._error_document(item, key, error))
+            reason = dumps(self._error_document(item, key, error))
             return self.results.write(bucket, item, key, ERROR_PREFIX, reason, known, model_label)
         return self.results.write(bucket, served.item, key, OUTPUT_PREFIX, served.body, known, model_label)
 
@@ -356,8 +355,3 @@ def _as_read(item: S3Object, response: Mapping[str, Any]) -> S3Object:
         etag=item.etag or str(response.get("ETag", "")).strip('"') or None,
         version_id=version if version and version != "null" else None,
     )
-
-
-def _dumps(document: Mapping[str, Any]) -> bytes:
-    # ASCII: a lone surrogate (a JSON "\ud800" escape) stays escaped instead of failing to encode.
-    return json.dumps(document, separators=(",", ":")).encode()

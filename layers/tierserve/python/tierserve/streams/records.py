@@ -13,13 +13,12 @@ its ``sequence_number``, ``shard_id`` and ``partition_key``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from tierserve.catalog import Manifest
 from tierserve.errors import BadRequest, PayloadTooLarge, TierserveError, to_http
-from tierserve.protocol import InferenceRequest, parse_infer_request
+from tierserve.protocol import InferenceRequest, loads, parse_infer_request
 from tierserve.s3_pipeline.formats import decoding, json_outputs, row_values, rows_request
 from tierserve.settings import MAX_INPUT_MB_ENV
 
@@ -53,7 +52,7 @@ def decode_record(data: bytes, manifest: Manifest, *, max_bytes: int) -> Inferen
         )
     with decoding():
         try:
-            value = json.loads(data)
+            value = loads(data)
         except (ValueError, UnicodeDecodeError):
             raise BadRequest(
                 "the record is not valid JSON: a record holds a v2 infer request or one row of the model's inputs"

@@ -27,7 +27,6 @@ once, and carries its record's sequence number to tell repeats apart.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +35,7 @@ from aws_lambda_powertools.utilities.data_classes.kinesis_stream_event import Ki
 
 from tierserve import aws
 from tierserve.errors import TierserveError, UpstreamUnavailable, is_retryable
-from tierserve.protocol import encode_infer_response
+from tierserve.protocol import dumps, encode_infer_response
 from tierserve.registry import ModelRegistry
 from tierserve.s3_pipeline import Pipeline, PipelineSettings
 from tierserve.s3_pipeline.formats import with_parameters
@@ -128,7 +127,7 @@ class StreamWorker:
                 "record cannot be served; error result written",
                 extra={**record.parameters(), "error": error.message},
             )
-            return _dumps(error_document(error, ref.name, record))
+            return dumps(error_document(error, ref.name, record))
         record_count(STREAM_RESULT)
         return with_parameters(encoded.body, record.parameters())
 
@@ -223,7 +222,3 @@ class StreamBatch:
         # One shard's sequence numbers increase: the mapping retries from the lowest reported.
         ordered = sorted(set(failed), key=lambda seq: int(seq) if seq.isdigit() else 0)
         return {"batchItemFailures": [{"itemIdentifier": seq} for seq in ordered]}
-
-
-def _dumps(document: Mapping[str, Any]) -> bytes:
-    return json.dumps(dict(document), separators=(",", ":")).encode()

@@ -13,15 +13,19 @@ concurrently, as API Gateway forwards them to SageMaker.
 
 from __future__ import annotations
 
+import os
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
 from typing import Any
 
 from tierserve.asgi import ServerLimits, ServerThread, bind, build_server, serve_until_stopped
 from tierserve.errors import TierserveError, UpstreamTimeout, UpstreamUnavailable
+from tierserve.protocol import decode_content, header
 from tierserve.routes import HttpRequest, HttpResponse, error_response
+from tierserve.settings import DEFAULT_MAX_REQUEST_MB, MAX_REQUEST_MB, MB
 from tierserve.tools.local.apigw import (
     LocalLambdaContext,
     proxy_event,
@@ -73,6 +77,8 @@ class LocalApi:
         self.memory_mb = memory_mb
         self._default = ExecutionEnvironment(handler)
         self.environments = {name: ExecutionEnvironment(f) for name, f in (functions or {}).items()}
+        # The handler's own limit (its environment is this process's): decompression stops there.
+        self.max_request_bytes = int(MAX_REQUEST_MB.read(os.environ, DEFAULT_MAX_REQUEST_MB) * MB)
         self._socket = bind(host, port)
         self._server = build_server(
             self.respond, name="tierserve-local", limits=limits, drain_timeout_s=DRAIN_TIMEOUT_S
@@ -109,7 +115,14 @@ class LocalApi:
 
     def respond(self, request: HttpRequest) -> HttpResponse:
         """One request: forwarded to its model's upstream, or through the Lambda handler of its
-        model's execution environment."""
+        model's execution environment, its body decompressed first and its response encoded as
+        API Gateway does."""
+        try:  # API Gateway decompresses before any integration (and keeps the header)
+            request = replace(
+                request, body=decode_content(request.body, request.headers, self.max_request_bytes)
+            )
+        except TierserveError as error:
+            return error_response(error)
         model = model_in(request.path)
         upstream = self.upstreams.get(model or "")
         if upstream is not None:
@@ -121,9 +134,8 @@ class LocalApi:
         environment = self.environments.get(model or "", self._default)
         event = proxy_event(request.method, request.target or request.path, request.headers, request.body)
         result = environment(event, LocalLambdaContext(memory_limit_in_mb=self.memory_mb))
-        return HttpResponse(
-            int(result["statusCode"]), proxy_response_body(result), proxy_response_headers(result)
-        )
+        body = proxy_response_body(result, header(request.headers, "accept"))
+        return HttpResponse(int(result["statusCode"]), body, proxy_response_headers(result))
 
 
 def model_in(path: str) -> str | None:

@@ -1,8 +1,17 @@
 """API Gateway REST proxy events and Lambda contexts, built the way AWS builds them.
 
 The local API and the tests hand these to the real handler, so what runs locally is what
-runs behind API Gateway. Bodies of a binary media type arrive base64-encoded, as they do
-when the REST API lists ``application/octet-stream`` in its binary media types.
+runs behind API Gateway, under the binary media types the CDK app gives the REST API
+(:data:`tierserve.protocol.BINARY_MEDIA_TYPES`, read here, never copied):
+
+- a request body whose Content-Type is binary (:func:`is_binary_media_type`) reaches the
+  handler base64-encoded; any other as text, which API Gateway re-encodes as UTF-8 (bytes
+  that are not UTF-8 are replaced there; here they stay undecodable, so the handler refuses
+  the body either way, and no replacement character is ever made);
+- a response the handler marks ``isBase64Encoded`` goes out as bytes only when the request's
+  first Accept is binary, and as its base64 text otherwise (:func:`proxy_response_body`).
+
+The rule, with its sources: docs/architecture.md, "Binary bodies".
 """
 
 from __future__ import annotations
@@ -10,12 +19,35 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-BINARY_MEDIA_TYPES = ("application/octet-stream",)
+from tierserve.protocol import BINARY_MEDIA_TYPES
+
+
+def is_binary_media_type(value: str | None, binary_media_types: Sequence[str] | None = None) -> bool:
+    """Whether API Gateway takes a Content-Type (a request) or Accept (a response) ``value`` as
+    binary: its first media type, parameters dropped, against ``binary_media_types`` (default:
+    :data:`BINARY_MEDIA_TYPES`, the REST API's).
+
+    ``*/*`` matches every value, and a missing one; ``type/*`` any subtype of that type; any
+    other entry only itself. A wildcard in the value matches no concrete entry (``Accept: */*``
+    is not ``image/png``), and an entry like ``*/json`` matches nothing (LocalStack's tests,
+    run against AWS, show both). Sources: docs/architecture.md, "Binary bodies".
+    """
+    media_type = (value or "").split(",")[0].split(";")[0].strip().lower()
+    kind, _, subtype = media_type.partition("/")
+    for entry in BINARY_MEDIA_TYPES if binary_media_types is None else binary_media_types:
+        entry_kind, _, entry_subtype = entry.strip().lower().partition("/")
+        if (entry_kind, entry_subtype) == ("*", "*"):
+            return True
+        if not media_type or entry_kind == "*":
+            continue
+        if entry_kind == kind and entry_subtype in ("*", subtype):
+            return True
+    return False
 
 
 def proxy_event(
@@ -26,12 +58,13 @@ def proxy_event(
     *,
     stage: str = "local",
     source_ip: str = "127.0.0.1",
+    binary_media_types: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """A REST API (v1) Lambda proxy event for one HTTP request."""
+    """A REST API (v1) Lambda proxy event for one HTTP request, its body base64-encoded when
+    its Content-Type is one of ``binary_media_types`` (:func:`is_binary_media_type`)."""
     parts = urlsplit(url)
     headers = dict(headers or {})
-    content_type = _header(headers, "content-type")
-    binary = content_type.split(";")[0].strip() in BINARY_MEDIA_TYPES
+    binary = is_binary_media_type(_header(headers, "content-type") or None, binary_media_types)
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()} or None
     request_id = str(uuid.uuid4())
     return {
@@ -57,21 +90,35 @@ def proxy_event(
             "accountId": "000000000000",
             "apiId": "local",
         },
-        "body": (base64.b64encode(body).decode() if binary else body.decode("utf-8", "replace"))
-        if body
-        else None,
+        "body": _event_body(body, binary) if body else None,
         "isBase64Encoded": bool(body) and binary,
     }
+
+
+def _event_body(body: bytes, binary: bool) -> str:
+    """The body as the event carries it: base64, or text. Bytes that are not UTF-8 stay what
+    they were, as lone surrogates (``surrogateescape``), which the handler refuses as text
+    that cannot have been UTF-8; API Gateway would replace them with U+FFFD, which it refuses
+    too. Nothing is ever decoded with replacement characters here."""
+    return base64.b64encode(body).decode() if binary else body.decode("utf-8", "surrogateescape")
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:
     return next((v for k, v in headers.items() if k.lower() == name), "")
 
 
-def proxy_response_body(response: Mapping[str, Any]) -> bytes:
-    """The body bytes of a Lambda proxy response."""
+def proxy_response_body(
+    response: Mapping[str, Any],
+    accept: str | None = None,
+    binary_media_types: Sequence[str] | None = None,
+) -> bytes:
+    """The body bytes API Gateway sends for a Lambda proxy response to a request whose Accept
+    header is ``accept``: a body marked ``isBase64Encoded`` is decoded when that Accept is
+    binary (:func:`is_binary_media_type`), and sent as its base64 text otherwise."""
     body = response.get("body") or ""
-    return base64.b64decode(body) if response.get("isBase64Encoded") else body.encode()
+    if response.get("isBase64Encoded") and is_binary_media_type(accept, binary_media_types):
+        return base64.b64decode(body)
+    return body.encode("utf-8", "surrogateescape")
 
 
 def proxy_response_headers(response: Mapping[str, Any]) -> dict[str, str]:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TextIO
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 from tierserve import aws
 from tierserve.catalog import MANIFEST_NAME, Manifest, ManifestError
@@ -262,6 +262,9 @@ def object_missing(error: BaseException) -> bool:
     return failure.kind == "gone" and not failure.bucket_missing
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 def upload_error(error: BaseException, where: S3Location) -> UploadFailed:
     """One line for what S3 (or the network) said, and what to do about it
     (classified by :func:`tierserve.aws.classify`)."""
@@ -283,6 +286,13 @@ def upload_error(error: BaseException, where: S3Location) -> UploadFailed:
             "s3:PutObject and s3:ListBucket there (check AWS_PROFILE and the bucket policy)"
         )
     if failure.retryable:
+        url = str(getattr(error, "kwargs", {}).get("endpoint_url") or "")
+        if not failure.answered and urlsplit(url).hostname in LOOPBACK_HOSTS:
+            return BucketUnreachable(
+                f"cannot reach S3 for {target} at {url}: nothing answers there, so the `tierserve local` "
+                "it names is not running: start `tierserve local` (its banner prints the endpoint to "
+                "export), or unset AWS_ENDPOINT_URL_S3 to upload to AWS"
+            )
         endpoint = f" ({failure.code})" if failure.answered else ""
         return BucketUnreachable(
             f"cannot reach S3 for {target}{endpoint}: check the network, the region and AWS_ENDPOINT_URL_S3, then retry"
