@@ -144,6 +144,42 @@ def test_metadata_reports_execution_providers_and_batching(iris_package, cache_d
     assert json.loads(request(server.port, "GET", "/ping")[2]) == {"status": "ready", "models": ["iris@1"]}
 
 
+def test_a_lone_client_never_waits_in_the_batchers_queue(mlp_onnx, tmp_path, start_server):
+    """One client over HTTP, with a queue delay no request could sit out: every request runs at
+    once on its own thread (inline), none is queued or held for companions."""
+    packaged = package(mlp_onnx, "mlp", tmp_path / "pkg")
+    server = start_server(
+        {**model_dir_env(packaged, tmp_path / "cache"), "TIERSERVE_MAX_QUEUE_DELAY_MS": "60000"}
+    )
+    wait_ready(server)
+    reference = load(packaged, mlp_onnx)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)  # one keep-alive client
+    try:
+        for index in range(20):
+            x = np.full((1, 16), index / 10, dtype=np.float32)
+            encoded = encode_infer_request({"input": x}, binary=True, binary_outputs=True)
+            connection.request("POST", "/v2/models/mlp/infer", body=encoded.body, headers=encoded.headers)
+            response = connection.getresponse()
+            body = response.read()
+            assert response.status == 200, body
+            np.testing.assert_allclose(
+                decode_infer_response(body, response.headers)["probabilities"],
+                reference.predict({"input": x})["probabilities"],
+                rtol=1e-5,
+                atol=1e-6,
+            )
+    finally:
+        connection.close()
+    stats = server.model("mlp").stats_snapshot()
+    assert (stats["requests"], stats["inline"], stats["merged_runs"], stats["held_for_companions"]) == (
+        20,
+        20,
+        0,
+        0,
+    )
+    assert stats["longest_queue_wait_s"] == 0.0
+
+
 def test_concurrent_requests_are_batched_and_each_gets_its_own_result(mlp_onnx, tmp_path, start_server):
     packaged = package(mlp_onnx, "mlp", tmp_path / "pkg")
     server = start_server(

@@ -11,7 +11,7 @@ file uploaded while it starts. So a delivery that meets a cold model is handled 
     delivery n that met no capacity (n counts the cold deliveries of the message and its copies)
       ├─ receives left before the DLQ: ChangeMessageVisibility(delay(n)), the item reported
       │    failed: SQS delivers it again after the delay
-      └─ the last receive maxReceiveCount allows (or the queue cannot say): SendMessage(a copy,
+      └─ the last receive maxReceiveCount allows: SendMessage(a copy,
            DelaySeconds=delay(n)), the item reported done: SQS deletes this one, and the copy
            starts again at zero receives
 
@@ -21,8 +21,9 @@ so a file is tried again at least every 5 minutes for as long as the queue keeps
 (its retention), and served once a copy is running. The cap is under the idle period after
 which a copy scales in (``gpu_scale_in_idle_minutes``, 10): a waiting file comes back before
 the copy its own refused call woke goes idle again (refused calls count as activity). Each such delivery counts
-``PipelineColdWaits``. Where a call to SQS fails, the item is reported failed as any transient
-fault is (SQS delivers it again after the visibility timeout). The worker's role needs
+``PipelineColdWaits``. A queue without a redrive policy only ever has its visibility set. Where
+a call to SQS fails (the redrive policy cannot be read, or either call is refused), the item is
+reported failed as any transient fault is (SQS delivers it again after the visibility timeout). The worker's role needs
 ``sqs:ChangeMessageVisibility``, ``sqs:GetQueueAttributes`` and ``sqs:SendMessage`` on its
 queue (``infra/s3_pipeline.py`` grants them).
 """
