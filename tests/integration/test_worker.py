@@ -1000,12 +1000,17 @@ def test_a_cold_delivery_stays_hidden_for_its_wait_not_the_queues_visibility_tim
     assert queue_depth(sqs, queues.dlq_url) == 0 and keys(s3) == ["inputs/iris/x.json"]
 
 
-def test_a_cold_model_in_a_direct_delivery_is_a_batch_item_failure(gpu):
+def test_a_cold_model_in_a_direct_delivery_is_a_batch_item_failure(gpu, capsys, monkeypatch):
     """Without SQS to talk to (the event's queue is not there), a cold model's message is
-    reported failed like any transient fault, and nothing is written."""
+    reported failed like any transient fault, and nothing is written; the wait is counted."""
     worker, double = gpu
     double.cold.add("iris-ic")
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")  # read when the handler flushes
+    capsys.readouterr()
     assert worker.deliver(worker.put("inputs/iris/x.json", infer_request())) == [0]
+    emf = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"_aws"')]
+    assert any(document.get("PipelineColdWaits") == [1.0] for document in emf), emf
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")
     assert keys(worker.s3) == ["inputs/iris/x.json"]
     double.cold.clear()
     assert worker.deliver(worker.put("inputs/iris/x.json", infer_request())) == []

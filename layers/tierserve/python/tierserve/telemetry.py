@@ -72,7 +72,7 @@ PIPELINE_OUTPUT = "PipelineOutput"
 PIPELINE_ERROR = "PipelineError"
 PIPELINE_SKIPPED = "PipelineSkipped"
 PIPELINE_ROWS = "PipelineRows"
-# A delivery that met a GPU-tier model with no copy running and was made to wait (s3_pipeline/cold.py).
+# A delivery that met a GPU-tier model with no copy running (s3_pipeline/cold.py makes it wait).
 PIPELINE_COLD_WAITS = "PipelineColdWaits"
 # The GPU server's dynamic batching: rows per model run, and requests refused by a full queue.
 BATCH_ROWS = "BatchRows"
