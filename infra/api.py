@@ -31,6 +31,7 @@ convert both ways to text (``CONVERT_TO_TEXT``), which keeps their mapping templ
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import jsii
@@ -43,6 +44,7 @@ from constructs import Construct
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, AuthMode
 from infra.nag import acknowledge, wildcard_resource_finding
 from infra.trust import service_principal
+from infra.waf import ApiFirewall
 from tierserve.protocol import BINARY_MEDIA_TYPES, ROUTE_HELP, server_metadata
 
 # Content types a mock integration accepts; others get a 415 through DEFAULT_4XX.
@@ -52,6 +54,18 @@ MAX_LISTED_MODELS = 20  # in the unknown-model 404; keeps the message readable
 # API Gateway writes a stage's execution logs here, creating the group (without retention)
 # unless it exists: the API creates it first, with retention.
 EXECUTION_LOG_GROUP = "API-Gateway-Execution-Logs_{api_id}/{stage}"
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """What each API key may do under ``auth=api_key`` (the usage plan's throttle and quota are
+    per key): ``rate_limit`` requests/s, ``burst_limit``, and ``quota`` requests per
+    ``quota_period`` (``DAY``, ``WEEK`` or ``MONTH``; a quota of 0 is none)."""
+
+    rate_limit: float
+    burst_limit: int
+    quota: int = 0
+    quota_period: str = "DAY"
 
 
 def error_body(message: str) -> str:
@@ -110,9 +124,13 @@ class InferenceApi(Construct):
     unknown-model 404. Route constructs add models through :meth:`add_model_resource`,
     :meth:`add_method` and :meth:`add_mock`, which apply this API's auth mode and validator.
 
+    ``key_limits`` throttle each API key and give it a quota (api_key auth; without them the
+    plan is throttled like the stage). ``waf_rate_limit`` puts an :class:`~infra.waf.ApiFirewall`
+    on the stage with that per-IP limit (requests per 5 minutes); None: no web ACL.
+
     Attributes: ``rest_api``, ``stage``, ``url``, ``access_log_group``,
     ``execution_log_group``, ``auth``, ``api_key`` and ``usage_plan`` (api_key auth only,
-    else None), ``models_resource`` (``/v2/models``).
+    else None), ``firewall`` (None without WAF), ``models_resource`` (``/v2/models``).
     """
 
     def __init__(
@@ -126,6 +144,8 @@ class InferenceApi(Construct):
         log_retention: logs.RetentionDays,
         manage_cloudwatch_role: bool = True,
         stage_name: str = "prod",
+        key_limits: KeyLimits | None = None,
+        waf_rate_limit: int | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.auth = auth
@@ -171,17 +191,24 @@ class InferenceApi(Construct):
         self.api_key: apigw.IApiKey | None = None
         self.usage_plan: apigw.UsagePlan | None = None
         if auth == "api_key":
+            limits = key_limits or KeyLimits(rate_limit=throttle_rate_limit, burst_limit=throttle_burst_limit)
             self.usage_plan = self.rest_api.add_usage_plan(
                 "UsagePlan",
-                description="tierserve callers: throttled like the stage",
-                throttle=apigw.ThrottleSettings(
-                    rate_limit=throttle_rate_limit, burst_limit=throttle_burst_limit
-                ),
+                description="tierserve callers: each API key throttled, and within its quota",
+                throttle=apigw.ThrottleSettings(rate_limit=limits.rate_limit, burst_limit=limits.burst_limit),
+                quota=apigw.QuotaSettings(limit=limits.quota, period=apigw.Period[limits.quota_period])
+                if limits.quota
+                else None,
                 api_stages=[apigw.UsagePlanPerApiStage(api=self.rest_api, stage=self.stage)],
             )
             self.api_key = self.rest_api.add_api_key("ApiKey", description="tierserve caller key")
             self.usage_plan.add_api_key(self.api_key)
 
+        self.firewall: ApiFirewall | None = None
+        if waf_rate_limit is not None:
+            self.firewall = ApiFirewall(
+                self, "Firewall", stage=self.stage, rate_limit=waf_rate_limit, log_retention=log_retention
+            )
         self.models_resource = self._add_server_routes()
         self._add_gateway_responses()
         self._acknowledge_auth_rules()
@@ -375,14 +402,15 @@ class InferenceApi(Construct):
                 "use auth=iam or auth=api_key for anything reachable by others."
             )
         acknowledge(self.rest_api, "AwsSolutions-COG4", reason)
-        acknowledge(
-            self.stage,
-            "AwsSolutions-APIG3",
-            "No WAF web ACL by default: stage throttling (context throttle_rate_limit and "
-            "throttle_burst_limit) caps every caller, and with auth=iam or auth=api_key API Gateway "
-            "rejects unauthenticated requests before any integration runs. Attach a web ACL to this "
-            "stage when the API is public (auth=none).",
-        )
+        if self.firewall is None:
+            acknowledge(
+                self.stage,
+                "AwsSolutions-APIG3",
+                "Context waf=false turned the web ACL off: stage throttling (context throttle_rate_limit "
+                "and throttle_burst_limit) caps every caller, and with auth=iam or auth=api_key API "
+                "Gateway rejects unauthenticated requests before any integration runs. Keep waf=true "
+                "(the default) when the API is reachable by others.",
+            )
         if self.auth != "iam":
             acknowledge(self.rest_api, "AwsSolutions-APIG4", reason)
         if self.auth == "none":

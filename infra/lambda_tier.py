@@ -19,6 +19,8 @@ keeps environments initialized instead, billed while they exist; a model has one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aws_cdk import Annotations, Duration
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
@@ -32,11 +34,15 @@ from tierserve.settings import PRELOAD_ENV, ModelRef
 
 
 class LambdaModelFunction(TierserveFunction):
-    """One container function serving one model version from the model bucket.
+    """One container function serving one model from the model bucket: its default version
+    (``manifest``: the unversioned routes, the preload) and ``other_versions`` of it beside
+    (reached under ``/versions/{v}``, loaded on first use), all listed in ``TIERSERVE_MODELS``
+    with the default first. Memory is the largest version's.
 
     Attributes: ``function``, ``version``, ``alias`` (what callers invoke), ``role``,
-    ``log_group``, ``manifest``, ``model_name``, ``limits`` (the findings of its checks).
-    The stack grants the read of the model version's objects (``ModelStore.grant_read_model``).
+    ``log_group``, ``manifest``, ``manifests`` (every version served, the default first),
+    ``model_name``, ``limits`` (the findings of its checks). The stack grants the read of each
+    version's objects (``ModelStore.grant_read_model``).
 
     Raises:
         ConfigError: the model cannot be served as configured (every error, one per line).
@@ -53,23 +59,29 @@ class LambdaModelFunction(TierserveFunction):
         model_bucket_name: str,
         model_prefix: str,
         log_retention: logs.RetentionDays,
+        other_versions: Sequence[Manifest] = (),
     ) -> None:
         ref = ModelRef(manifest.name, manifest.version)
-        self.limits: list[Limit] = lambda_model_limits(manifest, config)
+        manifests = [manifest, *other_versions]
+        strays = [f"{m.name}@{m.version}" for m in other_versions if m.name != manifest.name]
+        if strays:
+            raise ValueError(f"other versions of {manifest.name} must be {manifest.name}'s, not {strays}")
+        self.limits: list[Limit] = [limit for m in manifests for limit in lambda_model_limits(m, config)]
         errors = [limit.message for limit in self.limits if limit.error]
         if errors:
             raise ConfigError("\n".join(errors))
         snapstart = config.snapstart_for(manifest.name)
         try:
-            memory_mb = lambda_memory_mb(manifest)
+            memory_mb = max(lambda_memory_mb(m) for m in manifests)
         except ManifestError as error:  # also a limit above; kept for a caller that skips them
             raise ConfigError(str(error)) from None
+        served = ", ".join(m.version for m in other_versions)
         super().__init__(
             scope,
             construct_id,
             handler=INFERENCE_HANDLER,
             architecture=architecture,
-            models=[manifest],
+            models=manifests,
             model_bucket_name=model_bucket_name,
             model_prefix=model_prefix,
             memory_mb=memory_mb,
@@ -81,12 +93,14 @@ class LambdaModelFunction(TierserveFunction):
             log_level=config.log_level,
             # SnapStart snapshots the init: the preload is what makes the snapshot worth taking.
             environment={PRELOAD_ENV: manifest.name} if config.preload or snapstart else None,
-            description=f"tierserve Lambda tier: serves model {ref} ({manifest.model.bytes:,} bytes)",
+            description=f"tierserve Lambda tier: serves model {ref} ({manifest.model.bytes:,} bytes)"
+            + (f", and versions {served}" if served else ""),
             role_description=f"tierserve function for model {manifest.name}: logs, traces, reads its model",
             snapstart=snapstart,
             provisioned_concurrency=config.provisioned_concurrency_for(manifest.name),
         )
         self.manifest = manifest
+        self.manifests = manifests
         self.model_name = manifest.name
         for limit in self.limits:
             Annotations.of(self).add_warning_v2(f"tierserve:{limit.code}", limit.message)

@@ -23,20 +23,18 @@ from collections.abc import Mapping, Sequence
 
 from aws_cdk import Annotations, CfnResource, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
-from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_iam as iam
-from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_lambda_event_sources as event_sources
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_notifications as s3_notifications
 from aws_cdk import aws_sns as sns
-from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from infra.model_store import SharedBucketStore, private_bucket
+from infra.monitoring import notify
 from infra.nag import acknowledge, wildcard_resource_finding
 from infra.sagemaker_inference import component_arn, endpoint_arn
 from infra.tierserve_function import TierserveFunction
@@ -210,12 +208,12 @@ class InferencePipeline(Construct):
     component) run there, which the worker may invoke (and nothing else of SageMaker), the
     others in the worker.
     The stack grants the reads of each model's objects
-    (``ModelStore.grant_read_model(pipeline.worker, manifest)``). Without ``alarm_email`` the
-    alarm notifies nobody, and synth warns so.
+    (``ModelStore.grant_read_model(pipeline.worker, manifest)``). The dead-letter alarm publishes
+    to ``alarm_topic`` (the app's one alarm topic); without one, synth warns.
 
     Attributes: ``queue``, ``dead_letter_queue``, ``worker``, ``worker_alias`` (what the event
     source invokes), ``role``, ``log_group``,
-    ``alarm``, ``alarm_topic`` (None without ``alarm_email``), ``data_bucket``.
+    ``alarm``, ``alarm_topic`` (as given), ``data_bucket``.
     """
 
     def __init__(
@@ -237,7 +235,7 @@ class InferencePipeline(Construct):
         ephemeral_storage_mb: int,
         log_retention: logs.RetentionDays,
         log_level: str,
-        alarm_email: str | None = None,
+        alarm_topic: sns.ITopic | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         unknown = sorted(set(gpu_endpoints) - {m.name for m in models})
@@ -294,7 +292,7 @@ class InferencePipeline(Construct):
             # sent (tierserve/s3_pipeline/cold.py), so it is never dead-lettered for a cold GPU.
             self.queue.grant_send_messages(self.role)
 
-        self.alarm_topic: sns.Topic | None = self._alarm_topic(alarm_email) if alarm_email else None
+        self.alarm_topic = alarm_topic
         self.alarm = self._dead_letter_alarm()
 
     def _queues(
@@ -324,8 +322,9 @@ class InferencePipeline(Construct):
         return dead_letters, inputs
 
     def _dead_letter_alarm(self) -> cloudwatch.Alarm:
-        """Any message in the dead-letter queue; mailed to ``alarm_topic``'s subscriber, or a
-        synth warning that nobody will be told."""
+        """Any message in the dead-letter queue, published to ``alarm_topic`` (tierserve's one
+        alarm topic, whose construct warns when nobody is subscribed), or a synth warning that
+        the alarm has no action."""
         alarm = cloudwatch.Alarm(
             self,
             "DeadLettersAlarm",
@@ -342,15 +341,13 @@ class InferencePipeline(Construct):
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
         if self.alarm_topic is not None:
-            alarm.add_alarm_action(cloudwatch_actions.SnsAction(self.alarm_topic))
-            alarm.add_ok_action(cloudwatch_actions.SnsAction(self.alarm_topic))
+            notify(alarm, self.alarm_topic)
         else:
             Annotations.of(self).add_warning_v2(
                 "tierserve:deadLetterAlarmWithoutRecipient",
-                "context alarm_email is empty: the dead-letter alarm goes off when inputs fail every "
-                "delivery, but nobody is told. Set alarm_email in cdk.json (or cdk deploy -c "
-                "alarm_email=ops@example.com) to mail its alarms and recoveries to that address, or add "
-                "an action to the alarm yourself.",
+                "the dead-letter alarm has no alarm topic: it goes off when inputs fail every delivery, but "
+                "nobody is told. Pass the app's alarm topic (infra.monitoring.Monitoring.topic), or add an "
+                "action to the alarm yourself.",
             )
         return alarm
 
@@ -389,32 +386,3 @@ class InferencePipeline(Construct):
             f"for {len(models)} model(s)",
             role_description="tierserve S3 worker: reads inputs/, writes outputs/ and errors/, reads its models",
         )
-
-    def _alarm_topic(self, email: str) -> sns.Topic:
-        """An encrypted, TLS-only topic with ``email`` subscribed. CloudWatch alarms cannot
-        publish to a topic under the AWS-managed SNS key, hence a customer-managed key whose
-        policy lets CloudWatch use it."""
-        key = kms.Key(
-            self,
-            "AlarmTopicKey",
-            description="tierserve pipeline: encrypts the dead-letter alarm topic",
-            enable_key_rotation=True,
-        )
-        key.add_to_resource_policy(
-            iam.PolicyStatement(
-                actions=["kms:Decrypt", "kms:GenerateDataKey*"],
-                principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
-                resources=["*"],  # in a key policy, "*" is this key
-                # Only for alarms of this account: no other account's CloudWatch may use the key.
-                conditions={"StringEquals": {"aws:SourceAccount": Stack.of(self).account}},
-            )
-        )
-        topic = sns.Topic(
-            self,
-            "AlarmTopic",
-            display_name="tierserve pipeline alarms",
-            master_key=key,
-            enforce_ssl=True,
-        )
-        topic.add_subscription(subscriptions.EmailSubscription(email))
-        return topic

@@ -21,13 +21,16 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from infra.api import InferenceApi
+from infra.api import InferenceApi, KeyLimits
 from infra.batch import BatchInference
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, ConfigError, InfraConfig, gpu_instance_overrides
+from infra.drift import add_capture, add_drift_job
 from infra.lambda_routes import LambdaModelRoutes
 from infra.lambda_tier import LambdaModelFunction
 from infra.limits import image_limits, lambda_model_limits, model_key_limits
 from infra.model_store import ModelStore
+from infra.monitoring import AlarmPolicy, AlarmTopic, GpuModel, LambdaModel, Monitoring, notify
+from infra.rollout import LambdaRollouts, gpu_rolling_update, strategy
 from infra.s3_pipeline import DataStore, InferencePipeline
 from infra.sagemaker_inference import (
     INSTANCE_SPECS,
@@ -44,7 +47,7 @@ from infra.sagemaker_inference import (
 )
 from infra.sagemaker_routes import ColdStart, SageMakerModelRoutes
 from infra.streams import StreamInference
-from tierserve.catalog import Catalog, CatalogEntry, Manifest
+from tierserve.catalog import Catalog, CatalogEntry, Manifest, tier_for
 from tierserve.settings import GpuTarget
 
 STORAGE_STACK = "TierserveStorage"
@@ -118,7 +121,10 @@ class ServingStack(Stack):
     Attributes: ``api``, ``lambda_models`` (model name -> :class:`LambdaModelFunction`),
     ``gpu_endpoints`` (instance type -> :class:`GpuEndpoint`), ``gpu_models`` (model name ->
     :class:`GpuModelComponent`), ``routes`` (model name -> :class:`LambdaModelRoutes` or
-    :class:`SageMakerModelRoutes`).
+    :class:`SageMakerModelRoutes`), ``monitoring`` (:class:`~infra.monitoring.Monitoring`: the
+    dashboard, every model's alarms, and ``monitoring.topic``, where every alarm of the app
+    publishes), ``rollouts`` (:class:`~infra.rollout.LambdaRollouts`: a CodeDeploy deployment
+    group per Lambda-tier model).
 
     Raises:
         ConfigError: a GPU-tier model cannot fit its instance type, or ``gpu_instance_types``
@@ -150,6 +156,8 @@ class ServingStack(Stack):
             throttle_burst_limit=config.throttle_burst_limit,
             log_retention=RETENTION[config.log_retention_days],
             manage_cloudwatch_role=config.api_cloudwatch_role,
+            key_limits=key_limits(config),
+            waf_rate_limit=config.waf_rate_limit if config.waf else None,
         )
         self.lambda_models: dict[str, LambdaModelFunction] = {}
         self.gpu_endpoints: dict[str, GpuEndpoint] = {}
@@ -157,10 +165,18 @@ class ServingStack(Stack):
         self.routes: dict[str, LambdaModelRoutes | SageMakerModelRoutes] = {}
         self._add_lambda_models(config, catalog, model_store)
         self._add_gpu_models(config, catalog, model_store)
+        self.monitoring = self._monitor(config, pipeline_stack=PIPELINE_STACK if catalog.entries else None)
+        self.rollouts = self._roll_out(config)
         self._warn(config)
 
         CfnOutput(
             self, "ApiUrl", value=self.api.url, description="Open Inference Protocol base URL (append v2/...)"
+        )
+        CfnOutput(
+            self,
+            "DashboardName",
+            value=self.monitoring.dashboard.dashboard_name,
+            description="The CloudWatch dashboard: a row per model, the API and the S3 pipeline",
         )
         if self.api.api_key is not None:
             CfnOutput(
@@ -174,8 +190,12 @@ class ServingStack(Stack):
         entries = catalog.by_tier("lambda", config.lambda_max_model_mb)
         limits = [*model_key_limits(config, [e.name for e in entries]), *(image_limits() if entries else [])]
         errors = [limit.message for limit in limits if limit.error]
+        errors += version_tier_errors(catalog, config)
         for entry in entries:  # every model's errors at once, not the first one's
-            errors += [limit.message for limit in lambda_model_limits(entry.manifest, config) if limit.error]
+            for version in (entry, *catalog.others_of(entry.name)):
+                errors += [
+                    limit.message for limit in lambda_model_limits(version.manifest, config) if limit.error
+                ]
         if errors:
             raise ConfigError("\n".join(errors))
         if not entries:
@@ -193,8 +213,10 @@ class ServingStack(Stack):
                 model_bucket_name=bucket.bucket_name,
                 model_prefix=model_store.model_prefix,
                 log_retention=RETENTION[config.log_retention_days],
+                other_versions=[e.manifest for e in catalog.others_of(entry.name)],
             )
-            model_store.grant_read_model(model.function, entry.manifest)
+            for manifest in model.manifests:
+                model_store.grant_read_model(model.function, manifest)
             self.routes[entry.name] = LambdaModelRoutes(
                 routes, entry.name, api=self.api, model_name=entry.name, function=model.alias
             )
@@ -267,6 +289,68 @@ class ServingStack(Stack):
                 self.gpu_models[entry.name] = component
             self._warn_unchecked(endpoint)
 
+    def _monitor(self, config: InfraConfig, *, pipeline_stack: str | None) -> Monitoring:
+        """The dashboard and every model's alarms, publishing to the one alarm topic.
+
+        Raises:
+            ConfigError: ``latency_budget_ms`` or ``rollout_overrides`` names a model the
+                catalog does not serve.
+        """
+        served = {*self.lambda_models, *self.gpu_models}
+        for key in ("latency_budget_ms", "rollout_overrides"):
+            strays = sorted({name for name, _ in getattr(config, key)} - served)
+            if strays:
+                raise ConfigError(
+                    f"cdk.json context {key!r} names {', '.join(strays)}, which the catalog does not serve "
+                    f"(models: {', '.join(sorted(served)) or 'none'}); fix the name or remove the entry"
+                )
+        return Monitoring(
+            self,
+            "Monitoring",
+            alarm_email=config.alarm_email or None,
+            policy=AlarmPolicy(
+                error_rate_percent=config.error_rate_percent,
+                latency_budget_ms=dict(config.latency_budget_ms),
+                default_latency_budget_ms=config.latency_budget_default_ms,
+                no_capacity_minutes=config.gpu_cold_start_minutes + 5,
+            ),
+            api_name=self.api.rest_api.rest_api_name,
+            stage_name=self.api.stage.stage_name,
+            lambda_models=[
+                LambdaModel(
+                    name, m.manifest.version, m.function, m.alias, tuple(v.version for v in m.manifests[1:])
+                )
+                for name, m in self.lambda_models.items()
+            ],
+            gpu_models=[
+                GpuModel(name, c.manifest.version, c.component_name) for name, c in self.gpu_models.items()
+            ],
+            pipeline_stack=pipeline_stack,
+        )
+
+    def _roll_out(self, config: InfraConfig) -> LambdaRollouts | None:
+        """A new default version of each model reaches traffic by its strategy and rolls back
+        on its alarms: CodeDeploy on a Lambda-tier model's alias, a rolling update of a GPU-tier
+        model's component."""
+        for name, component in self.gpu_models.items():
+            gpu_rolling_update(
+                component.component,
+                strategy=strategy(config.rollout_for(name)),
+                alarms=self.monitoring.alarms[name].rollback,
+                startup_timeout=Duration.seconds(config.gpu_startup_timeout_seconds),
+            )
+        if not self.lambda_models:
+            return None
+        rollouts = LambdaRollouts(self, "Rollouts")
+        for name, model in self.lambda_models.items():
+            rollouts.add(
+                name,
+                alias=model.alias,
+                strategy=strategy(config.rollout_for(name)),
+                alarms=self.monitoring.alarms[name].rollback,
+            )
+        return rollouts
+
     def _warn_unchecked(self, endpoint: GpuEndpoint) -> None:
         if endpoint.instance_type not in INSTANCE_SPECS:
             Annotations.of(endpoint).add_warning_v2(
@@ -303,6 +387,8 @@ class PipelineStack(Stack):
         model_store: ModelStore,
         data_store: DataStore,
         gpu_endpoints: dict[str, GpuTarget],
+        captured: list[str] | None = None,
+        alarm_topic: AlarmTopic | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(
@@ -329,16 +415,54 @@ class PipelineStack(Stack):
             ephemeral_storage_mb=config.lambda_ephemeral_storage_mb,
             log_retention=RETENTION[config.log_retention_days],
             log_level=config.log_level,
-            alarm_email=config.alarm_email or None,
+            alarm_topic=alarm_topic.topic_for(self) if alarm_topic is not None else None,
         )
         for entry in catalog:
             model_store.grant_read_model(self.pipeline.worker, entry.manifest)
+        self.drift = add_drift_job(  # the scheduled drift job over the models that capture (infra/drift.py)
+            self,
+            captured=captured or [],
+            config=config,
+            catalog=catalog,
+            model_store=model_store,
+            data_store=data_store,
+            architecture=ARCHITECTURES[config.lambda_architecture],
+            log_retention=RETENTION[config.log_retention_days],
+            alarm_topic=self.pipeline.alarm_topic,
+        )
         CfnOutput(
             self,
             "DeadLetterQueueUrl",
             value=self.pipeline.dead_letter_queue.queue_url,
             description="Inputs that failed every delivery; redrive with aws sqs start-message-move-task",
         )
+
+
+def version_tier_errors(catalog: Catalog, config: InfraConfig) -> list[str]:
+    """Why the catalog's other versions cannot be served: a GPU-tier model serves its default
+    version alone (one inference component; a new default rolls its copies over), and every
+    version of a Lambda-tier model must be on the Lambda tier (one function serves them)."""
+    errors = []
+    for entry in catalog:
+        others = catalog.others_of(entry.name)
+        tier = tier_for(entry.manifest, config.lambda_max_model_mb)
+        if others and tier == "gpu":
+            errors.append(
+                f"catalog lists versions {', '.join(e.version for e in others)} of {entry.name} beside its default "
+                f"{entry.version}, but {entry.name} is on the GPU tier, which serves one version per model (its "
+                "inference component): remove them, or make the one to serve the default"
+            )
+        elif tier == "lambda":
+            strays = [
+                e.version for e in others if tier_for(e.manifest, config.lambda_max_model_mb) != "lambda"
+            ]
+            if strays:
+                errors.append(
+                    f"versions {', '.join(strays)} of {entry.name} are on the GPU tier while its default "
+                    f"{entry.version} is on the Lambda tier, and one function serves every version: keep the "
+                    "versions of a model on one tier (lambda_max_model_mb, or a manifest's tier)"
+                )
+    return errors
 
 
 def gpu_placement(
@@ -378,6 +502,16 @@ def gpu_placement(
         )
         placement.setdefault(instance_type, []).append((entry, requirements))
     return placement
+
+
+def key_limits(config: InfraConfig) -> KeyLimits:
+    """Each API key's throttle and quota under ``auth=api_key`` (the ``api_key_*`` keys)."""
+    return KeyLimits(
+        rate_limit=config.api_key_rate_limit,
+        burst_limit=config.api_key_burst_limit,
+        quota=config.api_key_quota,
+        quota_period=config.api_key_quota_period,
+    )
 
 
 def copy_scaling(config: InfraConfig) -> CopyScaling:
@@ -463,6 +597,7 @@ class StreamStack(Stack):
         manifest: Manifest,
         model_store: ModelStore,
         gpu_endpoints: dict[str, GpuTarget],
+        alarm_topic: AlarmTopic | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(
@@ -498,6 +633,8 @@ class StreamStack(Stack):
                 "while it has no copy, its records fail every retry and their positions go to the failure "
                 "queue; set gpu_min_copies to 1 or more, or replay those ranges once it runs",
             )
+        if alarm_topic is not None:
+            notify(self.streams.alarm, alarm_topic.topic_for(self))
         outputs = {
             "RecordsStreamName": (
                 self.streams.records.stream_name,
@@ -554,6 +691,13 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
     serving = ServingStack(
         app, SERVING_STACK, config=config, catalog=catalog, model_store=storage.model_store
     )
+    captured = add_capture(
+        data_store=storage.data_store,
+        serving=serving,
+        lambda_functions={name: model.function for name, model in serving.lambda_models.items()},
+        config=config,
+        catalog=catalog,
+    )
     pipeline = batch = None
     if catalog.entries:
         pipeline = PipelineStack(
@@ -564,6 +708,8 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
             model_store=storage.model_store,
             data_store=storage.data_store,
             gpu_endpoints=serving.gpu_targets,
+            captured=captured,
+            alarm_topic=serving.monitoring.alarm_topic,
         )
         pipeline.add_stack_dependency(serving, "invokes the GPU endpoints the serving stack creates")
         batch = BatchStack(
@@ -586,6 +732,7 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
             manifest=manifest,
             model_store=storage.model_store,
             gpu_endpoints=serving.gpu_targets,
+            alarm_topic=serving.monitoring.alarm_topic,
         )
         stream.add_stack_dependency(serving, "invokes the GPU endpoint the serving stack creates")
     return TierserveStacks(storage=storage, serving=serving, pipeline=pipeline, batch=batch, stream=stream)

@@ -14,6 +14,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from tierserve import aws
+from tierserve.capture import Capture
 from tierserve.dataplane import DataPlane
 from tierserve.lambda_proxy import build_resolver
 from tierserve.registry import ModelRegistry
@@ -23,7 +24,8 @@ from tierserve.telemetry import logger, metrics, tracer
 
 with exit_on_bad_settings():  # a bad variable is one line in the init log, not a traceback
     registry = ModelRegistry(Settings.from_env())
-app = build_resolver(DataPlane(registry))
+    capture = Capture.from_env()  # None unless TIERSERVE_CAPTURE names a model
+app = build_resolver(DataPlane(registry, capture=capture))
 registry.preload()  # with SnapStart, the snapshot holds the warm session
 register_hooks()  # before the snapshot: close connections; after a restore: new clients, new seeds
 
@@ -32,6 +34,10 @@ register_hooks()  # before the snapshot: close connections; after a restore: new
 @tracer.capture_lambda_handler(capture_response=False)
 @metrics.log_metrics(capture_cold_start_metric=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    # A cold load (and every S3 call) must end in time to answer: the invocation's remaining time.
-    with aws.within(aws.Deadline.for_invocation(context, aws.RESPONSE_MARGIN_S)):
-        return app.resolve(event, context)
+    try:
+        # A cold load (and every S3 call) must end in time to answer: the invocation's remaining time.
+        with aws.within(aws.Deadline.for_invocation(context, aws.RESPONSE_MARGIN_S)):
+            return app.resolve(event, context)
+    finally:
+        if capture is not None:
+            capture.end_invocation()  # wakes the writer when a batch is due; never waits

@@ -110,9 +110,12 @@ def test_one_sagemaker_endpoint_per_instance_type_hosts_every_gpu_tier_model(ser
     assert sorted(policies) == sorted(
         ["TargetTrackingScaling", "StepScaling", "StepScaling"] * len(GPU_MODELS)
     )
+    # The wake-from-zero alarms (scaling actions); Monitoring's no-capacity alarms are named.
     alarms = of_type(serving, "AWS::CloudWatch::Alarm")
     assert sum(
-        a["Properties"].get("MetricName") == "NoCapacityInvocationFailures" for a in alarms.values()
+        a["Properties"].get("MetricName") == "NoCapacityInvocationFailures"
+        and "AlarmName" not in a["Properties"]
+        for a in alarms.values()
     ) == len(GPU_MODELS)
     (config,) = of_type(serving, "AWS::SageMaker::EndpointConfig").values()
     (variant,) = config["Properties"]["ProductionVariants"]
@@ -146,7 +149,8 @@ def test_gpu_scaling_comes_from_context(make_app, catalog):
         gpu_routing_strategy="RANDOM",
     )
     template = assembly.get_stack_by_name(SERVING_STACK).template
-    (key_id,) = of_type(template, "AWS::KMS::Key")
+    # The volume key (the alarm topic has its own, Monitoring's).
+    (key_id,) = [k for k in of_type(template, "AWS::KMS::Key") if not k.startswith("MonitoringAlarms")]
     (config,) = of_type(template, "AWS::SageMaker::EndpointConfig").values()
     (variant,) = config["Properties"]["ProductionVariants"]
     assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.p3.2xlarge", 2)
@@ -173,7 +177,7 @@ def test_gpu_scaling_comes_from_context(make_app, catalog):
     idle = [
         a["Properties"]
         for a in of_type(template, "AWS::CloudWatch::Alarm").values()
-        if "Metrics" in a["Properties"]
+        if "Metrics" in a["Properties"] and "AlarmName" not in a["Properties"]  # not Monitoring's
     ]
     assert [a["EvaluationPeriods"] for a in idle] == [5] * len(GPU_MODELS)
 
@@ -291,13 +295,13 @@ def test_cdk_nag_reports_nothing_unacknowledged(nagged_app, assembly):
     assert nag.success is True and nag.violations == []
     report = json.loads((Path(assembly.directory) / "validation-report.json").read_text())
     # Construct annotations land in the report too (@aws-cdk/core:annotationsInValidationReport):
-    # the only one by default is ours, the dead-letter alarm nobody hears (alarm_email is empty).
+    # the only one by default is ours, the alarms nobody hears (alarm_email is empty).
     plugins = {p["pluginName"]: p for p in report["pluginReports"]}
     assert set(plugins) == {"Construct Annotations"}, report
     annotations = plugins["Construct Annotations"]
     assert annotations["conclusion"] == "success"
     assert [(v["ruleName"], v["severity"]) for v in annotations["violations"]] == [
-        ("Annotation::tierserve:deadLetterAlarmWithoutRecipient", "warning")
+        ("Annotation::tierserve:alarmsWithoutRecipient", "warning")
     ]
 
 
@@ -381,6 +385,11 @@ def test_no_role_uses_a_managed_policy(serving, storage, pipeline):
             if logical_id.startswith("BucketNotificationsHandler"):
                 assert template is pipeline
                 continue
+            if logical_id.startswith("Rollouts"):  # CodeDeploy's, AWS's narrowest for Lambda
+                assert [p["Fn::Join"][1][-1] for p in role["Properties"]["ManagedPolicyArns"]] == [
+                    ":iam::aws:policy/service-role/AWSCodeDeployRoleForLambdaLimited"
+                ]
+                continue
             assert "ManagedPolicyArns" not in role["Properties"]
 
 
@@ -440,6 +449,7 @@ def test_every_service_role_trusts_its_service_for_this_account_only(assembly):
         "apigateway.amazonaws.com",
         "sagemaker.amazonaws.com",
         "states.amazonaws.com",
+        "codedeploy.amazonaws.com",
     }
     assert seen == services
 
@@ -522,7 +532,9 @@ def test_outputs_for_ops(serving, storage, pipeline):
     assert "ApiUrl" in serving["Outputs"]
     assert {"ModelBucketName", "DataBucketName"} <= set(storage["Outputs"])
     assert "DeadLetterQueueUrl" in pipeline["Outputs"]
-    assert len(serving["Outputs"]) == 1, "one URL output, not CDK's hashed duplicate"
+    assert set(serving["Outputs"]) == {"ApiUrl", "AlarmTopicArn", "DashboardName"}, (
+        "one URL output, not CDK's hashed duplicate"
+    )
 
 
 def test_synth_is_deterministic(assembly, make_app, catalog):

@@ -12,6 +12,7 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk.assertions import Annotations, Match
 
+from infra.monitoring import AlarmTopic
 from infra.s3_pipeline import DataStore, InferencePipeline
 from tierserve.catalog import MB, lambda_memory_mb
 from tierserve.settings import (
@@ -32,13 +33,15 @@ BIG_TARGET = GpuTarget("tierserve-g5-xlarge", "tierserve-big-llm-g5-xlarge")
 
 def build(make_app, manifests, *, name: str, gpu: dict[str, GpuTarget], **overrides: Any) -> cdk.Stack:
     stack = cdk.Stack(make_app(), name)
+    if overrides.get("alarm_topic") == "the app's":
+        overrides["alarm_topic"] = AlarmTopic(stack, "Alarms", email="ops@example.com").topic
     options: dict[str, Any] = {
         "worker_timeout": cdk.Duration.seconds(WORKER_TIMEOUT),
         "max_receive_count": 5,
         "batch_size": 10,
         "batching_window": cdk.Duration.seconds(5),
         "reserved_concurrency": None,
-        "alarm_email": None,
+        "alarm_topic": None,
     }
     options.update(overrides)
     InferencePipeline(
@@ -84,7 +87,7 @@ def with_alarm_email_stack(make_app, manifests):
         manifests[:1],
         name="PipelineWithEmail",
         gpu={},
-        alarm_email="ops@example.com",
+        alarm_topic="the app's",
         reserved_concurrency=20,
         batching_window=cdk.Duration.seconds(0),
     )
@@ -286,32 +289,19 @@ def test_dead_letters_raise_an_alarm(pipeline, find):
     assert find(pipeline, "AWS::SNS::Topic") == []
 
 
-def test_an_alarm_nobody_hears_is_a_synth_warning_that_says_the_fix(pipeline_stack, with_alarm_email_stack):
-    warning = Match.string_like_regexp(r"nobody is told\. Set alarm_email in cdk\.json")
+def test_an_alarm_without_a_topic_is_a_synth_warning_that_says_the_fix(
+    pipeline_stack, with_alarm_email_stack
+):
+    warning = Match.string_like_regexp(r"nobody is told\. Pass the app's alarm topic")
     Annotations.from_stack(pipeline_stack).has_warning("/Pipeline/Pipeline", warning)
     assert Annotations.from_stack(with_alarm_email_stack).find_warning("*", Match.any_value()) == []
 
 
-def test_alarm_email_adds_an_encrypted_topic(with_alarm_email, find):
-    (topic_id, topic), *_ = with_alarm_email.find_resources("AWS::SNS::Topic").items()
-    (key_id,) = with_alarm_email.find_resources("AWS::KMS::Key", {"Properties": {"EnableKeyRotation": True}})
-    assert topic["Properties"]["KmsMasterKeyId"] == {"Fn::GetAtt": [key_id, "Arn"]}
-    (subscription,) = find(with_alarm_email, "AWS::SNS::Subscription")
-    assert subscription["Properties"]["Protocol"] == "email"
-    assert subscription["Properties"]["Endpoint"] == "ops@example.com"
+def test_dead_letters_publish_to_the_apps_alarm_topic(with_alarm_email, find):
+    (topic_id,) = with_alarm_email.find_resources("AWS::SNS::Topic")
     (alarm,) = find(with_alarm_email, "AWS::CloudWatch::Alarm")
     assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic_id}]
-    key = with_alarm_email.find_resources("AWS::KMS::Key")[key_id]
-    (cloudwatch,) = [
-        s
-        for s in key["Properties"]["KeyPolicy"]["Statement"]
-        if s.get("Principal") == {"Service": "cloudwatch.amazonaws.com"}
-    ]
-    assert sorted(cloudwatch["Action"]) == ["kms:Decrypt", "kms:GenerateDataKey*"]
-    assert cloudwatch["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
-    (policy,) = find(with_alarm_email, "AWS::SNS::TopicPolicy")
-    (deny,) = [s for s in policy["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Deny"]
-    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert alarm["Properties"]["OKActions"] == [{"Ref": topic_id}]
 
 
 def test_the_worker_is_a_tierserve_function_with_retention_and_account_trust(pipeline):

@@ -16,7 +16,7 @@ from tierserve.lambda_proxy import PROXY_ENVELOPE_BYTES
 from tierserve.protocol import decode_infer_response
 from tierserve.settings import MB
 from tierserve.tools.local import samples
-from tierserve.tools.packaging import upload
+from tierserve.tools.packaging import package_model, upload, upload_package
 
 
 def _iris_reference() -> np.ndarray:
@@ -208,3 +208,32 @@ def test_an_input_the_model_fails_on_is_a_400_through_the_handler(s3, cache_dir,
     status, body = infer([[1], [3]])
     assert status == 200, body
     assert json.loads(body)["outputs"][0]["data"] == [1.0, 7.0]
+
+
+def test_one_function_serves_each_catalog_version_and_the_default_unversioned(
+    s3, uploaded_iris, cache_dir, monkeypatch, tmp_path
+):
+    """As the CDK app configures a Lambda-tier model with several catalog versions: the default
+    (listed first) answers the unversioned routes, every version its /versions/{v} routes."""
+    other = samples.mlp(tmp_path / "v2.onnx", features=4, hidden=8, layers=1, classes=3, seed=3)
+    upload_package(
+        package_model(other, name="iris", version="2", out_dir=tmp_path / "pkg"), s3, BUCKET, "models"
+    )
+    invoke = make_invoke(monkeypatch, cache_dir, models="iris@2,iris@1")
+
+    def answer(path: str) -> dict:
+        event = load_event("infer-version")
+        event["path"], event["pathParameters"] = path, {"proxy": path.removeprefix("/")}
+        status, _, body = invoke(event)
+        assert status == 200, body
+        return json.loads(body)
+
+    assert answer("/v2/models/iris/infer")["model_version"] == "2"
+    assert answer("/v2/models/iris/versions/2/infer")["model_version"] == "2"
+    old = answer("/v2/models/iris/versions/1/infer")
+    assert old["model_version"] == "1" and [o["name"] for o in old["outputs"]] == ["label", "probabilities"]
+    event = load_event("infer-version")
+    event["path"] = "/v2/models/iris/versions/3/infer"
+    event["pathParameters"] = {"proxy": event["path"].removeprefix("/")}
+    status, _, body = invoke(event)
+    assert status == 404 and "deployed versions: 2, 1" in json.loads(body)["error"]

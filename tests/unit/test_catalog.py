@@ -177,3 +177,37 @@ def test_optional_fields_may_be_null_or_absent():
     manifest = Manifest.from_dict(raw_manifest(tier=None, accuracy=None, extra=None))
     assert (manifest.tier, manifest.accuracy, manifest.extra) == (None, None, {})
     assert manifest.allow_non_finite is False and manifest.optimized is False
+
+
+def test_a_catalog_may_serve_other_versions_beside_each_models_default(tmp_path):
+    default = {"name": "iris", "version": "2", "manifest": raw_manifest(version="2")}
+    older = {"name": "iris", "version": "1", "manifest": raw_manifest(), "default": False}
+    catalog = Catalog.from_dict({"models": [older, default]})
+    assert [(e.name, e.version) for e in catalog.entries] == [("iris", "2")]
+    assert catalog.get("iris").version == "2"
+    assert [e.version for e in catalog.others_of("iris")] == ["1"]
+    assert [e.version for e in catalog] == ["2"]  # every consumer of the defaults sees one per model
+    path = tmp_path / "catalog.json"
+    catalog.save(path)
+    assert Catalog.load(path) == catalog
+    assert json.loads(path.read_text())["models"][1]["default"] is False
+    replaced = catalog.with_entry(Manifest.from_dict(raw_manifest(version="3")))
+    assert ([e.version for e in replaced.entries], replaced.others) == (["3"], ())
+
+
+@pytest.mark.parametrize(
+    ("models", "fragment"),
+    [
+        ([{"version": "2", "default": False}], "none is the default"),
+        (
+            [{"version": "1"}, {"version": "2"}],
+            'more than once as the default: keep one default version per model, and mark the others "default": false',
+        ),
+        ([{"version": "1"}, {"version": "1", "default": False}], r"lists \['iris@1'\] more than once"),
+        ([{"version": "1", "default": "no"}], r'"models\[0\].default" must be true or false'),
+    ],
+)
+def test_versions_and_defaults_that_cannot_be_served_are_refused(models, fragment):
+    entries = [{"name": "iris", "manifest": raw_manifest(version=m["version"]), **m} for m in models]
+    with pytest.raises(ManifestError, match=fragment):
+        Catalog.from_dict({"models": entries})

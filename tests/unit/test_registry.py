@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tierserve.batching import BatchingConfig, BatchingModel
-from tierserve.errors import ArtifactRejected, ModelUnavailable, Overloaded, is_retryable
+from tierserve.errors import ArtifactRejected, ModelNotFound, ModelUnavailable, Overloaded, is_retryable
 from tierserve.model import OnnxModel
 from tierserve.registry import ModelRegistry, model_cost_bytes
 from tierserve.settings import MB, ModelRef, Settings
@@ -231,3 +231,31 @@ def test_a_manifest_that_does_not_match_its_session_is_refused_and_nothing_stays
     assert not list(cache_dir.glob("*.onnx")), "nothing of the refused model stays in the disk cache"
     manifest_path.write_text(original)  # fixed in place: the next request reads and serves it
     assert registry.get(ref).predict({"input": np.ones((1, 16), np.float32)})["probabilities"].shape == (1, 5)
+
+
+def test_a_process_serving_several_versions_resolves_each_and_the_first_by_default(tmp_path, cache_dir):
+    """Two versions of one model side by side, as a Lambda-tier function serves its catalog's
+    versions: a request without a version gets the default (listed first); each version loads its own bytes."""
+    root = tmp_path / "store"
+    for version, seed in (("2", 7), ("1", 8)):
+        source = samples.mlp(
+            tmp_path / f"v{version}.onnx", features=16, hidden=8, layers=1, classes=5, seed=seed
+        )
+        package_model(source, name="mlp", version=version, out_dir=root / "mlp" / version)
+    settings = Settings(
+        model_root=f"file://{root}", models=(ModelRef("mlp", "2"), ModelRef("mlp", "1")), cache_dir=cache_dir
+    )
+    registry = ModelRegistry(settings)
+    assert registry.resolve("mlp") == ModelRef("mlp", "2")
+    assert registry.resolve("mlp", "1") == ModelRef("mlp", "1")
+    rows = np.ones((1, 16), np.float32)
+    answers = {}
+    for ref in (registry.resolve("mlp"), registry.resolve("mlp", "1")):
+        model = registry.get(ref)
+        assert model.manifest.version == ref.version
+        answers[ref.version] = next(iter(model.predict({"input": rows}).values()))
+    assert not np.allclose(answers["1"], answers["2"])  # different weights: each version its own bytes
+    with pytest.raises(
+        ModelNotFound, match="version '3' of model 'mlp' is not deployed; deployed versions: 2, 1"
+    ):
+        registry.resolve("mlp", "3")

@@ -419,17 +419,22 @@ class CatalogEntry:
     name: str
     version: str
     manifest: Manifest
+    # One version of a model is its default (what the unversioned routes serve); a catalog may
+    # list other versions of it too, served under /versions/{v} (``"default": false``).
+    default: bool = True
 
     @classmethod
     def from_dict(cls, data: Any, index: int) -> CatalogEntry:
-        """Entry ``index`` of a catalog's ``models``: ``{"name", "version", "manifest"}``, where
-        name and version, when given, agree with the manifest's.
+        """Entry ``index`` of a catalog's ``models``: ``{"name", "version", "manifest"}`` and an
+        optional ``"default"`` (true unless it says false), where name and version, when given,
+        agree with the manifest's.
 
         Raises:
             ManifestError: "models[i] is not a valid manifest: ..." or what else is wrong.
         """
         where = f"models[{index}]"
-        data = _object(data, where, ("name", "version", "manifest"))
+        data = _object(data, where, ("name", "version", "manifest", "default"))
+        default = _boolean(data.get("default", True), f"{where}.default")
         try:
             manifest = Manifest.from_dict(_get(data, "manifest", f"{where}.manifest"))
         except ManifestError as error:
@@ -443,14 +448,21 @@ class CatalogEntry:
                 f"{where}: the entry says {said[0]}@{said[1]} but its manifest describes "
                 f"{manifest.name}@{manifest.version}: make them agree"
             )
-        return cls(manifest.name, manifest.version, manifest)
+        return cls(manifest.name, manifest.version, manifest, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"name": self.name, "version": self.version, "manifest": self.manifest.to_dict()}
+        return data if self.default else {**data, "default": False}
 
 
 @dataclass(frozen=True)
 class Catalog:
-    """The models to deploy. Order is preserved so synth is deterministic."""
+    """The models to deploy: ``entries``, each model's default version (what every consumer
+    serves), and ``others``, further versions of those models that the Lambda tier serves
+    beside the default (under ``/versions/{v}``). Order is preserved so synth is deterministic."""
 
     entries: tuple[CatalogEntry, ...]
+    others: tuple[CatalogEntry, ...] = ()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Catalog:
@@ -458,14 +470,27 @@ class Catalog:
         models = data.get("models", []) if isinstance(data, Mapping) and set(data) <= {"models"} else None
         if not isinstance(models, list):
             raise ManifestError('a catalog is {"models": [{"name", "version", "manifest": {...}}, ...]}')
-        entries = [CatalogEntry.from_dict(raw, index) for index, raw in enumerate(models)]
+        listed = [CatalogEntry.from_dict(raw, index) for index, raw in enumerate(models)]
+        entries = [e for e in listed if e.default]
+        others = [e for e in listed if not e.default]
         names = [e.name for e in entries]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ManifestError(
-                f"catalog lists {duplicates} more than once: keep one deployed version per model"
+                f"catalog lists {duplicates} more than once as the default: keep one default version per "
+                'model, and mark the others "default": false to serve them under /versions/{v}'
             )
-        return cls(tuple(entries))
+        orphans = sorted({e.name for e in others} - set(names))
+        if orphans:
+            raise ManifestError(
+                f'catalog lists versions of {orphans} but none is the default: remove "default": false '
+                "from the version the unversioned routes should serve"
+            )
+        versions = [(e.name, e.version) for e in listed]
+        twice = sorted({f"{n}@{v}" for n, v in versions if versions.count((n, v)) > 1})
+        if twice:
+            raise ManifestError(f"catalog lists {twice} more than once: list each version once")
+        return cls(tuple(entries), tuple(others))
 
     @classmethod
     def load(cls, path: str | Path) -> Catalog:
@@ -492,19 +517,22 @@ class Catalog:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "models": [
-                {"name": e.name, "version": e.version, "manifest": e.manifest.to_dict()} for e in self.entries
-            ]
-        }
+        return {"models": [e.to_dict() for e in (*self.entries, *self.others)]}
 
     def get(self, name: str) -> CatalogEntry | None:
+        """The default version's entry of ``name``, or None."""
         return next((e for e in self.entries if e.name == name), None)
 
+    def others_of(self, name: str) -> list[CatalogEntry]:
+        """The versions of ``name`` served beside its default, in catalog order."""
+        return [e for e in self.others if e.name == name]
+
     def with_entry(self, manifest: Manifest) -> Catalog:
-        """A catalog where ``manifest`` replaces any entry of the same model name."""
+        """A catalog where ``manifest`` is the only version of its model (it replaces every entry
+        of the same model name)."""
         kept = [e for e in self.entries if e.name != manifest.name]
-        return Catalog((*kept, CatalogEntry(manifest.name, manifest.version, manifest)))
+        others = tuple(e for e in self.others if e.name != manifest.name)
+        return Catalog((*kept, CatalogEntry(manifest.name, manifest.version, manifest)), others)
 
     def by_tier(
         self, tier: Tier, lambda_max_model_mb: float = DEFAULT_LAMBDA_MAX_MODEL_MB

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from tierserve.capture import Capture
 from tierserve.errors import ModelUnavailable
 from tierserve.protocol import InferenceRequest, model_metadata, parse_infer_request, server_metadata
 from tierserve.registry import ModelRegistry
@@ -41,9 +42,15 @@ class DataPlane:
     server passes its warm-up state, so ``ready()`` refuses until its models are warm.
     """
 
-    def __init__(self, registry: ModelRegistry, readiness: Callable[[], str | None] | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        readiness: Callable[[], str | None] | None = None,
+        capture: Capture | None = None,
+    ) -> None:
         self.registry = registry
         self._readiness = readiness
+        self.capture = capture  # drift: a sample of requests to S3 (tierserve.capture), never in the way
 
     def live(self) -> Document:
         return {"live": True}
@@ -92,4 +99,6 @@ class DataPlane:
         with stopwatch() as elapsed:
             outputs = loaded.predict(request.inputs, request.output_names())
         record_ms(INFERENCE_MS, elapsed[0])
+        if self.capture is not None:
+            self.capture.offer(ref, request.inputs, outputs)
         return InferResult(ref, request, outputs)

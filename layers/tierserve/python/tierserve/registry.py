@@ -92,16 +92,23 @@ class ModelRegistry:
         return self._store
 
     def resolve(self, name: str, version: str | None = None) -> ModelRef:
-        """The deployed reference for ``name`` (and ``version`` if given), or a 404 that says why."""
+        """The deployed reference for ``name`` (and ``version`` if given), or a 404 that says why.
+
+        A process may serve several versions of a model (``TIERSERVE_MODELS`` lists each): the
+        first listed is the model's default, which a request without a version gets."""
         ref = self.settings.model_ref(name)
         served = ", ".join(str(r) for r in self.settings.models) or "none"
         if ref is None:
             raise ModelNotFound(f"model {name!r} is not served here; models served: {served}")
-        if version is not None and version != ref.version:
-            raise ModelNotFound(
-                f"version {version!r} of model {name!r} is not deployed; deployed version: {ref.version}"
-            )
-        return ref
+        if version is None or version == ref.version:
+            return ref
+        versions = [r for r in self.settings.models if r.name == name]
+        exact = next((r for r in versions if r.version == version), None)
+        if exact is None:
+            deployed = ", ".join(r.version for r in versions)
+            what = "deployed versions" if len(versions) > 1 else "deployed version"
+            raise ModelNotFound(f"version {version!r} of model {name!r} is not deployed; {what}: {deployed}")
+        return exact
 
     def manifest(self, ref: ModelRef) -> Manifest:
         """The manifest of a served model, read once from the store and then remembered."""

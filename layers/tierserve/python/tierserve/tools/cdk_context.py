@@ -82,6 +82,18 @@ DEFAULT_S3_MB_PER_S_PER_CONNECTION = 90.0
 # Lambda's account default for concurrent executions: provisioned concurrency cannot exceed it.
 LAMBDA_MAX_PROVISIONED_CONCURRENCY = 1_000
 CDK_JSON = "cdk.json"
+# Operating it (infra/waf.py, infra/monitoring.py, infra/rollout.py).
+WAF_MIN_RATE_LIMIT = 10  # WAF's bounds for a rate-based rule (requests per 5 minutes)
+WAF_MAX_RATE_LIMIT = 2_000_000_000
+QUOTA_PERIODS: tuple[str, ...] = ("DAY", "WEEK", "MONTH")
+# How a new default version reaches traffic: CodeDeploy's predefined Lambda configs, by name
+# (infra/rollout.py maps each to the Lambda config and the GPU tier's rolling update).
+ROLLOUT_STRATEGIES: tuple[str, ...] = (
+    "canary10_5min", "canary10_10min", "canary10_15min", "canary10_30min",
+    "linear10_1min", "linear10_2min", "linear10_3min", "linear10_10min",
+    "all_at_once",
+)  # fmt: skip
+MAX_LATENCY_BUDGET_MS = 900_000
 
 
 class ConfigError(ValueError):
@@ -154,6 +166,27 @@ class InfraConfig:
     stream_shards: int = 1
     stream_batch_size: int = 100
     stream_max_retry_attempts: int = 3
+    # Drift (infra/drift.py): request capture per model, "model:rate[:outputs],..." ("" none).
+    capture: str = ""
+    capture_retention_days: int = 30
+    drift_window_hours: int = 24
+    drift_psi_threshold: float = 0.25
+    drift_min_rows: int = 100
+    # Keeping abusers out (infra/waf.py, infra/api.py): a WAF web ACL on the stage, and with
+    # auth=api_key per-key throttles and a quota in the usage plan (quota 0: none).
+    waf: bool = True
+    waf_rate_limit: int = 2000
+    api_key_rate_limit: float = 10
+    api_key_burst_limit: int = 20
+    api_key_quota: int = 100_000
+    api_key_quota_period: str = "DAY"
+    # Seeing it (infra/monitoring.py): alarm thresholds; the per-model latency budget (p99, ms).
+    error_rate_percent: float = 5
+    latency_budget_ms: tuple[tuple[str, float], ...] = ()
+    latency_budget_default_ms: float = 1000
+    # Rolling out (infra/rollout.py): how a new default version takes traffic, per model too.
+    rollout: str = "canary10_5min"
+    rollout_overrides: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         """Checks that involve more than one key (each key alone is checked by its parser)."""
@@ -252,6 +285,14 @@ class InfraConfig:
         """Provisioned concurrency of ``model``'s alias (context ``provisioned_concurrency``), 0: none."""
         return dict(self.provisioned_concurrency).get(model, 0)
 
+    def latency_budget_for(self, model: str) -> float:
+        """The p99 latency (ms) over which ``model``'s latency alarm goes off."""
+        return dict(self.latency_budget_ms).get(model, self.latency_budget_default_ms)
+
+    def rollout_for(self, model: str) -> str:
+        """How a new default version of ``model`` takes traffic (a :data:`ROLLOUT_STRATEGIES` name)."""
+        return dict(self.rollout_overrides).get(model, self.rollout)
+
     def catalog_path(self, root: Path) -> Path:
         """The catalog file: ``catalog`` as given when absolute, else relative to ``root``."""
         path = Path(self.catalog)
@@ -264,6 +305,8 @@ class InfraConfig:
         if not isinstance(self.snapstart, bool):
             context["snapstart"] = list(self.snapstart)
         context["provisioned_concurrency"] = dict(self.provisioned_concurrency)
+        context["latency_budget_ms"] = dict(self.latency_budget_ms)
+        context["rollout_overrides"] = dict(self.rollout_overrides)
         return context
 
 
@@ -453,6 +496,67 @@ def _model_or_none(key: str, raw: Any) -> str:
     return value
 
 
+def _capture(key: str, raw: Any) -> str:
+    """``{"iris": {"rate": 0.1, "outputs": false}}`` (cdk.json) or ``iris:0.1,mlp:0.05:outputs``
+    (``-c``), as the normalized text the functions read (``TIERSERVE_CAPTURE``)."""
+    from tierserve.capture import CaptureRule, join_rules, parse_rules
+
+    wanted = (
+        'models and sampling rates, {"iris": {"rate": 0.1, "outputs": false}} in cdk.json or '
+        "iris:0.1,mlp:0.05:outputs on the command line (rates from 0 to 1, each model once)"
+    )
+    if isinstance(raw, dict):
+        rules = {}
+        for name, rule in raw.items():
+            if not isinstance(rule, dict) or set(rule) - {"rate", "outputs"} or "rate" not in rule:
+                raise _problem(key, raw, wanted)
+            rate, outputs = rule["rate"], rule.get("outputs", False)
+            if isinstance(rate, bool) or not isinstance(rate, int | float) or not isinstance(outputs, bool):
+                raise _problem(key, raw, wanted)
+            rules[name] = CaptureRule(float(rate), outputs)
+        text = join_rules(rules)
+    elif isinstance(raw, str):
+        text = raw
+    else:
+        raise _problem(key, raw, wanted)
+    try:
+        return join_rules(parse_rules(text))
+    except ValueError:
+        raise _problem(key, raw, wanted) from None
+
+
+def _per_model(
+    parse_value: Callable[[str, Any], Any], example: str, cli_example: str
+) -> Callable[[str, Any], tuple[tuple[str, Any], ...]]:
+    """``{"model": value}`` (a JSON object, or text ``a=x,b=y`` from ``-c``), each value read by
+    ``parse_value``; an empty object or text is none."""
+
+    def parse(key: str, raw: Any) -> tuple[tuple[str, Any], ...]:
+        wanted = f"an object of model names and values, e.g. {example} (on the command line: {cli_example})"
+        if isinstance(raw, str):
+            text = raw.strip()
+            if text.startswith("{"):
+                raw = _json_text(key, text, wanted)
+            else:
+                pairs = [p.partition("=") for p in text.split(",") if p.strip()]
+                if any(not sep for _, sep, _ in pairs):
+                    raise _problem(key, raw, wanted)
+                raw = {name.strip(): value.strip() for name, _, value in pairs}
+        if not isinstance(raw, dict):
+            raise _problem(key, raw, wanted)
+        values = []
+        for name, value in raw.items():
+            if not isinstance(name, str) or not MODEL_NAME_PATTERN.match(name):
+                raise _problem(key, raw, wanted)
+            try:
+                values.append((name, parse_value(key, value)))
+            except ConfigError as error:  # says what the value must be
+                raise ConfigError(f"model {name!r} in {error}") from None
+        return tuple(values)
+
+    return parse
+
+
 _DEFAULTS: dict[str, Any] = {field.name: field.default for field in fields(InfraConfig)}
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "catalog": _text,
@@ -507,4 +611,22 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "stream_shards": _integer(1, KINESIS_MAX_SHARDS),
     "stream_batch_size": _integer(1, KINESIS_MAX_BATCH_SIZE),
     "stream_max_retry_attempts": _integer(0, KINESIS_MAX_RETRY_ATTEMPTS),
+    "capture": _capture,
+    "capture_retention_days": _integer(1, 3650),
+    "drift_window_hours": _integer(1, 24 * 7),
+    "drift_psi_threshold": _real(0.01, 10),
+    "drift_min_rows": _integer(1, 1_000_000),
+    "waf": _boolean,
+    "waf_rate_limit": _integer(WAF_MIN_RATE_LIMIT, WAF_MAX_RATE_LIMIT),
+    "api_key_rate_limit": _real(1, 10_000),
+    "api_key_burst_limit": _integer(1, 5_000),
+    "api_key_quota": _integer(0, 2_000_000_000),
+    "api_key_quota_period": _choice(QUOTA_PERIODS, upper=True),
+    "error_rate_percent": _real(0.1, 100),
+    "latency_budget_ms": _per_model(_real(1, MAX_LATENCY_BUDGET_MS), '{"iris": 200}', "iris=200,mlp=500"),
+    "latency_budget_default_ms": _real(1, MAX_LATENCY_BUDGET_MS),
+    "rollout": _choice(ROLLOUT_STRATEGIES),
+    "rollout_overrides": _per_model(
+        _choice(ROLLOUT_STRATEGIES), '{"iris": "all_at_once"}', "iris=all_at_once,mlp=linear10_1min"
+    ),
 }

@@ -31,6 +31,7 @@ examples:
     tierserve batch s3://tierserve-data/inputs/iris/ --model iris --local
     tierserve package model.onnx --name iris --version 1 --quantization int8 --upload s3://BUCKET/models
     tierserve catalog validate
+    tierserve drift iris --local              # captured requests against the packaging baseline (PSI)
     tierserve --version
 
 `tierserve COMMAND --help` explains each command, with examples.
@@ -46,6 +47,7 @@ HANDLER_EVENTS = {
     "api.handler": ("httpMethod", "an API Gateway proxy event such as events/infer-json.json"),
     "worker.handler": ("Records", "an SQS event such as events/sqs-s3-put.json"),
     "batch.handler": ("Items", "a Distributed Map batch such as events/sfn-batch.json"),
+    "drift.handler": ("detail-type", "an EventBridge scheduled event such as events/drift-schedule.json"),
     "stream.handler": ("Records", "a Kinesis event such as events/kinesis-records.json"),
 }
 
@@ -121,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
             "run gpu-tier models cold, as they scale to zero in AWS: no GPU server process until a request "
             "comes (it gets 503 + Retry-After while the process starts), stopped after SECONDS without requests"
         ),
+    )
+    local.add_argument(
+        "--capture-rate",
+        type=float,
+        default=1.0,
+        metavar="RATE",
+        help="share of each lambda-tier model's requests captured for `tierserve drift` (default 1, 0: off)",
     )
     local.set_defaults(run=run_local)
     local_commands = local.add_subparsers(dest="local_command", metavar="SUBCOMMAND")
@@ -202,10 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("--work-dir", type=Path, default=argparse.SUPPRESS, help="as for `tierserve local`")
     invoke.set_defaults(run=run_local_invoke)
     from tierserve.tools.batch import add_batch_command
+    from tierserve.tools.drift import add_drift_command
     from tierserve.tools.packaging.commands import add_commands
 
     add_commands(commands)  # package, upload, catalog
     add_batch_command(commands)
+    add_drift_command(commands)
     return parser
 
 
@@ -214,16 +225,16 @@ def run_local(args: argparse.Namespace) -> int:
     from tierserve.tools.local.packages import LocalModelsError
     from tierserve.tools.local.stack import SAMPLES, LocalStackRunning, describe, say, start
 
-    if args.gpu_idle_s is not None and not 0 < args.gpu_idle_s < float("inf"):
-        print(
-            f"tierserve local: --gpu-idle-s must be a number of seconds over 0, got {args.gpu_idle_s:g}",
-            file=sys.stderr,
-        )
-        return 2
     previous = stop_on_termination()  # before anything starts: a signal during the start cleans up too
     stack = None
     try:
         port = args.port if args.port is not None else LOCAL_PORT.read(os.environ, DEFAULT_LOCAL_PORT)
+        if not 0 <= args.capture_rate <= 1:
+            raise SettingsError(
+                f"--capture-rate {args.capture_rate:g} must be from 0 (off) to 1 (every request)"
+            )
+        if args.gpu_idle_s is not None and not 0 < args.gpu_idle_s < float("inf"):
+            raise SettingsError(f"--gpu-idle-s {args.gpu_idle_s:g} must be a number of seconds over 0")
         stack = start(
             args.work_dir,
             host=args.host,
@@ -232,6 +243,7 @@ def run_local(args: argparse.Namespace) -> int:
             model_dirs=args.models,
             catalog_path=args.catalog,
             gpu_idle_s=args.gpu_idle_s,
+            capture_rate=args.capture_rate,
         )
         print(describe(stack), flush=True)
         stack.wait()

@@ -30,8 +30,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tierserve import capture
 from tierserve.asgi import ServerThread
 from tierserve.catalog import Catalog, Manifest, tier_for
+from tierserve.drift.baseline import Baseline, build_baseline
 from tierserve.settings import (
     CACHE_DIR_ENV,
     COLD_RETRY_S_ENV,
@@ -69,7 +71,7 @@ from tierserve.tools.local.state import (
     state_path,
     write_state,
 )
-from tierserve.tools.packaging import PackagedModel, package_model, upload_package
+from tierserve.tools.packaging import PackagedModel, package_model, signature_of, upload_package
 
 REPO_ROOT = Path(__file__).resolve().parents[6]
 CDK_JSON = REPO_ROOT / "cdk.json"
@@ -87,6 +89,10 @@ LOCAL_COLD_RETRY_S = "1"
 # The execution environment that answers what no model claims (health, /v2, unknown models);
 # model names start with a letter or digit, so it can never be one.
 FRONT = "_api"
+# Capture for drift: every request by default (a developer's traffic is small), flushed often.
+DEFAULT_CAPTURE_RATE = 1.0
+LOCAL_CAPTURE_BATCH = 50
+LOCAL_CAPTURE_FLUSH_S = 2.0
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
 
@@ -97,10 +103,18 @@ class Sample:
     build: Callable[[Path], Path]
     tier: str | None = None
     description: str = ""
+    # Real rows of the model's one input: its drift baseline (tierserve drift NAME --local).
+    baseline_rows: Callable[[], Any] | None = None
 
 
 SAMPLES: tuple[Sample, ...] = (
-    Sample("iris", "1", samples.iris_classifier, description="scikit-learn logistic regression (skl2onnx)"),
+    Sample(
+        "iris",
+        "1",
+        samples.iris_classifier,
+        description="scikit-learn logistic regression (skl2onnx)",
+        baseline_rows=samples.iris_rows,
+    ),
     Sample("mlp", "1", samples.mlp, description="4-layer perceptron, about 10 MB"),
     Sample("convnet", "1", samples.convnet, description="convolutional image classifier, 1x3x224x224 input"),
     Sample(
@@ -132,9 +146,27 @@ def package_samples(work_dir: Path, chosen: Sequence[Sample] = SAMPLES) -> list[
         if not source.exists():
             sample.build(source)
         packaged.append(
-            package_model(source, name=sample.name, version=sample.version, out_dir=out_dir, tier=sample.tier)
+            package_model(
+                source,
+                name=sample.name,
+                version=sample.version,
+                out_dir=out_dir,
+                tier=sample.tier,
+                baseline=sample_baseline(sample, source),
+            )
         )
     return packaged
+
+
+def sample_baseline(sample: Sample, source: Path) -> Baseline | None:
+    """The sample's drift baseline, from the data it was trained on (None: it has none)."""
+    if sample.baseline_rows is None:
+        return None
+    inputs, _ = signature_of(source)
+    rows = {inputs[0].name: sample.baseline_rows()}
+    return build_baseline(
+        sample.name, sample.version, inputs, rows, source=f"the {sample.name} training data"
+    )
 
 
 def lambda_max_model_mb(cdk_json: Path | None = None) -> int:
@@ -208,6 +240,7 @@ class LocalStack:
     sagemaker: ServerThread | None = None
     streams: StreamPoller | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    captured: list[str] = field(default_factory=list)  # models whose requests are captured (drift)
 
     def stop(self) -> None:
         remove_state(self.work_dir, os.getpid())  # first: the other commands see it stopping
@@ -218,6 +251,7 @@ class LocalStack:
             steps.append(self.pipeline.stop)
         if self.api is not None:
             steps.append(self.api.stop)
+        steps.append(capture.close_all)  # what the API captured, written while S3 still runs
         if self.sagemaker is not None:
             steps.append(self.sagemaker.stop)
         steps += [server.stop for server in self.gpu_servers]
@@ -246,13 +280,15 @@ def start(
     model_dirs: Sequence[Path] = (),
     catalog_path: Path | None = None,
     gpu_idle_s: float | None = None,
+    capture_rate: float = DEFAULT_CAPTURE_RATE,
 ) -> LocalStack:
     """Package the samples (``chosen``; none: ``()``) and take the user's packages
     (``model_dirs``, chosen by ``catalog_path`` when given), start the embedded S3, the local
     API, a GPU server process per gpu-tier model, the SageMaker runtime in front of them and
-    the S3 pipeline; returns once all of it answers, with the state file written. With
-    ``gpu_idle_s``, gpu-tier models run cold instead: no process until a request comes (it gets
-    503 + Retry-After while the process starts), stopped after that many idle seconds
+    the S3 pipeline; returns once all of it answers, with the state file written. Each
+    lambda-tier model captures ``capture_rate`` of its requests for ``tierserve drift`` (0: none).
+    With ``gpu_idle_s``, gpu-tier models run cold instead: no process until a request comes (it
+    gets 503 + Retry-After while the process starts), stopped after that many idle seconds
     (:mod:`tierserve.tools.local.cold_gpu`).
 
     Raises:
@@ -280,6 +316,7 @@ def start(
             port=port,
             s3_port=s3_port,
             gpu_idle_s=gpu_idle_s,
+            capture_rate=capture_rate,
         )
     except BaseException:
         stack.stop()
@@ -316,6 +353,7 @@ def _start(
     port: int,
     s3_port: int,
     gpu_idle_s: float | None = None,
+    capture_rate: float = 0.0,
 ) -> None:
     work_dir = stack.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -334,9 +372,13 @@ def _start(
     lambda_models = on_tier(stack.catalog, "lambda", threshold)
     gpu_models = on_tier(stack.catalog, "gpu", threshold)
     functions = {
-        m.name: new_execution_environment(api_env(work_dir, [m], cache=m.name, preload=True), name=m.name)
+        m.name: new_execution_environment(
+            {**api_env(work_dir, [m], cache=m.name, preload=True), **capture_env([m], capture_rate)},
+            name=m.name,
+        )
         for m in lambda_models
     }
+    stack.captured = [m.name for m in lambda_models] if capture_rate > 0 else []
     every = [e.manifest for e in stack.catalog.entries]  # so an unknown model's 404 names them all
     front = new_execution_environment(api_env(work_dir, every, preload=False, cache=FRONT), name=FRONT)
     stack.api = LocalApi(front, functions=functions, host=host, port=port)  # binds: a busy port fails here
@@ -448,6 +490,19 @@ def api_env(
         **_model_env(work_dir, models, cache),
         DATA_BUCKET_ENV: DATA_BUCKET,
         PRELOAD_ENV: "*" if preload else "",
+    }
+
+
+def capture_env(models: Sequence[Manifest], rate: float) -> dict[str, str]:
+    """Capture ``rate`` of the requests of ``models`` (into the data bucket), written in small
+    batches every few seconds so that ``tierserve drift --local`` soon sees them; 0: no capture."""
+    if rate <= 0:
+        return {capture.CAPTURE_ENV: ""}
+    rules = {m.name: capture.CaptureRule(rate) for m in models}
+    return {
+        capture.CAPTURE_ENV: capture.join_rules(rules),
+        capture.CAPTURE_BATCH_ENV: str(LOCAL_CAPTURE_BATCH),
+        capture.CAPTURE_FLUSH_S_ENV: str(LOCAL_CAPTURE_FLUSH_S),
     }
 
 
@@ -604,6 +659,13 @@ def _examples(stack: LocalStack, url: str) -> list[str]:
             f"  tierserve local put rows.jsonl --model {shown.name}",
             f"bulk inference over a prefix: tierserve batch s3://{stack.pipeline.bucket}/inputs/{shown.name}/ "
             f"--model {shown.name} --local",
+        ]
+    captured = stack.captured
+    if captured:
+        baselined = [m.name for m in manifests if m.name in captured and "baseline" in m.extra]
+        lines += [
+            f"drift: requests of {', '.join(captured)} are captured to s3://{DATA_BUCKET}/capture/; after some,",
+            f"  tierserve drift {(baselined or captured)[0]} --local",
         ]
     if stack.streams is not None:
         lines += [

@@ -29,6 +29,7 @@ from typing import Any
 import zstandard
 
 from tierserve.catalog import COMPRESSIONS, MANIFEST_NAME, Digest, Manifest, ManifestError, TensorSpec
+from tierserve.drift.baseline import BASELINE_NAME, Baseline
 from tierserve.protocol import ONNX_TO_DATATYPE
 
 DEFAULT_ZSTD_LEVEL = 10
@@ -322,6 +323,13 @@ def write_manifest(packaged: PackagedModel) -> None:
     (packaged.directory / MANIFEST_NAME).write_text(packaged.manifest_json)
 
 
+def write_baseline(directory: Path, baseline: Baseline) -> dict[str, Any]:
+    """Write ``baseline.json`` into the package folder; returns what the manifest records of it
+    (``extra.baseline``: its sha256, size and row count)."""
+    (Path(directory) / BASELINE_NAME).write_text(baseline.to_json())
+    return baseline.digest()
+
+
 def package_model(
     model_path: Path,
     *,
@@ -336,8 +344,10 @@ def package_model(
     accuracy: dict[str, Any] | None = None,
     allow_non_finite: bool = False,
     extra: Mapping[str, Any] | None = None,
+    baseline: Baseline | None = None,
 ) -> PackagedModel:
-    """Compress a model and describe it in a manifest: ``out_dir/{artifact, manifest.json}``.
+    """Compress a model and describe it in a manifest: ``out_dir/{artifact, manifest.json}``,
+    with ``baseline.json`` beside them when a drift ``baseline`` is given.
 
     The package is written into a sibling folder and renamed into place, so ``out_dir``
     holds either the previous complete package or the new one, never a mix.
@@ -357,7 +367,7 @@ def package_model(
             optimized=optimized,
             accuracy=accuracy,
             allow_non_finite=allow_non_finite,
-            extra=extra,
+            extra={**(extra or {}), **({"baseline": write_baseline(staging, baseline)} if baseline else {})},
         )
         write_manifest(packaged)
         install_dir(staging, out_dir)

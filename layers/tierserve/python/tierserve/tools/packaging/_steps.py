@@ -18,6 +18,7 @@ from typing import Any
 
 from tierserve import __version__
 from tierserve.catalog import DEFAULT_LAMBDA_MAX_MODEL_MB, MB, Manifest, TensorSpec, tier_for
+from tierserve.drift.baseline import Baseline, BaselineError, build_baseline, read_baseline_rows
 from tierserve.tools.packaging import _accuracy as accuracy
 from tierserve.tools.packaging._artifact import (
     DEFAULT_COMPRESS_BUDGET_S,
@@ -33,6 +34,7 @@ from tierserve.tools.packaging._artifact import (
     signature_of,
     size_text,
     staging_dir_for,
+    write_baseline,
     write_manifest,
     write_package,
 )
@@ -69,6 +71,7 @@ class PackageOptions:
     rows: int | None = None
     threads: int = 1
     seed: int = 0
+    baseline: Path | None = None  # rows for the drift baseline; default: --inputs or --calibration
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,15 @@ def _build(
         feeds = generate_inputs(inputs, options.rows, options.seed)
         described_inputs = f"{row_count(feeds)} generated rows (seed {options.seed})"
 
+    baseline = _drift_baseline(
+        options, inputs, feeds if options.inputs or calibration is not None else None, described_inputs
+    )
+    if baseline is None:
+        notes.append(
+            "no drift baseline: generated rows say nothing about real inputs; pass --inputs or --baseline "
+            "FILE (real inputs) for `tierserve drift`"
+        )
+
     say(f"measuring the original on {described_inputs}")
     one_row = first_row(feeds, inputs)
     before, reference = _measure_original(validated.path, options.threads, feeds, inputs, one_row)
@@ -281,6 +293,7 @@ def _build(
             ),
             **({"zstd_level": level.level} if level else {}),
             **({"compression_choice": choice.to_dict()} if choice else {}),
+            **({"baseline": write_baseline(staging, baseline)} if baseline else {}),
         },
     )
 
@@ -333,6 +346,21 @@ def _build(
         notes=tuple(notes),
         compression_choice=choice,
     )
+
+
+def _drift_baseline(
+    options: PackageOptions, inputs: tuple[TensorSpec, ...], feeds: Mapping[str, Any] | None, described: str
+) -> Baseline | None:
+    """Each input's quantile bins, from ``--baseline`` or else the real rows accuracy is checked on."""
+    try:
+        if options.baseline is not None:
+            rows = read_baseline_rows(options.baseline, inputs)
+            return build_baseline(options.name, options.version, inputs, rows, source=options.baseline.name)
+        if feeds is None:
+            return None
+        return build_baseline(options.name, options.version, inputs, feeds, source=described)
+    except BaselineError as error:
+        raise PackagingError(f"drift baseline: {error}") from None
 
 
 def _measure_original(

@@ -3,7 +3,8 @@
     result = upload_package(packaged, client, "my-bucket", "models", progress=Progress(...))
 
 Layout (README, "How a model is served"):
-``s3://{bucket}/{prefix}/{name}/{version}/{artifact, manifest.json}``. A reader never finds a manifest without its artifact. In S3 the artifact is named by its
+``s3://{bucket}/{prefix}/{name}/{version}/{artifact, baseline.json, manifest.json}`` (the drift
+baseline only when the manifest records one). A reader never finds a manifest without its artifact. In S3 the artifact is named by its
 content, ``model-{first 16 hex of its sha256}.onnx.zst`` (:func:`stored_artifact_name`),
 and the manifest written there names it; so two uploads racing for one version never write
 the same artifact key, and whichever manifest wins names bytes that are there.
@@ -18,6 +19,7 @@ uploads cannot both claim a version.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import threading
 import time
@@ -28,12 +30,14 @@ from urllib.parse import urlparse, urlsplit
 
 from tierserve import aws
 from tierserve.catalog import MANIFEST_NAME, Manifest, ManifestError
+from tierserve.drift.baseline import BASELINE_NAME
 from tierserve.settings import DEFAULT_MODEL_PREFIX
 from tierserve.tools.packaging._artifact import PackagedModel, package_file
 from tierserve.tools.packaging._errors import (
     BucketForbidden,
     BucketNotFound,
     BucketUnreachable,
+    InvalidModel,
     UploadFailed,
     VersionConflict,
 )
@@ -132,6 +136,7 @@ def upload_package(
             _send_artifact(packaged, client, bucket, artifact_key, progress, config)
         elif progress is not None:
             progress(manifest.stored.bytes)
+        _send_baseline(packaged, client, bucket, where.key(manifest.key_prefix, BASELINE_NAME))
         client.put_object(
             Bucket=bucket,
             Key=manifest_key,
@@ -200,6 +205,21 @@ def _send_artifact(
         },
         Callback=progress,
         Config=config or transfer_config(),
+    )
+
+
+def _send_baseline(packaged: PackagedModel, client: Any, bucket: str, key: str) -> None:
+    """The drift baseline beside the manifest (before it), when the manifest records one; the
+    file must be the one the manifest's digest names."""
+    digest = packaged.manifest.extra.get("baseline")
+    if not isinstance(digest, dict):
+        return
+    path = package_file(packaged.directory, BASELINE_NAME)
+    body = path.read_bytes()
+    if hashlib.sha256(body).hexdigest() != digest.get("sha256"):
+        raise InvalidModel(f"{path} is not the baseline its manifest records: package the model again")
+    client.put_object(
+        Bucket=bucket, Key=key, Body=body, ContentType="application/json", ChecksumAlgorithm="SHA256"
     )
 
 

@@ -32,6 +32,9 @@ examples:
   # static int8, calibrated and checked on real inputs (.npz: one array per input name)
   tierserve package model.onnx --name resnet --version 1 --quantization int8 --calibration rows.npz
 
+  # a drift baseline (per-input quantile bins beside the manifest) from real rows
+  tierserve package model.onnx --name iris --version 2 --inputs rows.npy --baseline traffic-sample.jsonl
+
   # fp16 for the GPU tier, a looser budget, and the tier forced
   tierserve package big.onnx --name llm-head --version 1 --quantization fp16 --tier gpu --max-abs-diff 0.05
 
@@ -103,6 +106,13 @@ def add_commands(commands: Any) -> None:
         type=Path,
         metavar="FILE.npy|.npz",
         help="real inputs for the accuracy check only (default: the calibration rows, else generated rows)",
+    )
+    shaping.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="FILE.npy|.json|.jsonl",
+        help="real inputs whose distribution `tierserve drift` compares traffic with (default: the --inputs or "
+        "--calibration rows; with neither, no baseline)",
     )
     shaping.add_argument(
         "--int8-scales",
@@ -250,6 +260,7 @@ def run_package(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         calibration=args.calibration,
         inputs=args.inputs,
+        baseline=args.baseline,
         per_channel={"auto": None, "per-tensor": False, "per-channel": True}[args.int8_scales],
         optimize=args.optimize,
         model_format=args.format,
