@@ -34,9 +34,9 @@ from tierserve.tools.local.apigw import (
 )
 
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
-# An upstream's base URL, or what tells it (a process that scales to zero: tools/local/cold_gpu.py),
-# raising a TierserveError (503 + Retry-After while it starts) when there is none to forward to.
-Upstream = str | Callable[[], str]
+# An upstream's base URL, or what forwards a request to it (a process that scales to zero:
+# tools/local/cold_gpu.py), raising a TierserveError (503 + Retry-After while it starts).
+Upstream = str | Callable[[HttpRequest], HttpResponse]
 UPSTREAM_TIMEOUT_S = 60
 FORWARDED_HEADERS = {"content-type", "inference-header-content-length"}
 LIMITS = ServerLimits(threads=32)  # one at a time per environment; forwarded requests run side by side
@@ -58,7 +58,7 @@ class ExecutionEnvironment:
 class LocalApi:
     """Serve on ``host:port`` (bound at once: a busy port fails here): each model of
     ``functions`` (model name -> its handler) in its own execution environment, ``upstreams``
-    (model name -> base URL, or a function that says it) forwarded, and everything else through ``handler``; ``limits``
+    (model name -> base URL, or a function that forwards to it) forwarded, and everything else through ``handler``; ``limits``
     bound what a request may be."""
 
     def __init__(
@@ -126,11 +126,12 @@ class LocalApi:
         model = model_in(request.path)
         upstream = self.upstreams.get(model or "")
         if upstream is not None:
+            if isinstance(upstream, str):
+                return forward(upstream, request)
             try:
-                base_url = upstream if isinstance(upstream, str) else upstream()
+                return upstream(request)
             except TierserveError as error:  # e.g. a model starting from zero: 503 + Retry-After
                 return error_response(error)
-            return forward(base_url, request)
         environment = self.environments.get(model or "", self._default)
         event = proxy_event(request.method, request.target or request.path, request.headers, request.body)
         result = environment(event, LocalLambdaContext(memory_limit_in_mb=self.memory_mb))

@@ -7,9 +7,9 @@ the copy is the model's GPU server process:
     no process ──request──> 503 + Retry-After (ModelStarting); the process starts in the background
     starting   ──request──> 503 + Retry-After
     ready      ──request──> forwarded to it; each request restarts the idle clock
-    ready, no request for idle_s ──> the process stops (SIGTERM: it drains), back to no process
+    ready, no request for idle_s, none in flight ──> the process stops (SIGTERM: it drains)
 
-The local API forwards to :meth:`ColdGpuServer.url`, and the local SageMaker runtime
+The local API forwards through :meth:`ColdGpuServer.forward`, and the local SageMaker runtime
 (:class:`ScalingRuntime`) answers SageMaker's own no-capacity error for a component whose process
 is not ready, so the worker waits the model out exactly as it does in AWS
 (:mod:`tierserve.s3_pipeline.cold`).
@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from tierserve.errors import ModelStarting
 from tierserve.routes import HttpRequest, HttpResponse
 from tierserve.settings import ModelRef
 from tierserve.telemetry import logger
+from tierserve.tools.local.api_server import FORWARDED_HEADERS, forward
 from tierserve.tools.local.gpu_servers import START_TIMEOUT_S, GpuServerProcess
 from tierserve.tools.local.sagemaker_runtime import FORWARDED, SageMakerError, SageMakerRuntime, no_capacity
 
@@ -57,6 +58,7 @@ class ColdGpuServer:
         self._clock = clock
         self._lock = threading.Lock()
         self._process: GpuServerProcess | None = None
+        self._in_flight = 0  # requests forwarded and not answered yet: an idle stop waits for them
         self._starting: threading.Thread | None = None
         self._last_used = clock()
         self._failure = ""
@@ -98,6 +100,24 @@ class ColdGpuServer:
             f"{LOCAL_RETRY_AFTER_S} s" + (f" (the last start failed: {failure})" if failure else ""),
             retry_after_s=LOCAL_RETRY_AFTER_S,
         )
+
+    def forward(
+        self, request: HttpRequest, forwarded_headers: Collection[str] = FORWARDED_HEADERS
+    ) -> HttpResponse:
+        """``request`` forwarded to the ready process; the process is not stopped for idleness
+        while it runs.
+
+        Raises:
+            ModelStarting: as :meth:`url`.
+        """
+        with self._lock:
+            self._in_flight += 1
+        try:
+            return forward(self.url(), request, forwarded_headers)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._last_used = self._clock()
 
     def wait_ready(self, timeout: float) -> bool:
         """Start the process if it is not running and wait until it is ready (tests)."""
@@ -148,7 +168,11 @@ class ColdGpuServer:
     def _stop_when_idle(self) -> None:
         while not self._stopped.wait(IDLE_CHECK_S):
             with self._lock:
-                idle = self._process is not None and self._clock() - self._last_used >= self.idle_s
+                idle = (
+                    self._process is not None
+                    and not self._in_flight
+                    and self._clock() - self._last_used >= self.idle_s
+                )
                 process = self._process if idle else None
                 if idle:
                     self._process = None
@@ -162,10 +186,8 @@ class ColdGpuServer:
 def cold_container(server: ColdGpuServer) -> Callable[[HttpRequest], HttpResponse]:
     """The container the local SageMaker runtime forwards to: the server's process, wherever it
     runs now (each start takes a new port)."""
-    from tierserve.tools.local.api_server import forward
-
     keep = frozenset(name.lower() for name in FORWARDED)
-    return lambda request: forward(server.url(), request, keep)
+    return lambda request: server.forward(request, keep)
 
 
 class ScalingRuntime(SageMakerRuntime):

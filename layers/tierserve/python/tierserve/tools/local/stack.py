@@ -435,7 +435,7 @@ def _start_gpu_tier(
         stack.cold_gpu_servers = [
             ColdGpuServer(ref, gpu_env(stack.work_dir), log_dir=logs, idle_s=gpu_idle_s) for ref in refs
         ]
-        stack.api.upstreams.update({server.ref.name: server.url for server in stack.cold_gpu_servers})
+        stack.api.upstreams.update({server.ref.name: server.forward for server in stack.cold_gpu_servers})
         return ScalingRuntime({s.ref.name: s for s in stack.cold_gpu_servers}, endpoint=GPU_ENDPOINT)
     say(f"starting a GPU server process per gpu-tier model: {names}")
     stack.gpu_servers = start_gpu_servers(refs, gpu_env(stack.work_dir), log_dir=logs)
