@@ -286,6 +286,11 @@ class InferencePipeline(Construct):
         )
         grant_data_bucket(self.role, self.data_bucket)
         grant_invoke_endpoints(self.role, self, gpu_endpoints)
+        if gpu_endpoints:
+            # An input whose GPU model has no copy running waits in the queue: its visibility is
+            # extended (the event source's grant), or on its last receive a delayed copy of it is
+            # sent (tierserve/s3_pipeline/cold.py), so it is never dead-lettered for a cold GPU.
+            self.queue.grant_send_messages(self.role)
 
         self.alarm_topic = alarm_topic
         self.alarm = self._dead_letter_alarm()

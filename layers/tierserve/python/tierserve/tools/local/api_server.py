@@ -47,6 +47,9 @@ from tierserve.tools.local.apigw import (
 )
 
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
+# An upstream's base URL, or what forwards a request to it (a process that scales to zero:
+# tools/local/cold_gpu.py), raising a TierserveError (503 + Retry-After while it starts).
+Upstream = str | Callable[[HttpRequest], HttpResponse]
 UPSTREAM_TIMEOUT_S = 60
 FORWARDED_HEADERS = {"content-type", "inference-header-content-length"}
 LIMITS = ServerLimits(threads=32)  # one at a time per environment; forwarded requests run side by side
@@ -68,9 +71,9 @@ class ExecutionEnvironment:
 class LocalApi:
     """Serve on ``host:port`` (bound at once: a busy port fails here): each model of
     ``functions`` (model name -> its handler) in its own execution environment, ``upstreams``
-    (model name -> base URL) forwarded, and everything else through ``handler``; ``limits``
-    bound what a request may be. ``served`` are the Lambda-tier models whose statistics it
-    answers."""
+    (model name -> base URL, or a function that forwards to it) forwarded, and everything else
+    through ``handler``; ``limits`` bound what a request may be. ``served`` are the Lambda-tier
+    models whose statistics it answers."""
 
     def __init__(
         self,
@@ -79,7 +82,7 @@ class LocalApi:
         functions: Mapping[str, LambdaHandler] | None = None,
         host: str = "127.0.0.1",
         port: int = 3000,
-        upstreams: Mapping[str, str] | None = None,
+        upstreams: Mapping[str, Upstream] | None = None,
         memory_mb: int = 2048,
         limits: ServerLimits = LIMITS,
         served: Sequence[ModelRef] = (),
@@ -140,7 +143,12 @@ class LocalApi:
         model = model_in(request.path)
         upstream = self.upstreams.get(model or "")
         if upstream is not None:
-            return forward(upstream, request)
+            if isinstance(upstream, str):
+                return forward(upstream, request)
+            try:
+                return upstream(request)
+            except TierserveError as error:  # e.g. a model starting from zero: 503 + Retry-After
+                return error_response(error)
         statistics = self._statistics(request)
         if statistics is not None:
             return statistics
@@ -160,7 +168,9 @@ class LocalApi:
         if params or response.status != 200:
             return response
         document = json.loads(response.body)  # every model: the GPU servers' too
-        for upstream in sorted(set(self.upstreams.values())):
+        # A GPU server started by its first request (--gpu-idle-s) is asked through its own
+        # model's route; asking every model's statistics must not start one.
+        for upstream in sorted({u for u in self.upstreams.values() if isinstance(u, str)}):
             answer = forward(upstream, HttpRequest("GET", "/v2/models/stats", {}, b"", "/v2/models/stats"))
             if answer.status != 200:
                 return answer
