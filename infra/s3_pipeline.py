@@ -34,7 +34,7 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from infra.model_store import SharedBucketStore, private_bucket
-from infra.monitoring import notify
+from infra.monitoring import notify, queue_not_empty_alarm
 from infra.nag import acknowledge, wildcard_resource_finding
 from infra.sagemaker_inference import component_arn, endpoint_arn
 from infra.tierserve_function import TierserveFunction
@@ -325,20 +325,12 @@ class InferencePipeline(Construct):
         """Any message in the dead-letter queue, published to ``alarm_topic`` (tierserve's one
         alarm topic, whose construct warns when nobody is subscribed), or a synth warning that
         the alarm has no action."""
-        alarm = cloudwatch.Alarm(
+        alarm = queue_not_empty_alarm(
             self,
             "DeadLettersAlarm",
-            alarm_description=(
-                "tierserve pipeline: inputs failed every delivery and wait in the dead-letter queue; "
-                "read the worker's logs, fix the cause, then redrive (aws sqs start-message-move-task)"
-            ),
-            metric=self.dead_letter_queue.metric_approximate_number_of_messages_visible(
-                period=Duration.minutes(1), statistic="Maximum"
-            ),
-            threshold=0,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
-            evaluation_periods=1,
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            self.dead_letter_queue,
+            "tierserve pipeline: inputs failed every delivery and wait in the dead-letter queue; "
+            "read the worker's logs, fix the cause, then redrive (aws sqs start-message-move-task)",
         )
         if self.alarm_topic is not None:
             notify(alarm, self.alarm_topic)
