@@ -44,7 +44,7 @@ from infra.s3_pipeline import (
 )
 from infra.tierserve_function import TierserveFunction
 from infra.trust import service_principal
-from tierserve.batch import BATCH_RETRY, READERS
+from tierserve.batch import BATCH_RETRY, COLD_RETRY, READERS
 from tierserve.catalog import Manifest
 from tierserve.settings import INPUT_PREFIX, INVENTORY_PREFIX, MANIFEST_PREFIX, SUMMARY_PREFIX, GpuTarget
 
@@ -195,6 +195,14 @@ class BatchInference(Construct):
             interval=Duration.seconds(BATCH_RETRY.interval_s),
             max_attempts=BATCH_RETRY.max_attempts,
             backoff_rate=BATCH_RETRY.backoff_rate,
+        )
+        # Items that wait for a GPU model with no copy running: retried until a copy may be up.
+        serve.add_retry(
+            errors=list(COLD_RETRY.errors),
+            interval=Duration.seconds(COLD_RETRY.interval_s),
+            max_attempts=COLD_RETRY.max_attempts,
+            backoff_rate=COLD_RETRY.backoff_rate,
+            max_delay=Duration.seconds(COLD_RETRY.max_delay_s or 0),
         )
         distributed_map.item_processor(serve)
         return distributed_map

@@ -49,6 +49,7 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
+from aws_cdk import aws_sqs as sqs
 from constructs import Construct, IConstruct
 
 from infra.tierserve_function import METRICS_NAMESPACE, SERVICE_NAME
@@ -192,6 +193,25 @@ class AlarmTopic(Construct):
             return existing  # type: ignore[return-value]
         stack.add_stack_dependency(Stack.of(self), "publishes its alarms to the alarm topic")
         return sns.Topic.from_topic_arn(stack, "AlarmTopic", Fn.import_value(self.export_name))
+
+
+def queue_not_empty_alarm(
+    scope: Construct, construct_id: str, queue: sqs.IQueue, description: str
+) -> cloudwatch.Alarm:
+    """An alarm on any message in ``queue`` (a dead-letter or failure queue: each message is
+    work that failed every retry), checked every minute."""
+    return cloudwatch.Alarm(
+        scope,
+        construct_id,
+        alarm_description=description,
+        metric=queue.metric_approximate_number_of_messages_visible(
+            period=Duration.minutes(1), statistic="Maximum"
+        ),
+        threshold=0,
+        comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+        evaluation_periods=1,
+        treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+    )
 
 
 def notify(alarm: cloudwatch.Alarm, topic: sns.ITopic) -> cloudwatch.Alarm:

@@ -35,7 +35,7 @@ from constructs import Construct
 
 from infra.jobs import grant_job_results
 from infra.model_store import SharedBucketStore, private_bucket
-from infra.monitoring import notify
+from infra.monitoring import notify, queue_not_empty_alarm
 from infra.nag import acknowledge, wildcard_resource_finding
 from infra.sagemaker_inference import component_arn, endpoint_arn
 from infra.tierserve_function import TierserveFunction
@@ -322,6 +322,11 @@ class InferencePipeline(Construct):
         grant_data_bucket(self.role, self.data_bucket)
         grant_job_results(self.role, self.data_bucket)
         grant_invoke_endpoints(self.role, self, gpu_endpoints)
+        if gpu_endpoints:
+            # An input whose GPU model has no copy running waits in the queue: its visibility is
+            # extended (the event source's grant), or on its last receive a delayed copy of it is
+            # sent (tierserve/s3_pipeline/cold.py), so it is never dead-lettered for a cold GPU.
+            self.queue.grant_send_messages(self.role)
 
         self.alarm_topic = alarm_topic
         self.alarm = self._dead_letter_alarm()
@@ -356,20 +361,12 @@ class InferencePipeline(Construct):
         """Any message in the dead-letter queue, published to ``alarm_topic`` (tierserve's one
         alarm topic, whose construct warns when nobody is subscribed), or a synth warning that
         the alarm has no action."""
-        alarm = cloudwatch.Alarm(
+        alarm = queue_not_empty_alarm(
             self,
             "DeadLettersAlarm",
-            alarm_description=(
-                "tierserve pipeline: inputs failed every delivery and wait in the dead-letter queue; "
-                "read the worker's logs, fix the cause, then redrive (aws sqs start-message-move-task)"
-            ),
-            metric=self.dead_letter_queue.metric_approximate_number_of_messages_visible(
-                period=Duration.minutes(1), statistic="Maximum"
-            ),
-            threshold=0,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
-            evaluation_periods=1,
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            self.dead_letter_queue,
+            "tierserve pipeline: inputs failed every delivery and wait in the dead-letter queue; "
+            "read the worker's logs, fix the cause, then redrive (aws sqs start-message-move-task)",
         )
         if self.alarm_topic is not None:
             notify(alarm, self.alarm_topic)

@@ -671,6 +671,15 @@ class StreamStack(Stack):
             log_level=config.log_level,
         )
         model_store.grant_read_model(self.streams.worker, manifest)
+        if manifest.name in gpu_endpoints and config.gpu_min_copies == 0:
+            # Kinesis cannot hold one record back as SQS can: retries seconds apart end in the
+            # failure queue long before a copy has started (docs/batch-and-streams.md).
+            Annotations.of(self).add_warning_v2(
+                "tierserve:streamModelScalesToZero",
+                f"the stream's model {manifest.name} is on the GPU tier and scales to zero (gpu_min_copies=0): "
+                "while it has no copy, its records fail every retry and their positions go to the failure "
+                "queue; set gpu_min_copies to 1 or more, or replay those ranges once it runs",
+            )
         if alarm_topic is not None:
             notify(self.streams.alarm, alarm_topic.topic_for(self))
         outputs = {

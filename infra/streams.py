@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from aws_cdk import Duration
-from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_kinesis as kinesis
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_lambda_event_sources as event_sources
@@ -34,6 +33,7 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from infra.monitoring import queue_not_empty_alarm
 from infra.nag import acknowledge
 from infra.s3_pipeline import gpu_endpoints_environment, grant_invoke_endpoints, pipeline_memory_mb
 from infra.tierserve_function import TierserveFunction
@@ -131,18 +131,10 @@ class StreamInference(Construct):
         )
         self.results.grant_write(self.role)
         grant_invoke_endpoints(self.role, self, gpu)
-        self.alarm = cloudwatch.Alarm(
+        self.alarm = queue_not_empty_alarm(
             self,
             "FailuresAlarm",
-            alarm_description=(
-                "tierserve stream: a batch of records failed every retry; the failure queue holds its shard and "
-                "sequence numbers. Read the stream worker's logs, fix the cause, then replay that range."
-            ),
-            metric=self.failures.metric_approximate_number_of_messages_visible(
-                period=Duration.minutes(1), statistic="Maximum"
-            ),
-            threshold=0,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
-            evaluation_periods=1,
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            self.failures,
+            "tierserve stream: a batch of records failed every retry; the failure queue holds its shard and "
+            "sequence numbers. Read the stream worker's logs, fix the cause, then replay that range.",
         )

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from tierserve.asgi import OipServer, ServerLimits, bind, build_server, serve_until_stopped
 from tierserve.sagemaker_hosting import ModelHost, ServerSettings, build_host
-from tierserve.telemetry import logger
+from tierserve.telemetry import buffer_metrics, logger
 
 IDLE_TIMEOUT_S = 120.0  # a keep-alive connection with no request for this long is closed
 EXIT_CONFIG = 2
@@ -55,6 +55,7 @@ def serve(host: ModelHost, sock: socket.socket) -> int:
     """Serve on ``sock``, loading the models in the background, until SIGTERM or SIGINT;
     drain, close the host, and return the exit status (0)."""
     server = make_server(host)
+    buffer_metrics()  # a long-running process: metrics leave the request path (tierserve.telemetry)
     host.start()
     address = "{}:{}".format(*sock.getsockname()[:2])
     logger.info("GPU server listening", extra={"address": address})

@@ -27,7 +27,9 @@ with exit_on_bad_settings():  # a bad variable is one line in the init log, not 
     capture = Capture.from_env()  # None unless TIERSERVE_CAPTURE names a model
 app = build_resolver(DataPlane(registry, capture=capture))
 registry.preload()  # with SnapStart, the snapshot holds the warm session
-register_hooks()  # before the snapshot: close connections; after a restore: new clients, new seeds
+# Before the snapshot: close connections; after a restore: new clients, new seeds, a restore
+# counted about the function's default model version.
+register_hooks(registry.settings.models[0] if registry.settings.models else None)
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)

@@ -13,6 +13,11 @@ records for the same key from overwriting each other's newer result. Before they
 batch's error results are listed in the background (``Pipeline.index_messages``): one request
 for the batch where each record would otherwise look for its own.
 
+A record whose GPU-tier model has no copy running (scaled to zero, or scaling out) is made to
+wait in the queue until a copy may be running (``tierserve.s3_pipeline.cold``): its visibility
+is extended with a backoff, or, on the last receive before the dead-letter queue, a copy of it
+is queued with a delay. Files uploaded while the GPU is cold are served once it is warm.
+
 The invocation never outlasts itself: its remaining time, less a margin, is a deadline that
 bounds every S3 and SageMaker call of its records (``tierserve.aws``), and a record still
 running at the deadline is reported as failed, so the handler always answers before Lambda
@@ -35,8 +40,11 @@ from aws_lambda_powertools.utilities.batch import (
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from tierserve import aws
 from tierserve.aws import Deadline, OutOfTime
+from tierserve.errors import ModelStarting
 from tierserve.s3_pipeline import Pipeline
+from tierserve.s3_pipeline.cold import ColdModelWait, Delivery
 from tierserve.s3_pipeline.results import ResultIndex
 from tierserve.settings import exit_on_bad_settings
 from tierserve.telemetry import log_metrics, logger, tracer
@@ -51,13 +59,24 @@ executor = ThreadPoolExecutor(pipeline.settings.concurrency, thread_name_prefix=
 # A batch where every record failed is reported like any other, not raised: the result is the
 # same (SQS redelivers them all) without counting a function error.
 processor = AsyncBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+cold_wait = ColdModelWait(pipeline.settings.cold_retry_s)
 pipeline.registry.preload()
 
 
+def serve_record(record: SQSRecord, deadline: Deadline, index: ResultIndex) -> None:
+    """Serve one message; raise to report it failed. A message whose model has no copy running
+    waits in the queue instead (reported failed with its visibility extended, or done with a
+    delayed copy queued)."""
+    try:
+        pipeline.handle_message(record.body, deadline, index)
+    except ModelStarting as error:
+        with aws.within(deadline):
+            if not cold_wait.defer(Delivery.from_record(record.raw_event), error):
+                raise
+
+
 async def record_handler(record: SQSRecord, deadline: Deadline, index: ResultIndex) -> None:
-    work = asyncio.get_running_loop().run_in_executor(
-        executor, pipeline.handle_message, record.body, deadline, index
-    )
+    work = asyncio.get_running_loop().run_in_executor(executor, serve_record, record, deadline, index)
     try:
         await asyncio.wait_for(work, timeout=max(0.0, deadline.hard_at - time.monotonic()))
     except TimeoutError:

@@ -132,7 +132,14 @@ def test_each_batch_runs_the_batch_function_with_the_shared_retry_policy(batch):
                 "IntervalSeconds": BATCH_RETRY.interval_s,
                 "MaxAttempts": BATCH_RETRY.max_attempts,
                 "BackoffRate": BATCH_RETRY.backoff_rate,
-            }
+            },
+            {  # a batch that waits for a GPU model with no copy running: minutes, not seconds
+                "ErrorEquals": ["BatchModelStarting"],
+                "IntervalSeconds": 60,
+                "MaxAttempts": 25,
+                "BackoffRate": 2,
+                "MaxDelaySeconds": 300,
+            },
         ]
         assert "PoisonItems" not in json.dumps(task["Retry"]), "a batch that can never succeed is not retried"
 

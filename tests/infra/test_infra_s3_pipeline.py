@@ -258,15 +258,27 @@ def test_worker_may_invoke_only_the_gpu_models_components(pipeline):
     assert not any(a.startswith("sagemaker:") for s in statements if s is not invoke for a in _actions(s))
 
 
-def test_worker_consumes_the_queue_and_nothing_else_of_sqs(pipeline):
-    sqs = {a for s in worker_statements(pipeline) for a in _actions(s) if a.startswith("sqs:")}
+def test_worker_consumes_the_queue_and_may_requeue_into_it_and_nothing_else_of_sqs(pipeline):
+    """Consuming, and for a cold GPU model (s3_pipeline/cold.py) extending a message's visibility,
+    reading the redrive policy and sending a delayed copy: on the inputs queue only."""
+    statements = [s for s in worker_statements(pipeline) if any(a.startswith("sqs:") for a in _actions(s))]
+    sqs = {a for s in statements for a in _actions(s)}
     assert sqs == {
         "sqs:ReceiveMessage",
         "sqs:ChangeMessageVisibility",
         "sqs:GetQueueUrl",
         "sqs:DeleteMessage",
         "sqs:GetQueueAttributes",
+        "sqs:SendMessage",
     }
+    found = pipeline.find_resources("AWS::SQS::Queue")
+    (inputs_id,) = [k for k, q in found.items() if "RedrivePolicy" in q["Properties"]]
+    for statement in statements:
+        assert _resources(statement) == [f'{{"Fn::GetAtt": ["{inputs_id}", "Arn"]}}'], statement
+
+
+def test_without_gpu_models_the_worker_sends_nothing_to_sqs(with_alarm_email):
+    assert not any("sqs:SendMessage" in _actions(s) for s in worker_statements(with_alarm_email))
 
 
 def test_no_gpu_models_means_no_sagemaker_access(with_alarm_email):

@@ -181,3 +181,18 @@ def test_the_stream_stack_exists_only_when_context_names_a_catalog_model(make_ap
     missing = make_app(stream="resnet")
     with pytest.raises(ConfigError, match="context 'stream' is 'resnet', which the catalog does not hold"):
         build_stacks(missing, config=InfraConfig.from_context(missing.node.try_get_context), catalog=catalog)
+
+
+def test_a_gpu_tier_stream_model_that_scales_to_zero_warns_at_synth(make_app, catalog):
+    """Records cannot wait for a cold model as S3 inputs do: synth says so, and how to fix it."""
+    cold = make_app(stream="big-llm")
+    stacks = build_stacks(cold, config=InfraConfig.from_context(cold.node.try_get_context), catalog=catalog)
+    cdk.assertions.Annotations.from_stack(stacks.stream).has_warning(
+        "*", cdk.assertions.Match.string_like_regexp("scales to zero.*set gpu_min_copies to 1 or more")
+    )
+    warm = make_app(stream="big-llm", gpu_min_copies=1)
+    stacks = build_stacks(warm, config=InfraConfig.from_context(warm.node.try_get_context), catalog=catalog)
+    found = cdk.assertions.Annotations.from_stack(stacks.stream).find_warning(
+        "*", cdk.assertions.Match.string_like_regexp("scales to zero")
+    )
+    assert found == []

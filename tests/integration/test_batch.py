@@ -21,6 +21,7 @@ from tierserve import aws
 from tierserve.batch import (
     BadManifest,
     BatchItemsFailed,
+    BatchModelStarting,
     BatchSource,
     InvalidBatch,
     MapSettings,
@@ -393,3 +394,45 @@ def test_a_fault_that_outlasts_the_retries_fails_the_run(function, flaky):
         function.module.pipeline, function.s3, source, SETTINGS, retry=QUICK_RETRY, sleep=lambda s: None
     )
     assert result.status == "FAILED" and result.counts.failed == 1
+
+
+# ---------------------------------------------------------------- a cold GPU model
+
+
+@pytest.fixture
+def cold_gpu_function(make_function, iris_package, tmp_path, monkeypatch):
+    """The batch function with iris on the GPU tier (the SageMaker runtime double in front of
+    the GPU server's host), its inference component with no copy running."""
+    from support.sagemaker import SageMakerDouble, start_container
+    from tierserve.settings import GPU_ENDPOINTS_ENV
+
+    container = start_container(iris_package.artifact.parent, tmp_path / "container-cache")
+    double = SageMakerDouble({"iris-gpu": container}, components={"iris-ic": "iris-gpu"})
+    double.cold.add("iris-ic")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", double.url)
+    yield make_function(**{GPU_ENDPOINTS_ENV: "iris=iris-gpu/iris-ic"}), double
+    double.stop()
+    container.close()
+
+
+def test_a_batch_for_a_cold_model_waits_on_the_slow_retrier_and_is_served_once_warm(cold_gpu_function):
+    function, double = cold_gpu_function
+    items = [function.put(f"inputs/iris/cold/{i}.json", infer_request()) for i in range(3)]
+    with pytest.raises(BatchModelStarting, match=r"3 of 3 items wait for their model") as raised:
+        function.invoke(items)
+    assert isinstance(raised.value, BatchItemsFailed)  # a transient failure, by its own name
+    assert keys(function.s3, DATA) == sorted(item["Key"] for item in items)  # nothing written
+    # A local map run: the cold batch is retried on COLD_RETRY's schedule (the ordinary
+    # retrier's attempts are not spent), and served once the copy is up.
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 5:
+            double.cold.clear()
+
+    source = BatchSource.parse(f"s3://{DATA}/inputs/iris/cold/", "iris")
+    result = run_locally(function.module.pipeline, function.s3, source, SETTINGS, sleep=sleep)
+    assert result.status == "SUCCEEDED" and result.outcomes["outputs"] == 3
+    assert slept == [60.0, 120.0, 240.0, 300.0, 300.0]  # COLD_RETRY: doubling, at most 5 minutes
+    assert_one_result_per_input(function.s3, DATA, extra_prefixes=("batch-summaries/",))

@@ -19,7 +19,16 @@ import pytest
 
 from support.common import BUCKET, load_event, make_invoke
 from support.flaky import FlakyProxy
-from support.gpu import InProcessServer, fp16_model, gather_model, load, package, request
+from support.gpu import (
+    STALL,
+    HeldRun,
+    InProcessServer,
+    fp16_model,
+    gather_model,
+    load,
+    package,
+    request,
+)
 from support.rawhttp import exchange
 from tierserve import aws
 from tierserve.model import translate_run_error
@@ -48,6 +57,22 @@ def model_dir_env(packaged, cache_dir: Path) -> dict[str, str]:
 
 def wait_ready(server: InProcessServer, timeout: float = 30) -> None:
     assert server.host.wait_ready(timeout), server.host.respond(HttpRequest("GET", "/ping", {}, b"")).body
+
+
+def stall_body(like: dict[str, np.ndarray]) -> bytes:
+    """A V2 request shaped like ``like`` whose first input starts with STALL (see HeldRun)."""
+    first = next(iter(like))
+    return encode_infer_request(
+        {name: np.full_like(array, STALL) if name == first else array for name, array in like.items()}
+    ).body
+
+
+def wait_for(condition) -> None:
+    for _ in range(3000):  # a bound for a hang, not a timing check
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError("the condition never held")
 
 
 def event_request(name: str) -> tuple[bytes, dict[str, str]]:
@@ -119,6 +144,42 @@ def test_metadata_reports_execution_providers_and_batching(iris_package, cache_d
     assert json.loads(request(server.port, "GET", "/ping")[2]) == {"status": "ready", "models": ["iris@1"]}
 
 
+def test_a_lone_client_never_waits_in_the_batchers_queue(mlp_onnx, tmp_path, start_server):
+    """One client over HTTP, with a queue delay no request could sit out: every request runs at
+    once on its own thread (inline), none is queued or held for companions."""
+    packaged = package(mlp_onnx, "mlp", tmp_path / "pkg")
+    server = start_server(
+        {**model_dir_env(packaged, tmp_path / "cache"), "TIERSERVE_MAX_QUEUE_DELAY_MS": "60000"}
+    )
+    wait_ready(server)
+    reference = load(packaged, mlp_onnx)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)  # one keep-alive client
+    try:
+        for index in range(20):
+            x = np.full((1, 16), index / 10, dtype=np.float32)
+            encoded = encode_infer_request({"input": x}, binary=True, binary_outputs=True)
+            connection.request("POST", "/v2/models/mlp/infer", body=encoded.body, headers=encoded.headers)
+            response = connection.getresponse()
+            body = response.read()
+            assert response.status == 200, body
+            np.testing.assert_allclose(
+                decode_infer_response(body, response.headers)["probabilities"],
+                reference.predict({"input": x})["probabilities"],
+                rtol=1e-5,
+                atol=1e-6,
+            )
+    finally:
+        connection.close()
+    stats = server.model("mlp").stats_snapshot()
+    assert (stats["requests"], stats["inline"], stats["merged_runs"], stats["held_for_companions"]) == (
+        20,
+        20,
+        0,
+        0,
+    )
+    assert stats["longest_queue_wait_s"] == 0.0
+
+
 def test_concurrent_requests_are_batched_and_each_gets_its_own_result(mlp_onnx, tmp_path, start_server):
     packaged = package(mlp_onnx, "mlp", tmp_path / "pkg")
     server = start_server(
@@ -128,20 +189,22 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_result(mlp_onnx, 
     reference = load(packaged, mlp_onnx)
     rng = np.random.default_rng(11)
     inputs = [rng.standard_normal((1 + i % 4, 16)).astype(np.float32) for i in range(32)]
-    barrier = threading.Barrier(len(inputs))
+    held = HeldRun(server, "mlp", stall_body({"input": inputs[0][:1]}))
 
     def call(index: int) -> tuple[int, dict[str, np.ndarray]]:
         encoded = encode_infer_request(
             {"input": inputs[index]}, binary=index % 2 == 0, binary_outputs=index % 2 == 0
         )
-        barrier.wait()
         status, headers, body = request(
             server.port, "POST", "/v2/models/mlp/infer", encoded.body, encoded.headers
         )
         return status, decode_infer_response(body, headers) if status == 200 else body
 
     with ThreadPoolExecutor(len(inputs)) as pool:
-        results = list(pool.map(call, range(len(inputs))))
+        futures = [pool.submit(call, index) for index in range(len(inputs))]
+        wait_for(lambda: held.queued() == len(inputs))  # all of them wait behind the held run
+        assert held.release()[0] == 200
+        results = [future.result(timeout=60) for future in futures]
     for x, (status, outputs) in zip(inputs, results, strict=True):
         assert status == 200, outputs
         np.testing.assert_allclose(
@@ -172,15 +235,19 @@ def test_a_bad_request_among_good_ones_fails_alone(io_binding, tmp_path, start_s
         encode_infer_request({"x": x, "i": np.ones((3, 1), dtype=np.int64)}).body,  # rows disagree
         encode_infer_request({"x": x, "i": np.array([[1], [9]], dtype=np.int64)}).body,  # fails in the model
     ]
-    barrier = threading.Barrier(len(bodies))
+    # The requests queue behind a run held in flight, so the good ones and the failing one surely
+    # share the next run (the policy merges only requests that meet a busy model).
+    held = HeldRun(server, "gather", stall_body({"x": x[:1], "i": np.zeros((1, 1), dtype=np.int64)}))
 
     def call(body: bytes) -> tuple[int, bytes]:
-        barrier.wait()
         status, _, reply = request(server.port, "POST", "/v2/models/gather/infer", body)
         return status, reply
 
     with ThreadPoolExecutor(len(bodies)) as pool:
-        results = list(pool.map(call, bodies))
+        futures = [pool.submit(call, body) for body in bodies]
+        wait_for(lambda: held.queued() == 7)  # the six good ones and the failing one
+        assert held.release()[0] == 200
+        results = [future.result(timeout=60) for future in futures]
     for case, (status, reply) in zip(good, results[:6], strict=True):
         assert status == 200, reply
         expected = np.take_along_axis(case["x"], case["i"], axis=1)

@@ -82,7 +82,8 @@ def test_a_restored_environment_serves_infer_with_zero_s3_calls_and_new_clients(
 
     with caplog.at_level(logging.INFO, logger="tierserve"):
         lambda_runtime_hooks_runner.run_after_restore()
-    assert telemetry.SNAPSTART_RESTORE in telemetry.metrics.metric_set
+    # Counted about the function's model, so the dashboard's per-model row shows it.
+    assert telemetry.SNAPSTART_RESTORE in telemetry._model_sets[("iris", "1")].metric_set
     assert any("restored from a SnapStart snapshot" in r.getMessage() for r in caplog.records)
 
     response = handler(load_event("infer-json"), LocalLambdaContext())

@@ -1,9 +1,11 @@
 """Helpers for the GPU server's tests: small models with the traits batching must respect,
-a loaded model without a server, the server in-process on a loopback port, and a client."""
+a loaded model without a server, a model whose runs the test holds, the server in-process on
+a loopback port, and a client."""
 
 from __future__ import annotations
 
 import http.client
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,76 @@ def load(packaged: PackagedModel, source: Path, threads: int = 2) -> OnnxModel:
     """A plain onnxruntime model for ``packaged`` (its source file), no registry, no server."""
     session = create_session(source, packaged.manifest, threads=threads)
     return OnnxModel(packaged.manifest, session, LoadTimings(0, 0, 0, False))
+
+
+STALL = -13.0  # a request whose first value is this stalls in the model (see Stalling)
+CRASH = -17.0  # and one whose first value is this raises Stalling.crash at once
+
+
+class Stalling:
+    """A real model whose runs of a request starting with :data:`STALL` signal ``entered``,
+    wait for ``go``, then raise ``then`` (or run normally when ``then`` is None); a request
+    starting with :data:`CRASH` raises ``crash``; other requests run at once. What holds a run
+    in flight while a test queues requests behind it."""
+
+    def __init__(
+        self, inner: Any, then: BaseException | None = None, crash: BaseException | None = None
+    ) -> None:
+        self.inner = inner
+        self.manifest = inner.manifest
+        self.providers = getattr(inner, "providers", ())
+        self.then = then
+        self.crash = crash
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def metadata(self) -> dict[str, Any]:
+        return self.inner.metadata()
+
+    def ready(self) -> bool:
+        return True
+
+    def predict(self, inputs: Mapping[str, np.ndarray], output_names: Any = None) -> dict[str, np.ndarray]:
+        first = next(iter(inputs.values())).flat[0]
+        if first == CRASH and self.crash is not None:
+            raise self.crash
+        if first == STALL:
+            self.entered.set()
+            assert self.go.wait(30), "the test never let the stalled run go"
+            if self.then is not None:
+                raise self.then
+        return self.inner.predict(inputs, output_names)
+
+
+class HeldRun:
+    """A run of ``server``'s batched model ``name`` held in flight over HTTP: the model's inner
+    model is wrapped in :class:`Stalling`, and ``body`` (a request whose first value is
+    :data:`STALL`) is sent and runs at once; requests sent meanwhile queue behind it until
+    :meth:`release`. What makes concurrent HTTP requests surely share a run."""
+
+    def __init__(self, server: InProcessServer, name: str, body: bytes) -> None:
+        self.batching = server.model(name)
+        self.stalling = Stalling(self.batching.inner)
+        self.batching.inner = self.stalling
+        self.queued_before = self.batching.stats_snapshot()["requests"] + 1
+        self._reply: list[tuple[int, bytes]] = []
+        path = f"/v2/models/{name}/infer"
+        self._thread = threading.Thread(
+            target=lambda: self._reply.append(request(server.port, "POST", path, body)[::2]), daemon=True
+        )
+        self._thread.start()
+        assert self.stalling.entered.wait(30), "the held request never reached the model"
+
+    def queued(self) -> int:
+        """Requests queued behind the held run so far."""
+        return self.batching.stats_snapshot()["requests"] - self.queued_before
+
+    def release(self) -> tuple[int, bytes]:
+        """Let the held run go; its ``(status, body)``."""
+        self.stalling.go.set()
+        self._thread.join(30)
+        self.batching.inner = self.stalling.inner
+        return self._reply[0]
 
 
 class InProcessServer:

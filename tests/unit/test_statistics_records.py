@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from support.gpu import load, package
+from support.gpu import STALL, Stalling, load, package
 from tierserve import audit
 from tierserve.batching import BatchingConfig, BatchingModel
 from tierserve.settings import ModelRef
@@ -29,35 +29,44 @@ def fresh_statistics():
 
 
 def test_a_merged_run_is_one_execution_of_every_row(mlp):
-    # A queue delay nobody reaches: the run starts when the batch is full, so both requests share it.
-    model = BatchingModel(mlp, BatchingConfig(max_batch_size=4, max_queue_delay_ms=60_000))
+    # A run held in flight: the two requests sent meanwhile queue behind it and share one run.
+    stalling = Stalling(mlp)
+    model = BatchingModel(stalling, BatchingConfig(max_batch_size=4, max_queue_delay_ms=5))
     ref = ModelRef("mlp", "1")
     records: list[audit.InferenceRecord] = []
     rows = np.ones((2, 16), dtype=np.float32)
+    held = np.full((1, 16), STALL, dtype=np.float32)
 
-    def request() -> None:
+    def request(inputs: np.ndarray, keep: bool) -> None:
         with audit.http_inference(
             caller="test", request_id="r", tier="gpu", model="mlp", version=None
         ) as record:
             audit.served(ref)
-            record.rows = 2
-            model.predict({"input": rows})
+            record.rows = len(inputs)
+            model.predict({"input": inputs})
             record.status = 200
-            records.append(record)
+            if keep:
+                records.append(record)
 
-    threads = [threading.Thread(target=request) for _ in range(2)]
+    first = threading.Thread(target=request, args=(held, False))
+    first.start()
+    assert stalling.entered.wait(30), "the held run never reached the model"
+    threads = [threading.Thread(target=request, args=(rows, True)) for _ in range(2)]
     for thread in threads:
         thread.start()
-    for thread in threads:
+    while model.stats_snapshot()["requests"] < 3:  # both queued behind the held run
+        threading.Event().wait(0.01)
+    stalling.go.set()
+    for thread in (first, *threads):
         thread.join(30)
     model.close()
     assert [r.executed for r in records] == [False, False]  # the batcher counted the run
     assert all(r.queue_ns >= 0 for r in records)
     stat = STATISTICS.model_stat(ref)
-    assert (stat["inference_count"], stat["execution_count"]) == (4, 1)
-    [batch] = stat["batch_stats"]
-    assert (batch["batch_size"], batch["compute_infer"]["count"]) == (4, 1)
-    assert stat["inference_stats"]["success"]["count"] == 2
+    # The held request ran on its own (1 row, one execution); the two others in one run of 4 rows.
+    assert (stat["inference_count"], stat["execution_count"]) == (5, 2)
+    assert {b["batch_size"]: b["compute_infer"]["count"] for b in stat["batch_stats"]} == {1: 1, 4: 1}
+    assert stat["inference_stats"]["success"]["count"] == 3
 
 
 def test_a_failure_counts_as_fail_and_nothing_else():

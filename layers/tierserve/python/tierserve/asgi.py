@@ -400,7 +400,7 @@ def build_server(
         http=JsonErrorsProtocol.with_limits(limits),
         ws="none",
         lifespan="off",
-        loop="asyncio",
+        loop="auto",  # uvloop where it is installed (the GPU server image), else asyncio
         interface="asgi3",
         log_config=None,  # tierserve's logger says what matters; uvicorn's stays quiet
         access_log=False,

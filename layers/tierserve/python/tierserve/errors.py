@@ -129,6 +129,10 @@ class ModelStarting(Overloaded):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
 
 INTERNAL_ERROR_MESSAGE = (
     "internal error while serving the request; it has been logged with the request id. "

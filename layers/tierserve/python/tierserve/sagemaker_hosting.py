@@ -459,6 +459,9 @@ class ModelHost:
             model = self.registry.loaded(ref)
             if isinstance(model, BatchingModel):
                 model.close()
+                logger.info(
+                    "dynamic batching since load", extra={"model": str(ref), **model.stats_snapshot()}
+                )
         flush_metrics()
 
     # ------------------------------------------------------------ routes

@@ -35,11 +35,14 @@ from snapshot_restore_py import (
 from tierserve import aws
 from tierserve.telemetry import (
     SNAPSTART_RESTORE,
+    Versioned,
     flush_metrics,
     logger,
     record_count,
     reset_for_new_environment,
 )
+
+_model: Versioned | None = None  # what a restore is counted about (register_hooks)
 
 
 def before_snapshot() -> None:
@@ -54,12 +57,15 @@ def after_restore() -> None:
     aws.clear_clients()
     random.seed()  # from os.urandom
     reset_for_new_environment()
-    record_count(SNAPSTART_RESTORE)
+    record_count(SNAPSTART_RESTORE, model=_model)
     logger.info("restored from a SnapStart snapshot: new boto3 clients, random re-seeded")
 
 
-def register_hooks() -> None:
-    """Register :func:`before_snapshot` and :func:`after_restore` with the runtime, once."""
+def register_hooks(model: Versioned | None = None) -> None:
+    """Register :func:`before_snapshot` and :func:`after_restore` with the runtime, once;
+    restores are counted about ``model`` (the function's default model version) when given."""
+    global _model
+    _model = model
     if not any(hook is before_snapshot for hook, _, _ in get_before_snapshot()):
         register_before_snapshot(before_snapshot)
     if not any(hook is after_restore for hook, _, _ in get_after_restore()):

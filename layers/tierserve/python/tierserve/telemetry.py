@@ -16,20 +16,29 @@ serves become dimension values (callers name models in paths and keys, and each 
 value is a new, paid-for metric). A metric about no model (a key that names none) goes to
 the service-wide set alone. :func:`log_metrics` flushes every set after each invocation; the
 GPU server calls :func:`flush_metrics` on a timer.
+
+Powertools' ``add_metric`` validates its arguments and formats the whole metric set into a
+debug message on every call (tens of microseconds, growing with the values held), so a
+long-running server collects values with :func:`buffer_metrics` and publishes them as the
+same EMF lines, up to 100 values per metric each, as powertools would; Lambda handlers keep
+powertools' own path, which :func:`log_metrics` flushes at the end of each invocation. The
+buffer keeps values per model too, and publishes them with the model's set's dimensions.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from aws_lambda_powertools.logging import Logger
 from aws_lambda_powertools.metrics import EphemeralMetrics, Metrics, MetricUnit
+from aws_lambda_powertools.metrics.functions import is_metrics_disabled
 from aws_lambda_powertools.metrics.provider import cold_start
 from aws_lambda_powertools.tracing.tracer import Tracer
 
@@ -75,6 +84,8 @@ PIPELINE_OUTPUT = "PipelineOutput"
 PIPELINE_ERROR = "PipelineError"
 PIPELINE_SKIPPED = "PipelineSkipped"
 PIPELINE_ROWS = "PipelineRows"
+# A delivery that met a GPU-tier model with no copy running (s3_pipeline/cold.py makes it wait).
+PIPELINE_COLD_WAITS = "PipelineColdWaits"
 # The GPU server's dynamic batching: rows per model run, and requests refused by a full queue.
 BATCH_ROWS = "BatchRows"
 QUEUE_FULL = "QueueFull"
@@ -97,6 +108,11 @@ VERSION_DIMENSION = "version"
 FUNCTION_DIMENSION = "function_name"
 
 
+class _ModelKey(NamedTuple):
+    name: str
+    version: str
+
+
 class Versioned(Protocol):
     """What names a model version: a ``ModelRef`` or a ``Manifest``."""
 
@@ -113,6 +129,7 @@ _metrics_lock = threading.Lock()
 
 
 _model_sets: dict[tuple[str, str], EphemeralMetrics] = {}
+EMF_MAX_VALUES = 100  # values of one metric in one EMF line (CloudWatch's limit; powertools' too)
 
 
 def _metric_set(model: Versioned | None) -> Any:
@@ -130,21 +147,88 @@ def _metric_set(model: Versioned | None) -> Any:
     return found
 
 
+class MetricBuffer:
+    """A server's metric values, by model and name, published as EMF lines through powertools'
+    serializer of the value's metric set (its namespace, service and dimensions): when a metric
+    holds :data:`EMF_MAX_VALUES` values, and on :meth:`publish`. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[Versioned | None, str], tuple[str, list[float]]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, model: Versioned | None, name: str, unit: str, value: float) -> None:
+        with self._lock:
+            entry = self._values.get((model, name))
+            if entry is None:
+                entry = self._values[(model, name)] = (unit, [])
+            entry[1].append(float(value))
+            full = len(entry[1]) >= EMF_MAX_VALUES
+        if full:
+            self.publish()
+
+    def publish(self) -> None:
+        """Print what is held as EMF lines (nothing where metrics are disabled) and forget it."""
+        with self._lock:
+            held, self._values = self._values, {}
+        if is_metrics_disabled():
+            return
+        by_model: dict[Versioned | None, dict[str, tuple[str, list[float]]]] = {}
+        for (model, name), entry in held.items():
+            by_model.setdefault(model, {})[name] = entry
+        for model, values in by_model.items():
+            self._print(model, values)
+
+    @staticmethod
+    def _print(model: Versioned | None, held: dict[str, tuple[str, list[float]]]) -> None:
+        while held:
+            chunk = {
+                name: {"Unit": unit, "StorageResolution": 60, "Value": values[:EMF_MAX_VALUES]}
+                for name, (unit, values) in held.items()
+            }
+            with _metrics_lock:
+                document = _metric_set(model).serialize_metric_set(metrics=chunk)
+            print(json.dumps(document, separators=(",", ":")), flush=True)
+            held = {name: (unit, values[EMF_MAX_VALUES:]) for name, (unit, values) in held.items()}
+            held = {name: entry for name, entry in held.items() if entry[1]}
+
+
+_buffer: MetricBuffer | None = None
+
+
+def buffer_metrics() -> None:
+    """From now on, collect this process's metrics in a :class:`MetricBuffer` (a long-running
+    server; its own thread calls :func:`flush_metrics`). Lambda handlers never call this."""
+    global _buffer
+    with _metrics_lock:
+        if _buffer is None:
+            _buffer = MetricBuffer()
+
+
+def _record(name: str, unit: MetricUnit, value: float, model: Versioned | None) -> None:
+    if model is not None:  # the buffer's key: a ModelRef, a Manifest and the like compare by value
+        model = _ModelKey(model.name, model.version)
+    if _buffer is not None:
+        _buffer.add(model, name, unit.value, value)
+        return
+    with _metrics_lock:
+        _metric_set(model).add_metric(name=name, unit=unit, value=value)
+
+
 def record_ms(name: str, milliseconds: float, model: Versioned | None = None) -> None:
     """Add ``milliseconds`` to metric ``name``, about ``model`` (a served model) when given."""
-    with _metrics_lock:
-        _metric_set(model).add_metric(name=name, unit=MetricUnit.Milliseconds, value=round(milliseconds, 3))
+    _record(name, MetricUnit.Milliseconds, round(milliseconds, 3), model)
 
 
 def record_count(name: str, count: int = 1, model: Versioned | None = None) -> None:
     """Add ``count`` to metric ``name``, about ``model`` (a served model) when given."""
-    with _metrics_lock:
-        _metric_set(model).add_metric(name=name, unit=MetricUnit.Count, value=count)
+    _record(name, MetricUnit.Count, count, model)
 
 
 def flush_metrics() -> None:
     """Publish what has accumulated, one EMF line per metric set (long-running servers call
     this periodically and on exit; Lambda handlers flush through :func:`log_metrics`)."""
+    if _buffer is not None:
+        _buffer.publish()
     with _metrics_lock:
         for metric_set in (metrics, *_model_sets.values()):
             if metric_set.metric_set:

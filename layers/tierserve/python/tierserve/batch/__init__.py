@@ -20,16 +20,33 @@ from tierserve.batch.items import (
     read_items,
     to_object,
 )
-from tierserve.batch.local import BATCH_RETRY, ItemCounts, MapRunResult, MapSettings, RetryPolicy, run_locally
-from tierserve.batch.runner import BatchItemsFailed, BatchSummary, InvalidBatch, PoisonItems, serve_batch
+from tierserve.batch.local import (
+    BATCH_RETRY,
+    COLD_RETRY,
+    ItemCounts,
+    MapRunResult,
+    MapSettings,
+    RetryPolicy,
+    run_locally,
+)
+from tierserve.batch.runner import (
+    BatchItemsFailed,
+    BatchModelStarting,
+    BatchSummary,
+    InvalidBatch,
+    PoisonItems,
+    serve_batch,
+)
 
 __all__ = [
     "BATCH_RETRY",
+    "COLD_RETRY",
     "MANIFEST_READERS",
     "READERS",
     "BadManifest",
     "BadSource",
     "BatchItemsFailed",
+    "BatchModelStarting",
     "BatchSource",
     "BatchSummary",
     "InvalidBatch",

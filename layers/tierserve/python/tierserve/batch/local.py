@@ -30,7 +30,7 @@ from typing import Any
 
 from tierserve import aws
 from tierserve.batch.items import BatchSource, read_items
-from tierserve.batch.runner import BatchItemsFailed, serve_batch
+from tierserve.batch.runner import BatchItemsFailed, BatchModelStarting, serve_batch
 from tierserve.s3_pipeline import Pipeline
 from tierserve.settings import SUMMARY_PREFIX
 
@@ -50,14 +50,26 @@ class RetryPolicy:
     interval_s: float
     max_attempts: int
     backoff_rate: float
+    max_delay_s: float | None = None  # Step Functions' MaxDelaySeconds: no wait is longer
 
     def delays(self) -> Iterator[float]:
         for attempt in range(self.max_attempts):
-            yield self.interval_s * self.backoff_rate**attempt
+            delay = self.interval_s * self.backoff_rate**attempt
+            yield delay if self.max_delay_s is None else min(delay, self.max_delay_s)
 
 
 BATCH_RETRY = RetryPolicy(
     errors=(BatchItemsFailed.__name__,), interval_s=2.0, max_attempts=3, backoff_rate=2.0
+)
+# A batch whose failed items all met a model with no copy running: a copy takes minutes to
+# start, so 1 minute doubling to 5 (under a copy's idle period before it scales in), 25 times
+# (about 2 h in all) before the batch fails.
+COLD_RETRY = RetryPolicy(
+    errors=(BatchModelStarting.__name__,),
+    interval_s=60.0,
+    max_attempts=25,
+    backoff_rate=2.0,
+    max_delay_s=300.0,
 )
 
 
@@ -124,6 +136,7 @@ def run_locally(
     *,
     progress: Callable[[ItemCounts], None] | None = None,
     retry: RetryPolicy = BATCH_RETRY,
+    cold_retry: RetryPolicy = COLD_RETRY,
     sleep: Callable[[float], None] = time.sleep,
 ) -> MapRunResult:
     """Run every item of ``source`` through the batch function's code (see the module docstring).
@@ -148,7 +161,7 @@ def run_locally(
                 counts.pending -= batch.size
                 counts.running += batch.size
             batch.started = _now()
-            _serve_with_retries(pipeline, batch, item_pool, settings, retry, sleep)
+            _serve_with_retries(pipeline, batch, item_pool, settings, (retry, cold_retry), sleep)
             batch.stopped = _now()
             return batch
 
@@ -212,10 +225,11 @@ def _serve_with_retries(
     batch: _Batch,
     item_pool: ThreadPoolExecutor,
     settings: MapSettings,
-    retry: RetryPolicy,
+    retries: tuple[RetryPolicy, ...],
     sleep: Callable[[float], None],
 ) -> None:
-    delays = retry.delays()
+    # Each retrier counts its own attempts, as Step Functions' do.
+    delays = [(policy, policy.delays()) for policy in retries]
     while True:
         deadline = aws.Deadline.after(
             settings.function_timeout_s, min(DEADLINE_MARGIN_S, settings.function_timeout_s / 5)
@@ -227,7 +241,7 @@ def _serve_with_retries(
                 type(error).__name__,
                 json.dumps({"errorMessage": str(error), "errorType": type(error).__name__}),
             )
-            delay = next(delays, None) if batch.error in retry.errors else None
+            delay = next((next(left, None) for policy, left in delays if batch.error in policy.errors), None)
             if delay is None:
                 return
             sleep(delay)

@@ -16,6 +16,10 @@ error's name (Lambda reports the exception class as ``errorType``):
 - raises :class:`BatchItemsFailed`: some items met a transient fault (S3 or the GPU endpoint
   unavailable, the invocation's time ran out); the state machine retries the batch, whose
   served items are then skipped.
+- raises :class:`BatchModelStarting` (a :class:`BatchItemsFailed`) where every item that
+  failed met a GPU-tier model with no copy running (scaled to zero, or scaling out): the state
+  machine retries it on a slower schedule that outlasts a copy's start (minutes), so a bulk
+  run started while the GPU is cold is served once it is warm.
 - raises :class:`PoisonItems`: some items can never be served (a key outside the run's
   ``inputs/{model}/``, another bucket, no key); not retried: the batch counts as failed.
 - raises :class:`InvalidBatch`: the event is not a batch at all.
@@ -33,7 +37,7 @@ from typing import Any
 
 from tierserve import aws
 from tierserve.batch.items import READERS, BatchSource, PoisonItem, to_object
-from tierserve.errors import TierserveError
+from tierserve.errors import ModelStarting, TierserveError
 from tierserve.s3_pipeline import Pipeline, PoisonMessage, S3Object
 from tierserve.s3_pipeline.results import KINDS, Outcome
 from tierserve.settings import BUCKET_PATTERN
@@ -49,6 +53,11 @@ class InvalidBatch(ValueError):
 
 class BatchItemsFailed(Exception):
     """Items of the batch met a transient fault; the batch is retried (and its served items skipped)."""
+
+
+class BatchModelStarting(BatchItemsFailed):
+    """Every item of the batch that failed met a model with no copy running; the batch is
+    retried once a copy may be running (the state machine's slower retrier)."""
 
 
 class PoisonItems(Exception):
@@ -129,6 +138,7 @@ def serve_batch(
     )
     outcomes: Counter[str] = Counter()
     failed: list[str] = [f"{futures[f].key}: still running at the invocation's deadline" for f in late]
+    cold = 0
     for future in done:
         try:
             outcomes[future.result().status] += 1
@@ -136,12 +146,21 @@ def serve_batch(
             poison.append(f"{futures[future].key}: {error}")
         except Exception as error:  # transient (retryable) or unexpected: both are retried
             failed.append(f"{futures[future].key}: {_reason(error)}")
+            cold += isinstance(error, ModelStarting)
     summary = BatchSummary(
         items=len(items),
         outputs=outcomes["output"],
         errors=outcomes["error"],
         skipped=outcomes["skipped"] + len(items) - len(objects) - len(poison),
     )
+    if failed and cold == len(failed):
+        raise BatchModelStarting(
+            _failure(
+                f"{cold} of {len(items)} items wait for their model, which has no copy running yet; "
+                "the batch is retried once it may be running",
+                failed,
+            )
+        )
     if failed:
         raise BatchItemsFailed(
             _failure(f"{len(failed)} of {len(items)} items failed for now and will be retried", failed)

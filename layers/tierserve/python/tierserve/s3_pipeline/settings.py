@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierserve.settings import (
+    COLD_RETRY_S_ENV,
     DATA_BUCKET_ENV,
     GPU_ENDPOINTS,
     MAX_INPUT_MB_ENV,
@@ -32,6 +33,7 @@ DEFAULT_MAX_JSONL_MB = 256.0
 # Records of one SQS batch served at once: the work is mostly waiting on S3.
 DEFAULT_WORKER_CONCURRENCY = 8
 MAX_WORKER_CONCURRENCY = 64
+DEFAULT_COLD_RETRY_S = 60.0
 
 
 DATA_BUCKET = bucket(DATA_BUCKET_ENV, unset="writing each result beside its input (the event's bucket)")
@@ -39,6 +41,12 @@ ROW_BATCH_SIZE = whole(ROW_BATCH_SIZE_ENV, unset=f"the default, {DEFAULT_ROW_BAT
 MAX_INPUT_MB = number(MAX_INPUT_MB_ENV, unit="MB", unset=f"the default, {DEFAULT_MAX_INPUT_MB:g}")
 MAX_ROWS = whole(MAX_ROWS_ENV, unset=f"the default, {DEFAULT_MAX_ROWS:,}")
 MAX_JSONL_MB = number(MAX_JSONL_MB_ENV, unit="MB", unset=f"the default, {DEFAULT_MAX_JSONL_MB:g}")
+COLD_RETRY_S = number(
+    COLD_RETRY_S_ENV,
+    unit="s",
+    zero=True,
+    unset="the default, 60 (doubling per cold delivery, at most 300)",
+)
 WORKER_CONCURRENCY = whole(
     WORKER_CONCURRENCY_ENV, high=MAX_WORKER_CONCURRENCY, unset=f"the default, {DEFAULT_WORKER_CONCURRENCY}"
 )
@@ -50,6 +58,7 @@ VARIABLES: tuple[Variable, ...] = (
     MAX_ROWS,
     MAX_JSONL_MB,
     WORKER_CONCURRENCY,
+    COLD_RETRY_S,
 )
 
 
@@ -65,6 +74,8 @@ class PipelineSettings:
     max_rows: int = DEFAULT_MAX_ROWS
     max_jsonl_bytes: int = int(DEFAULT_MAX_JSONL_MB * MB)
     concurrency: int = DEFAULT_WORKER_CONCURRENCY
+    # the first wait of an input whose GPU-tier model has no copy running (s3_pipeline/cold.py)
+    cold_retry_s: float = DEFAULT_COLD_RETRY_S
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PipelineSettings:
@@ -82,5 +93,6 @@ class PipelineSettings:
             max_rows=MAX_ROWS.read(env, DEFAULT_MAX_ROWS),
             max_jsonl_bytes=int(MAX_JSONL_MB.read(env, DEFAULT_MAX_JSONL_MB) * MB),
             concurrency=WORKER_CONCURRENCY.read(env, DEFAULT_WORKER_CONCURRENCY),
+            cold_retry_s=COLD_RETRY_S.read(env, DEFAULT_COLD_RETRY_S),
         )
         return dataclasses.replace(settings, **overrides) if overrides else settings

@@ -405,35 +405,6 @@ def _model_names(key: str, raw: Any) -> bool | tuple[str, ...]:
     return tuple(dict.fromkeys(raw))
 
 
-def _per_model_counts(key: str, raw: Any) -> tuple[tuple[str, int], ...]:
-    """``{"model": count}`` (a JSON object, or text ``a=2,b=1`` from ``-c``); counts from 1."""
-    wanted = (
-        f'an object of model names and counts from 1 to {LAMBDA_MAX_PROVISIONED_CONCURRENCY}, e.g. {{"iris": 2}} '
-        "(on the command line: iris=2,mlp=1)"
-    )
-    if isinstance(raw, str):
-        text = raw.strip()
-        if text.startswith("{"):
-            raw = _json_text(key, text, wanted)
-        else:
-            pairs = [p.partition("=") for p in text.split(",") if p.strip()]
-            if any(not sep for _, sep, _ in pairs):
-                raise _problem(key, raw, wanted)
-            raw = {name.strip(): count.strip() for name, _, count in pairs}
-    if not isinstance(raw, dict):
-        raise _problem(key, raw, wanted)
-    counts = []
-    for name, count in raw.items():
-        if not isinstance(name, str) or not MODEL_NAME_PATTERN.match(name):
-            raise _problem(key, raw, wanted)
-        try:
-            value = _number(key, count, 1, LAMBDA_MAX_PROVISIONED_CONCURRENCY, integer=True)
-        except ConfigError:
-            raise _problem(key, raw, wanted) from None
-        counts.append((name, value))
-    return tuple(counts)
-
-
 def _json_text(key: str, text: str, wanted: str) -> Any:
     try:
         return json.loads(text)
@@ -577,7 +548,9 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "preload": _boolean,
     "api_cloudwatch_role": _boolean,
     "snapstart": _model_names,
-    "provisioned_concurrency": _per_model_counts,
+    "provisioned_concurrency": _per_model(
+        _integer(1, LAMBDA_MAX_PROVISIONED_CONCURRENCY), '{"iris": 2}', "iris=2,mlp=1"
+    ),
     "lambda_disk_cache": _boolean,
     "fetch_connections": _integer(1, MAX_FETCH_CONNECTIONS),
     "s3_mb_per_s_per_connection": _real(1, 10_000),

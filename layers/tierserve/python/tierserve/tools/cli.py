@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  tierserve package model.onnx --name mymodel --version 1\n"
             "  tierserve local --models .tierserve/packages --no-samples\n"
             "  tierserve local --catalog catalog.json --no-samples\n"
+            "  tierserve local --gpu-idle-s 60      # gpu-tier models start on demand, stop when idle\n"
             "  curl -s localhost:3000/v2/models/iris"
         ),
     )
@@ -115,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve exactly this catalog's models, found under --models (default .tierserve/packages)",
     )
     local.add_argument("--no-samples", action="store_true", help="leave the sample models out")
+    local.add_argument(
+        "--gpu-idle-s",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=(
+            "run gpu-tier models cold, as they scale to zero in AWS: no GPU server process until a request "
+            "comes (it gets 503 + Retry-After while the process starts), stopped after SECONDS without requests"
+        ),
+    )
     local.add_argument(
         "--capture-rate",
         type=float,
@@ -226,6 +237,8 @@ def run_local(args: argparse.Namespace) -> int:
             raise SettingsError(
                 f"--capture-rate {args.capture_rate:g} must be from 0 (off) to 1 (every request)"
             )
+        if args.gpu_idle_s is not None and not 0 < args.gpu_idle_s < float("inf"):
+            raise SettingsError(f"--gpu-idle-s {args.gpu_idle_s:g} must be a number of seconds over 0")
         stack = start(
             args.work_dir,
             host=args.host,
@@ -233,6 +246,7 @@ def run_local(args: argparse.Namespace) -> int:
             chosen=() if args.no_samples else SAMPLES,
             model_dirs=args.models,
             catalog_path=args.catalog,
+            gpu_idle_s=args.gpu_idle_s,
             capture_rate=args.capture_rate,
         )
         print(describe(stack), flush=True)

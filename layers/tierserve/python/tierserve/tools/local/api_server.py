@@ -48,6 +48,9 @@ from tierserve.tools.local.apigw import (
 )
 
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
+# An upstream's base URL, or what forwards a request to it (a process that scales to zero:
+# tools/local/cold_gpu.py), raising a TierserveError (503 + Retry-After while it starts).
+Upstream = str | Callable[[HttpRequest], HttpResponse]
 UPSTREAM_TIMEOUT_S = 60
 FORWARDED_HEADERS = {"content-type", "inference-header-content-length"}
 LIMITS = ServerLimits(threads=32)  # one at a time per environment; forwarded requests run side by side
@@ -69,9 +72,10 @@ class ExecutionEnvironment:
 class LocalApi:
     """Serve on ``host:port`` (bound at once: a busy port fails here): each model of
     ``functions`` (model name -> its handler) in its own execution environment, ``upstreams``
-    (model name -> base URL) forwarded, every model's jobs routes through ``jobs`` (the jobs
-    function, both tiers), and everything else through ``handler``; ``limits`` bound what a
-    request may be. ``served`` are the Lambda-tier models whose statistics it answers."""
+    (model name -> base URL, or a function that forwards to it) forwarded, every model's jobs
+    routes through ``jobs`` (the jobs function, both tiers), and everything else through
+    ``handler``; ``limits`` bound what a request may be. ``served`` are the Lambda-tier models
+    whose statistics it answers."""
 
     def __init__(
         self,
@@ -80,7 +84,7 @@ class LocalApi:
         functions: Mapping[str, LambdaHandler] | None = None,
         host: str = "127.0.0.1",
         port: int = 3000,
-        upstreams: Mapping[str, str] | None = None,
+        upstreams: Mapping[str, Upstream] | None = None,
         jobs: LambdaHandler | None = None,
         memory_mb: int = 2048,
         limits: ServerLimits = LIMITS,
@@ -144,7 +148,12 @@ class LocalApi:
         upstream = self.upstreams.get(model or "")
         jobs = self.jobs is not None and is_jobs_path(request.path)
         if upstream is not None and not jobs:
-            return forward(upstream, request)
+            if isinstance(upstream, str):
+                return forward(upstream, request)
+            try:
+                return upstream(request)
+            except TierserveError as error:  # e.g. a model starting from zero: 503 + Retry-After
+                return error_response(error)
         statistics = self._statistics(request)
         if statistics is not None:
             return statistics
@@ -166,7 +175,9 @@ class LocalApi:
         if params or response.status != 200:
             return response
         document = json.loads(response.body)  # every model: the GPU servers' too
-        for upstream in sorted(set(self.upstreams.values())):
+        # A GPU server started by its first request (--gpu-idle-s) is asked through its own
+        # model's route; asking every model's statistics must not start one.
+        for upstream in sorted({u for u in self.upstreams.values() if isinstance(u, str)}):
             answer = forward(upstream, HttpRequest("GET", "/v2/models/stats", {}, b"", "/v2/models/stats"))
             if answer.status != 200:
                 return answer

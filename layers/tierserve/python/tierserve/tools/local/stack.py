@@ -36,6 +36,7 @@ from tierserve.catalog import Catalog, Manifest, tier_for
 from tierserve.drift.baseline import Baseline, build_baseline
 from tierserve.settings import (
     CACHE_DIR_ENV,
+    COLD_RETRY_S_ENV,
     DATA_BUCKET_ENV,
     GPU_ENDPOINTS_ENV,
     MODEL_BUCKET_ENV,
@@ -50,6 +51,7 @@ from tierserve.settings import (
 from tierserve.tools.cdk_context import InfraConfig
 from tierserve.tools.local import samples
 from tierserve.tools.local.api_server import LocalApi, model_in
+from tierserve.tools.local.cold_gpu import ColdGpuServer, ScalingRuntime
 from tierserve.tools.local.embedded_s3 import LOCAL_CREDENTIALS, EmbeddedS3, endpoint_env
 from tierserve.tools.local.gpu_servers import GpuServerProcess, start_gpu_servers
 from tierserve.tools.local.kinesis_stream import (
@@ -81,6 +83,9 @@ MODEL_PREFIX = "models"
 GPU_ENDPOINT = "tierserve-local-gpu"
 SAGEMAKER_RUNTIME_ENV = "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"
 METRICS_DISABLED_ENV = "POWERTOOLS_METRICS_DISABLED"
+# The local worker's first wait for a cold model (TIERSERVE_COLD_RETRY_S): a local GPU server
+# process starts in seconds, not SageMaker's minutes.
+LOCAL_COLD_RETRY_S = "1"
 # The execution environment that answers what no model claims (health, /v2, unknown models);
 # model names start with a letter or digit, so it can never be one.
 FRONT = "_api"
@@ -231,6 +236,7 @@ class LocalStack:
     api: LocalApi | None = None
     pipeline: LocalPipeline | None = None
     gpu_servers: list[GpuServerProcess] = field(default_factory=list)
+    cold_gpu_servers: list[ColdGpuServer] = field(default_factory=list)  # --gpu-idle-s
     sagemaker: ServerThread | None = None
     sagemaker_runtime: SageMakerRuntime | None = None
     streams: StreamPoller | None = None
@@ -250,6 +256,7 @@ class LocalStack:
         if self.sagemaker is not None:
             steps.append(self.sagemaker.stop)
         steps += [server.stop for server in self.gpu_servers]
+        steps += [server.stop for server in self.cold_gpu_servers]
         if self.s3 is not None:
             steps.append(self.s3.stop)
         for step in steps:
@@ -273,6 +280,7 @@ def start(
     chosen: Sequence[Sample] = SAMPLES,
     model_dirs: Sequence[Path] = (),
     catalog_path: Path | None = None,
+    gpu_idle_s: float | None = None,
     capture_rate: float = DEFAULT_CAPTURE_RATE,
 ) -> LocalStack:
     """Package the samples (``chosen``; none: ``()``) and take the user's packages
@@ -280,6 +288,9 @@ def start(
     API, a GPU server process per gpu-tier model, the SageMaker runtime in front of them and
     the S3 pipeline; returns once all of it answers, with the state file written. Each
     lambda-tier model captures ``capture_rate`` of its requests for ``tierserve drift`` (0: none).
+    With ``gpu_idle_s``, gpu-tier models run cold instead: no process until a request comes (it
+    gets 503 + Retry-After while the process starts), stopped after that many idle seconds
+    (:mod:`tierserve.tools.local.cold_gpu`).
 
     Raises:
         ConfigError: a bad cdk.json, before anything is built.
@@ -305,6 +316,7 @@ def start(
             host=host,
             port=port,
             s3_port=s3_port,
+            gpu_idle_s=gpu_idle_s,
             capture_rate=capture_rate,
         )
     except BaseException:
@@ -341,6 +353,7 @@ def _start(
     host: str,
     port: int,
     s3_port: int,
+    gpu_idle_s: float | None = None,
     capture_rate: float = 0.0,
 ) -> None:
     work_dir = stack.work_dir
@@ -374,19 +387,10 @@ def _start(
     stack.api = LocalApi(
         front, functions=functions, jobs=jobs, host=host, port=port, served=served
     )  # binds: a busy port fails here
-    if gpu_models:
-        say(f"starting a GPU server process per gpu-tier model: {', '.join(m.name for m in gpu_models)}")
-    stack.gpu_servers = start_gpu_servers(
-        [ModelRef(m.name, m.version) for m in gpu_models], gpu_env(work_dir), log_dir=work_dir / "logs"
-    )
-    stack.api.upstreams.update({server.ref.name: server.url for server in stack.gpu_servers})
+    runtime = _start_gpu_tier(stack, gpu_models, gpu_idle_s)
     stack.api.start()
     sagemaker_url = None
-    if stack.gpu_servers:
-        runtime = SageMakerRuntime(
-            {s.ref.name: container_at(s.url) for s in stack.gpu_servers},
-            components={s.ref.name: GPU_ENDPOINT for s in stack.gpu_servers},
-        )
+    if runtime is not None:
         stack.sagemaker_runtime = runtime
         stack.sagemaker = runtime.serve("127.0.0.1", 0)
         sagemaker_url = f"http://127.0.0.1:{stack.sagemaker.address[1]}"
@@ -418,6 +422,34 @@ def _start(
     }
     write_state(work_dir, state)  # last: whoever reads it finds everything answering
     stack.state = state
+
+
+def _start_gpu_tier(
+    stack: LocalStack, gpu_models: Sequence[Manifest], gpu_idle_s: float | None
+) -> SageMakerRuntime | None:
+    """A GPU server process per gpu-tier model, started and warmed (or, with ``gpu_idle_s``,
+    cold: started by the first request), routed from the local API; the SageMaker runtime in
+    front of them for the worker (None without gpu-tier models)."""
+    if not gpu_models:
+        return None
+    refs = [ModelRef(m.name, m.version) for m in gpu_models]
+    names = ", ".join(m.name for m in gpu_models)
+    assert stack.api is not None
+    logs = stack.work_dir / "logs"
+    if gpu_idle_s is not None:
+        say(f"gpu-tier models cold (start on the first request, stop after {gpu_idle_s:g} s idle): {names}")
+        stack.cold_gpu_servers = [
+            ColdGpuServer(ref, gpu_env(stack.work_dir), log_dir=logs, idle_s=gpu_idle_s) for ref in refs
+        ]
+        stack.api.upstreams.update({server.ref.name: server.forward for server in stack.cold_gpu_servers})
+        return ScalingRuntime({s.ref.name: s for s in stack.cold_gpu_servers}, endpoint=GPU_ENDPOINT)
+    say(f"starting a GPU server process per gpu-tier model: {names}")
+    stack.gpu_servers = start_gpu_servers(refs, gpu_env(stack.work_dir), log_dir=logs)
+    stack.api.upstreams.update({server.ref.name: server.url for server in stack.gpu_servers})
+    return SageMakerRuntime(
+        {s.ref.name: container_at(s.url) for s in stack.gpu_servers},
+        components={s.ref.name: GPU_ENDPOINT for s in stack.gpu_servers},
+    )
 
 
 def _one_per_name(packaged: Sequence[PackagedModel]) -> list[PackagedModel]:
@@ -502,6 +534,7 @@ def worker_env(
         DATA_BUCKET_ENV: DATA_BUCKET,
         GPU_ENDPOINTS_ENV: GpuTarget.join(gpu),
         PRELOAD_ENV: "",
+        COLD_RETRY_S_ENV: LOCAL_COLD_RETRY_S,
     }
 
 
@@ -586,6 +619,7 @@ def describe(stack: LocalStack) -> str:
     url = reachable(stack.api.url) if stack.api else ""
     threshold = lambda_max_model_mb()
     forwarded = {s.ref.name: s for s in stack.gpu_servers}
+    cold = {s.ref.name: s for s in stack.cold_gpu_servers}
     lines = [f"serving the Open Inference Protocol on {url} (Ctrl-C stops)", "models:"]
     for entry in stack.catalog.entries:
         tier = tier_for(entry.manifest, threshold)
@@ -595,6 +629,12 @@ def describe(stack: LocalStack) -> str:
             if where
             else "its own Lambda execution environment"
         )
+        if entry.name in cold:
+            server = cold[entry.name]
+            detail = (
+                f"cold: its GPU server process starts on the first request (503 + Retry-After meanwhile) "
+                f"and stops after {server.idle_s:g} s idle (log: {server.log_path})"
+            )
         lines.append(
             f"  {entry.name}@{entry.version}  tier={tier}  {entry.manifest.model.bytes / 1e6:.1f} MB  {detail}"
         )
