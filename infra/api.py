@@ -318,7 +318,8 @@ class InferenceApi(Construct):
                 "413",
                 error_body(
                     "the request body is over API Gateway's 10 MB limit; send tensors with the binary "
-                    "tensor data extension, or split the batch"
+                    "tensor data extension, split the batch, or send it as an async job: POST "
+                    "/v2/models/{model}/jobs with no body answers an upload URL for inputs of any size"
                 ),
             ),
             "Timeout": (

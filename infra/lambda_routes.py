@@ -5,7 +5,11 @@ integrations of the model's function alias (``live``: a published version, SnapS
 provisioned concurrency's; never ``$LATEST``), whose integration URI and invoke permissions
 name the alias. The function answers ``ready``, ``infer`` and the
 ``versions/{version}/...`` forms itself (the core's route table), so the handler sees the
-path the caller sent. Under the ``*/*`` binary media type every request body reaches the
+path the caller sent. With ``version``, ``versions/{version}`` is a resource of its own (the
+jobs routes hang ``jobs`` under it), so everything beside it under ``versions`` is routed to
+the function explicitly (``ANY`` on ``versions``, ``versions/{proxy+}``, ``versions/{version}``
+and ``versions/{version}/{proxy+}``) rather than left to API Gateway's matching of a partial
+static path against the model's ``{proxy+}``. Under the ``*/*`` binary media type every request body reaches the
 function base64-encoded (``isBase64Encoded``), byte for byte; the function's base64 body goes
 back as bytes, any other body as text.
 """
@@ -24,8 +28,9 @@ class LambdaModelRoutes(Construct):
     model function's alias, so the integration and its permissions are alias-qualified.
 
     Attributes: ``model_name``, ``resource`` (``/v2/models/{model_name}``), ``proxy_resource``
-    (its ``{proxy+}``), ``integration``, ``methods``. Raises ValueError for a model that
-    already has routes in ``api``.
+    (its ``{proxy+}``), ``version_resource`` (``.../versions/{version}``, None without
+    ``version``), ``integration``, ``methods``. Raises ValueError for a model that already has
+    routes in ``api``.
     """
 
     def __init__(
@@ -36,6 +41,7 @@ class LambdaModelRoutes(Construct):
         api: InferenceApi,
         model_name: str,
         function: lambda_.IFunction,
+        version: str | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.model_name = model_name
@@ -51,3 +57,17 @@ class LambdaModelRoutes(Construct):
                 request_parameters={"method.request.path.proxy": True},
             ),
         ]
+        self.version_resource: apigw.Resource | None = None
+        if version is not None:
+            versions = self.resource.add_resource("versions")
+            self.version_resource = versions.add_resource(version)
+            for parent in (versions, self.version_resource):
+                self.methods += [
+                    api.add_method(parent, "ANY", self.integration),
+                    api.add_method(
+                        parent.add_resource("{proxy+}"),
+                        "ANY",
+                        self.integration,
+                        request_parameters={"method.request.path.proxy": True},
+                    ),
+                ]

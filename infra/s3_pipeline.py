@@ -33,6 +33,7 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from infra.jobs import grant_job_results
 from infra.model_store import SharedBucketStore, private_bucket
 from infra.monitoring import notify, queue_not_empty_alarm
 from infra.nag import acknowledge, wildcard_resource_finding
@@ -45,6 +46,9 @@ from tierserve.settings import (
     ERROR_PREFIX,
     GPU_ENDPOINTS_ENV,
     INPUT_PREFIX,
+    JOB_INPUT_SUFFIXES,
+    JOBS_PREFIX,
+    MAX_INPUT_MB_ENV,
     OUTPUT_PREFIX,
     GpuTarget,
 )
@@ -57,6 +61,7 @@ DLQ_RETENTION = Duration.days(14)  # SQS's longest: time to find the cause and r
 QUEUE_RETENTION = Duration.days(4)
 ACCESS_LOG_PREFIX = "data-bucket/"
 NONCURRENT_VERSION_EXPIRY = Duration.days(30)
+DEFAULT_JOBS_EXPIRY_DAYS = 3
 MIN_EVENT_SOURCE_CONCURRENCY = 2  # the event source mapping's MaximumConcurrency starts at 2
 NOTIFICATIONS_HANDLER_ID = "BucketNotificationsHandler"  # CDK's singleton in each stack
 BASIC_EXECUTION_POLICY = "arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
@@ -66,7 +71,9 @@ class DataStore(SharedBucketStore):
     """The data bucket: private, SSE-S3, TLS-only, versioned, access logged, retained.
 
     Versioned because the worker reads exactly the version an event announced and records it
-    in the result; old versions expire after 30 days. Attributes: ``bucket``.
+    in the result; old versions expire after 30 days. Async jobs (``jobs/``) expire after
+    ``jobs_expiry_days``, their old versions a day later, and their leftover delete markers are
+    removed. Attributes: ``bucket``.
     """
 
     def __init__(
@@ -76,6 +83,7 @@ class DataStore(SharedBucketStore):
         *,
         access_log_bucket: s3.IBucket,
         removal_policy: RemovalPolicy = RemovalPolicy.RETAIN,
+        jobs_expiry_days: int = DEFAULT_JOBS_EXPIRY_DAYS,
     ) -> None:
         super().__init__(scope, construct_id)
         self.bucket = private_bucket(
@@ -89,9 +97,28 @@ class DataStore(SharedBucketStore):
                 s3.LifecycleRule(
                     abort_incomplete_multipart_upload_after=Duration.days(7),
                     noncurrent_version_expiration=NONCURRENT_VERSION_EXPIRY,
-                )
+                ),
+                *jobs_lifecycle_rules(jobs_expiry_days),
             ],
         )
+
+
+def jobs_lifecycle_rules(expiry_days: int) -> list[s3.LifecycleRule]:
+    """Async jobs are transient: every object under ``jobs/`` expires ``expiry_days`` after it
+    was written, its noncurrent versions a day after that; a second rule removes the delete
+    markers expiry leaves (S3 takes no ``ExpiredObjectDeleteMarker`` beside ``Days`` in one rule)."""
+    return [
+        s3.LifecycleRule(
+            id="jobs-expire",
+            prefix=f"{JOBS_PREFIX}/",
+            expiration=Duration.days(expiry_days),
+            noncurrent_version_expiration=Duration.days(1),
+            abort_incomplete_multipart_upload_after=Duration.days(1),
+        ),
+        s3.LifecycleRule(
+            id="jobs-delete-markers", prefix=f"{JOBS_PREFIX}/", expired_object_delete_marker=True
+        ),
+    ]
 
 
 def own_notifications_handler(scope: Construct, *, log_retention: logs.RetentionDays) -> None:
@@ -236,6 +263,7 @@ class InferencePipeline(Construct):
         log_retention: logs.RetentionDays,
         log_level: str,
         alarm_topic: sns.ITopic | None = None,
+        max_input_mb: int | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         unknown = sorted(set(gpu_endpoints) - {m.name for m in models})
@@ -252,6 +280,12 @@ class InferencePipeline(Construct):
             s3_notifications.SqsDestination(self.queue),
             s3.NotificationKeyFilter(prefix=f"{INPUT_PREFIX}/"),
         )
+        for suffix in JOB_INPUT_SUFFIXES:  # async jobs' inputs; their records and results never match
+            data_bucket.add_event_notification(
+                s3.EventType.OBJECT_CREATED,
+                s3_notifications.SqsDestination(self.queue),
+                s3.NotificationKeyFilter(prefix=f"{JOBS_PREFIX}/", suffix=suffix),
+            )
         own_notifications_handler(self, log_retention=log_retention)
 
         worker = self._worker(
@@ -265,6 +299,7 @@ class InferencePipeline(Construct):
             ephemeral_storage_mb=ephemeral_storage_mb,
             log_retention=log_retention,
             log_level=log_level,
+            max_input_mb=max_input_mb,
         )
         self.worker, self.role, self.log_group = worker.function, worker.role, worker.log_group
         self.worker_alias = worker.alias
@@ -285,6 +320,7 @@ class InferencePipeline(Construct):
             )
         )
         grant_data_bucket(self.role, self.data_bucket)
+        grant_job_results(self.role, self.data_bucket)
         grant_invoke_endpoints(self.role, self, gpu_endpoints)
         if gpu_endpoints:
             # An input whose GPU model has no copy running waits in the queue: its visibility is
@@ -356,6 +392,7 @@ class InferencePipeline(Construct):
         ephemeral_storage_mb: int,
         log_retention: logs.RetentionDays,
         log_level: str,
+        max_input_mb: int | None = None,
     ) -> TierserveFunction:
         """The worker, sized for the largest model it runs itself (GPU-tier models run on
         their endpoints, named in ``TIERSERVE_GPU_ENDPOINTS``)."""
@@ -372,7 +409,10 @@ class InferencePipeline(Construct):
             ephemeral_storage_mb=ephemeral_storage_mb,
             log_retention=log_retention,
             log_level=log_level,
-            environment=pipeline_function_environment(self.data_bucket, gpu_endpoints),
+            environment={
+                **pipeline_function_environment(self.data_bucket, gpu_endpoints),
+                **({MAX_INPUT_MB_ENV: str(max_input_mb)} if max_input_mb else {}),
+            },
             reserved_concurrency=reserved_concurrency or None,
             description=f"tierserve S3 worker: {INPUT_PREFIX}/ -> {OUTPUT_PREFIX}/, {ERROR_PREFIX}/ "
             f"for {len(models)} model(s)",

@@ -64,7 +64,7 @@ VALIDATION_ERROR_PATTERN = "400"
 UPSTREAM_ERROR_PATTERN = r"4(0[1-9]|1[0-24-9]|2[0-35-9]|[3-9]\d)|5\d{2}"
 SAGEMAKER_ERROR_STATUSES = ("400", "413", "503", "504")
 JSON_CONTENT = {"method.response.header.Content-Type": "'application/json'"}
-# The async jobs route (another issue adds it): where work that can wait goes.
+# The async jobs route (infra/jobs.py): where work that can wait, or does not fit, goes.
 JOBS_ROUTE = "POST /v2/models/{name}/jobs"
 
 
@@ -244,7 +244,8 @@ def _invoke_endpoint(
                     "413",
                     error_body(
                         f"the request for model {name} is over SageMaker's payload limit for one "
-                        "invocation (6 MB): send fewer rows per request"
+                        f"invocation (6 MB): send fewer rows per request, or send it as a job "
+                        f"({JOBS_ROUTE.format(name=name)} answers an upload URL for inputs of any size)"
                     ),
                 ),
                 _error_response(

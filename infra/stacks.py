@@ -25,13 +25,14 @@ from infra.api import InferenceApi, KeyLimits
 from infra.batch import BatchInference
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, ConfigError, InfraConfig, gpu_instance_overrides
 from infra.drift import add_capture, add_drift_job
+from infra.jobs import AsyncJobs
 from infra.lambda_routes import LambdaModelRoutes
 from infra.lambda_tier import LambdaModelFunction
 from infra.limits import image_limits, lambda_model_limits, model_key_limits
 from infra.model_store import ModelStore
 from infra.monitoring import AlarmPolicy, AlarmTopic, GpuModel, LambdaModel, Monitoring, notify
 from infra.rollout import LambdaRollouts, gpu_rolling_update, strategy
-from infra.s3_pipeline import DataStore, InferencePipeline
+from infra.s3_pipeline import DEFAULT_JOBS_EXPIRY_DAYS, DataStore, InferencePipeline
 from infra.sagemaker_inference import (
     INSTANCE_SPECS,
     ComputeRequirements,
@@ -90,7 +91,14 @@ class StorageStack(Stack):
     Attributes: ``model_store``, ``data_store``.
     """
 
-    def __init__(self, scope: Construct, construct_id: str, **kwargs: object) -> None:
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        jobs_expiry_days: int = DEFAULT_JOBS_EXPIRY_DAYS,
+        **kwargs: object,
+    ) -> None:
         super().__init__(
             scope,
             construct_id,
@@ -99,7 +107,12 @@ class StorageStack(Stack):
             **kwargs,
         )
         self.model_store = ModelStore(self, "ModelStore")
-        self.data_store = DataStore(self, "DataStore", access_log_bucket=self.model_store.access_log_bucket)
+        self.data_store = DataStore(
+            self,
+            "DataStore",
+            access_log_bucket=self.model_store.access_log_bucket,
+            jobs_expiry_days=jobs_expiry_days,
+        )
         CfnOutput(
             self,
             "ModelBucketName",
@@ -121,10 +134,11 @@ class ServingStack(Stack):
     Attributes: ``api``, ``lambda_models`` (model name -> :class:`LambdaModelFunction`),
     ``gpu_endpoints`` (instance type -> :class:`GpuEndpoint`), ``gpu_models`` (model name ->
     :class:`GpuModelComponent`), ``routes`` (model name -> :class:`LambdaModelRoutes` or
-    :class:`SageMakerModelRoutes`), ``monitoring`` (:class:`~infra.monitoring.Monitoring`: the
-    dashboard, every model's alarms, and ``monitoring.topic``, where every alarm of the app
-    publishes), ``rollouts`` (:class:`~infra.rollout.LambdaRollouts`: a CodeDeploy deployment
-    group per Lambda-tier model).
+    :class:`SageMakerModelRoutes`), ``jobs`` (:class:`AsyncJobs`: every model's jobs routes and
+    their function; None without ``data_store`` or models), ``monitoring``
+    (:class:`~infra.monitoring.Monitoring`: the dashboard, every model's alarms, and
+    ``monitoring.topic``, where every alarm of the app publishes), ``rollouts``
+    (:class:`~infra.rollout.LambdaRollouts`: a CodeDeploy deployment group per Lambda-tier model).
 
     Raises:
         ConfigError: a GPU-tier model cannot fit its instance type, or ``gpu_instance_types``
@@ -139,6 +153,7 @@ class ServingStack(Stack):
         config: InfraConfig,
         catalog: Catalog,
         model_store: ModelStore,
+        data_store: DataStore | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(
@@ -165,6 +180,9 @@ class ServingStack(Stack):
         self.routes: dict[str, LambdaModelRoutes | SageMakerModelRoutes] = {}
         self._add_lambda_models(config, catalog, model_store)
         self._add_gpu_models(config, catalog, model_store)
+        self.jobs: AsyncJobs | None = None
+        if data_store is not None and catalog.entries:
+            self.jobs = self._add_jobs(config, catalog, model_store, data_store)
         self.monitoring = self._monitor(config, pipeline_stack=PIPELINE_STACK if catalog.entries else None)
         self.rollouts = self._roll_out(config)
         self._warn(config)
@@ -218,9 +236,37 @@ class ServingStack(Stack):
             for manifest in model.manifests:
                 model_store.grant_read_model(model.function, manifest)
             self.routes[entry.name] = LambdaModelRoutes(
-                routes, entry.name, api=self.api, model_name=entry.name, function=model.alias
+                routes,
+                entry.name,
+                api=self.api,
+                model_name=entry.name,
+                function=model.alias,
+                version=entry.version,
             )
             self.lambda_models[entry.name] = model
+
+    def _add_jobs(
+        self, config: InfraConfig, catalog: Catalog, model_store: ModelStore, data_store: DataStore
+    ) -> AsyncJobs:
+        """One jobs function for every model, and each model's jobs routes beside its OIP routes."""
+        jobs = AsyncJobs(
+            self,
+            "Jobs",
+            api=self.api,
+            data_bucket=data_store.bucket_for(self),
+            models=[entry.manifest for entry in catalog],
+            architecture=ARCHITECTURES[config.lambda_architecture],
+            model_bucket_name=model_store.bucket_for(self).bucket_name,
+            model_prefix=model_store.model_prefix,
+            url_expiry_seconds=config.jobs_url_expiry_seconds,
+            max_input_mb=config.max_input_mb,
+            log_retention=RETENTION[config.log_retention_days],
+            log_level=config.log_level,
+        )
+        for routes in self.routes.values():
+            assert routes.version_resource is not None  # both route constructs are given the version
+            jobs.add_model(routes.resource, routes.version_resource)
+        return jobs
 
     @property
     def gpu_targets(self) -> dict[str, GpuTarget]:
@@ -416,6 +462,7 @@ class PipelineStack(Stack):
             log_retention=RETENTION[config.log_retention_days],
             log_level=config.log_level,
             alarm_topic=alarm_topic.topic_for(self) if alarm_topic is not None else None,
+            max_input_mb=config.max_input_mb,
         )
         for entry in catalog:
             model_store.grant_read_model(self.pipeline.worker, entry.manifest)
@@ -687,9 +734,14 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
     Raises:
         ConfigError: ``stream`` names a model the catalog does not hold.
     """
-    storage = StorageStack(app, STORAGE_STACK)
+    storage = StorageStack(app, STORAGE_STACK, jobs_expiry_days=config.jobs_expiry_days)
     serving = ServingStack(
-        app, SERVING_STACK, config=config, catalog=catalog, model_store=storage.model_store
+        app,
+        SERVING_STACK,
+        config=config,
+        catalog=catalog,
+        model_store=storage.model_store,
+        data_store=storage.data_store,
     )
     captured = add_capture(
         data_store=storage.data_store,

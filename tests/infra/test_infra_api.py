@@ -204,6 +204,8 @@ def test_gateway_errors_are_oip_json(iam_api):
     for response_type in ("RESOURCE_NOT_FOUND", "REQUEST_TOO_LARGE", "INTEGRATION_TIMEOUT"):
         body = json.loads(responses[response_type]["ResponseTemplates"]["application/json"])
         assert set(body) == {"error"}
+    too_large = json.loads(responses["REQUEST_TOO_LARGE"]["ResponseTemplates"]["application/json"])
+    assert "POST /v2/models/{model}/jobs" in too_large["error"]  # where a large input goes
 
 
 def test_with_iam_a_missing_signature_stays_403_and_says_both_causes(iam_api):

@@ -71,9 +71,12 @@ def of_type(template: dict[str, Any], resource_type: str) -> dict[str, dict[str,
 
 
 def functions_by_model(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The API function of each model (the jobs function, which names every model, aside)."""
     functions = of_type(template, "AWS::Lambda::Function")
     return {
-        f["Properties"]["Environment"]["Variables"][MODELS_ENV].split("@")[0]: f for f in functions.values()
+        f["Properties"]["Environment"]["Variables"][MODELS_ENV].split("@")[0]: f
+        for f in functions.values()
+        if f["Properties"].get("ImageConfig", {}).get("Command") != ["jobs.handler"]
     }
 
 
@@ -642,6 +645,7 @@ def test_every_model_function_has_snapstart_on_a_published_version_behind_live(s
             k
             for k, f in functions.items()
             if f["Properties"]["Environment"]["Variables"][MODELS_ENV].startswith(f"{name}@")
+            and f["Properties"]["ImageConfig"]["Command"] != ["jobs.handler"]  # the jobs function names all
         ]
         props = functions[function_id]["Properties"]
         assert props["SnapStart"] == {"ApplyOn": "PublishedVersions"}
@@ -657,7 +661,9 @@ def test_api_gateway_integrations_and_permissions_name_the_alias_never_latest(se
         for m in of_type(serving, "AWS::ApiGateway::Method").values()
         if m["Properties"]["Integration"].get("Type") == "AWS_PROXY"
     ]
-    assert len(lambda_methods) == 2 * len(LAMBDA_MODELS)
+    # Per Lambda-tier model: GET and {proxy+}, and ANY on versions, versions/{proxy+}, versions/V and
+    # versions/V/{proxy+}; per model of either tier, its three jobs routes (the jobs function's alias).
+    assert len(lambda_methods) == 6 * len(LAMBDA_MODELS) + 3 * (len(LAMBDA_MODELS) + len(GPU_MODELS))
     for method in lambda_methods:
         uri = json.dumps(method["Integration"]["Uri"])
         assert any(f'{{"Ref": "{alias}"}}' in uri for alias in aliases), uri  # the alias ARN

@@ -105,7 +105,13 @@ def test_the_models_alarms_roll_a_deployment_back(serving):
 
 
 def test_codedeploy_shifts_the_live_alias(serving):
-    aliases = of_type(serving, "AWS::Lambda::Alias")
+    functions = of_type(serving, "AWS::Lambda::Function")
+    jobs = {k for k, f in functions.items() if f["Properties"]["ImageConfig"]["Command"] == ["jobs.handler"]}
+    aliases = {  # the models' aliases: the jobs function (no model of its own) is not rolled out
+        k: a
+        for k, a in of_type(serving, "AWS::Lambda::Alias").items()
+        if a["Properties"]["FunctionName"]["Ref"] not in jobs
+    }
     groups = of_type(serving, "AWS::CodeDeploy::DeploymentGroup")
     assert len(aliases) == 2
     for alias in aliases.values():

@@ -110,13 +110,19 @@ def test_object_created_under_inputs_notifies_the_queue(pipeline, find):
     (notifications,) = find(pipeline, "Custom::S3BucketNotifications")
     props = notifications["Properties"]
     assert props["BucketName"] == "data-bucket"
-    (config,) = props["NotificationConfiguration"]["QueueConfigurations"]
+    config, *jobs = props["NotificationConfiguration"]["QueueConfigurations"]
     assert config["Events"] == ["s3:ObjectCreated:*"]
     assert config["Filter"] == {"Key": {"FilterRules": [{"Name": "prefix", "Value": "inputs/"}]}}
     main_id = next(
         k for k, q in pipeline.find_resources("AWS::SQS::Queue").items() if "RedrivePolicy" in q["Properties"]
     )
     assert config["QueueArn"] == {"Fn::GetAtt": [main_id, "Arn"]}
+    # Async jobs: only a job's input (jobs/{model}/{caller}/{id}/{version}/input.{ext}) triggers.
+    rules = [{(rule["Name"], rule["Value"]) for rule in job["Filter"]["Key"]["FilterRules"]} for job in jobs]
+    assert rules == [
+        {("prefix", "jobs/"), ("suffix", f"/input{ext}")} for ext in (".json", ".jsonl", ".npy", ".bin")
+    ]
+    assert all(job["QueueArn"] == config["QueueArn"] and job["Events"] == config["Events"] for job in jobs)
     assert "QueueConfigurations" in props["NotificationConfiguration"]
     assert set(props["NotificationConfiguration"]) == {"QueueConfigurations"}
 
@@ -219,8 +225,9 @@ def test_worker_never_writes_under_inputs(pipeline):
         writes = {"s3:PutObject", "s3:DeleteObject", "s3:*"} & set(_actions(statement))
         if writes:
             resources = _resources(statement)
-            assert not any("/inputs/" in r for r in resources), resources
-            assert all(r.endswith(('/outputs/*"]]}', '/errors/*"]]}')) for r in resources), resources
+            assert not any("/inputs/" in r or "/input." in r for r in resources), resources
+            results = ('/outputs/*"]]}', '/errors/*"]]}', '/jobs/*/output.json"]]}', '/jobs/*/error.json"]]}')
+            assert all(r.endswith(results) for r in resources), resources
 
 
 def test_worker_data_bucket_grants_are_by_prefix(pipeline):
@@ -234,6 +241,10 @@ def test_worker_data_bucket_grants_are_by_prefix(pipeline):
         '/outputs/*"]]}': {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"},
         '/errors/*"]]}': {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"},
         '"]]}': {"s3:ListBucket"},
+        # async jobs: read the input, write the result beside it; never an input or a record
+        '/jobs/*/input.*"]]}': {"s3:GetObject", "s3:GetObjectVersion"},
+        '/jobs/*/output.json"]]}': {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"},
+        '/jobs/*/error.json"]]}': {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"},
     }
 
 

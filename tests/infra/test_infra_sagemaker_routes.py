@@ -220,6 +220,8 @@ def test_sagemaker_errors_become_oip_errors_read_as_text(template):
         for pattern in (PAYLOAD_TOO_LARGE_PATTERN, UPSTREAM_ERROR_PATTERN):
             body = json.loads(responses[pattern]["ResponseTemplates"]["application/json"])
             assert set(body) == {"error"} and GPU_MODEL in body["error"]
+        too_large = json.loads(responses[PAYLOAD_TOO_LARGE_PATTERN]["ResponseTemplates"]["application/json"])
+        assert f"POST /v2/models/{GPU_MODEL}/jobs" in too_large["error"]  # the 413 names the jobs route
         model_error = responses[MODEL_ERROR_PATTERN]["ResponseTemplates"]["application/json"]
         assert "$util.base64Decode($raw)" in model_error and "$util.parseJson($raw)" in model_error
         assert "!$raw.startsWith('{')" in model_error, "decodes base64 only: JSON text is read as it is"

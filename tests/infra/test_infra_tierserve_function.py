@@ -141,17 +141,18 @@ def test_image_context_is_only_what_the_dockerfile_copies(function_stack):
 
 
 def test_image_context_holds_what_its_handlers_import_and_none_of_the_tools(function_stack):
-    """The API, worker, batch and stream handlers import from the staged context alone, and load nothing of
-    the CLI, the local stack or the packager."""
+    """The API, worker, batch, stream and jobs handlers import from the staged context alone, and load
+    nothing of the CLI, the local stack or the packager."""
     assembly = function_stack.node.root.synth()
     (asset_dir,) = Path(assembly.directory).glob("asset.*")
-    handlers = ["api", "worker", "batch", "stream"]
+    handlers = ["api", "worker", "batch", "stream", "jobs"]
     imported = import_from_context(
         asset_dir,
         "functions/inference",
         handlers,
-        {"TIERSERVE_OUTPUT_STREAM": "results", "TIERSERVE_MODELS": "iris@1"},
+        {"TIERSERVE_OUTPUT_STREAM": "results", "TIERSERVE_MODELS": "iris@1", "TIERSERVE_DATA_BUCKET": "data"},
     )
+    assert "tierserve.jobs.service" in imported["loaded"]
     assert "tierserve.registry" in imported["loaded"] and "tierserve.s3_pipeline.worker" in imported["loaded"]
     assert "tierserve.batch.runner" in imported["loaded"] and "tierserve.streams.worker" in imported["loaded"]
     assert not [m for m in imported["loaded"] if m.startswith("tierserve.tools")]

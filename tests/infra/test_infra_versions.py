@@ -35,6 +35,8 @@ def functions(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
     found = {}
     for logical_id, resource in template["Resources"].items():
         if resource["Type"] == "AWS::Lambda::Function":
+            if resource["Properties"]["ImageConfig"]["Command"] == ["jobs.handler"]:
+                continue  # the jobs function names every model
             env = resource["Properties"]["Environment"]["Variables"]
             found[env[MODELS_ENV].split("@")[0]] = {"id": logical_id, **resource["Properties"]}
     return found

@@ -239,3 +239,21 @@ def test_a_bad_variable_at_init_is_one_clear_line_in_the_log(start_function, han
         "one per 1,769 MB of memory (Lambda) or one per CPU (GPU server)"
     }, log
     assert "Traceback" not in log and "Runtime exited with error: exit status 1" in log
+
+
+def test_the_jobs_handler_answers_the_shared_job_events_under_the_runtime(start_function, s3):
+    """``jobs.handler`` as the image runs it: the runtime interface's JSON, the job's URL behind
+    the stage, the upload URL on this S3, the job's record in the data bucket."""
+    s3.create_bucket(Bucket=DATA)
+    function = start_function("jobs.handler", **{DATA_BUCKET_ENV: DATA})
+    created = function.invoke(load_event("job-create"))
+    assert created["statusCode"] == 202, created
+    job = json.loads(created["body"])
+    assert job["result"].startswith(
+        "https://abc123defg.execute-api.us-east-1.amazonaws.com/prod/v2/models/iris/jobs/"
+    )
+    assert job["upload"]["url"].startswith(s3.meta.endpoint_url)
+    (record,) = [item["Key"] for item in s3.list_objects_v2(Bucket=DATA, Prefix="jobs/")["Contents"]]
+    assert record.endswith(f"/{job['id']}/job.json")
+    missing = function.invoke(load_event("job-status"))
+    assert missing["statusCode"] == 404 and "for this caller" in json.loads(missing["body"])["error"]

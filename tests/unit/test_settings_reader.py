@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from tierserve import sagemaker_hosting, settings
+from tierserve.jobs import settings as jobs_settings
+from tierserve.jobs.settings import JobsSettings
 from tierserve.s3_pipeline import settings as pipeline_settings
 from tierserve.s3_pipeline.settings import PipelineSettings
 from tierserve.sagemaker_hosting import ServerSettings, server_model_settings
@@ -21,6 +23,10 @@ READERS: dict[str, Callable[[Mapping[str, str]], object]] = {
     **{v.name: PipelineSettings.from_env for v in pipeline_settings.VARIABLES},
     **{v.name: ServerSettings.from_env for v in sagemaker_hosting.VARIABLES},
     **{v.name: StreamSettings.from_env for v in stream_settings.VARIABLES},
+    **{
+        v.name: lambda env: JobsSettings.from_env({"TIERSERVE_DATA_BUCKET": "data", **env})
+        for v in jobs_settings.VARIABLES
+    },
 }
 
 # One bad value per variable: what a person plausibly types by mistake.
@@ -60,6 +66,7 @@ BAD_VALUES = {
     "TIERSERVE_DRAIN_TIMEOUT_S": "-3",
     "TIERSERVE_OUTPUT_STREAM": "arn:aws:kinesis:us-east-1:123456789012:stream/results",
     "TIERSERVE_STREAM_MODEL": "Iris v1",
+    "TIERSERVE_JOBS_URL_EXPIRES_S": "7200",
 }
 
 
@@ -69,6 +76,7 @@ def every_variable() -> list[Variable]:
         *pipeline_settings.VARIABLES,
         *sagemaker_hosting.VARIABLES,
         *stream_settings.VARIABLES,
+        *jobs_settings.VARIABLES,
     ]
 
 

@@ -168,6 +168,9 @@ def _new_client(
         read_timeout=read_s,
         retries={"mode": "standard", "total_max_attempts": policy.attempts},
         max_pool_connections=policy.max_pool_connections,
+        # Presigned URLs (the jobs routes') in SigV4, as every request already is: botocore would
+        # otherwise presign S3 URLs with SigV2, which S3 refuses in newer regions.
+        **({"signature_version": "s3v4"} if service == "s3" else {}),
     )
     made = boto3.client(service, endpoint_url=endpoint_url, config=config, **credentials)
     # Every attempt, retries included, must fit in the time left (see within()).

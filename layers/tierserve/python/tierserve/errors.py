@@ -7,6 +7,7 @@ they call :func:`to_http` on whatever reached them.
     ├── BadRequest (400)            the request is malformed or does not fit the signature
     ├── ModelNotFound (404)         unknown model or version
     ├── RouteNotFound (404)         no route for the path
+    ├── JobNotFound (404)           no such job for this caller (another caller's is the same 404)
     ├── MethodNotAllowed (405)      a route that takes other methods (``Allow`` names them)
     ├── RequestTimeout (408)        the request did not arrive in time
     ├── PayloadTooLarge (413)       request body over the configured limit
@@ -52,6 +53,13 @@ class ModelNotFound(TierserveError):
 
 
 class RouteNotFound(TierserveError):
+    status_code = HTTPStatus.NOT_FOUND
+
+
+class JobNotFound(TierserveError):
+    """No job of that id for this model and caller: never created, expired, or another
+    caller's. One answer for all three, so an id says nothing about whether it exists."""
+
     status_code = HTTPStatus.NOT_FOUND
 
 

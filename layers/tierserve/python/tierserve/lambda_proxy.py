@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tierserve.audit import api_gateway_caller
@@ -85,13 +85,24 @@ def request_body(body: str | None, is_base64_encoded: bool, headers: Mapping[str
 def build_resolver(dataplane: DataPlane) -> Any:
     """A powertools ``APIGatewayRestResolver`` serving every OIP route through ``dataplane``,
     inference responses bounded by ``TIERSERVE_MAX_RESPONSE_MB`` as Lambda sends them."""
+    return build_route_resolver(ROUTES, dataplane, dataplane.registry.settings.max_response_bytes)
+
+
+def build_route_resolver(
+    routes: Sequence[Route], target: Any, max_response_bytes: int, *, help: str | None = None
+) -> Any:
+    """A powertools ``APIGatewayRestResolver`` serving ``routes`` on ``target`` (the OIP routes on
+    a data plane, the jobs routes on :class:`tierserve.jobs.Jobs`), responses bounded by
+    ``max_response_bytes`` as Lambda sends them, each request with API Gateway's
+    ``requestContext`` (the caller's identity); ``help`` ends a 404's message."""
     from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 
     app = APIGatewayRestResolver()
     router = Router(
-        (ROUTES, dataplane),
-        max_response_bytes=dataplane.registry.settings.max_response_bytes,
+        (routes, target),
+        max_response_bytes=max_response_bytes,
         measure=sent_size,
+        **({"help": help} if help else {}),
         tier="lambda",
     )
 
@@ -107,6 +118,7 @@ def build_resolver(dataplane: DataPlane) -> Any:
             body,
             caller=api_gateway_caller(context),
             request_id=str(context.get("requestId") or ""),
+            context=context,
         )
 
     def to_powertools(response: HttpResponse) -> Response:
@@ -121,18 +133,25 @@ def build_resolver(dataplane: DataPlane) -> Any:
                 request = current_request()
             except BadRequest as error:
                 return to_powertools(error_response(error))
-            return to_powertools(router.run(route, dataplane, params, request))
+            return to_powertools(router.run(route, target, params, request))
 
         return handle
 
-    for route in ROUTES:
+    for route in routes:
         app.route(rule=route.rule, method=route.method)(view(route))
 
     @app.not_found
     def not_found(_error: Exception) -> Response:
         event = app.current_event  # the table's 405 or 404, which never read the body
         return to_powertools(
-            router.serve(HttpRequest(event.http_method, event.path, dict(event.headers or {})))
+            router.serve(
+                HttpRequest(
+                    event.http_method,
+                    event.path,
+                    dict(event.headers or {}),
+                    context=event.get("requestContext") or {},
+                )
+            )
         )
 
     return app

@@ -234,7 +234,8 @@ def parse_infer_request(
     if len(body) > max_bytes:
         raise PayloadTooLarge(
             f"request body is {len(body):,} bytes, over the limit of {max_bytes:,}: "
-            "split the batch into smaller requests"
+            f"split the batch into smaller requests, or send it as a job (POST /v2/models/{manifest.name}/jobs "
+            "with no body answers an upload URL for inputs of any size)"
         )
     document, binary = _split_body(body, header(headers, HEADER_LENGTH))
     raw_inputs = document.get("inputs")

@@ -45,7 +45,9 @@ class HttpRequest:
     """One request as a transport hands it over: ``path`` decoded, without the query;
     ``target`` as sent (path and query, percent-encoded), for a transport that forwards it;
     ``caller`` and ``request_id`` as the transport knows them, for the audit record
-    (:mod:`tierserve.audit`; empty: unknown, and the audit names it or makes an id)."""
+    (:mod:`tierserve.audit`; empty: unknown, and the audit names it or makes an id);
+    ``context`` API Gateway's ``requestContext`` (the stage, the domain), where the Lambda
+    transport carried it."""
 
     method: str
     path: str
@@ -54,6 +56,7 @@ class HttpRequest:
     target: str = ""
     caller: str = ""
     request_id: str = ""
+    context: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,16 +79,20 @@ Result = Document | InferResult | HttpResponse
 @dataclass(frozen=True)
 class Route:
     """``method rule`` (``<name>`` marks a path parameter) runs ``operation(target, **params)``,
-    plus ``body=`` and ``headers=`` when ``takes_body``; an ``audited`` route is an inference,
+    plus ``body=`` and ``headers=`` when ``takes_body``, or ``request=`` (the whole
+    :class:`HttpRequest`) when ``takes_request``; an ``audited`` route is an inference,
     recorded once per request (:func:`tierserve.audit.http_inference`)."""
 
     method: str
     rule: str
     operation: Callable[..., Result]
     takes_body: bool = False
+    takes_request: bool = False
     audited: bool = False
 
     def call(self, target: Any, params: Mapping[str, str], request: HttpRequest) -> Result:
+        if self.takes_request:
+            return self.operation(target, **params, request=request)
         if self.takes_body:
             return self.operation(target, **params, body=request.body, headers=request.headers)
         return self.operation(target, **params)
@@ -211,7 +218,7 @@ def encode_result(
         record = audit.current()
         if record is not None:
             record.output_ns = time.perf_counter_ns() - started
-        check_response_size(measure(encoded), result.request, max_response_bytes)
+        check_response_size(measure(encoded), result.request, max_response_bytes, result.model.name)
         return HttpResponse(200, encoded.body, encoded.headers)
     return HttpResponse.json(result)
 
@@ -223,9 +230,12 @@ def encode_infer(result: InferResult) -> EncodedResponse:
     )
 
 
-def check_response_size(size: int, request: InferenceRequest, max_bytes: int) -> None:
+def check_response_size(
+    size: int, request: InferenceRequest, max_bytes: int, model: str | None = None
+) -> None:
     """Refuse a response of ``size`` bytes over ``max_bytes``, with what the client can change
-    (past Lambda's or SageMaker's limit the client would get a bare 502 instead).
+    (past Lambda's or SageMaker's limit the client would get a bare 502 instead), the async
+    jobs route of ``model`` among them.
 
     Raises:
         PayloadTooLarge: the response is over the limit.
@@ -237,6 +247,8 @@ def check_response_size(size: int, request: InferenceRequest, max_bytes: int) ->
     )
     fixes = [] if all_binary else ['ask for binary outputs ("parameters": {"binary_data_output": true})']
     fixes += ['ask for fewer outputs ("outputs": [{"name": ...}])', "send fewer rows per request"]
+    if model is not None:
+        fixes.append(f"or run it as a job (POST /v2/models/{model}/jobs), whose result has no such limit")
     raise PayloadTooLarge(
         f"the response would be {size:,} bytes, over the limit of {max_bytes:,} ({MAX_RESPONSE_MB_ENV}): "
         + ", ".join(fixes)

@@ -52,6 +52,7 @@ MAX_INPUT_MB_ENV = "TIERSERVE_MAX_INPUT_MB"
 MAX_ROWS_ENV = "TIERSERVE_MAX_ROWS"
 MAX_JSONL_MB_ENV = "TIERSERVE_MAX_JSONL_MB"
 WORKER_CONCURRENCY_ENV = "TIERSERVE_WORKER_CONCURRENCY"
+JOBS_URL_EXPIRES_S_ENV = "TIERSERVE_JOBS_URL_EXPIRES_S"
 COLD_RETRY_S_ENV = "TIERSERVE_COLD_RETRY_S"  # the S3 worker's first wait for a model with no copy
 # The Kinesis stream worker (tierserve/streams, read by its StreamSettings).
 OUTPUT_STREAM_ENV = "TIERSERVE_OUTPUT_STREAM"
@@ -489,6 +490,16 @@ GPU_ENDPOINTS = Variable(
 INPUT_PREFIX = "inputs"
 OUTPUT_PREFIX = "outputs"
 ERROR_PREFIX = "errors"
+# The input formats of the S3 pipeline (and of jobs), by extension (tierserve.s3_pipeline.formats).
+INPUT_FORMATS = (".json", ".jsonl", ".npy", ".bin")
+# Async jobs (tierserve.jobs.keys): one folder per job, expired by its own lifecycle rule:
+# jobs/{model}/{caller}/{id}/job.json and {version}/input.{ext} -> {version}/output.json | error.json
+JOBS_PREFIX = "jobs"
+JOB_RECORD_NAME = "job.json"
+JOB_INPUT_NAME = "input"
+JOB_RESULT_NAMES: Mapping[str, str] = {OUTPUT_PREFIX: "output.json", ERROR_PREFIX: "error.json"}
+# What ends every job input's key, and nothing else of a job's: the notification's filters.
+JOB_INPUT_SUFFIXES = tuple(f"/{JOB_INPUT_NAME}{fmt}" for fmt in INPUT_FORMATS)
 # Bulk inference (tierserve.batch): key lists it reads, S3 Inventory reports, and each run's summary.
 MANIFEST_PREFIX = "manifests"
 INVENTORY_PREFIX = "inventory"

@@ -16,7 +16,7 @@ from urllib.parse import unquote_plus
 from aws_lambda_powertools.utilities.data_classes import S3Event
 from aws_lambda_powertools.utilities.data_classes.s3_event import S3EventRecord
 
-from tierserve.settings import INPUT_PREFIX, OUTPUT_PREFIX
+from tierserve.settings import INPUT_PREFIX, JOB_INPUT_NAME, JOB_RESULT_NAMES, JOBS_PREFIX, OUTPUT_PREFIX
 from tierserve.telemetry import logger
 
 RESULT_SUFFIX = ".json"
@@ -108,10 +108,16 @@ def _principal(record: S3EventRecord) -> str | None:
 
 @dataclass(frozen=True)
 class InputKey:
-    """``inputs/{model}/{path}`` split into its model and path, and where its results go."""
+    """``inputs/{model}/{path}`` split into its model and path, and where its results go.
+
+    A job's input (``jobs/{model}/{caller}/{id}/{version}/input.{ext}``, see
+    :mod:`tierserve.jobs.keys`) has ``root`` ``jobs/`` and names the ``version`` that serves it
+    (None: the deployed one); its results are ``output.json`` and ``error.json`` beside it."""
 
     model: str
     path: str
+    version: str | None = None
+    root: str = ""
 
     @property
     def format(self) -> str:
@@ -119,6 +125,9 @@ class InputKey:
         return self.path[dot:].lower() if dot > self.path.rfind("/") else ""
 
     def result_key(self, kind: ResultKind) -> str:
+        if self.root:
+            folder = self.path.rsplit("/", 1)[0]
+            return f"{self.root}{self.model}/{folder}/{JOB_RESULT_NAMES[kind]}"
         return f"{kind}/{self.model}/{self.path}{RESULT_SUFFIX}"
 
 
@@ -131,6 +140,8 @@ def parse_input_key(key: str) -> InputKey | None:
             for its result key; no result can be named for it.
     """
     parts = key.split("/")
+    if parts[0] == JOBS_PREFIX:
+        return _job_input_key(key, parts)
     if parts[0] != INPUT_PREFIX or key.endswith("/"):
         return None
     if len(parts) < 3 or any(part in ("", ".", "..") for part in parts):
@@ -141,6 +152,22 @@ def parse_input_key(key: str) -> InputKey | None:
     if len(parsed.result_key(OUTPUT_PREFIX).encode()) > MAX_KEY_BYTES:
         raise PoisonMessage(f"input key {key[:80]!r}... is too long to name its output (1,024 bytes at most)")
     return parsed
+
+
+# jobs/{model}/{caller}/{id}/{version}/input.{ext}; beside it output.json or error.json
+JOB_INPUT_PARTS = 6
+
+
+def _job_input_key(key: str, parts: list[str]) -> InputKey | None:
+    """A job's input key; None for a job's other objects (its record, its results)."""
+    if not parts[-1].startswith(f"{JOB_INPUT_NAME}."):
+        return None
+    if len(parts) != JOB_INPUT_PARTS or any(part in ("", ".", "..") for part in parts):
+        raise PoisonMessage(
+            f"job input key {key[:200]!r} must be {JOBS_PREFIX}/{{model}}/{{caller}}/{{id}}/{{version}}/"
+            "input.{ext}, as the jobs route names it"
+        )
+    return InputKey(parts[1], "/".join(parts[2:]), version=parts[4], root=f"{JOBS_PREFIX}/")
 
 
 def compare_sequencers(a: str, b: str) -> int:

@@ -1,6 +1,8 @@
-"""Input formats of the S3 pipeline: ``.json`` (a v2 infer request), ``.npy`` (one tensor) and
-``.jsonl`` (one row per line, streamed in batches), each read within its size bounds and
-validated by the protocol's own checks, so a file and an HTTP request get the same messages.
+"""Input formats of the S3 pipeline: ``.json`` (a v2 infer request), ``.bin`` (a v2 infer
+request in the binary tensor data extension, its JSON header's length in the object's metadata
+``inference-header-content-length``), ``.npy`` (one tensor) and ``.jsonl`` (one row per line,
+streamed in batches), each read within its size bounds and validated by the protocol's own
+checks, so a file and an HTTP request get the same messages.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from tierserve.catalog import Manifest
 from tierserve.errors import BadRequest, PayloadTooLarge, TierserveError
 from tierserve.protocol import (
+    HEADER_LENGTH,
     InferenceRequest,
     RequestedOutput,
     decode_json,
@@ -28,9 +31,9 @@ from tierserve.protocol import (
 from tierserve.s3_pipeline.errors import data_error
 from tierserve.s3_pipeline.events import InputKey
 from tierserve.s3_pipeline.settings import PipelineSettings
-from tierserve.settings import MAX_INPUT_MB_ENV, MAX_JSONL_MB_ENV, MAX_ROWS_ENV, MB
+from tierserve.settings import INPUT_FORMATS, MAX_INPUT_MB_ENV, MAX_JSONL_MB_ENV, MAX_ROWS_ENV, MB
 
-FORMATS = (".json", ".jsonl", ".npy")
+FORMATS = INPUT_FORMATS
 READ_CHUNK_BYTES = 1 * MB
 Batches = Iterator[tuple[InferenceRequest, int]]
 
@@ -44,16 +47,24 @@ def check_format(key: InputKey) -> str:
     if key.format not in FORMATS:
         raise BadRequest(
             f"{key.path!r} has no supported extension: name inputs .json (a v2 infer request), "
-            ".npy (one tensor) or .jsonl (one row per line)"
+            ".bin (one in the binary extension), .npy (one tensor) or .jsonl (one row per line)"
         )
     return key.format
 
 
 def read_input(
-    key: InputKey, body: Any, size: int, where: str, manifest: Manifest, settings: PipelineSettings
+    key: InputKey,
+    body: Any,
+    size: int,
+    where: str,
+    manifest: Manifest,
+    settings: PipelineSettings,
+    *,
+    metadata: Mapping[str, str] | None = None,
 ) -> tuple[InferenceRequest, Batches]:
     """An input file's request (what to answer: id, outputs) and its model batches
-    ``(request, rows)``: one for ``.json`` and ``.npy``, streamed row batches for ``.jsonl``.
+    ``(request, rows)``: one for ``.json``, ``.bin`` and ``.npy``, streamed row batches for
+    ``.jsonl``. ``metadata`` is the object's S3 user metadata (a ``.bin`` input's header length).
 
     Raises:
         BadRequest / PayloadTooLarge: the file is malformed, does not fit the model, or is over
@@ -76,8 +87,20 @@ def read_input(
         if fmt == ".npy":
             request = decode_npy(data, manifest, max_bytes=limit)
         else:
-            request = json_outputs(parse_infer_request(data, None, manifest, max_bytes=limit))
+            headers = _binary_headers(metadata, where) if fmt == ".bin" else None
+            request = json_outputs(parse_infer_request(data, headers, manifest, max_bytes=limit))
     return request, iter([(request, 0)])
+
+
+def _binary_headers(metadata: Mapping[str, str] | None, where: str) -> dict[str, str]:
+    """The header length of a ``.bin`` input, from its S3 metadata (``x-amz-meta-*``)."""
+    found = {k.lower(): v for k, v in (metadata or {}).items()}.get(HEADER_LENGTH)
+    if found is None:
+        raise BadRequest(
+            f"{where} is a .bin request without its JSON header's length: put it with the metadata "
+            f"{HEADER_LENGTH} (x-amz-meta-{HEADER_LENGTH}: N), or send JSON as a .json file"
+        )
+    return {HEADER_LENGTH: found}
 
 
 def decode_npy(data: bytes, manifest: Manifest, *, max_bytes: int | None = None) -> InferenceRequest:

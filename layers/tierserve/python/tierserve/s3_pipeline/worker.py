@@ -241,7 +241,7 @@ class Pipeline:
         if key is None:
             return skipped(item, f"not under {INPUT_PREFIX}/{{model}}/: not an input")
         bucket = self.settings.data_bucket or item.bucket
-        model_label = self._model_label(key.model)
+        model_label = self._model_label(key.model, key.version)
         if look_first or item.size >= LOOK_FIRST_BYTES:
             # Looking first pays when results are likely current (a rerun) or the input is large.
             listed = {kind: index.exists(bucket, kind, key) if index else None for kind in KINDS}
@@ -276,13 +276,13 @@ class Pipeline:
         """The served model an input key names, or None (not an input, or no model served here)."""
         try:
             parsed = parse_input_key(key)
-            return None if parsed is None else self.registry.resolve(parsed.model)
+            return None if parsed is None else self.registry.resolve(parsed.model, parsed.version)
         except (PoisonMessage, ModelNotFound):
             return None
 
-    def _model_label(self, name: str) -> str:
+    def _model_label(self, name: str, version: str | None = None) -> str:
         try:
-            return str(self.registry.resolve(name))
+            return str(self.registry.resolve(name, version))
         except ModelNotFound:
             return ""
 
@@ -300,7 +300,7 @@ class Pipeline:
 
     def _serve(self, item: S3Object, key: InputKey) -> _Served:
         check_format(key)  # before any S3 call: a .csv needs no GET to be refused
-        ref = self.registry.resolve(key.model)
+        ref = self.registry.resolve(key.model, key.version)
         manifest = self.registry.manifest(ref)
         response = self._get(item)
         body = response["Body"]
@@ -308,7 +308,9 @@ class Pipeline:
         try:
             where = f"s3://{item.bucket}/{item.key}"
             size = int(response.get("ContentLength") or 0)
-            request, batches = read_input(key, body, size, where, manifest, self.settings)
+            request, batches = read_input(
+                key, body, size, where, manifest, self.settings, metadata=response.get("Metadata")
+            )
             outputs, rows = self._run(ref, manifest, batches, request.output_names())
         finally:
             body.close()

@@ -156,6 +156,11 @@ class InfraConfig:
     pipeline_batching_window_seconds: int = 5
     pipeline_reserved_concurrency: int = 0
     alarm_email: str = ""
+    # Async jobs (infra/jobs.py): kept under jobs/ of the data bucket this many days; presigned
+    # URLs live this long; the largest .json/.bin/.npy input of a job and of the S3 pipeline.
+    jobs_expiry_days: int = 3
+    jobs_url_expiry_seconds: int = 900
+    max_input_mb: int = 64
     # Bulk inference (infra/batch.py): the Distributed Map over an S3 prefix or manifest.
     batch_items_per_batch: int = 100
     batch_max_concurrency: int = 100
@@ -576,6 +581,9 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "pipeline_batching_window_seconds": _integer(0, SQS_MAX_BATCHING_WINDOW_SECONDS),
     "pipeline_reserved_concurrency": _integer(0, LAMBDA_MAX_RESERVED_CONCURRENCY),
     "alarm_email": _email,
+    "jobs_expiry_days": _integer(1, 365),
+    "jobs_url_expiry_seconds": _integer(60, 3600),
+    "max_input_mb": _integer(1, 2048),
     "batch_items_per_batch": _integer(1, BATCH_MAX_ITEMS_PER_BATCH),
     "batch_max_concurrency": _integer(1, DISTRIBUTED_MAP_MAX_CONCURRENCY),
     "batch_tolerated_failure_percentage": _real(0, 100),

@@ -29,6 +29,7 @@ examples:
     tierserve local invoke events/infer-json.json # the handler under Lambda's runtime emulator
     tierserve batch s3://BUCKET/inputs/iris/ --model iris          # bulk inference (Step Functions)
     tierserve batch s3://tierserve-data/inputs/iris/ --model iris --local
+    tierserve infer iris request.json      # one input: sync when small, an async job when large
     tierserve package model.onnx --name iris --version 1 --quantization int8 --upload s3://BUCKET/models
     tierserve catalog validate
     tierserve drift iris --local              # captured requests against the packaging baseline (PSI)
@@ -49,6 +50,7 @@ HANDLER_EVENTS = {
     "batch.handler": ("Items", "a Distributed Map batch such as events/sfn-batch.json"),
     "drift.handler": ("detail-type", "an EventBridge scheduled event such as events/drift-schedule.json"),
     "stream.handler": ("Records", "a Kinesis event such as events/kinesis-records.json"),
+    "jobs.handler": ("httpMethod", "an API Gateway proxy event such as events/job-create.json"),
 }
 
 
@@ -212,10 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.set_defaults(run=run_local_invoke)
     from tierserve.tools.batch import add_batch_command
     from tierserve.tools.drift import add_drift_command
+    from tierserve.tools.infer import add_infer_command
     from tierserve.tools.packaging.commands import add_commands
 
     add_commands(commands)  # package, upload, catalog
     add_batch_command(commands)
+    add_infer_command(commands)
     add_drift_command(commands)
     return parser
 

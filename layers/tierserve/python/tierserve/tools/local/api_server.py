@@ -35,6 +35,7 @@ from tierserve.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from tierserve.jobs.routes import is_jobs_path
 from tierserve.protocol import decode_content, header
 from tierserve.routes import HttpRequest, HttpResponse, Router, error_response
 from tierserve.settings import DEFAULT_MAX_REQUEST_MB, MAX_REQUEST_MB, MB, ModelRef
@@ -71,9 +72,10 @@ class ExecutionEnvironment:
 class LocalApi:
     """Serve on ``host:port`` (bound at once: a busy port fails here): each model of
     ``functions`` (model name -> its handler) in its own execution environment, ``upstreams``
-    (model name -> base URL, or a function that forwards to it) forwarded, and everything else
-    through ``handler``; ``limits`` bound what a request may be. ``served`` are the Lambda-tier
-    models whose statistics it answers."""
+    (model name -> base URL, or a function that forwards to it) forwarded, every model's jobs
+    routes through ``jobs`` (the jobs function, both tiers), and everything else through
+    ``handler``; ``limits`` bound what a request may be. ``served`` are the Lambda-tier models
+    whose statistics it answers."""
 
     def __init__(
         self,
@@ -83,11 +85,13 @@ class LocalApi:
         host: str = "127.0.0.1",
         port: int = 3000,
         upstreams: Mapping[str, Upstream] | None = None,
+        jobs: LambdaHandler | None = None,
         memory_mb: int = 2048,
         limits: ServerLimits = LIMITS,
         served: Sequence[ModelRef] = (),
     ) -> None:
         self.handler = handler
+        self.jobs = ExecutionEnvironment(jobs) if jobs is not None else None
         self.statistics = StatisticsEndpoint.of_models(tuple(served))
         self._stats_router = Router((STATS_ROUTES, self.statistics), max_response_bytes=64 * MB)
         self.upstreams = dict(upstreams or {})
@@ -142,7 +146,8 @@ class LocalApi:
             return error_response(error)
         model = model_in(request.path)
         upstream = self.upstreams.get(model or "")
-        if upstream is not None:
+        jobs = self.jobs is not None and is_jobs_path(request.path)
+        if upstream is not None and not jobs:
             if isinstance(upstream, str):
                 return forward(upstream, request)
             try:
@@ -153,6 +158,8 @@ class LocalApi:
         if statistics is not None:
             return statistics
         environment = self.environments.get(model or "", self._default)
+        if jobs and self.jobs is not None:
+            environment = self.jobs
         event = proxy_event(request.method, request.target or request.path, request.headers, request.body)
         result = environment(event, LocalLambdaContext(memory_limit_in_mb=self.memory_mb))
         body = proxy_response_body(result, header(request.headers, "accept"))

@@ -17,6 +17,8 @@ The rule, with its sources: docs/architecture.md, "Binary bodies".
 from __future__ import annotations
 
 import base64
+import hashlib
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -86,13 +88,36 @@ def proxy_event(
             "extendedRequestId": request_id,
             "requestTimeEpoch": int(time.time() * 1000),
             "protocol": "HTTP/1.1",
-            "identity": {"sourceIp": source_ip, "userAgent": _header(headers, "user-agent")},
+            "identity": {
+                "sourceIp": source_ip,
+                "userAgent": _header(headers, "user-agent"),
+                **caller_identity(headers),
+            },
             "accountId": "000000000000",
             "apiId": "local",
         },
         "body": _event_body(body, binary) if body else None,
         "isBase64Encoded": bool(body) and binary,
     }
+
+
+# SigV4's Authorization header: AWS4-HMAC-SHA256 Credential=AKID/date/region/service/aws4_request, ...
+_CREDENTIAL = re.compile(r"Credential=([A-Za-z0-9]+)/")
+
+
+def caller_identity(headers: Mapping[str, str]) -> dict[str, str]:
+    """Who the caller is, as API Gateway would put it in ``requestContext.identity`` once its
+    auth let the request in: an API key's id (``x-api-key``: a digest of the key stands in for
+    the id API Gateway would look up) or a SigV4 signer's access key (a stand-in ``userArn``).
+    Locally nothing is verified: this only keeps two callers' jobs apart, as in AWS."""
+    api_key = _header(headers, "x-api-key")
+    if api_key:
+        return {"apiKey": api_key, "apiKeyId": "local-" + hashlib.sha256(api_key.encode()).hexdigest()[:10]}
+    signed = _CREDENTIAL.search(_header(headers, "authorization"))
+    if signed:
+        access_key = signed.group(1)
+        return {"accessKey": access_key, "userArn": f"arn:aws:iam::000000000000:user/{access_key}"}
+    return {}
 
 
 def _event_body(body: bytes, binary: bool) -> str:

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from tierserve import aws
+from tierserve.jobs.keys import input_suffixes
 from tierserve.s3_pipeline import META_INPUT_ETAG, InputKey
-from tierserve.settings import ERROR_PREFIX, INPUT_PREFIX, OUTPUT_PREFIX
+from tierserve.settings import ERROR_PREFIX, INPUT_PREFIX, JOBS_PREFIX, OUTPUT_PREFIX
 from tierserve.telemetry import logger
 from tierserve.tools.local.apigw import LocalLambdaContext
 from tierserve.tools.local.embedded_s3 import LOCAL_CREDENTIALS, EmbeddedS3, embedded_client
@@ -63,8 +64,8 @@ def create_resources(
     visibility_timeout_s: int = VISIBILITY_TIMEOUT_S,
 ) -> Queues:
     """The data bucket, the queue with its redrive policy and DLQ, and the bucket's
-    notification (``s3:ObjectCreated:*`` under ``inputs/``) to the queue, as the pipeline
-    construct creates them in AWS. S3 sends an ``s3:TestEvent`` first."""
+    notification (``s3:ObjectCreated:*`` under ``inputs/``, and jobs' inputs: ``jobs/`` with
+    each ``/input.{ext}`` suffix) to the queue, as the pipeline construct creates them in AWS. S3 sends an ``s3:TestEvent`` first."""
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     if bucket not in existing:
         s3.create_bucket(Bucket=bucket)
@@ -85,7 +86,23 @@ def create_resources(
                     "QueueArn": arn,
                     "Events": ["s3:ObjectCreated:*"],
                     "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": f"{INPUT_PREFIX}/"}]}},
-                }
+                },
+                *(
+                    {
+                        "Id": f"tierserve-jobs{suffix.replace('/', '-').replace('.', '-')}",
+                        "QueueArn": arn,
+                        "Events": ["s3:ObjectCreated:*"],
+                        "Filter": {
+                            "Key": {
+                                "FilterRules": [
+                                    {"Name": "prefix", "Value": f"{JOBS_PREFIX}/"},
+                                    {"Name": "suffix", "Value": suffix},
+                                ]
+                            }
+                        },
+                    }
+                    for suffix in input_suffixes()
+                ),
             ]
         },
     )

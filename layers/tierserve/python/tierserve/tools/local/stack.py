@@ -238,6 +238,7 @@ class LocalStack:
     gpu_servers: list[GpuServerProcess] = field(default_factory=list)
     cold_gpu_servers: list[ColdGpuServer] = field(default_factory=list)  # --gpu-idle-s
     sagemaker: ServerThread | None = None
+    sagemaker_runtime: SageMakerRuntime | None = None
     streams: StreamPoller | None = None
     state: dict[str, Any] = field(default_factory=dict)
     captured: list[str] = field(default_factory=list)  # models whose requests are captured (drift)
@@ -381,14 +382,16 @@ def _start(
     stack.captured = [m.name for m in lambda_models] if capture_rate > 0 else []
     every = [e.manifest for e in stack.catalog.entries]  # so an unknown model's 404 names them all
     front = new_execution_environment(api_env(work_dir, every, preload=False, cache=FRONT), name=FRONT)
+    jobs = new_execution_environment(jobs_env(work_dir, stack.catalog), name="jobs", module="jobs")
     served = [ModelRef(m.name, m.version) for m in lambda_models]
     stack.api = LocalApi(
-        front, functions=functions, host=host, port=port, served=served
+        front, functions=functions, jobs=jobs, host=host, port=port, served=served
     )  # binds: a busy port fails here
     runtime = _start_gpu_tier(stack, gpu_models, gpu_idle_s)
     stack.api.start()
     sagemaker_url = None
     if runtime is not None:
+        stack.sagemaker_runtime = runtime
         stack.sagemaker = runtime.serve("127.0.0.1", 0)
         sagemaker_url = f"http://127.0.0.1:{stack.sagemaker.address[1]}"
         os.environ[SAGEMAKER_RUNTIME_ENV] = sagemaker_url  # the worker's client is made on first use
@@ -496,6 +499,16 @@ def api_env(
     }
 
 
+def jobs_env(work_dir: Path, catalog: Catalog) -> dict[str, str]:
+    """The jobs function's variables: every model of ``catalog`` (both tiers: it only names
+    them), the data bucket its jobs live in."""
+    return {
+        **_model_env(work_dir, [e.manifest for e in catalog.entries], "_jobs"),
+        DATA_BUCKET_ENV: DATA_BUCKET,
+        PRELOAD_ENV: "",
+    }
+
+
 def capture_env(models: Sequence[Manifest], rate: float) -> dict[str, str]:
     """Capture ``rate`` of the requests of ``models`` (into the data bucket), written in small
     batches every few seconds so that ``tierserve drift --local`` soon sees them; 0: no capture."""
@@ -569,6 +582,8 @@ def invoke_in_emulator(work_dir: Path, event: dict[str, Any], handler: str) -> t
         env = worker_env(work_dir, catalog)
     elif handler.startswith("stream."):
         env = stream_env(work_dir, catalog)
+    elif handler.startswith("jobs."):
+        env = jobs_env(work_dir, catalog)
     else:
         models = on_tier(catalog, "lambda")
         named = [m for m in models if m.name == model_in(str(event.get("path") or ""))]
@@ -662,6 +677,9 @@ def _examples(stack: LocalStack, url: str) -> list[str]:
             f"  tierserve local put rows.jsonl --model {shown.name}",
             f"bulk inference over a prefix: tierserve batch s3://{stack.pipeline.bucket}/inputs/{shown.name}/ "
             f"--model {shown.name} --local",
+            "async jobs (any size; presigned URLs on the embedded S3):",
+            f"  tierserve infer {shown.name} rows.jsonl --async --url {url}",
+            f"  curl -s -X POST {url}/v2/models/{shown.name}/jobs   # an upload URL: curl -T FILE '<url>'",
         ]
     captured = stack.captured
     if captured:
