@@ -5,11 +5,9 @@ models before anything serves them; both buckets are retained. ``TierserveServin
 function per Lambda-tier model, a SageMaker endpoint per GPU instance type with every
 GPU-tier model on it as an inference component, the API shell and each model's routes; it
 imports the model bucket by its export and reads only each model's own manifest and artifact.
-``TierservePipeline`` (only when the catalog has models) holds the S3-triggered pipeline's
-queue, worker and alarm; it deploys after the serving stack, whose GPU endpoints it calls.
-``TierserveBatch`` (only when the catalog has models) holds the bulk-inference state machine
-and its batch function, likewise after the serving stack. ``TierserveStream`` (only when
-context ``stream`` names a catalog model) holds the Kinesis streams and their worker.
+``TierservePipeline`` and ``TierserveBatch`` (only when the catalog has models) and
+``TierserveStream`` (only when context ``stream`` names a catalog model) live in
+:mod:`infra.data_stacks`; they deploy after the serving stack, whose GPU endpoints they call.
 """
 
 from __future__ import annotations
@@ -17,22 +15,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aws_cdk import Annotations, App, CfnOutput, Duration, Stack
-from aws_cdk import aws_lambda as lambda_
-from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from infra.api import InferenceApi, KeyLimits
-from infra.batch import BatchInference
+from infra.cdk_values import ARCHITECTURES, RETENTION, TAGS
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, ConfigError, InfraConfig, gpu_instance_overrides
-from infra.drift import add_capture, add_drift_job
+from infra.data_stacks import BatchStack, PipelineStack, StreamStack, stream_model
+from infra.drift import add_capture
 from infra.jobs import AsyncJobs
 from infra.lambda_routes import LambdaModelRoutes
 from infra.lambda_tier import LambdaModelFunction
 from infra.limits import image_limits, lambda_model_limits, model_key_limits
 from infra.model_store import ModelStore
-from infra.monitoring import AlarmPolicy, AlarmTopic, GpuModel, LambdaModel, Monitoring, notify
+from infra.monitoring import AlarmPolicy, GpuModel, LambdaModel, Monitoring
 from infra.rollout import LambdaRollouts, gpu_rolling_update, strategy
-from infra.s3_pipeline import DEFAULT_JOBS_EXPIRY_DAYS, DataStore, InferencePipeline
+from infra.s3_pipeline import DEFAULT_JOBS_EXPIRY_DAYS, DataStore
 from infra.sagemaker_inference import (
     INSTANCE_SPECS,
     ComputeRequirements,
@@ -47,8 +44,7 @@ from infra.sagemaker_inference import (
     needs_volume_key,
 )
 from infra.sagemaker_routes import ColdStart, SageMakerModelRoutes
-from infra.streams import StreamInference
-from tierserve.catalog import Catalog, CatalogEntry, Manifest, tier_for
+from tierserve.catalog import Catalog, CatalogEntry, tier_for
 from tierserve.settings import GpuTarget
 
 STORAGE_STACK = "TierserveStorage"
@@ -56,33 +52,6 @@ SERVING_STACK = "TierserveServing"
 PIPELINE_STACK = "TierservePipeline"
 BATCH_STACK = "TierserveBatch"
 STREAM_STACK = "TierserveStream"
-TAGS = {"project": "tierserve"}
-
-ARCHITECTURES = {"x86_64": lambda_.Architecture.X86_64, "arm64": lambda_.Architecture.ARM_64}
-RETENTION = {
-    1: logs.RetentionDays.ONE_DAY,
-    3: logs.RetentionDays.THREE_DAYS,
-    5: logs.RetentionDays.FIVE_DAYS,
-    7: logs.RetentionDays.ONE_WEEK,
-    14: logs.RetentionDays.TWO_WEEKS,
-    30: logs.RetentionDays.ONE_MONTH,
-    60: logs.RetentionDays.TWO_MONTHS,
-    90: logs.RetentionDays.THREE_MONTHS,
-    120: logs.RetentionDays.FOUR_MONTHS,
-    150: logs.RetentionDays.FIVE_MONTHS,
-    180: logs.RetentionDays.SIX_MONTHS,
-    365: logs.RetentionDays.ONE_YEAR,
-    400: logs.RetentionDays.THIRTEEN_MONTHS,
-    545: logs.RetentionDays.EIGHTEEN_MONTHS,
-    731: logs.RetentionDays.TWO_YEARS,
-    1096: logs.RetentionDays.THREE_YEARS,
-    1827: logs.RetentionDays.FIVE_YEARS,
-    2192: logs.RetentionDays.SIX_YEARS,
-    2557: logs.RetentionDays.SEVEN_YEARS,
-    2922: logs.RetentionDays.EIGHT_YEARS,
-    3288: logs.RetentionDays.NINE_YEARS,
-    3653: logs.RetentionDays.TEN_YEARS,
-}
 
 
 class StorageStack(Stack):
@@ -415,76 +384,6 @@ class ServingStack(Stack):
             )
 
 
-class PipelineStack(Stack):
-    """S3-triggered inference on the data bucket for every model in the catalog.
-
-    Lambda-tier models run in the worker; GPU-tier models on the endpoints and components
-    ``gpu_endpoints`` names (model name -> target, from the serving stack). Attribute:
-    ``pipeline``.
-    """
-
-    def __init__(
-        self,
-        scope: Construct,
-        construct_id: str,
-        *,
-        config: InfraConfig,
-        catalog: Catalog,
-        model_store: ModelStore,
-        data_store: DataStore,
-        gpu_endpoints: dict[str, GpuTarget],
-        captured: list[str] | None = None,
-        alarm_topic: AlarmTopic | None = None,
-        **kwargs: object,
-    ) -> None:
-        super().__init__(
-            scope,
-            construct_id,
-            description="tierserve: S3-triggered inference (SQS, worker)",
-            tags=TAGS,
-            **kwargs,
-        )
-        self.pipeline = InferencePipeline(
-            self,
-            "Pipeline",
-            data_bucket=data_store.bucket_for(self),
-            models=[entry.manifest for entry in catalog],
-            gpu_endpoints=gpu_endpoints,
-            architecture=ARCHITECTURES[config.lambda_architecture],
-            model_bucket_name=model_store.bucket_for(self).bucket_name,
-            model_prefix=model_store.model_prefix,
-            worker_timeout=Duration.seconds(config.pipeline_worker_timeout_seconds),
-            max_receive_count=config.pipeline_max_receive_count,
-            batch_size=config.pipeline_batch_size,
-            batching_window=Duration.seconds(config.pipeline_batching_window_seconds),
-            reserved_concurrency=config.pipeline_reserved_concurrency or None,
-            ephemeral_storage_mb=config.lambda_ephemeral_storage_mb,
-            log_retention=RETENTION[config.log_retention_days],
-            log_level=config.log_level,
-            alarm_topic=alarm_topic.topic_for(self) if alarm_topic is not None else None,
-            max_input_mb=config.max_input_mb,
-        )
-        for entry in catalog:
-            model_store.grant_read_model(self.pipeline.worker, entry.manifest)
-        self.drift = add_drift_job(  # the scheduled drift job over the models that capture (infra/drift.py)
-            self,
-            captured=captured or [],
-            config=config,
-            catalog=catalog,
-            model_store=model_store,
-            data_store=data_store,
-            architecture=ARCHITECTURES[config.lambda_architecture],
-            log_retention=RETENTION[config.log_retention_days],
-            alarm_topic=self.pipeline.alarm_topic,
-        )
-        CfnOutput(
-            self,
-            "DeadLetterQueueUrl",
-            value=self.pipeline.dead_letter_queue.queue_url,
-            description="Inputs that failed every delivery; redrive with aws sqs start-message-move-task",
-        )
-
-
 def version_tier_errors(catalog: Catalog, config: InfraConfig) -> list[str]:
     """Why the catalog's other versions cannot be served: a GPU-tier model serves its default
     version alone (one inference component; a new default rolls its copies over), and every
@@ -572,150 +471,6 @@ def copy_scaling(config: InfraConfig) -> CopyScaling:
         scale_in_cooldown=Duration.seconds(config.gpu_scale_in_cooldown_seconds),
         idle_minutes=config.gpu_scale_in_idle_minutes,
     )
-
-
-class BatchStack(Stack):
-    """Bulk inference over the data bucket for every model in the catalog: the state machine
-    that ``tierserve batch`` starts, and its batch function. Attribute: ``batch``."""
-
-    def __init__(
-        self,
-        scope: Construct,
-        construct_id: str,
-        *,
-        config: InfraConfig,
-        catalog: Catalog,
-        model_store: ModelStore,
-        data_store: DataStore,
-        gpu_endpoints: dict[str, GpuTarget],
-        **kwargs: object,
-    ) -> None:
-        super().__init__(
-            scope,
-            construct_id,
-            description="tierserve: bulk inference over S3 (Step Functions Distributed Map)",
-            tags=TAGS,
-            **kwargs,
-        )
-        data_bucket = data_store.bucket_for(self)
-        self.batch = BatchInference(
-            self,
-            "Batch",
-            data_bucket=data_bucket,
-            models=[entry.manifest for entry in catalog],
-            gpu_endpoints=gpu_endpoints,
-            architecture=ARCHITECTURES[config.lambda_architecture],
-            model_bucket_name=model_store.bucket_for(self).bucket_name,
-            model_prefix=model_store.model_prefix,
-            function_timeout=Duration.seconds(config.batch_function_timeout_seconds),
-            ephemeral_storage_mb=config.lambda_ephemeral_storage_mb,
-            items_per_batch=config.batch_items_per_batch,
-            max_concurrency=config.batch_max_concurrency,
-            tolerated_failure_percentage=config.batch_tolerated_failure_percentage,
-            log_retention=RETENTION[config.log_retention_days],
-            log_level=config.log_level,
-        )
-        for entry in catalog:
-            model_store.grant_read_model(self.batch.function, entry.manifest)
-        CfnOutput(
-            self,
-            "StateMachineArn",
-            value=self.batch.state_machine.state_machine_arn,
-            description="tierserve batch s3://<data bucket>/inputs/<model>/<prefix> --model <model> starts it",
-        )
-        CfnOutput(
-            self,
-            "DataBucketName",
-            value=data_bucket.bucket_name,
-            description="The data bucket the state machine reads and writes",
-        )
-
-
-class StreamStack(Stack):
-    """Inference on a Kinesis stream for the model context ``stream`` names: the records and
-    results streams, the stream worker and its failure queue. Attribute: ``streams``."""
-
-    def __init__(
-        self,
-        scope: Construct,
-        construct_id: str,
-        *,
-        config: InfraConfig,
-        manifest: Manifest,
-        model_store: ModelStore,
-        gpu_endpoints: dict[str, GpuTarget],
-        alarm_topic: AlarmTopic | None = None,
-        **kwargs: object,
-    ) -> None:
-        super().__init__(
-            scope,
-            construct_id,
-            description=f"tierserve: inference on a Kinesis stream ({manifest.name})",
-            tags=TAGS,
-            **kwargs,
-        )
-        self.streams = StreamInference(
-            self,
-            "Streams",
-            manifest=manifest,
-            gpu_endpoints=gpu_endpoints,
-            architecture=ARCHITECTURES[config.lambda_architecture],
-            model_bucket_name=model_store.bucket_for(self).bucket_name,
-            model_prefix=model_store.model_prefix,
-            shards=config.stream_shards,
-            batch_size=config.stream_batch_size,
-            max_retry_attempts=config.stream_max_retry_attempts,
-            worker_timeout=Duration.seconds(config.pipeline_worker_timeout_seconds),
-            ephemeral_storage_mb=config.lambda_ephemeral_storage_mb,
-            log_retention=RETENTION[config.log_retention_days],
-            log_level=config.log_level,
-        )
-        model_store.grant_read_model(self.streams.worker, manifest)
-        if manifest.name in gpu_endpoints and config.gpu_min_copies == 0:
-            # Kinesis cannot hold one record back as SQS can: retries seconds apart end in the
-            # failure queue long before a copy has started (docs/batch-and-streams.md).
-            Annotations.of(self).add_warning_v2(
-                "tierserve:streamModelScalesToZero",
-                f"the stream's model {manifest.name} is on the GPU tier and scales to zero (gpu_min_copies=0): "
-                "while it has no copy, its records fail every retry and their positions go to the failure "
-                "queue; set gpu_min_copies to 1 or more, or replay those ranges once it runs",
-            )
-        if alarm_topic is not None:
-            notify(self.streams.alarm, alarm_topic.topic_for(self))
-        outputs = {
-            "RecordsStreamName": (
-                self.streams.records.stream_name,
-                "Put records here (v2 infer requests or rows)",
-            ),
-            "ResultsStreamName": (
-                self.streams.results.stream_name,
-                "Read results here, under each record's partition key",
-            ),
-            "FailureQueueUrl": (
-                self.streams.failures.queue_url,
-                "Positions of batches that failed every retry",
-            ),
-        }
-        for output_id, (value, description) in outputs.items():
-            CfnOutput(self, output_id, value=value, description=description)
-
-
-def stream_model(config: InfraConfig, catalog: Catalog) -> Manifest | None:
-    """The manifest of the model context ``stream`` names (None: no stream).
-
-    Raises:
-        ConfigError: the catalog holds no such model.
-    """
-    if not config.stream:
-        return None
-    entry = catalog.get(config.stream)
-    if entry is None:
-        names = ", ".join(e.name for e in catalog) or "none"
-        raise ConfigError(
-            f"cdk.json context 'stream' is {config.stream!r}, which the catalog does not hold (it holds {names}): "
-            'package that model, or set stream to one of these, or to "" for no stream'
-        )
-    return entry.manifest
 
 
 @dataclass(frozen=True)
