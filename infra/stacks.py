@@ -22,6 +22,7 @@ from infra.cdk_values import ARCHITECTURES, RETENTION, TAGS
 from infra.config import API_GATEWAY_TIMEOUT_SECONDS, ConfigError, InfraConfig, gpu_instance_overrides
 from infra.data_stacks import BatchStack, PipelineStack, StreamStack, stream_model
 from infra.drift import add_capture
+from infra.gpu_instances import INSTANCE_SPECS, ComputeRequirements, check_fits, needs_volume_key
 from infra.jobs import AsyncJobs
 from infra.lambda_routes import LambdaModelRoutes
 from infra.lambda_tier import LambdaModelFunction
@@ -31,17 +32,13 @@ from infra.monitoring import AlarmPolicy, GpuModel, LambdaModel, Monitoring
 from infra.rollout import LambdaRollouts, gpu_rolling_update, strategy
 from infra.s3_pipeline import DEFAULT_JOBS_EXPIRY_DAYS, DataStore
 from infra.sagemaker_inference import (
-    INSTANCE_SPECS,
-    ComputeRequirements,
     CopyScaling,
     GpuEndpoint,
     GpuModelComponent,
     InstanceScaling,
-    check_fits,
     gpu_server_image,
     gpu_volume_key,
     instance_slug,
-    needs_volume_key,
 )
 from infra.sagemaker_routes import ColdStart, SageMakerModelRoutes
 from tierserve.catalog import Catalog, CatalogEntry, tier_for
@@ -371,7 +368,7 @@ class ServingStack(Stack):
             Annotations.of(endpoint).add_warning_v2(
                 "tierserve:gpuInstanceTypeUnchecked",
                 f"{endpoint.instance_type} is not in tierserve's table of GPU instance types "
-                "(infra.sagemaker_inference.INSTANCE_SPECS): synth cannot check that a copy of each model "
+                "(infra.gpu_instances.INSTANCE_SPECS): synth cannot check that a copy of each model "
                 "fits one instance; a copy that does not fit fails the deploy when SageMaker places it",
             )
 

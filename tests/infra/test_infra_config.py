@@ -140,8 +140,8 @@ def test_cdk_json_runs_the_python_app():
 
 
 def test_every_accepted_retention_maps_to_a_cdk_value():
-    from infra.config import LOG_RETENTION_DAYS
     from infra.cdk_values import RETENTION
+    from infra.config import LOG_RETENTION_DAYS
 
     assert set(RETENTION) == set(LOG_RETENTION_DAYS)
 

@@ -15,22 +15,24 @@ import pytest
 from aws_cdk import aws_logs as logs
 
 from infra.config import ConfigError
+from infra.gpu_instances import (
+    INSTANCE_SPECS,
+    ComputeRequirements,
+    check_fits,
+    has_instance_storage,
+    needs_volume_key,
+)
 from infra.model_store import grant_model_read
 from infra.sagemaker_inference import (
     GPU_DOCKERFILE,
-    INSTANCE_SPECS,
-    ComputeRequirements,
     CopyScaling,
     GpuEndpoint,
     GpuModelComponent,
     InstanceScaling,
-    check_fits,
     component_name_for,
     endpoint_name_for,
     gpu_server_image,
     gpu_volume_key,
-    has_instance_storage,
-    needs_volume_key,
 )
 from support.images import import_from_context
 from tierserve.catalog import MB
