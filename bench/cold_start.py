@@ -12,8 +12,9 @@ Per round, in a rotating order, each from an S3 client made (and connected) befo
 - ours: a fresh ``ModelRegistry`` (disk cache emptied) doing ``resolve`` + ``get`` (manifest
   GET, ranged GETs on ``--connections``, one sha256, the loader's layout, the session) + the
   first ``predict``.
-- single_stream: the loader as it was before (``bench/single_stream_store.py``: one stream,
-  both sha256 passes, the /tmp write on the critical path, a session from the file).
+- single_stream: the loader as it was before (``store.py`` of ``SINGLE_STREAM_REV``, read from
+  git history: one stream, both sha256 passes, the /tmp write on the critical path, a session
+  from the file).
 
 S3 is ``bench/loopback_s3.py`` in a child process (moto's ranged GETs are slow), unpaced or
 paced per connection (``--mb-per-s``, about 90 from Lambda). Pin both sides to one core to
@@ -37,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import WORK_DIR, fmt_ms, plot_bars, say, summarize, timer, write_results
+from bench.common import WORK_DIR, baseline_tree, fmt_ms, plot_bars, say, summarize, timer, write_results
 
 BUCKET = "bench-models"
 PREFIX = "models"
@@ -82,10 +83,16 @@ def decompressed(stored: bytes, manifest: Any) -> bytes:
     return zstandard.ZstdDecompressor().decompress(stored, max_output_size=manifest.model.bytes)
 
 
+# The last commit whose loader read one S3 stream (both sha256 passes, the /tmp write on the
+# critical path): its store.py, which imports only modules the working tree still has.
+SINGLE_STREAM_REV = "7d4dc367d93519209a368826ab2492fcf4cdf614"
+
+
 def load_single_stream() -> Any:
+    """``tierserve/store.py`` of :data:`SINGLE_STREAM_REV`, from git history, as a module."""
     import importlib.util
 
-    path = Path(__file__).with_name("single_stream_store.py")
+    path = baseline_tree(SINGLE_STREAM_REV) / "layers/tierserve/python/tierserve/store.py"
     spec = importlib.util.spec_from_file_location("bench_single_stream_store", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
