@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from tierserve.tools.local import samples
 from tierserve.tools.packaging import package_model, upload_package
 
 PART = 64 * 1024
+SLOW = 1e6  # bytes/s per connection: far below the fan-out rate
 DATA = np.random.default_rng(0).bytes(16 * PART + 123)  # 17 parts, the last one short
 
 
@@ -54,14 +55,62 @@ def read_all(
         return out.read()
 
 
+def fetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("tierserve-fetch") and t.is_alive()]
+
+
+def most_fetch_threads_while(read: Callable[[], bytes]) -> tuple[bytes, int]:
+    """What ``read`` returns, and the most fetch threads (parts being read) seen at once."""
+    most, done = 0, threading.Event()
+
+    def watch() -> None:
+        nonlocal most
+        while not done.is_set():
+            most = max(most, len(fetch_threads()))
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        return read(), most
+    finally:
+        done.set()
+        watcher.join()
+
+
 def test_an_artifact_is_read_as_ranges_on_several_connections_in_order(s3, proxy, tmp_path):
     s3.put_object(Bucket=BUCKET, Key="blob", Body=DATA)
-    proxy.delay_s = 0.05
+    proxy.trickle_bytes_per_s = SLOW  # each connection as slow as S3's from a function, or slower
     source = S3Source(BUCKET, "", connections=4, part_bytes=PART)
-    assert read_all(source, "blob", len(DATA), tmp_path) == DATA
-    expected = {f"bytes={start}-{min(start + PART, len(DATA)) - 1}" for start in range(0, len(DATA), PART)}
+    data, most = most_fetch_threads_while(lambda: read_all(source, "blob", len(DATA), tmp_path))
+    assert data == DATA
+    # The first GET asks for everything and is cut to its first part; the others follow.
+    expected = [f"bytes=0-{len(DATA) - 1}"] + [
+        f"bytes={start}-{min(start + PART, len(DATA)) - 1}" for start in range(PART, len(DATA), PART)
+    ]
     assert sorted(proxy.ranges) == sorted(expected)  # every byte once, in parts
-    assert 2 <= proxy.max_in_flight <= 4  # at once, and no more than the connections
+    assert 2 <= most <= 4  # at once, and no more than the connections
+
+
+def test_a_slow_first_get_is_cut_to_one_part_and_the_other_connections_open(s3, proxy, tmp_path):
+    s3.put_object(Bucket=BUCKET, Key="blob", Body=DATA)
+    proxy.trickle_bytes_per_s = SLOW
+    source = S3Source(BUCKET, "", connections=4, part_bytes=PART)
+    data, most = most_fetch_threads_while(lambda: read_all(source, "blob", len(DATA), tmp_path))
+    assert data == DATA
+    assert proxy.ranges[0] == f"bytes=0-{len(DATA) - 1}"  # alone, for everything
+    # The others were asked for only once the first part had come, slowly.
+    assert proxy.range_arrivals[1] - proxy.range_arrivals[0] >= PART / SLOW / 2
+    assert len(proxy.ranges) == 17 and 3 <= most <= 4  # then all at once
+
+
+def test_a_fast_first_get_reads_the_whole_object(s3, proxy, tmp_path):
+    """A connection that already brings bytes as fast as they can be taken in: more would only
+    add requests, so the first GET goes on to the end, and every byte is hashed once, in order."""
+    s3.put_object(Bucket=BUCKET, Key="blob", Body=DATA)
+    source = S3Source(BUCKET, "", connections=4, part_bytes=PART, fan_out_below=0)  # any rate is fast
+    assert read_all(source, "blob", len(DATA), tmp_path) == DATA
+    assert proxy.ranges == [f"bytes=0-{len(DATA) - 1}"]
 
 
 def test_one_connection_is_one_get_of_the_whole_object(s3, proxy, tmp_path):
@@ -92,12 +141,10 @@ def test_a_trickling_part_ends_the_read_at_the_deadline_and_frees_every_connecti
         read_all(source, "blob", len(DATA), tmp_path, deadline=aws.Deadline.after(1.0))
     assert time.monotonic() - start < 5  # the deadline ended it, not the trickle (over 8 minutes)
     for _ in range(100):  # the connections were shut down: the fetch threads end, none stays blocked
-        if not [t for t in threading.enumerate() if t.name.startswith("tierserve-fetch") and t.is_alive()]:
+        if not fetch_threads():
             break
         time.sleep(0.05)
-    assert not [
-        t.name for t in threading.enumerate() if t.name.startswith("tierserve-fetch") and t.is_alive()
-    ]
+    assert not fetch_threads()
 
 
 def test_the_registry_serves_a_model_fetched_on_several_connections(s3, proxy, tmp_path):
@@ -115,6 +162,7 @@ def test_the_registry_serves_a_model_fetched_on_several_connections(s3, proxy, t
             "TIERSERVE_FETCH_CONNECTIONS": "4",
         }
     )
+    proxy.trickle_bytes_per_s = 20e6  # about S3's rate to a function, per connection
     registry = ModelRegistry(settings)
     model = registry.get(ModelRef("mlp", "1"))
     x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)

@@ -14,6 +14,7 @@ then recovered from, and that a hung or trickling dependency cannot outlast a de
 from __future__ import annotations
 
 import http.client
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,6 +36,7 @@ class FlakyProxy:
         self.slow_paths: str | None = None
         self.delay_s = 0.0  # before each answer: concurrent requests then overlap
         self.ranges: list[str] = []  # the Range header of each GET that had one
+        self.range_arrivals: list[float] = []  # time.monotonic() as each ranged GET came
         self.in_flight = self.max_in_flight = 0
         self._count_lock = threading.Lock()
         self._released = threading.Event()
@@ -43,7 +45,7 @@ class FlakyProxy:
         self.hold_path = ""
         self.held = threading.Semaphore(0)  # released once per request that is being held
         self._hold_released = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = _QuietServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
@@ -86,6 +88,7 @@ class FlakyProxy:
                     proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
                     if self.headers.get("Range"):
                         proxy.ranges.append(self.headers["Range"])
+                        proxy.range_arrivals.append(time.monotonic())
                 try:
                     self._answer()
                 finally:
@@ -132,7 +135,9 @@ class FlakyProxy:
                 connection.close()
 
             def _trickle(self, payload: bytes, rate: float) -> None:
-                piece = max(1, int(rate / 20))  # twenty writes a second
+                # Twenty writes a second, in pieces of at most 16 KB: at a few MB/s the rate
+                # holds within each megabyte the client reads, as S3's does.
+                piece = max(1, min(int(rate / 20), 16 * 1024))
                 for start in range(0, len(payload), piece):
                     if proxy._released.is_set():
                         break
@@ -150,3 +155,12 @@ class FlakyProxy:
                 pass
 
         return Handler
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that leaves mid-answer (a reader that cut its stream, or shut it at a deadline)
+    is what some tests do on purpose: not a traceback on the test's output."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]

@@ -12,10 +12,21 @@ in size and in time, on several connections at once.
 One S3 connection delivers about 90 MB/s to a Lambda function; a model of a few hundred MB
 needs several at once to be bound by the network rather than by one stream. So an artifact is
 read as consecutive ranges (:data:`PART_BYTES` each) by up to ``source.connections`` threads,
-each with its own ranged GET; the reader hands the bytes over in order, hashing them as they
-pass, so decompression and hashing see one stream. Memory stays bounded: at most one part per
-connection is in flight or waiting. A source with one connection (a local folder, or
-``TIERSERVE_FETCH_CONNECTIONS=1``), or an object of one part, is read with one GET.
+each with its own ranged GET; the reader hands the bytes over in order, so decompression sees
+one stream. Memory stays bounded: at most one part per connection is in flight or waiting.
+
+Into a file, the first GET asks for the whole object, and the time its first chunk took
+(from the request) says how fast one connection is: slower than ``source.fan_out_below``
+(:data:`FAN_OUT_BELOW_BYTES_PER_S`), that GET is cut at its first part (its connection
+closed, not drained) and the other parts open at once; faster, more connections would only
+add requests (each costs a few ms of CPU) for bytes one core could not take in any faster, so
+it reads on to the end. A source with one connection (a local folder, or
+``TIERSERVE_FETCH_CONNECTIONS=1``), or an object of one part, is read with one GET; into
+buffers (no file), the parts open at once.
+
+The one sha256 is taken in order: by the thread whose bytes are next, from the chunk it just
+received (while it is in the CPU's cache), or, for bytes that landed before their turn, by the
+reader as it hands them over.
 
 Every read waits no longer than the deadline of the thread that made the reader (a trickling
 S3 never trips a socket timeout; the reader keeps the time), each part's S3 calls run within
@@ -56,17 +67,25 @@ CHUNK_BYTES = 1 * MB
 # boto3's own multipart size: large enough that a request's latency is small beside its
 # transfer, small enough that a few hundred MB spread over every connection.
 PART_BYTES = 8 * MB
+# A first chunk slower than this, counted from the request, opens the other connections. From
+# S3 the first byte alone takes 10-30 ms (a megabyte then ~11 ms at ~90 MB/s per connection
+# from Lambda): always under it, so S3 always gets every connection. A loopback S3 on one
+# shared core brings its first megabyte at 150-300 MB/s as measured here (bench.cold_start),
+# where more connections would only add requests (about 2 ms of botocore each).
+FAN_OUT_BELOW_BYTES_PER_S = 100 * MB
 _CONTENT_RANGE = re.compile(r"^bytes \d+-\d+/(\d+)$")
 
 
 class Source(Protocol):
     """Where artifacts live: ``open`` an object, or one range of it (with the object's whole
     size when the answer says it), ``describe`` it for messages; ``connections``: how many
-    ranges (of ``part_bytes``) may be read at once. A source without ``connections`` (and
-    ``open_range``) is read with one GET."""
+    ranges (of ``part_bytes``) may be read at once, once a first part arrives slower than
+    ``fan_out_below`` bytes/s. A source without ``connections`` (and ``open_range``) is read
+    with one GET."""
 
     connections: int
     part_bytes: int
+    fan_out_below: float
 
     def describe(self, key: str) -> str: ...
 
@@ -88,10 +107,11 @@ class S3Source:
         setting: str = MODEL_BUCKET_ENV,
         connections: int = DEFAULT_FETCH_CONNECTIONS,
         part_bytes: int = PART_BYTES,
+        fan_out_below: float = FAN_OUT_BELOW_BYTES_PER_S,
     ) -> None:
         self.bucket, self.prefix, self._client_factory = bucket, prefix.strip("/"), client_factory
         self.setting = setting
-        self.connections, self.part_bytes = connections, part_bytes
+        self.connections, self.part_bytes, self.fan_out_below = connections, part_bytes, fan_out_below
 
     def describe(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
@@ -127,6 +147,7 @@ class FileSource:
 
     connections = 1
     part_bytes = PART_BYTES
+    fan_out_below = FAN_OUT_BELOW_BYTES_PER_S
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -216,6 +237,9 @@ class _Part:
         self.buffer = bytearray(length) if in_memory else None
         self.received = 0
         self.consumed = 0
+        self.probe = False  # its first chunk says how fast one connection is
+        self.asked = 0.0  # time.perf_counter() when its GET was sent
+        self.cut = False  # its stream goes on past ``length``: the rest is other parts'
         self.done = False
         self.error: BaseException | None = None
         self.body: IO[bytes] | None = None
@@ -253,6 +277,8 @@ class ArtifactReader:
         self._where = source.describe(key)
         self._too_long, self._deadline = too_long, deadline
         self._hash = hashlib.sha256()
+        self._hashed = 0  # the bytes the hash covers: the object's first ``_hashed``
+        self._hash_lock = threading.Lock()
         self.count = 0
         self.wait_ms = 0.0
         self._view: memoryview | bytes = b""
@@ -261,32 +287,50 @@ class ArtifactReader:
         self._destination = destination
         self._map: mmap.mmap | None = None
         if destination is not None and size:
-            os.ftruncate(destination.fileno(), size)
+            # Reserved, not sparse: a disk too small fails here, before a byte is fetched, and
+            # the writes then find their blocks (about 15% less CPU than filling a hole).
+            os.posix_fallocate(destination.fileno(), 0, size)
             self._map = mmap.mmap(destination.fileno(), size, access=mmap.ACCESS_READ)
         # A source that does not say (one that only opens whole objects) gets one connection.
         wanted = getattr(source, "connections", 1) if exact else 1
-        part_bytes = getattr(source, "part_bytes", PART_BYTES)
-        connections = max(1, min(wanted, -(-size // part_bytes)))
+        self._part_bytes = getattr(source, "part_bytes", PART_BYTES)
+        self._fan_out_below = getattr(source, "fan_out_below", FAN_OUT_BELOW_BYTES_PER_S)
+        self._connections = max(1, min(wanted, -(-size // self._part_bytes)))
         # One connection: the whole object in one GET (its answer need not state a range).
-        self._whole = connections == 1
-        self._ranges = (
-            [(0, size)]
-            if self._whole
-            else [(s, min(part_bytes, size - s)) for s in range(0, size, part_bytes)]
-        )
+        self._whole = self._connections == 1
+        # Into a destination, the first GET asks for the whole object, and its first chunk says
+        # whether the other connections open (the module docstring); into buffers, parts at once.
+        self._probing = not self._whole and destination is not None
+        self._ranges = [(0, size)] if self._whole or self._probing else self._parts_from(0)
         self._window: deque[_Part] = deque()
         self._next = 0
-        for _ in range(connections):
-            self._schedule()
+        self._fill()
 
-    def _schedule(self) -> None:
-        if self._next < len(self._ranges) and not self._stop.is_set():
+    def _parts_from(self, start: int) -> list[tuple[int, int]]:
+        return [
+            (s, min(self._part_bytes, self._size - s)) for s in range(start, self._size, self._part_bytes)
+        ]
+
+    def _fill(self) -> None:
+        """Start parts until the window holds as many as may be read at once."""
+        limit = 1 if self._probing else self._connections
+        while len(self._window) < limit and self._next < len(self._ranges) and not self._stop.is_set():
             part = _Part(*self._ranges[self._next], in_memory=self._destination is None)
+            part.probe = self._probing
             self._next += 1
             self._window.append(part)
             # A daemon thread per part (at most one per connection at a time): a read that stays
             # blocked can never hold up the process's exit, as a pool's worker would.
             threading.Thread(target=self._fetch, args=(part,), name="tierserve-fetch", daemon=True).start()
+
+    def _end_probe(self, head: _Part) -> None:
+        """Once the first GET has measured its connection: if it was cut to one part, the
+        other parts open, as many at once as there are connections."""
+        if self._probing and not head.probe:
+            self._probing = False
+            if head.cut:
+                self._ranges += self._parts_from(head.length)
+            self._fill()
 
     def _fetch(self, part: _Part) -> None:
         """On its own thread: read one part (its S3 calls bounded by the reader's deadline)."""
@@ -295,6 +339,7 @@ class ArtifactReader:
                 if self._whole:
                     part.body = self._source.open(self._key)
                 else:
+                    part.asked = time.perf_counter()
                     part.body, total = self._source.open_range(self._key, part.start, part.length)
                     if total is not None and total != self._size:
                         raise self._wrong_size(total)
@@ -306,30 +351,29 @@ class ArtifactReader:
         finally:
             if part.body is not None:
                 with contextlib.suppress(Exception):
-                    part.body.close()
+                    part.body.close()  # a cut stream's connection closes: the rest is not drained
 
     def _receive(self, part: _Part) -> None:
         assert part.body is not None
-        # Up to one byte past the part's end: a longer stream is seen, never trusted.
-        capacity = part.length + 1
+        chunk_bytes = min(CHUNK_BYTES, self._part_bytes)
         notified = 0
-        while part.received < capacity and not self._stop.is_set():
-            chunk = part.body.read(min(CHUNK_BYTES, capacity - part.received))
+        while not self._stop.is_set():
+            # Up to one byte past the part's end: a longer stream is seen, never trusted.
+            limit = part.length if part.cut else part.length + 1
+            if part.received >= limit:
+                break
+            chunk = part.body.read(min(chunk_bytes, limit - part.received))
             if not chunk:
                 break
             count = len(chunk)
             if part.received + count > part.length:
                 raise ArtifactRejected(self._too_long)
-            if part.buffer is not None:
-                part.buffer[part.received : part.received + count] = chunk
-            else:
-                assert self._destination is not None
-                try:
-                    os.pwrite(self._destination.fileno(), chunk, part.start + part.received)  # no GIL
-                except OSError as error:  # the destination's disk, not S3: the caller says so
-                    raise DestinationError(error.errno, error.strerror) from error
+            self._land(part, chunk)
+            self._hash_landed(part.start + part.received, chunk)
             part.received += count
-            if part.received - notified >= PART_BYTES:  # wake the reader now and then, not per chunk
+            if part.probe:
+                self._measured(part, count / max(time.perf_counter() - part.asked, 1e-9))
+            elif part.received - notified >= PART_BYTES:  # wake the reader now and then, not per chunk
                 notified = part.received
                 with self._changed:
                     self._changed.notify_all()
@@ -338,6 +382,53 @@ class ArtifactReader:
         with self._changed:
             part.done = True
             self._changed.notify_all()
+
+    def _land(self, part: _Part, chunk: bytes) -> None:
+        """Put a chunk where the part's bytes go: its buffer, or the destination at its offset."""
+        if part.buffer is not None:
+            part.buffer[part.received : part.received + len(chunk)] = chunk
+            return
+        assert self._destination is not None
+        try:
+            os.pwrite(self._destination.fileno(), chunk, part.start + part.received)  # no GIL
+        except OSError as error:  # the destination's disk, not S3: the caller says so
+            raise DestinationError(error.errno, error.strerror) from error
+
+    def _measured(self, part: _Part, bytes_per_s: float) -> None:
+        """The first GET's first chunk came at ``bytes_per_s`` (counted from the request: its
+        latency is what other connections would hide): slower than the fan-out rate, the GET
+        is cut to its first part and the reader opens the others."""
+        with self._changed:
+            part.probe = False
+            if bytes_per_s < self._fan_out_below:
+                part.length, part.cut = self._part_bytes, True
+            self._changed.notify_all()
+
+    def _hash_landed(self, offset: int, chunk: bytes) -> None:
+        """Hash a chunk that just landed at ``offset`` if it is next in order and nobody is
+        hashing; otherwise :meth:`_hash_through` takes it from where it landed."""
+        if offset == self._hashed and self._hash_lock.acquire(blocking=False):
+            try:
+                if offset == self._hashed:
+                    self._hash.update(chunk)
+                    self._hashed += len(chunk)
+            finally:
+                self._hash_lock.release()
+
+    def _hash_through(self, part: _Part, received: int) -> None:
+        """Make the hash cover ``part`` up to ``received``, from where its bytes landed."""
+        end = part.start + received
+        with self._hash_lock:
+            if self._hashed < end:
+                self._hash.update(self._landed(part, self._hashed - part.start, received))
+                self._hashed = end
+
+    def _landed(self, part: _Part, begin: int, end: int) -> memoryview:
+        """``part``'s bytes ``begin:end``, where they landed (its buffer, or the destination)."""
+        if part.buffer is not None:
+            return memoryview(part.buffer)[begin:end]
+        assert self._map is not None
+        return memoryview(self._map)[part.start + begin : part.start + end]
 
     def _wrong_size(self, size: int | None) -> ArtifactRejected:
         said = f"is {size:,} bytes" if size is not None else "ended early"
@@ -366,24 +457,21 @@ class ArtifactReader:
         while self._window:
             head = self._window[0]
             self._wait_for(head)
+            self._end_probe(head)
             if isinstance(head.error, DestinationError):
                 raise head.error
             if head.error is not None:
                 raise artifact_error(head.error, self._where)  # a dropped connection, a timeout
             received = head.received
             if received > head.consumed:
-                if head.buffer is not None:
-                    data: memoryview = memoryview(head.buffer)[head.consumed : received]
-                else:
-                    assert self._map is not None
-                    data = memoryview(self._map)[head.start + head.consumed : head.start + received]
+                self._hash_through(head, received)
+                data = self._landed(head, head.consumed, received)
                 head.consumed = received
-                self._hash.update(data)
                 self.count += len(data)
                 self._view = data
                 return True
             self._window.popleft()  # done and handed over
-            self._schedule()
+            self._fill()
         return False
 
     def _wait_for(self, part: _Part) -> None:
