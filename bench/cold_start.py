@@ -191,6 +191,7 @@ class ColdStart:
             "session": timings.session_ms,
         }
         phases["other"] = total[0] - sum(phases.values())
+        phases["gets"] = timings.artifact_gets  # not ms: 1 when one connection read it all
         return total[0], phases
 
     def old_loader(self) -> tuple[float, dict[str, float]]:

@@ -173,5 +173,6 @@ def test_the_registry_serves_a_model_fetched_on_several_connections(s3, proxy, t
     for name, value in zip((o.name for o in model.session.get_outputs()), reference, strict=True):
         np.testing.assert_array_equal(got[name], value)
     assert len(proxy.ranges) == -(-packaged.manifest.stored.bytes // PART_BYTES) >= 2
+    assert model.timings.artifact_gets == len(proxy.ranges)  # what "model loaded" logs
     entry = next((tmp_path / "cache").iterdir())
     assert sorted(p.name for p in entry.iterdir()) == ["graph.onnx", "model.onnx"]  # the loader's layout

@@ -259,7 +259,8 @@ class ArtifactReader:
     A stream past ``size`` is refused with ``too_long``; one that ends early, or an object whose
     size an answer states otherwise, is refused too, unless ``exact`` is false (``size`` is then
     a bound, as for a manifest, read in one GET). ``count`` and :meth:`digest` (sha256) cover
-    every byte handed over; ``wait_ms`` is the time spent waiting for the network.
+    every byte handed over; ``wait_ms`` is the time spent waiting for the network (and for the
+    hashing the fetch threads do as bytes land); ``gets``: the GETs made.
     """
 
     def __init__(
@@ -281,6 +282,7 @@ class ArtifactReader:
         self._hash_lock = threading.Lock()
         self.count = 0
         self.wait_ms = 0.0
+        self.gets = 0
         self._view: memoryview | bytes = b""
         self._stop = threading.Event()
         self._changed = threading.Condition()
@@ -318,6 +320,7 @@ class ArtifactReader:
             part = _Part(*self._ranges[self._next], in_memory=self._destination is None)
             part.probe = self._probing
             self._next += 1
+            self.gets += 1
             self._window.append(part)
             # A daemon thread per part (at most one per connection at a time): a read that stays
             # blocked can never hold up the process's exit, as a pool's worker would.

@@ -68,6 +68,7 @@ class LoadTimings:
     decompress_ms: float
     session_ms: float
     cache_hit: bool
+    artifact_gets: int = 0
 
 
 def session_options(manifest: Manifest, threads: int) -> ort.SessionOptions:

@@ -167,7 +167,7 @@ class ModelRegistry:
                         map_weights=fetched.kept,
                     )
                 timings = LoadTimings(
-                    fetched.fetch_ms, fetched.decompress_ms, session_ms[0], fetched.cache_hit
+                    fetched.fetch_ms, fetched.decompress_ms, session_ms[0], fetched.cache_hit, fetched.gets
                 )
                 model = self._model_factory(manifest, session, timings)
             except ArtifactRejected:
@@ -190,6 +190,7 @@ class ModelRegistry:
                 "decompress_ms": round(timings.decompress_ms, 1),
                 "session_ms": round(timings.session_ms, 1),
                 "disk_cache_hit": timings.cache_hit,
+                "artifact_gets": timings.artifact_gets,
                 "providers": session.get_providers(),
             },
         )

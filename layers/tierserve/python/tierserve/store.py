@@ -83,13 +83,24 @@ _writing_lock = threading.Lock()
 class FetchedModel:
     """A verified, decompressed model on local disk, and what fetching it cost. ``kept``: the
     file stays on disk while the session lives (the disk cache keeps it), so a session may map
-    it rather than copy it."""
+    it rather than copy it. ``gets``: the GETs the artifact took (1 when one connection was
+    fast enough, else one per part; 0 from the cache)."""
 
     path: Path
     cache_hit: bool
     fetch_ms: float = 0.0
     decompress_ms: float = 0.0
     kept: bool = True
+    gets: int = 0
+
+
+@dataclass(frozen=True)
+class _Download:
+    """What one download cost: ms waiting for the network, ms of the rest, GETs made."""
+
+    fetch_ms: float
+    decompress_ms: float
+    gets: int
 
 
 class ArtifactStore:
@@ -175,10 +186,12 @@ class ArtifactStore:
         if not kept and hasattr(os, "memfd_create"):
             yield from self._in_memory(manifest)
             return
-        staging, fetch_ms, decompress_ms = self._download_to_staging(manifest)
+        staging, download = self._download_to_staging(manifest)
         committed = False
         try:
-            yield FetchedModel(staging / cached.name, False, fetch_ms, decompress_ms, kept)
+            yield FetchedModel(
+                staging / cached.name, False, download.fetch_ms, download.decompress_ms, kept, download.gets
+            )
             committed = kept and self._commit(staging, cached.parent)
         except BaseException as error:
             if kept and is_retryable(error):
@@ -204,7 +217,7 @@ class ArtifactStore:
         layout of it, :mod:`tierserve.onnx_layout`, beside it)."""
         return self.cache_dir / entry_name(manifest) / f"model.{manifest.format}"
 
-    def _download_to_staging(self, manifest: Manifest) -> tuple[Path, float, float]:
+    def _download_to_staging(self, manifest: Manifest) -> tuple[Path, _Download]:
         """Download and verify the model into a new private folder; returns it and the timings.
         The folder is named as a partial of this process (its pid), and is being written."""
         # The writer's pid in the name tells a later process whose partial folder it finds.
@@ -222,7 +235,7 @@ class ArtifactStore:
             key = f"{manifest.key_prefix}/{manifest.artifact}"
             destination = staging / f"model.{manifest.format}"
             with _cache_file(destination, self.cache_dir) as out:
-                fetch_ms, decompress_ms = self._download_verified(
+                download = self._download_verified(
                     key, manifest, out, lambda: _spool_file(staging / SPOOL_FILE, self.cache_dir)
                 )
         except BaseException:
@@ -230,7 +243,7 @@ class ArtifactStore:
             with _writing_lock:
                 _writing.discard(staging)
             raise
-        return staging, fetch_ms, decompress_ms
+        return staging, download
 
     def _in_memory(self, manifest: Manifest) -> Iterator[FetchedModel]:
         """A model the disk cache will not keep (``cache_max_bytes`` 0, or a model larger than
@@ -238,11 +251,14 @@ class ArtifactStore:
         its ``/proc/self/fd`` path, copying it, and that is gone when the block ends."""
         key = f"{manifest.key_prefix}/{manifest.artifact}"
         with _memory_file(f"tierserve-{manifest.name}") as out:
-            fetch_ms, decompress_ms = self._download_verified(
-                key, manifest, out, lambda: _memory_file("tierserve-spool")
-            )
+            download = self._download_verified(key, manifest, out, lambda: _memory_file("tierserve-spool"))
             yield FetchedModel(
-                Path(f"/proc/self/fd/{out.fileno()}"), False, fetch_ms, decompress_ms, kept=False
+                Path(f"/proc/self/fd/{out.fileno()}"),
+                False,
+                download.fetch_ms,
+                download.decompress_ms,
+                kept=False,
+                gets=download.gets,
             )
 
     def _commit(self, staging: Path, entry: Path) -> bool:
@@ -261,9 +277,10 @@ class ArtifactStore:
         manifest: Manifest,
         out: IO[bytes],
         spool: Callable[[], AbstractContextManager[IO[bytes]]],
-    ) -> tuple[float, float]:
+    ) -> _Download:
         """Read ``key`` into ``out``, hashed as it arrives, every byte written once; returns
-        ``(ms waiting for the network, ms of the rest)``.
+        what it cost (ms waiting for the network, which includes the hashing the fetch threads
+        do as bytes land; ms of the rest; GETs).
 
         Uncompressed, the parts land in ``out`` itself (the file the session maps). A compressed
         artifact lands in a ``spool`` file, read back in order through a map of it by the
@@ -305,7 +322,7 @@ class ArtifactStore:
             )
         out.flush()
         total_ms = (time.perf_counter() - start) * 1000
-        return reader.wait_ms, total_ms - reader.wait_ms
+        return _Download(reader.wait_ms, total_ms - reader.wait_ms, reader.gets)
 
     def _reader(self, key: str, manifest: Manifest, where: str, destination: Any) -> ArtifactReader:
         return ArtifactReader(
