@@ -36,7 +36,9 @@ class FlakyProxy:
         self.slow_paths: str | None = None
         self.delay_s = 0.0  # before each answer: concurrent requests then overlap
         self.ranges: list[str] = []  # the Range header of each GET that had one
-        self.range_arrivals: list[float] = []  # time.monotonic() as each ranged GET came
+        # (time.monotonic(), bytes trickled so far) as each ranged GET came
+        self.range_arrivals: list[tuple[float, int]] = []
+        self.trickled = 0  # body bytes sent at the trickle rate, all answers together
         self.in_flight = self.max_in_flight = 0
         self._count_lock = threading.Lock()
         self._released = threading.Event()
@@ -88,7 +90,7 @@ class FlakyProxy:
                     proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
                     if self.headers.get("Range"):
                         proxy.ranges.append(self.headers["Range"])
-                        proxy.range_arrivals.append(time.monotonic())
+                        proxy.range_arrivals.append((time.monotonic(), proxy.trickled))
                 try:
                     self._answer()
                 finally:
@@ -146,6 +148,8 @@ class FlakyProxy:
                         self.wfile.flush()
                     except OSError:  # the client gave up
                         break
+                    with proxy._count_lock:
+                        proxy.trickled += len(payload[start : start + piece])
                     time.sleep(piece / rate)
                 self.close_connection = True
 

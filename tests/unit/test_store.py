@@ -264,6 +264,15 @@ def test_a_full_cache_disk_is_a_clear_503_and_nothing_is_cached(store, root, mon
     assert cached_files(store) == []
 
 
+def test_a_system_without_posix_fallocate_loads_into_a_sparse_file(store, root, monkeypatch):
+    """macOS has no posix_fallocate (`tierserve local` runs there): the download's file is
+    then sized with ftruncate, and the model loads as anywhere else."""
+    monkeypatch.delattr(os, "posix_fallocate", raising=False)
+    for compression in ("none", "zstd"):  # the model's own file, and the spool beside it
+        manifest = publish(root, MODEL_BYTES + compression.encode(), compression)
+        assert store.fetch(manifest).path.read_bytes() == MODEL_BYTES + compression.encode()
+
+
 # ---------------------------------------------------------------- partial files of dead loads
 
 
