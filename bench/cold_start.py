@@ -17,7 +17,8 @@ Per round, in a rotating order, each from an S3 client made (and connected) befo
   from the file).
 
 S3 is ``bench/loopback_s3.py`` in a child process (moto's ranged GETs are slow), unpaced or
-paced per connection (``--mb-per-s``, about 90 from Lambda). Pin both sides to one core to
+paced per connection (``--mb-per-s``, about 90 from Lambda) and with S3's time to first byte
+(``--first-byte-ms``, 10-30 from Lambda). Pin both sides to one core to
 take the second core's overlap out (Lambda gives one vCPU up to 1,769 MB):
 
     taskset -c 0 python -m bench cold_start --size-mb 100 --rounds 7
@@ -238,7 +239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (folder / "manifest.json").write_text(manifest.to_json())
         work = Path(tmp) / "work"
         work.mkdir()
-        with LoopbackS3(root, args.mb_per_s) as s3:
+        with LoopbackS3(root, args.mb_per_s, args.first_byte_ms) as s3:
             os.environ.update(LOCAL_CREDENTIALS)
             os.environ["AWS_ENDPOINT_URL_S3"] = s3.endpoint
             aws.clear_clients()
@@ -252,6 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "single_stream": bench.old_loader,
             }
             pace = f"{args.mb_per_s:g} MB/s per connection" if args.mb_per_s else "unpaced"
+            pace += f", first byte after {args.first_byte_ms:g} ms" if args.first_byte_ms else ""
             say(
                 f"cold_start: {manifest.model.bytes / 1e6:.1f} MB model, {manifest.stored.bytes / 1e6:.1f} MB "
                 f"stored ({manifest.compression}); loopback S3 {pace}; {args.connections} connections; "
@@ -288,8 +290,10 @@ def summarize_runs(
         s + i for s, i in zip(phases[floor_name]["session"], phases[floor_name]["first_infer"], strict=True)
     )
     parallel_floor = summary["parallel_get"]["median"] + floor_session
+    # Each connection's parts wait for their first byte one after the other.
+    waits = -(-math.ceil(manifest.stored.bytes / PART_BYTES) // args.connections) * args.first_byte_ms
     theory = (
-        manifest.stored.bytes / (args.connections * args.mb_per_s * 1e6) * 1000 + floor_session
+        manifest.stored.bytes / (args.connections * args.mb_per_s * 1e6) * 1000 + waits + floor_session
         if args.mb_per_s
         else None
     )
@@ -310,6 +314,7 @@ def summarize_runs(
             "optimized": manifest.optimized,
         },
         "mb_per_s_per_connection": args.mb_per_s,
+        "first_byte_ms": args.first_byte_ms,
         "connections": args.connections,
         "threads": args.threads,
         "rounds": args.rounds,
@@ -383,6 +388,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pace each S3 connection to N MB/s (one S3 connection from Lambda: about 90); 0: unpaced",
     )
     parser.add_argument(
+        "--first-byte-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="hold each GET this long before its answer (S3 from Lambda: 10-30 ms); 0: none",
+    )
+    parser.add_argument(
         "--connections",
         type=int,
         default=8,
@@ -396,7 +408,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     results = run(args)
     print(report(results), flush=True)
-    name = f"cold_start_{args.size_mb:g}mb" + (f"_{args.mb_per_s:g}mbps" if args.mb_per_s else "")
+    name = (
+        f"cold_start_{args.size_mb:g}mb"
+        + (f"_{args.mb_per_s:g}mbps" if args.mb_per_s else "")
+        + (f"_{args.first_byte_ms:g}msfirst" if args.first_byte_ms else "")
+    )
     path = write_results(name, results)
     plot_bars(
         name,

@@ -8,7 +8,7 @@ serving costs the machine as little CPU as it can: S3's work is not the function
 ``Content-Range``, ``ETag``, ``Last-Modified``). It runs in a child process, so serving never
 competes with the loader for the benchmark's GIL (S3 is never inside the function either).
 
-    with LoopbackS3(folder, mb_per_s=90) as s3:     # folder/{bucket}/{key}; 0: unpaced
+    with LoopbackS3(folder, mb_per_s=90, first_byte_ms=20) as s3:  # folder/{bucket}/{key}; 0: unpaced
         boto3.client("s3", endpoint_url=s3.endpoint, ...)
 """
 
@@ -34,15 +34,18 @@ _SLICE = 256 * 1024
 class LoopbackS3:
     """The server in a child process; ``endpoint`` once entered."""
 
-    def __init__(self, root: Path, mb_per_s: float = 0.0) -> None:
-        self.root, self.mb_per_s = Path(root), mb_per_s
+    def __init__(self, root: Path, mb_per_s: float = 0.0, first_byte_ms: float = 0.0) -> None:
+        self.root, self.mb_per_s, self.first_byte_ms = Path(root), mb_per_s, first_byte_ms
         self.endpoint = ""
         self._process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> LoopbackS3:
-        code = "import sys; from bench.loopback_s3 import serve; serve(sys.argv[1], float(sys.argv[2]))"
+        code = (
+            "import sys; from bench.loopback_s3 import serve; "
+            "serve(sys.argv[1], float(sys.argv[2]), float(sys.argv[3]))"
+        )
         self._process = subprocess.Popen(
-            [sys.executable, "-c", code, str(self.root), str(self.mb_per_s)],
+            [sys.executable, "-c", code, str(self.root), str(self.mb_per_s), str(self.first_byte_ms)],
             preexec_fn=_off_the_loader_cores,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -78,11 +81,11 @@ def _off_the_loader_cores() -> None:
         os.sched_setaffinity(0, others)
 
 
-def serve(root: str, mb_per_s: float) -> None:
+def serve(root: str, mb_per_s: float, first_byte_ms: float = 0.0) -> None:
     """The child process: print the endpoint, serve ``root`` until stdin closes."""
     import threading
 
-    server = _QuietServer(("127.0.0.1", 0), _handler(Path(root), mb_per_s * 1e6))
+    server = _QuietServer(("127.0.0.1", 0), _handler(Path(root), mb_per_s * 1e6, first_byte_ms / 1000))
     server.daemon_threads = True
     server.request_queue_size = 64
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -99,7 +102,7 @@ class _QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
-def _handler(root: Path, rate: float) -> type[BaseHTTPRequestHandler]:
+def _handler(root: Path, rate: float, first_byte_s: float = 0.0) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         # Headers and a small body are two writes: without this, Nagle and the client's delayed
@@ -142,6 +145,8 @@ def _handler(root: Path, rate: float) -> type[BaseHTTPRequestHandler]:
             self._head(path, 200, 0, size, size)
 
         def do_GET(self) -> None:
+            if first_byte_s:  # S3's time to first byte: 10-30 ms for a GET from Lambda
+                time.sleep(first_byte_s)
             path = self._object()
             if path is None:
                 return self._missing()
