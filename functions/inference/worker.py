@@ -42,7 +42,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from tierserve import aws
 from tierserve.aws import Deadline, OutOfTime
-from tierserve.errors import ModelStarting
+from tierserve.errors import ModelStarting, TierserveError, is_retryable
 from tierserve.s3_pipeline import Pipeline
 from tierserve.s3_pipeline.cold import ColdModelWait, Delivery
 from tierserve.s3_pipeline.results import ResultIndex
@@ -66,13 +66,35 @@ pipeline.registry.preload()
 def serve_record(record: SQSRecord, deadline: Deadline, index: ResultIndex) -> None:
     """Serve one message; raise to report it failed. A message whose model has no copy running
     waits in the queue instead (reported failed with its visibility extended, or done with a
-    delayed copy queued)."""
+    delayed copy queued). A transient fault on the last receive the queue allows leaves its
+    error documents before the message goes to the dead-letter queue."""
     try:
         pipeline.handle_message(record.body, deadline, index)
     except ModelStarting as error:
         with aws.within(deadline):
             if not cold_wait.defer(Delivery.from_record(record.raw_event), error):
                 raise
+    except TierserveError as error:
+        if is_retryable(error):
+            give_up_if_last(record, error, deadline)
+        raise
+
+
+def give_up_if_last(record: SQSRecord, error: TierserveError, deadline: Deadline) -> None:
+    """On the last receive, write why nothing came (Pipeline.give_up), within the time kept
+    back for reporting when the fault was the deadline itself; a failure to is only logged:
+    the dead-letter queue still holds the message."""
+    delivery = Delivery.from_record(record.raw_event)
+    try:
+        with aws.within(Deadline(at=deadline.hard_at, hard_at=deadline.hard_at)):
+            if cold_wait.is_last_receive(delivery):
+                pipeline.give_up(record.body, error, delivery.receive_count)
+    except Exception as failure:
+        logger.warning(
+            "the last delivery failed, and its error document could not be written: the dead-letter "
+            "queue holds the message",
+            extra={"message_id": record.message_id, "error": aws.bounded_text(failure)},
+        )
 
 
 async def record_handler(record: SQSRecord, deadline: Deadline, index: ResultIndex) -> None:

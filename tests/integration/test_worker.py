@@ -26,6 +26,8 @@ from support.pipeline import keys as bucket_keys
 from support.sagemaker import SageMakerDouble, container_error, model_error, service_error, start_container
 from tierserve import aws
 from tierserve.errors import ModelUnavailable, UpstreamUnavailable
+from tierserve.s3_pipeline import parse_input_key, parse_message
+from tierserve.s3_pipeline.results import Known
 from tierserve.settings import (
     CACHE_DIR_ENV,
     COLD_RETRY_S_ENV,
@@ -909,6 +911,63 @@ def test_transient_failures_end_in_the_dlq_only_after_max_receive_count(s3, noti
     sqs.delete_message(QueueUrl=queues.dlq_url, ReceiptHandle=dead["ReceiptHandle"])
     poll_until(poller, lambda: queue_depth(sqs, queues.url) == 0)
     assert_one_result_per_input(s3)
+
+
+JOB = f"jobs/iris/{'c' * 32}/{'a' * 32}/1"
+
+
+@pytest.mark.parametrize(
+    ("key", "error", "output"),
+    [
+        ("inputs/iris/x.json", "errors/iris/x.json.json", "outputs/iris/x.json.json"),
+        (f"{JOB}/input.json", f"{JOB}/error.json", f"{JOB}/output.json"),  # a job then reads failed
+    ],
+    ids=["file", "job"],
+)
+def test_a_fault_that_outlasts_the_receive_limit_leaves_an_error_that_a_redrive_replaces(
+    s3, notified, flaky, key, error, output
+):
+    """The model's bucket down past maxReceiveCount (the data bucket up): the last delivery
+    writes the input's error document, marked as given up, saying why and what to do (a job
+    reads failed, not pending for days), and the message still goes to the DLQ; redriven
+    once the bucket is back, the input is served and its output replaces that error."""
+    poller, sqs, queues, attempts = notified
+    poll_until(poller, lambda: queue_depth(sqs, queues.url) == 0)  # the test event
+    attempts.clear()
+    flaky.down, flaky.down_paths = True, f"/{BUCKET}/"
+    s3.put_object(Bucket=DATA, Key=key, Body=infer_request())
+    poll_until(
+        poller, lambda: queue_depth(sqs, queues.dlq_url) == 1 and queue_depth(sqs, queues.url) == 0, 60
+    )
+    assert len(attempts) == 2
+    assert keys(s3) == sorted([error, key])
+    document = json.loads(s3.get_object(Bucket=DATA, Key=error)["Body"].read())
+    assert document["status"] == 503
+    assert "gave up after 2 deliveries" in document["error"] and "redrive it" in document["error"]
+    assert s3.head_object(Bucket=DATA, Key=error)["Metadata"]["tierserve-gave-up"] == "true"
+    flaky.down = False
+    [dead] = sqs.receive_message(QueueUrl=queues.dlq_url)["Messages"]
+    sqs.send_message(QueueUrl=queues.url, MessageBody=dead["Body"])
+    sqs.delete_message(QueueUrl=queues.dlq_url, ReceiptHandle=dead["ReceiptHandle"])
+    poll_until(poller, lambda: queue_depth(sqs, queues.url) == 0)
+    assert keys(s3) == sorted([key, output])  # the error replaced
+
+
+def test_giving_up_never_displaces_a_result_that_answers_the_input(worker):
+    """A delivery that gave up while another served the same version (a duplicate delivery):
+    the output stays, and no error joins it."""
+    message = worker.put("inputs/iris/x.json", infer_request())
+    assert worker.deliver(message) == []
+    pipeline = worker.module.pipeline
+    assert pipeline.give_up(message, UpstreamUnavailable("S3 is unavailable"), deliveries=2) == []
+    assert keys(worker.s3) == ["inputs/iris/x.json", "outputs/iris/x.json.json"]
+    # Raced: the output came after giving up looked, before its error was written.
+    [item] = parse_message(message)
+    written = pipeline.results.write(
+        DATA, item, parse_input_key(item.key), "errors", b"{}", Known(), "iris@1", gave_up=True
+    )
+    assert written.status == "skipped" and "already answers this version" in written.reason
+    assert keys(worker.s3) == ["inputs/iris/x.json", "outputs/iris/x.json.json"]
 
 
 def test_a_fault_that_passes_before_max_receive_count_is_served_without_the_dlq(s3, notified, flaky):

@@ -31,6 +31,7 @@ class FlakyProxy:
         parts = urlsplit(upstream)
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.down = False
+        self.down_paths: str | None = None  # down only for paths that contain it (one bucket)
         self.stalled = False
         self.trickle_bytes_per_s: float | None = None
         self.slow_paths: str | None = None
@@ -69,9 +70,9 @@ class FlakyProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def _should_fail(self) -> bool:
+    def _should_fail(self, path: str) -> bool:
         self.requests += 1
-        if self.down:
+        if self.down and (self.down_paths is None or self.down_paths in path):
             return True
         if self.fail_next > 0:
             self.fail_next -= 1
@@ -111,7 +112,7 @@ class FlakyProxy:
                     proxy._released.wait(120)  # no answer at all: the client's timeout must end it
                     self.close_connection = True
                     return
-                if proxy._should_fail():
+                if proxy._should_fail(self.path):
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(SLOW_DOWN)))

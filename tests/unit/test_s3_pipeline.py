@@ -39,7 +39,13 @@ from tierserve.s3_pipeline import (
     why_skip,
 )
 from tierserve.s3_pipeline.errors import data_error
-from tierserve.s3_pipeline.results import META_PROCESSED_AT, META_SEQUENCER
+from tierserve.s3_pipeline.results import (
+    META_GAVE_UP,
+    META_INPUT_ETAG,
+    META_MODEL,
+    META_PROCESSED_AT,
+    META_SEQUENCER,
+)
 from tierserve.sagemaker_model import parse_custom_attributes, sagemaker_error
 from tierserve.settings import GpuTarget, SettingsError, parse_gpu_targets
 
@@ -186,6 +192,27 @@ def test_the_same_version_served_by_the_same_model_is_a_duplicate():
     assert "duplicate" in why_skip(S3Object("b", "k", etag="e1", sequencer="0A"), [recorded("0A")], "iris@1")
     assert "duplicate" in why_skip(S3Object("b", "k", etag="e1"), [recorded()], "iris@1")
     assert "duplicate" in why_skip(S3Object("b", "k", etag="e1"), [recorded(kind="errors", model="")], "")
+
+
+def test_an_error_written_on_giving_up_answers_no_version_but_a_newer_one_still_makes_it_stale():
+    """A transient fault's last delivery wrote it: a redrive, or a bulk rerun that looks first,
+    serves the input again; an older event is still stale beside it."""
+    gave_up = Recorded.from_head(
+        "errors",
+        {
+            "ETag": '"g"',
+            "Metadata": {
+                META_SEQUENCER: "0A",
+                META_INPUT_ETAG: "e1",
+                META_MODEL: "iris@1",
+                META_GAVE_UP: "true",
+            },
+        },
+    )
+    assert gave_up.gave_up
+    assert why_skip(S3Object("b", "k", etag="e1", sequencer="0A"), [gave_up], "iris@1") is None
+    assert why_skip(S3Object("b", "k", etag="e1"), [gave_up], "iris@1") is None
+    assert "stale" in why_skip(S3Object("b", "k", etag="e0", sequencer="09"), [gave_up], "iris@1")
 
 
 def test_a_listed_item_without_a_version_id_is_its_etag():

@@ -144,6 +144,13 @@ class ColdModelWait:
         )
         return True
 
+    def is_last_receive(self, delivery: Delivery) -> bool:
+        """Whether the queue dead-letters ``delivery`` if it fails now (the worker then gives up
+        on a transient fault: :meth:`Pipeline.give_up`). False for a queue without a redrive
+        policy; asked of SQS once per queue, as :meth:`defer` does."""
+        limit = self.receive_limit(self.queue_url(delivery.queue_arn))
+        return limit is not None and delivery.receive_count >= limit
+
     def queue_url(self, queue_arn: str) -> str:
         """The queue's URL from its ARN (``arn:aws:sqs:region:account:name``), on the client's endpoint."""
         parts = queue_arn.split(":")

@@ -9,6 +9,12 @@ bytes or is recognised as a duplicate. The write carries the decision: only a re
 looks at the results (HeadObject) and decides again. Writing an output removes an older error
 for the same path, and the other way round; which results of a batch exist at all is listed
 once for the batch (:class:`ResultIndex`) rather than looked up per input.
+
+An error written when the pipeline gave up on a transient fault (the last delivery the queue
+allows: :meth:`Pipeline.give_up`) is marked so (``tierserve-gave-up``): it tells the input's
+owner, and a job's status, why nothing came, but it answers no version, so a redrive of the
+dead-lettered message serves the input and replaces it; and it never displaces a result that
+answers the version.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ META_INPUT_ETAG = "tierserve-input-etag"
 META_INPUT_VERSION = "tierserve-input-version-id"
 META_MODEL = "tierserve-model"
 META_PROCESSED_AT = "tierserve-processed-at"
+META_GAVE_UP = "tierserve-gave-up"
 
 WRITE_ATTEMPTS = 4
 RACED = ("changed", "raced")  # a conditional write or delete lost to another writer
@@ -49,6 +56,7 @@ class Recorded:
     input_version: str | None
     model: str | None
     processed_at: str | None = None  # ISO 8601, UTC, milliseconds: strings order in time
+    gave_up: bool = False  # an error written on a transient fault's last delivery: no answer
 
     @classmethod
     def from_head(cls, kind: ResultKind, head: Mapping[str, Any]) -> Recorded:
@@ -61,6 +69,7 @@ class Recorded:
             input_version=meta.get(META_INPUT_VERSION) or None,
             model=meta.get(META_MODEL),
             processed_at=meta.get(META_PROCESSED_AT) or None,
+            gave_up=meta.get(META_GAVE_UP) == "true",
         )
 
 
@@ -126,9 +135,10 @@ def _newer(item: S3Object, recorded: Iterable[Recorded]) -> Recorded | None:
 
 
 def _answer(item: S3Object, recorded: Iterable[Recorded], model: str) -> Recorded | None:
-    """The result that answers exactly this version of the input, served by ``model``."""
+    """The result that answers exactly this version of the input, served by ``model`` (an error
+    written on giving up answers none: a retry may serve it)."""
     for result in recorded:
-        if result.model != model:
+        if result.model != model or result.gave_up:
             continue
         if item.sequencer and result.sequencer:
             if compare_sequencers(item.sequencer, result.sequencer) == 0:
@@ -292,11 +302,14 @@ class ResultStore:
         body: bytes,
         known: Known,
         model_label: str,
+        *,
+        gave_up: bool = False,
     ) -> Outcome:
         """Write the result only if what ``known`` says about it still holds: over the result
         looked at (``If-Match``), or where none is (``If-None-Match: *``). A refused write looks
         at both results and decides again: skip (a duplicate, or stale), or replace an older
-        result. Then settle the other kind of result (:meth:`_settle_other`)."""
+        result. Then settle the other kind of result (:meth:`_settle_other`). ``gave_up``: an
+        error written on a transient fault's last delivery (see the module docstring)."""
         result_key = key.result_key(kind)
         about_input = {
             META_SEQUENCER: item.sequencer,
@@ -308,6 +321,7 @@ class ResultStore:
             **{name: value for name, value in about_input.items() if value},
             META_MODEL: model_label,
             META_PROCESSED_AT: datetime.fromtimestamp(self._clock(), UTC).isoformat(timespec="milliseconds"),
+            **({META_GAVE_UP: "true"} if gave_up else {}),
         }
         for _ in range(WRITE_ATTEMPTS):
             mine = known.recorded.get(kind)
@@ -331,23 +345,38 @@ class ResultStore:
                     return skipped(item, reason)
                 known = Known.looked(recorded)
                 continue
-            return self._settle_other(bucket, item, key, kind, known, str(written.get("ETag", "")))
+            written_etag = str(written.get("ETag", ""))
+            return self._settle_other(
+                bucket, item, key, kind, known, written_etag, model_label if gave_up else None
+            )
         raise UpstreamUnavailable(f"results for {item.key} kept changing while being written; retry")
 
     def _settle_other(
-        self, bucket: str, item: S3Object, key: InputKey, kind: ResultKind, known: Known, written_etag: str
+        self,
+        bucket: str,
+        item: S3Object,
+        key: InputKey,
+        kind: ResultKind,
+        known: Known,
+        written_etag: str,
+        gave_up_for: str | None = None,
     ) -> Outcome:
         """After writing the result of ``kind``: an input has one result at a time. The other
         kind, where ``known`` does not say it is absent, is looked at if it was not: one that
-        answers a newer version of the input (by sequencer) keeps its place and the result
-        just written is taken back; any other is removed."""
+        answers a newer version of the input (by sequencer), or, after an error written on
+        giving up (``gave_up_for``: its model), one that answers this version, keeps its place
+        and the result just written is taken back; any other is removed."""
         result_key = key.result_key(kind)
         other = other_kind(kind)
-        if not known.is_absent(other):
-            found = known.recorded.get(other) or self._head(bucket, key, other)
+        if gave_up_for or not known.is_absent(other):
+            # Giving up is rare and races a delivery that may just have served it: look again.
+            found = (None if gave_up_for else known.recorded.get(other)) or self._head(bucket, key, other)
             if found is not None and _newer(item, [found]) is not None:
                 self._delete(bucket, result_key, written_etag)
                 return skipped(item, f"stale: {other} already answers a newer version of the input")
+            if found is not None and gave_up_for and _answer(item, [found], gave_up_for) is not None:
+                self._delete(bucket, result_key, written_etag)
+                return skipped(item, f"duplicate delivery: {other} already answers this version")
             if found is not None:
                 self._delete(bucket, key.result_key(other), found.etag)
         return finished(item, kind, result_key)

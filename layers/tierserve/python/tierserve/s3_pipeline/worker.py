@@ -16,7 +16,10 @@ the message carries, exactly one of these happens:
   endpoint down or slow, or no time left before the invocation's deadline:
   :class:`~tierserve.aws.OutOfTime`) or a message that can never be read (:class:`PoisonMessage`). The
   worker reports the message as a batch item failure; SQS redelivers it and moves it to the
-  dead-letter queue after ``maxReceiveCount`` receives. Nothing is written.
+  dead-letter queue after ``maxReceiveCount`` receives. Nothing is written, until the last
+  receive the queue allows: then :meth:`Pipeline.give_up` writes each unanswered input's
+  error document, marked as given up (so a job reads ``failed`` and says why), and a redrive
+  that serves the input replaces it.
 
 **Requests.** The common path, a new input, costs what a bare GET-run-PUT worker pays: one
 GetObject, one conditional PutObject (``If-None-Match: *``), and for the other kind of result
@@ -191,6 +194,41 @@ class Pipeline:
         except Exception:
             logger.exception("unexpected failure: the message will be retried, then dead-lettered")
             raise
+
+    def give_up(self, body: str, error: TierserveError, deliveries: int) -> list[Outcome]:
+        """The last delivery the queue allows met a transient fault (``error``): write the error
+        document of every input of the message that no result answers yet, marked as given up
+        (:mod:`~tierserve.s3_pipeline.results`), so its owner, or a job's status, learns why
+        nothing came while the message goes to the dead-letter queue."""
+        outcomes = []
+        for item in parse_message(body):
+            key = parse_input_key(item.key)
+            if key is None:
+                continue
+            bucket = self.settings.data_bucket or item.bucket
+            model_label = self._model_label(key.model, key.version)
+            recorded = self.results.recorded(bucket, key)
+            if why_skip(item, recorded.values(), model_label):
+                continue
+            document = self._error_document(item, key, error)
+            document["error"] = (
+                f"{document['error']} (gave up after {deliveries} deliveries; the message is in the "
+                "dead-letter queue: redrive it once the fault has passed, and a result replaces this "
+                "error, or upload the input again)"
+            )
+            outcomes.append(
+                self.results.write(
+                    bucket,
+                    item,
+                    key,
+                    ERROR_PREFIX,
+                    dumps(document),
+                    Known.looked(recorded),
+                    model_label,
+                    gave_up=True,
+                )
+            )
+        return outcomes
 
     @tracer.capture_method(capture_response=False)
     def handle(
