@@ -3,6 +3,7 @@ which model and version, the status, the latency and the request id; never tenso
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 
@@ -80,6 +81,30 @@ def test_refused_and_unknown_requests_are_recorded_with_their_status(invoke):
     assert (unknown["status"], unknown["model"], unknown.get("version")) == (404, "resnet", None)
     for record in records:
         assert record["caller"] == "local"  # the events' apiId is the local API's
+        assert_no_tensor_data(record)
+
+
+def test_a_body_refused_before_its_route_ran_is_recorded_too(invoke):
+    """Binary tensors that reached the function as text, a body marked base64 that is not:
+    refused before the data plane sees them, and still inference attempts of a model."""
+    event = load_event("infer-binary")
+    as_text = {
+        **event,
+        "body": base64.b64decode(event["body"]).decode("utf-8", "replace"),
+        "isBase64Encoded": False,
+    }
+    with audit_records() as records:
+        assert invoke(identified(as_text, userArn="arn:aws:iam::123456789012:user/bob"))[0] == 400
+        assert invoke({**event, "body": "not base64!"})[0] == 400
+    text, not_base64 = records
+    assert (text["status"], text["model"], text["caller"]) == (
+        400,
+        "iris",
+        "iam:arn:aws:iam::123456789012:user/bob",
+    )
+    assert text["request_id"] == event["requestContext"]["requestId"]
+    assert (not_base64["status"], not_base64["model"], not_base64["tier"]) == (400, "iris", "lambda")
+    for record in records:
         assert_no_tensor_data(record)
 
 

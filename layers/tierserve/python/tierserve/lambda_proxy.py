@@ -26,7 +26,7 @@ from tierserve.audit import api_gateway_caller
 from tierserve.dataplane import DataPlane
 from tierserve.errors import BadRequest
 from tierserve.protocol import BINARY_MEDIA_TYPES, HEADER_LENGTH, JSON_CONTENT_TYPE, EncodedResponse, header
-from tierserve.routes import ROUTES, HttpRequest, HttpResponse, Route, Router, error_response
+from tierserve.routes import ROUTES, HttpRequest, HttpResponse, Route, Router
 
 # What Lambda's proxy integration wraps around a body (status, headers, the JSON envelope).
 PROXY_ENVELOPE_BYTES = 1024
@@ -106,10 +106,12 @@ def build_route_resolver(
         tier="lambda",
     )
 
-    def current_request() -> HttpRequest:
+    def current_request(*, with_body: bool = True) -> HttpRequest:
+        """The event as a request; ``with_body=False``: its envelope alone (who, where), for
+        a refusal of a body that cannot be read as sent."""
         event = app.current_event
         headers = dict(event.headers or {})
-        body = request_body(event.body, event.is_base64_encoded, headers)
+        body = request_body(event.body, event.is_base64_encoded, headers) if with_body else b""
         context = event.get("requestContext") or {}
         return HttpRequest(
             event.http_method,
@@ -131,8 +133,8 @@ def build_route_resolver(
         def handle(**params: str) -> Response:
             try:
                 request = current_request()
-            except BadRequest as error:
-                return to_powertools(error_response(error))
+            except BadRequest as error:  # still an inference attempt: audited like one
+                return to_powertools(router.refuse(route, params, current_request(with_body=False), error))
             return to_powertools(router.run(route, target, params, request))
 
         return handle

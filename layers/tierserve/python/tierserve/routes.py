@@ -179,8 +179,24 @@ class Router:
     def run(self, route: Route, target: Any, params: Mapping[str, str], request: HttpRequest) -> HttpResponse:
         """Run a matched route and encode its result; any error becomes its response. An
         audited route's request is recorded (who, which model, status, latency)."""
+        return self._recorded(route, params, request, lambda: self._run(route, target, params, request))
+
+    def refuse(
+        self, route: Route, params: Mapping[str, str], request: HttpRequest, error: BaseException
+    ) -> HttpResponse:
+        """Answer a matched request refused before its route could run (its body could not be
+        read as sent) with ``error``, recorded as :meth:`run` records the route's own answers."""
+        return self._recorded(route, params, request, lambda: error_response(error))
+
+    def _recorded(
+        self,
+        route: Route,
+        params: Mapping[str, str],
+        request: HttpRequest,
+        answer: Callable[[], HttpResponse],
+    ) -> HttpResponse:
         if not route.audited:
-            return self._run(route, target, params, request)
+            return answer()
         with audit.http_inference(
             caller=request.caller,
             request_id=request.request_id,
@@ -188,7 +204,7 @@ class Router:
             model=params.get("model"),
             version=params.get("version"),
         ) as record:
-            response = self._run(route, target, params, request)
+            response = answer()
             record.status = response.status
         return response
 
