@@ -1,9 +1,10 @@
 """Drift: request capture on the serving side, and the scheduled job that compares it with the
 packaging baseline.
 
-- :func:`wire_capture` turns capture on in the API function of each Lambda-tier model that
-  context ``capture`` names (``TIERSERVE_CAPTURE``, ``TIERSERVE_DATA_BUCKET``) and lets it put
-  objects under ``capture/{model}/{version}/`` of the data bucket, and nothing else there.
+- :func:`wire_capture` turns capture on where each model that context ``capture`` names is
+  served (its API function on the Lambda tier, its inference component's container on the GPU
+  tier: ``TIERSERVE_CAPTURE``, ``TIERSERVE_DATA_BUCKET``) and lets it put objects under
+  ``capture/{model}/{version}/`` of the data bucket, and nothing else there.
 - :func:`add_capture_retention` expires ``capture/`` after ``capture_retention_days``.
 - :class:`DriftMonitoring` (in the pipeline stack) holds the drift function (the inference image,
   ``drift.handler``), an EventBridge rule that runs it every ``drift_window_hours`` over the last
@@ -16,6 +17,7 @@ packaging baseline.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from aws_cdk import Annotations, Duration, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
@@ -79,26 +81,36 @@ def add_capture_retention(bucket: s3.Bucket, *, days: int) -> None:
     )
 
 
+class Server(Protocol):
+    """Where a model is served, as capture needs it: an API function (``lambda_.Function``) or a
+    GPU model's inference component (``infra.sagemaker_inference.GpuModelComponent``)."""
+
+    @property
+    def role(self) -> iam.IRole | None: ...
+
+    def add_environment(self, key: str, value: str) -> Any: ...
+
+
 def wire_capture(
-    functions: Mapping[str, lambda_.Function],
+    servers: Mapping[str, Server],
     manifests: Mapping[str, Manifest],
     rules: Mapping[str, CaptureRule],
     data_bucket: s3.IBucket,
 ) -> list[str]:
-    """Turn capture on in each API function (model name -> function) that ``rules`` names;
-    returns the models that capture. Each function may put objects under its own
+    """Turn capture on where each model ``rules`` names is served (model name -> its server);
+    returns the models that capture. Each server may put objects under its own
     ``capture/{model}/{version}/`` only."""
     wired = []
     for name in sorted(rules):
-        function = functions.get(name)
-        if function is None:
+        server = servers.get(name)
+        if server is None:
             continue
         manifest = manifests[name]
-        function.add_environment(CAPTURE_ENV, join_rules({name: rules[name]}))
-        function.add_environment(DATA_BUCKET_ENV, data_bucket.bucket_name)
+        server.add_environment(CAPTURE_ENV, join_rules({name: rules[name]}))
+        server.add_environment(DATA_BUCKET_ENV, data_bucket.bucket_name)
         arn = data_bucket.arn_for_objects(f"{CAPTURE_PREFIX}/{name}/{manifest.version}/*")
-        role = function.role
-        assert role is not None  # a TierserveFunction always has its role
+        role = server.role
+        assert role is not None  # a TierserveFunction and a GPU component always have their role
         role.add_to_principal_policy(iam.PolicyStatement(actions=["s3:PutObject"], resources=[arn]))
         acknowledge(
             role,
@@ -240,12 +252,13 @@ def add_capture(
     *,
     data_store: SharedBucketStore,
     serving: Stack,
-    lambda_functions: Mapping[str, lambda_.Function],
+    servers: Mapping[str, Server],
     config: InfraConfig,
     catalog: Catalog,
 ) -> list[str]:
-    """Capture's retention on the data bucket, and capture in the API functions (model name ->
-    function, in the ``serving`` stack) of the models context ``capture`` names; returns those.
+    """Capture's retention on the data bucket, and capture where the models context ``capture``
+    names are served (model name -> API function or GPU component, in the ``serving`` stack);
+    returns those.
 
     Raises:
         ConfigError: ``capture`` names a model the catalog does not hold.
@@ -255,16 +268,16 @@ def add_capture(
         rules = capture_rules(config.capture, catalog)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    for name in sorted(set(rules) - set(lambda_functions)):
+    for name in sorted(set(rules) - set(servers)):
         Annotations.of(serving).add_warning_v2(
-            "tierserve:captureNotOnThisTier",
-            f"cdk.json context 'capture' names {name}, which is on the GPU tier: only Lambda-tier models "
-            "capture requests so far, so it is not captured",
+            "tierserve:captureNotServed",
+            f"cdk.json context 'capture' names {name}, which no function or GPU endpoint of this app "
+            "serves, so it is not captured",
         )
-    if not set(rules) & set(lambda_functions):
+    if not set(rules) & set(servers):
         return []  # no import of the data bucket into the serving stack without a use for it
     manifests = {entry.name: entry.manifest for entry in catalog}
-    return wire_capture(lambda_functions, manifests, rules, data_store.bucket_for(serving))
+    return wire_capture(servers, manifests, rules, data_store.bucket_for(serving))
 
 
 def add_drift_job(

@@ -411,6 +411,10 @@ class GpuModelComponent(Construct):
         self.component.node.add_dependency(self.log_group)
         self._autoscale(scaling)
 
+    def add_environment(self, key: str, value: str) -> None:
+        """One more variable for the model's container (capture, for drift: infra/drift.py)."""
+        self.model.add_property_override(f"PrimaryContainer.Environment.{key}", value)
+
     @property
     def component_arn(self) -> str:
         """The component's ARN as a token, so whoever uses it deploys after the component."""

@@ -498,7 +498,10 @@ def build_stacks(app: App, *, config: InfraConfig, catalog: Catalog) -> Tierserv
     captured = add_capture(
         data_store=storage.data_store,
         serving=serving,
-        lambda_functions={name: model.function for name, model in serving.lambda_models.items()},
+        servers={
+            **{name: model.function for name, model in serving.lambda_models.items()},
+            **serving.gpu_models,
+        },
         config=config,
         catalog=catalog,
     )

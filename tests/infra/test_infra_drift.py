@@ -1,4 +1,5 @@
-"""Drift in the app: capture in the API functions context ``capture`` names, capture's
+"""Drift in the app: capture where the models context ``capture`` names are served (API
+functions, GPU components), capture's
 retention on the data bucket, and the scheduled drift job (rule, function, alarm) with least
 privilege; cdk-nag clean."""
 
@@ -186,11 +187,42 @@ def test_capture_of_a_model_the_catalog_lacks_stops_synth(make_app, tmp_path, ca
         app_main(make_app(catalog=str(tmp_path / "catalog.json"), capture="nope:0.1"))
 
 
-def test_a_gpu_tier_model_in_capture_is_warned_about(make_app, catalog):
-    assembly = build(make_app, catalog, capture="big-llm:0.5").synth()
-    report = json.loads((Path(assembly.directory) / "validation-report.json").read_text())
-    rules = {v["ruleName"] for p in report["pluginReports"] for v in p["violations"]}
-    assert "Annotation::tierserve:captureNotOnThisTier" in rules
+def test_a_gpu_tier_model_captures_in_its_container_and_writes_only_its_prefix(make_app, catalog):
+    app = build(make_app, catalog, capture="big-llm:0.5", alarm_email="ops@example.com")
+    assembly = app.synth()
+    serving = assembly.get_stack_by_name(SERVING_STACK).template
+    [(_, model)] = [
+        (k, m)
+        for k, m in of_type(serving, "AWS::SageMaker::Model").items()
+        if m["Properties"]["PrimaryContainer"]["Environment"][MODELS_ENV].startswith("big-llm@")
+    ]
+    variables = model["Properties"]["PrimaryContainer"]["Environment"]
+    version = variables[MODELS_ENV].split("@")[1]
+    assert variables[CAPTURE_ENV] == "big-llm:0.5" and DATA_BUCKET_ENV in variables
+    role = model["Properties"]["ExecutionRoleArn"]["Fn::GetAtt"][0]
+    statements = [
+        s
+        for p in of_type(serving, "AWS::IAM::Policy").values()
+        if {"Ref": role} in p["Properties"]["Roles"]
+        for s in p["Properties"]["PolicyDocument"]["Statement"]
+    ]
+    puts = s3_grants(statements)["s3:PutObject"]
+    assert f"capture/big-llm/{version}/*" in puts
+    assert "capture/" not in puts.replace(f"capture/big-llm/{version}/*", "")
+    others = [m for m in of_type(serving, "AWS::SageMaker::Model").values() if m is not model]
+    assert all(CAPTURE_ENV not in m["Properties"]["PrimaryContainer"]["Environment"] for m in others)
+    pipeline = assembly.get_stack_by_name(PIPELINE_STACK).template
+    alarms = json.dumps(of_type(pipeline, "AWS::CloudWatch::Alarm"))
+    assert "big-llm" in alarms  # the drift job checks it, and alarms on it
+    nag = AwsSolutionsChecks(app).validate_scope(app)
+    assert nag.success is True and nag.violations == []
+    report = Path(assembly.directory) / "validation-report.json"
+    rules = (
+        {v["ruleName"] for p in json.loads(report.read_text())["pluginReports"] for v in p["violations"]}
+        if report.exists()
+        else set()
+    )
+    assert not {r for r in rules if "capture" in r}
 
 
 def test_the_image_context_holds_what_the_drift_handler_imports(app, assembly):

@@ -129,6 +129,38 @@ def test_the_api_handler_captures_sampled_requests_into_the_data_bucket(s3, buck
     assert "outputs" not in lines[0]
 
 
+def test_the_gpu_server_captures_sampled_requests_into_the_data_bucket(
+    s3, buckets, iris_with_baseline, cache_dir
+):
+    """The GPU tier captures as the Lambda tier does: the same sampler in the server process,
+    its lines written to capture/{model}/{version}/ (here when the server stops)."""
+    from support.gpu import InProcessServer, request
+
+    environ = {
+        "POWERTOOLS_METRICS_DISABLED": "true",
+        "TIERSERVE_MODEL_DIR": str(iris_with_baseline.artifact.parent),
+        "TIERSERVE_CACHE_DIR": str(cache_dir),
+        "TIERSERVE_CAPTURE": "iris:1",
+        "TIERSERVE_DATA_BUCKET": DATA,
+    }
+    server = InProcessServer(environ)
+    try:
+        assert server.host.wait_ready(30)
+        body = json.loads(load_event("infer-json")["body"])
+        for _ in range(3):
+            status, _, answer = request(server.port, "POST", "/invocations", json.dumps(body).encode())
+            assert status == 200, answer
+    finally:
+        server.stop()  # closes the capture: what it holds is written
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=DATA, Prefix="capture/iris/1/").get("Contents", [])]
+    lines = [
+        json.loads(line)
+        for key in keys
+        for line in s3.get_object(Bucket=DATA, Key=key)["Body"].read().splitlines()
+    ]
+    assert len(lines) == 3 and all(line["inputs"]["input"]["shape"] == [2, 4] for line in lines)
+
+
 def sys_modules_capture() -> Capture:
     import sys
 

@@ -50,6 +50,7 @@ def test_the_local_api_forwards_a_gpu_tier_model_to_its_server_process(tmp_path,
         small_metadata = json.loads(http("GET", f"{url}/v2/models/small")[2])
         assert "dynamic_batching" not in small_metadata["parameters"]  # the Lambda handler's answer
         assert "forwarded to its GPU server process" in local_stack.describe(stack)
+        assert stack.captured == ["small", "tiny-gpu"]  # both tiers capture for drift
         process = stack.gpu_servers[0].process
     finally:
         stack.stop()

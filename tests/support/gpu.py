@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tierserve.capture import Capture
 from tierserve.model import LoadTimings, OnnxModel, create_session
 from tierserve.sagemaker_hosting import ModelHost, ServerSettings, build_registry
 from tierserve.tools.packaging import PackagedModel, package_model
@@ -171,7 +172,12 @@ class InProcessServer:
         from tierserve.asgi import ServerThread, bind
 
         settings = ServerSettings.from_env(environ, **overrides)
-        self.host = ModelHost(build_registry(settings, environ), settings, retry_s=(0.2, 0.5))
+        self.host = ModelHost(
+            build_registry(settings, environ),
+            settings,
+            retry_s=(0.2, 0.5),
+            capture=Capture.from_env(environ),
+        )
         self.http = ServerThread(make_server(self.host, limits), bind("127.0.0.1", 0), name="gpu-server-test")
         self.host.start()
         self.http.start()

@@ -48,6 +48,7 @@ from tierserve.batching import (
     batchable,
     batching_factory,
 )
+from tierserve.capture import Capture
 from tierserve.catalog import MANIFEST_NAME, Manifest, ManifestError
 from tierserve.dataplane import DataPlane
 from tierserve.errors import ArtifactRejected, BadRequest, ModelNotFound, ModelUnavailable, TierserveError
@@ -369,10 +370,12 @@ class ModelHost:
         server: ServerSettings,
         *,
         retry_s: tuple[float, float] = LOAD_RETRY_S,
+        capture: Capture | None = None,
     ) -> None:
         self.registry = registry
         self.server = server
-        self.dataplane = DataPlane(registry, readiness=self._not_ready_reason)
+        self.capture = capture  # drift: a sample of requests to S3 (tierserve.capture), never in the way
+        self.dataplane = DataPlane(registry, readiness=self._not_ready_reason, capture=capture)
         self.statistics = StatisticsEndpoint(registry.resolve, lambda: registry.settings.models)
         self.router = Router(
             (SAGEMAKER_ROUTES, self),
@@ -462,6 +465,8 @@ class ModelHost:
                 logger.info(
                     "dynamic batching since load", extra={"model": str(ref), **model.stats_snapshot()}
                 )
+        if self.capture is not None:
+            self.capture.close()  # what it still holds is written before the process goes
         flush_metrics()
 
     # ------------------------------------------------------------ routes
@@ -545,4 +550,4 @@ def invocation_headers(headers: Mapping[str, str], attributes: Mapping[str, str]
 def build_host(environ: Mapping[str, str] | None = None, **overrides: Any) -> ModelHost:
     """Settings from the environment, the registry, and the host (not yet loading)."""
     server = ServerSettings.from_env(environ, **overrides)
-    return ModelHost(build_registry(server, environ), server)
+    return ModelHost(build_registry(server, environ), server, capture=Capture.from_env(environ))

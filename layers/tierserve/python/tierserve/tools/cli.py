@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         metavar="RATE",
-        help="share of each lambda-tier model's requests captured for `tierserve drift` (default 1, 0: off)",
+        help="share of each model's requests captured for `tierserve drift` (default 1, 0: off)",
     )
     local.set_defaults(run=run_local)
     local_commands = local.add_subparsers(dest="local_command", metavar="SUBCOMMAND")

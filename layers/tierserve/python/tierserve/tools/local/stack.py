@@ -287,7 +287,7 @@ def start(
     (``model_dirs``, chosen by ``catalog_path`` when given), start the embedded S3, the local
     API, a GPU server process per gpu-tier model, the SageMaker runtime in front of them and
     the S3 pipeline; returns once all of it answers, with the state file written. Each
-    lambda-tier model captures ``capture_rate`` of its requests for ``tierserve drift`` (0: none).
+    model captures ``capture_rate`` of its requests for ``tierserve drift`` (0: none).
     With ``gpu_idle_s``, gpu-tier models run cold instead: no process until a request comes (it
     gets 503 + Retry-After while the process starts), stopped after that many idle seconds
     (:mod:`tierserve.tools.local.cold_gpu`).
@@ -379,7 +379,7 @@ def _start(
         )
         for m in lambda_models
     }
-    stack.captured = [m.name for m in lambda_models] if capture_rate > 0 else []
+    stack.captured = [m.name for m in (*lambda_models, *gpu_models)] if capture_rate > 0 else []
     every = [e.manifest for e in stack.catalog.entries]  # so an unknown model's 404 names them all
     front = new_execution_environment(api_env(work_dir, every, preload=False, cache=FRONT), name=FRONT)
     jobs = new_execution_environment(jobs_env(work_dir, stack.catalog), name="jobs", module="jobs")
@@ -387,7 +387,7 @@ def _start(
     stack.api = LocalApi(
         front, functions=functions, jobs=jobs, host=host, port=port, served=served
     )  # binds: a busy port fails here
-    runtime = _start_gpu_tier(stack, gpu_models, gpu_idle_s)
+    runtime = _start_gpu_tier(stack, gpu_models, gpu_idle_s, capture_rate)
     stack.api.start()
     sagemaker_url = None
     if runtime is not None:
@@ -425,26 +425,26 @@ def _start(
 
 
 def _start_gpu_tier(
-    stack: LocalStack, gpu_models: Sequence[Manifest], gpu_idle_s: float | None
+    stack: LocalStack, gpu_models: Sequence[Manifest], gpu_idle_s: float | None, capture_rate: float
 ) -> SageMakerRuntime | None:
     """A GPU server process per gpu-tier model, started and warmed (or, with ``gpu_idle_s``,
-    cold: started by the first request), routed from the local API; the SageMaker runtime in
-    front of them for the worker (None without gpu-tier models)."""
+    cold: started by the first request), routed from the local API, capturing ``capture_rate``
+    of its requests; the SageMaker runtime in front of them for the worker (None without
+    gpu-tier models)."""
     if not gpu_models:
         return None
+    env = {**gpu_env(stack.work_dir), **capture_env(gpu_models, capture_rate), DATA_BUCKET_ENV: DATA_BUCKET}
     refs = [ModelRef(m.name, m.version) for m in gpu_models]
     names = ", ".join(m.name for m in gpu_models)
     assert stack.api is not None
     logs = stack.work_dir / "logs"
     if gpu_idle_s is not None:
         say(f"gpu-tier models cold (start on the first request, stop after {gpu_idle_s:g} s idle): {names}")
-        stack.cold_gpu_servers = [
-            ColdGpuServer(ref, gpu_env(stack.work_dir), log_dir=logs, idle_s=gpu_idle_s) for ref in refs
-        ]
+        stack.cold_gpu_servers = [ColdGpuServer(ref, env, log_dir=logs, idle_s=gpu_idle_s) for ref in refs]
         stack.api.upstreams.update({server.ref.name: server.forward for server in stack.cold_gpu_servers})
         return ScalingRuntime({s.ref.name: s for s in stack.cold_gpu_servers}, endpoint=GPU_ENDPOINT)
     say(f"starting a GPU server process per gpu-tier model: {names}")
-    stack.gpu_servers = start_gpu_servers(refs, gpu_env(stack.work_dir), log_dir=logs)
+    stack.gpu_servers = start_gpu_servers(refs, env, log_dir=logs)
     stack.api.upstreams.update({server.ref.name: server.url for server in stack.gpu_servers})
     return SageMakerRuntime(
         {s.ref.name: container_at(s.url) for s in stack.gpu_servers},
