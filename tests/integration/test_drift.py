@@ -61,6 +61,16 @@ def captured_feed(rows: np.ndarray, *, per_request: int = 5) -> None:
     capture.close()
 
 
+def captured_lines(s3, prefix: str = "capture/iris/1/") -> list[dict]:
+    """Every line captured under ``prefix`` of the data bucket, as JSON."""
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=DATA, Prefix=prefix).get("Contents", [])]
+    return [
+        json.loads(line)
+        for key in keys
+        for line in s3.get_object(Bucket=DATA, Key=key)["Body"].read().splitlines()
+    ]
+
+
 def shifted(rows: np.ndarray) -> np.ndarray:
     return rows + np.array([0.0, 0.0, 2.0, 0.8], dtype=np.float32)  # longer, wider petals
 
@@ -119,12 +129,7 @@ def test_the_api_handler_captures_sampled_requests_into_the_data_bucket(s3, buck
         assert handler(load_event("infer-json"), LocalLambdaContext())["statusCode"] == 200
     capture = sys_modules_capture()
     capture.close()  # the end of the process: what is buffered is written
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=DATA, Prefix="capture/iris/1/").get("Contents", [])]
-    lines = [
-        json.loads(line)
-        for key in keys
-        for line in s3.get_object(Bucket=DATA, Key=key)["Body"].read().splitlines()
-    ]
+    lines = captured_lines(s3)
     assert len(lines) == 3 and all(line["inputs"]["input"]["shape"] == [2, 4] for line in lines)
     assert "outputs" not in lines[0]
 
@@ -152,12 +157,7 @@ def test_the_gpu_server_captures_sampled_requests_into_the_data_bucket(
             assert status == 200, answer
     finally:
         server.stop()  # closes the capture: what it holds is written
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=DATA, Prefix="capture/iris/1/").get("Contents", [])]
-    lines = [
-        json.loads(line)
-        for key in keys
-        for line in s3.get_object(Bucket=DATA, Key=key)["Body"].read().splitlines()
-    ]
+    lines = captured_lines(s3)
     assert len(lines) == 3 and all(line["inputs"]["input"]["shape"] == [2, 4] for line in lines)
 
 
