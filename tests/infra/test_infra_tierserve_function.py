@@ -133,7 +133,7 @@ def test_image_context_is_only_what_the_dockerfile_copies(function_stack):
     files = {p.relative_to(asset_dir).as_posix() for p in asset_dir.rglob("*") if p.is_file()}
     assert INFERENCE_DOCKERFILE in files
     assert "functions/inference/requirements.txt" in files
-    assert "layers/tierserve/python/tierserve/catalog.py" in files
+    assert "layers/tierserve/python/tierserve/catalog/manifest.py" in files
     outside = {f for f in files if not f.startswith(("layers/tierserve/python/", "functions/inference/"))}
     assert outside == set()
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
