@@ -209,6 +209,37 @@ def say(message: str) -> None:
 # ---------------------------------------------------------------- embedded S3
 
 
+def start_child_server(code: str, *args: str, what: str, **popen: Any) -> tuple[subprocess.Popen[str], str]:
+    """A server in a child Python process (``python -c code *args`` in the repository): it
+    prints its endpoint on its first line, then serves until its stdin closes. Returns the
+    process and the endpoint; raises if the first line is not one (``what`` names it)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        **popen,
+    )
+    assert process.stdout is not None
+    endpoint = process.stdout.readline().strip()
+    if not endpoint.startswith("http://"):
+        stop_child_server(process)
+        raise RuntimeError(f"{what} did not start")
+    return process, endpoint
+
+
+def stop_child_server(process: subprocess.Popen[str]) -> None:
+    """Close its stdin (the child exits then), killed if it has not within 5 s."""
+    if process.stdin:
+        process.stdin.close()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 class S3Server:
     """The project's EmbeddedS3 (moto's server on 127.0.0.1).
 
@@ -241,20 +272,9 @@ class S3Server:
             self.endpoint = self._server.endpoint
         else:
             code = "import sys; from bench.common import _serve_s3; _serve_s3(float(sys.argv[1]))"
-            self._process = subprocess.Popen(
-                [sys.executable, "-c", code, str(self.throttle_mb_per_s or 0)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-                cwd=REPO_ROOT,
-                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            self._process, self.endpoint = start_child_server(
+                code, str(self.throttle_mb_per_s or 0), what="the embedded S3", stderr=subprocess.DEVNULL
             )
-            assert self._process.stdout is not None
-            self.endpoint = self._process.stdout.readline().strip()
-            if not self.endpoint.startswith("http://"):
-                self.__exit__()
-                raise RuntimeError("the embedded S3 did not start")
         from tierserve.tools.local.embedded_s3 import LOCAL_CREDENTIALS
 
         os.environ.update(LOCAL_CREDENTIALS)
@@ -265,12 +285,7 @@ class S3Server:
         if self._server is not None:
             self._server.stop()
         if self._process is not None:
-            if self._process.stdin:
-                self._process.stdin.close()  # the child exits when its stdin closes
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
+            stop_child_server(self._process)
 
     def client(self) -> Any:
         """A boto3 S3 client for the embedded S3, with the loader's own policy (tierserve.aws)."""

@@ -24,7 +24,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from bench.common import REPO_ROOT
+from bench.common import start_child_server, stop_child_server
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 # Paced in slices of this size: fine enough that a connection's rate holds within a few ms.
@@ -44,30 +44,19 @@ class LoopbackS3:
             "import sys; from bench.loopback_s3 import serve; "
             "serve(sys.argv[1], float(sys.argv[2]), float(sys.argv[3]))"
         )
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", code, str(self.root), str(self.mb_per_s), str(self.first_byte_ms)],
+        self._process, self.endpoint = start_child_server(
+            code,
+            str(self.root),
+            str(self.mb_per_s),
+            str(self.first_byte_ms),
+            what="the loopback S3",
             preexec_fn=_off_the_loader_cores,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         )
-        assert self._process.stdout is not None
-        self.endpoint = self._process.stdout.readline().strip()
-        if not self.endpoint.startswith("http://"):
-            self.__exit__()
-            raise RuntimeError("the loopback S3 did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._process is not None:
-            if self._process.stdin:
-                self._process.stdin.close()  # the child exits when its stdin closes
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
+            stop_child_server(self._process)
 
 
 def _off_the_loader_cores() -> None:
